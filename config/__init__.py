@@ -1,0 +1,1 @@
+"""config: the control plane (resources, store, CA, config push) and the `ambit` CLI."""

@@ -1,0 +1,7 @@
+"""Entry point for `python -m config`."""
+
+import sys
+
+from config.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""netsetup: transparent capture (nftables TPROXY + policy routing) inside workload netns."""

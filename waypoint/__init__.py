@@ -1,0 +1,1 @@
+"""waypoint: the optional per-namespace L7 proxy."""
