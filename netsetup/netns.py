@@ -95,7 +95,7 @@ def run_in_netns(netns: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.k
 def socket_in_netns(
     netns: str | None,
     family: int = socket.AF_INET,
-    type: int = socket.SOCK_STREAM,  # noqa: A002 - mirrors socket.socket
+    type: int = socket.SOCK_STREAM,
     proto: int = 0,
 ) -> socket.socket:
     """Create a socket that lives in `netns` (None: the current one). Sockets keep their netns."""
