@@ -1,0 +1,1 @@
+"""Benchmarks: the HBONE tunnel against a plain TLS relay pair, stunnel and direct traffic."""

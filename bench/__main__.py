@@ -1,0 +1,111 @@
+"""`python -m bench`: HBONE vs a TLS relay pair, stunnel and direct; writes RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from bench.harness import PATHS, Settings, run
+from bench.report import machine_info, plot, render_markdown, results_json
+
+HERE = Path(__file__).resolve().parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the HBONE tunnel against (b) a Python mTLS relay pair, "
+        "(c) stunnel and (d) direct, on loopback, in one run.",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: about a minute")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(PATHS),
+        help="measure only this path (repeatable); default: all",
+    )
+    p.add_argument("--seconds", type=float, help="iperf3 duration per run (default 5, quick 1)")
+    p.add_argument("--rtt-count", type=int, help="round trips per run (default 20000, quick 2000)")
+    p.add_argument(
+        "--repeat", type=int, help="runs per path, medians reported (default 3, quick 1)"
+    )
+    p.add_argument("--profile", action="store_true", help="also sample relays with py-spy")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE,
+        help="directory for RESULTS.md, results.json and results.png (default: bench/)",
+    )
+    p.add_argument(
+        "--analysis",
+        type=Path,
+        default=HERE / "analysis.md",
+        help="hand-written notes included in RESULTS.md (default: bench/analysis.md if present)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Defaults, then --quick, then explicit values."""
+    quick = bool(args.quick)
+    return Settings(
+        seconds=args.seconds if args.seconds is not None else (1.0 if quick else 5.0),
+        rtt_count=args.rtt_count if args.rtt_count is not None else (2000 if quick else 20_000),
+        repeat=args.repeat if args.repeat is not None else (1 if quick else 3),
+        paths=tuple(n for n in PATHS if not args.only or n in args.only),
+        profile=bool(args.profile),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if shutil.which("iperf3") is None:
+        print(
+            "bench: iperf3 is not installed: `make deps` or apt-get install iperf3", file=sys.stderr
+        )
+        return 2
+    settings = settings_from_args(args)
+    if settings.seconds < 1 or settings.rtt_count < 1 or settings.repeat < 1:
+        print("bench: --seconds, --rtt-count and --repeat must be >= 1", file=sys.stderr)
+        return 2
+    now = datetime.datetime.now(datetime.UTC)
+    results = run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(now)
+    plot_name = None
+    if not args.no_plot:
+        plot(results, out / "results.png")
+        plot_name = "results.png"
+    analysis = args.analysis.read_text() if args.analysis.is_file() else ""
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    (out / "RESULTS.md").write_text(
+        render_markdown(
+            results,
+            machine,
+            settings,
+            command=command.strip(),
+            plot_name=plot_name,
+            analysis=analysis,
+        )
+    )
+    (out / "results.json").write_text(results_json(results, machine, settings))
+    for r in results:
+        if r.error is not None:
+            print(f"{r.name}: FAILED: {r.error}")
+        else:
+            print(
+                f"{r.name:8s} {r.gbps_single:6.2f} Gbit/s x1 {r.gbps_multi:6.2f} Gbit/s x8 "
+                f"rtt {r.rtt_median_us:7.1f} us p99 {r.rtt_p99_us:7.1f} us"
+            )
+    print(f"wrote {out / 'RESULTS.md'}")
+    return 1 if any(r.error is not None for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,420 @@
+"""Benchmark harness: start each path's processes on loopback, measure, stop them by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import measure
+from bench.certs import BenchPKI, write_pki
+from bench.relays import stunnel_config
+
+LOOPBACK = "127.0.0.1"
+
+PATHS: dict[str, str] = {
+    "hbone": "(a) HBONE client+server pair",
+    "tls": "(b) Python mTLS relay pair",
+    "stunnel": "(c) stunnel mTLS pair",
+    "direct": "(d) direct",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to run and for how long."""
+
+    seconds: float = 5.0
+    rtt_count: int = 20_000
+    repeat: int = 3
+    paths: tuple[str, ...] = tuple(PATHS)
+    profile: bool = False
+    profile_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement of one path."""
+
+    single: measure.Throughput
+    multi: measure.Throughput
+    latency: measure.Latency
+    cpu_single: float
+    cpu_multi: float
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
+class PathResult:
+    """The figures of one path (medians over repeats), or why it could not be measured."""
+
+    name: str
+    label: str
+    gbps_single: float = 0.0
+    gbps_multi: float = 0.0
+    rtt_median_us: float = 0.0
+    rtt_p99_us: float = 0.0
+    cpu_s_per_gb_single: float | None = None
+    cpu_s_per_gb_multi: float | None = None
+    relay_rss_mib: float | None = None
+    samples: int = 0
+    error: str | None = None
+    profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A running path: where clients connect and which relay processes carry the bytes."""
+
+    entry_port: int
+    relay_pids: tuple[int, ...]
+
+
+class Processes:
+    """Child processes of one benchmark step; every one is stopped by pid on exit."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def start(self, cmd: Sequence[str], name: str) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        try:
+            proc = subprocess.Popen(
+                list(cmd), stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+            )
+        finally:
+            log.close()
+        self.children.append(proc)
+        return proc
+
+    def start_announcing(
+        self, cmd: Sequence[str], name: str, timeout: float = 20.0
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a process that prints `READY <port>`; return it and its port."""
+        proc = self.start(cmd, name)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
+            if not ready:
+                raise RuntimeError(
+                    f"{name} did not report READY within {timeout:.0f}s: see "
+                    f"{self.workdir / (name + '.log')}"
+                )
+            chunk = os.read(proc.stdout.fileno(), 1)
+            if not chunk:
+                raise RuntimeError(
+                    f"{name} exited with {proc.wait()} before listening: see "
+                    f"{self.workdir / (name + '.log')}"
+                )
+            line += chunk
+        word, _, port = line.decode().strip().partition(" ")
+        if word != "READY" or not port.isdigit():
+            raise RuntimeError(f"{name} printed {line!r} instead of 'READY <port>'")
+        return proc, int(port)
+
+    def stop_all(self) -> None:
+        for proc in self.children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.children:
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.children.clear()
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for tools that cannot report their own)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 10.0
+) -> None:
+    """Poll until something accepts on 127.0.0.1:`port`; fail early if `proc` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=1):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{name} is not listening on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def _py(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def _tls_args(pki: BenchPKI, side: str) -> list[str]:
+    leaf = pki.client if side == "client" else pki.server
+    return ["--ca", str(pki.ca), "--cert", str(leaf.cert), "--key", str(leaf.key)]
+
+
+def start_direct(procs: Processes, pki: BenchPKI, target: int) -> Chain:
+    return Chain(entry_port=target, relay_pids=())
+
+
+def start_tls(procs: Processes, pki: BenchPKI, target: int) -> Chain:
+    server, sport = procs.start_announcing(
+        _py(
+            "bench.relays",
+            "tls-server",
+            "--connect",
+            f"{LOOPBACK}:{target}",
+            *_tls_args(pki, "server"),
+        ),
+        "tls-server",
+    )
+    client, cport = procs.start_announcing(
+        _py(
+            "bench.relays",
+            "tls-client",
+            "--connect",
+            f"{LOOPBACK}:{sport}",
+            "--server-identity",
+            pki.server.spiffe_id,
+            *_tls_args(pki, "client"),
+        ),
+        "tls-client",
+    )
+    return Chain(entry_port=cport, relay_pids=(client.pid, server.pid))
+
+
+def start_hbone(procs: Processes, pki: BenchPKI, target: int) -> Chain:
+    server, sport = procs.start_announcing(
+        _py("bench.hbone", "server", *_tls_args(pki, "server")), "hbone-server"
+    )
+    client, cport = procs.start_announcing(
+        _py(
+            "bench.hbone",
+            "client",
+            "--connect",
+            f"{LOOPBACK}:{sport}",
+            "--target",
+            f"{LOOPBACK}:{target}",
+            "--server-identity",
+            pki.server.spiffe_id,
+            *_tls_args(pki, "client"),
+        ),
+        "hbone-client",
+    )
+    return Chain(entry_port=cport, relay_pids=(client.pid, server.pid))
+
+
+def stunnel_binary() -> str:
+    for name in ("stunnel4", "stunnel"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError("stunnel is not installed: apt-get install stunnel4 (or `make deps`)")
+
+
+def start_stunnel(procs: Processes, pki: BenchPKI, target: int) -> Chain:
+    binary = stunnel_binary()
+    sport, cport = free_port(), free_port()
+    pids = []
+    for side, accept, connect in (("server", sport, target), ("client", cport, sport)):
+        leaf = pki.client if side == "client" else pki.server
+        conf = procs.workdir / f"stunnel-{side}-{target}.conf"
+        conf.write_text(
+            stunnel_config(
+                client=side == "client",
+                accept=(LOOPBACK, accept),
+                connect=(LOOPBACK, connect),
+                ca=pki.ca,
+                cert=leaf.cert,
+                key=leaf.key,
+            )
+        )
+        proc = procs.start([binary, str(conf)], f"stunnel-{side}")
+        wait_listening(accept, proc, f"stunnel {side}")
+        pids.append(proc.pid)
+    return Chain(entry_port=cport, relay_pids=tuple(reversed(pids)))
+
+
+STARTERS: dict[str, Callable[[Processes, BenchPKI, int], Chain]] = {
+    "hbone": start_hbone,
+    "tls": start_tls,
+    "stunnel": start_stunnel,
+    "direct": start_direct,
+}
+
+
+@contextlib.contextmanager
+def targets(workdir: Path) -> Iterator[tuple[int, int]]:
+    """An iperf3 server and an echo server on loopback: (iperf3 port, echo port)."""
+    with Processes(workdir) as procs:
+        iperf_port = free_port()
+        iperf = procs.start(
+            ["iperf3", "-s", "-p", str(iperf_port), "-B", LOOPBACK], "iperf3-server"
+        )
+        wait_listening(iperf_port, iperf, "iperf3 server")
+        _, echo_port = procs.start_announcing(_py("bench.relays", "echo"), "echo")
+        yield iperf_port, echo_port
+
+
+def _gb(nbytes: int) -> float:
+    return nbytes / 1e9
+
+
+def measure_once(
+    name: str, pki: BenchPKI, workdir: Path, *, iperf_port: int, echo_port: int, s: Settings
+) -> Sample:
+    """Throughput (1 and 8 streams, with relay CPU) and round trips of one path, once."""
+    start = STARTERS[name]
+    with Processes(workdir) as procs:
+        chain = start(procs, pki, iperf_port)
+        cpu0 = measure.cpu_seconds(chain.relay_pids)
+        single = measure.run_iperf3(chain.entry_port, seconds=s.seconds, streams=1)
+        cpu1 = measure.cpu_seconds(chain.relay_pids)
+        multi = measure.run_iperf3(chain.entry_port, seconds=s.seconds, streams=8)
+        cpu2 = measure.cpu_seconds(chain.relay_pids)
+        rss = sum(measure.rss_bytes(p) for p in chain.relay_pids)
+    with Processes(workdir) as procs:
+        chain = start(procs, pki, echo_port)
+        latency = measure.ping_pong(chain.entry_port, count=s.rtt_count)
+    return Sample(single, multi, latency, cpu1 - cpu0, cpu2 - cpu1, rss)
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
+    """Median of each figure over the repeats of one path."""
+    has_relays = name != "direct"
+
+    def per_gb(cpu: Sequence[float], tput: Sequence[measure.Throughput]) -> float | None:
+        if not has_relays:
+            return None
+        return _median([c / _gb(t.bytes) for c, t in zip(cpu, tput, strict=True) if t.bytes])
+
+    return PathResult(
+        name=name,
+        label=PATHS[name],
+        gbps_single=_median([x.single.bits_per_second / 1e9 for x in samples]),
+        gbps_multi=_median([x.multi.bits_per_second / 1e9 for x in samples]),
+        rtt_median_us=_median([x.latency.median_us for x in samples]),
+        rtt_p99_us=_median([x.latency.p99_us for x in samples]),
+        cpu_s_per_gb_single=per_gb([x.cpu_single for x in samples], [x.single for x in samples]),
+        cpu_s_per_gb_multi=per_gb([x.cpu_multi for x in samples], [x.multi for x in samples]),
+        relay_rss_mib=_median([x.rss_bytes / 2**20 for x in samples]) if has_relays else None,
+        samples=len(samples),
+    )
+
+
+def profile_path(
+    name: str, pki: BenchPKI, workdir: Path, iperf_port: int, s: Settings
+) -> dict[str, list[tuple[str, float]]]:
+    """Sample the relays with py-spy during a single-stream iperf3 run (not a measured run)."""
+    from bench.profile import py_spy_binary, top_frames
+
+    spy = py_spy_binary()
+    out: dict[str, list[tuple[str, float]]] = {}
+    with Processes(workdir) as procs:
+        chain = STARTERS[name](procs, pki, iperf_port)
+        spies = []
+        for role, pid in zip(("client", "server"), chain.relay_pids, strict=True):
+            raw = workdir / f"profile-{name}-{role}.txt"
+            cmd = [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(s.profile_seconds)),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--nonblocking",
+            ]
+            spies.append((role, raw, procs.start(cmd, f"py-spy-{role}")))
+        time.sleep(0.5)
+        measure.run_iperf3(chain.entry_port, seconds=s.profile_seconds, streams=1)
+        for role, raw, spy_proc in spies:
+            spy_proc.wait(timeout=s.profile_seconds + 30)
+            if raw.exists():
+                out[f"{role} self"] = top_frames(raw.read_text(), inclusive=False)
+                out[f"{role} inclusive"] = top_frames(raw.read_text(), inclusive=True)
+    return out
+
+
+def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
+    """Run every selected path `s.repeat` times, interleaved, and summarise each."""
+    results: list[PathResult] = []
+    with tempfile.TemporaryDirectory(prefix="ambit-bench-") as tmp:
+        workdir = Path(tmp)
+        pki = write_pki(workdir / "pki")
+        samples: dict[str, list[Sample]] = {n: [] for n in s.paths}
+        errors: dict[str, str] = {}
+        with targets(workdir) as (iperf_port, echo_port):
+            for round_no in range(s.repeat):
+                for name in s.paths:
+                    if name in errors:
+                        continue
+                    log(f"[{round_no + 1}/{s.repeat}] {PATHS[name]} ...")
+                    try:
+                        x = measure_once(
+                            name, pki, workdir, iperf_port=iperf_port, echo_port=echo_port, s=s
+                        )
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                        errors[name] = str(exc)
+                        log(f"    FAILED: {exc}")
+                        continue
+                    samples[name].append(x)
+                    log(
+                        f"    {x.single.bits_per_second / 1e9:.2f} Gbit/s x1, "
+                        f"{x.multi.bits_per_second / 1e9:.2f} Gbit/s x8, "
+                        f"rtt median {x.latency.median_us:.1f} us p99 {x.latency.p99_us:.1f} us"
+                    )
+            profiles: dict[str, dict[str, list[tuple[str, float]]]] = {}
+            if s.profile:
+                for name in s.paths:
+                    if name in ("hbone", "tls") and name not in errors:
+                        log(f"profiling {PATHS[name]} with py-spy ...")
+                        try:
+                            profiles[name] = profile_path(name, pki, workdir, iperf_port, s)
+                        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                            log(f"    profile FAILED: {exc}")
+        for name in s.paths:
+            if name in errors:
+                results.append(PathResult(name=name, label=PATHS[name], error=errors[name]))
+            else:
+                r = summarise(name, samples[name])
+                if name in profiles:
+                    r = dataclasses.replace(r, profile=profiles[name])
+                results.append(r)
+    return results

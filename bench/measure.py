@@ -1,0 +1,123 @@
+"""Measurements: iperf3 throughput, 1-byte round trips, process CPU time from /proc."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """One iperf3 run: what the receiver got."""
+
+    streams: int
+    bits_per_second: float
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Round-trip statistics in microseconds."""
+
+    count: int
+    median_us: float
+    p99_us: float
+    mean_us: float
+
+
+def parse_iperf3_json(text: str, streams: int) -> Throughput:
+    """The receiver-side totals of `iperf3 -J` output; raises ValueError on an iperf3 error."""
+    doc = json.loads(text)
+    if "error" in doc:
+        raise ValueError(f"iperf3 failed: {doc['error']}")
+    rcv = doc["end"]["sum_received"]
+    return Throughput(
+        streams=streams,
+        bits_per_second=float(rcv["bits_per_second"]),
+        bytes=int(rcv["bytes"]),
+        seconds=float(rcv["seconds"]),
+    )
+
+
+def run_iperf3(port: int, *, seconds: float, streams: int, host: str = "127.0.0.1") -> Throughput:
+    """Run an iperf3 client against `host:port` and return the receiver's figures."""
+    cmd = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    try:
+        return parse_iperf3_json(proc.stdout, streams)
+    except (ValueError, KeyError) as exc:
+        raise RuntimeError(
+            f"iperf3 through 127.0.0.1:{port} gave no result ({exc}; stderr: "
+            f"{proc.stderr.strip()[:200]!r}): is the relay chain up and the iperf3 server free?"
+        ) from exc
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (`q` in 0..100) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def latency_stats(samples_ns: Sequence[int]) -> Latency:
+    """Median, p99 and mean of round-trip samples given in nanoseconds."""
+    us = sorted(s / 1000 for s in samples_ns)
+    return Latency(
+        count=len(us),
+        median_us=percentile(us, 50),
+        p99_us=percentile(us, 99),
+        mean_us=sum(us) / len(us),
+    )
+
+
+def ping_pong(port: int, *, count: int, warmup: int = 200, host: str = "127.0.0.1") -> Latency:
+    """`count` 1-byte round trips (TCP_NODELAY) to an echo server behind `host:port`."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        samples: list[int] = []
+        clock = time.perf_counter_ns
+        send, recv = sock.send, sock.recv
+        for i in range(warmup + count):
+            t0 = clock()
+            send(b"x")
+            if not recv(1):
+                raise RuntimeError(
+                    f"echo through 127.0.0.1:{port} closed after {i} round trips: "
+                    "check the relays' stderr"
+                )
+            if i >= warmup:
+                samples.append(clock() - t0)
+    return latency_stats(samples)
+
+
+def parse_proc_stat(text: str) -> float:
+    """utime+stime in seconds from the text of /proc/PID/stat."""
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = text[text.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLK_TCK
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """Total CPU seconds (user+system, all threads) used so far by `pids`."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            total += parse_proc_stat(f.read())
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of `pid`."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,318 @@
+"""Benchmark report: goal verdicts, the RESULTS.md text, a JSON dump and the PNG plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import ssl
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from bench.harness import PathResult, Settings
+
+THROUGHPUT_SHARE_OF_TLS = 0.90
+RTT_MARGIN_US = 15.0
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal of the benchmark and whether this run met it (None: not measured)."""
+
+    text: str
+    met: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the numbers come from."""
+
+    date: str
+    nproc: int
+    cpu: str
+    kernel: str
+    python: str
+    openssl: str
+    packages: dict[str, str]
+    tools: dict[str, str]
+
+
+def _first_line(cmd: Sequence[str]) -> str:
+    if shutil.which(cmd[0]) is None:
+        return "not installed"
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=10, check=False)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    for ln in lines:
+        if cmd[0].startswith("stunnel") and not ln.startswith("stunnel"):
+            continue
+        return ln.strip()
+    return "unknown"
+
+
+def machine_info(now: datetime.datetime) -> Machine:
+    """Facts about this machine and the software versions in play."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    packages = {}
+    for dist in ("uvloop", "h2", "hpack", "cryptography"):
+        try:
+            packages[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            packages[dist] = "not installed"
+    stunnel = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel"
+    return Machine(
+        date=now.strftime("%Y-%m-%d %H:%M UTC"),
+        nproc=os.cpu_count() or 0,
+        cpu=cpu,
+        kernel=platform.release(),
+        python=platform.python_version(),
+        openssl=ssl.OPENSSL_VERSION,
+        packages=packages,
+        tools={
+            "iperf3": _first_line(["iperf3", "--version"]),
+            "stunnel": _first_line([stunnel, "-version"]),
+        },
+    )
+
+
+def _by_name(results: Sequence[PathResult]) -> dict[str, PathResult]:
+    return {r.name: r for r in results if r.error is None}
+
+
+def evaluate_goals(results: Sequence[PathResult]) -> list[Goal]:
+    """The issue's goals: HBONE >= 90% of (b)'s throughput, RTT within 15 us of (b), >= (c)."""
+    ok = _by_name(results)
+    errors = {r.name: r.error for r in results if r.error is not None}
+    goals: list[Goal] = []
+
+    def missing(*names: str) -> str | None:
+        gone = [n for n in names if n not in ok]
+        if not gone:
+            return None
+        return "; ".join(f"{n} not measured: {errors.get(n, 'not selected')}" for n in gone)
+
+    for attr, what in (("gbps_single", "1 stream"), ("gbps_multi", "8 streams")):
+        text = f"HBONE throughput >= {THROUGHPUT_SHARE_OF_TLS:.0%} of (b), {what}"
+        why = missing("hbone", "tls")
+        if why:
+            goals.append(Goal(text, None, why))
+        else:
+            h, b = getattr(ok["hbone"], attr), getattr(ok["tls"], attr)
+            share = h / b if b else 0.0
+            met = share >= THROUGHPUT_SHARE_OF_TLS
+            detail = f"{h:.2f} vs {b:.2f} Gbit/s = {share:.0%} of (b)"
+            if not met:
+                short = THROUGHPUT_SHARE_OF_TLS * b - h
+                detail += f"; short by {short:.2f} Gbit/s ({THROUGHPUT_SHARE_OF_TLS - share:.0%})"
+            goals.append(Goal(text, met, detail))
+
+    text = f"HBONE median RTT within {RTT_MARGIN_US:.0f} us of (b)"
+    why = missing("hbone", "tls")
+    if why:
+        goals.append(Goal(text, None, why))
+    else:
+        diff = ok["hbone"].rtt_median_us - ok["tls"].rtt_median_us
+        met = diff <= RTT_MARGIN_US
+        detail = (
+            f"{ok['hbone'].rtt_median_us:.1f} vs {ok['tls'].rtt_median_us:.1f} us = {diff:+.1f} us"
+        )
+        if not met:
+            detail += f"; over by {diff - RTT_MARGIN_US:.1f} us"
+        goals.append(Goal(text, met, detail))
+
+    for attr, what in (("gbps_single", "1 stream"), ("gbps_multi", "8 streams")):
+        text = f"HBONE throughput >= (c) stunnel, {what}"
+        why = missing("hbone", "stunnel")
+        if why:
+            goals.append(Goal(text, None, why))
+        else:
+            h, c = getattr(ok["hbone"], attr), getattr(ok["stunnel"], attr)
+            met = h >= c
+            detail = f"{h:.2f} vs {c:.2f} Gbit/s = {h / c if c else 0.0:.0%} of (c)"
+            if not met:
+                detail += f"; short by {c - h:.2f} Gbit/s"
+            goals.append(Goal(text, met, detail))
+    return goals
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def ratio_rows(results: Sequence[PathResult]) -> list[tuple[str, str, str, str, str]]:
+    """HBONE's figures relative to each baseline: (baseline, x1, x8, rtt diff, cpu ratio)."""
+    ok = _by_name(results)
+    if "hbone" not in ok:
+        return []
+    h = ok["hbone"]
+    rows = []
+    for name in ("tls", "stunnel", "direct"):
+        if name not in ok:
+            continue
+        b = ok[name]
+        cpu = (
+            f"{h.cpu_s_per_gb_single / b.cpu_s_per_gb_single:.2f}x"
+            if h.cpu_s_per_gb_single and b.cpu_s_per_gb_single
+            else "n/a"
+        )
+        rows.append(
+            (
+                b.label,
+                f"{h.gbps_single / b.gbps_single:.0%}" if b.gbps_single else "n/a",
+                f"{h.gbps_multi / b.gbps_multi:.0%}" if b.gbps_multi else "n/a",
+                f"{h.rtt_median_us - b.rtt_median_us:+.1f} us",
+                cpu,
+            )
+        )
+    return rows
+
+
+def render_markdown(
+    results: Sequence[PathResult],
+    machine: Machine,
+    settings: Settings,
+    *,
+    command: str,
+    plot_name: str | None,
+    analysis: str = "",
+) -> str:
+    """The text of RESULTS.md for one run."""
+    out: list[str] = ["# HBONE benchmark results", ""]
+    out += [
+        "Produced by one run of the harness on one machine; every path is measured in the same",
+        "run, interleaved, and each figure is the median over the repeats.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- date: {machine.date}",
+        f"- machine: {machine.nproc} CPUs ({machine.cpu}), Linux {machine.kernel}",
+        f"- Python {machine.python}, {machine.openssl}; "
+        + ", ".join(f"{k} {v}" for k, v in machine.packages.items()),
+        f"- {machine.tools['iperf3']}; {machine.tools['stunnel']}",
+        f"- settings: iperf3 {settings.seconds:g} s per run (1 stream, then `-P 8`), "
+        f"{settings.rtt_count} 1-byte round trips (TCP_NODELAY), {settings.repeat} repeat(s)",
+        "- all processes on 127.0.0.1; TLS 1.3 with TLS_AES_256_GCM_SHA384, ECDSA P-256 "
+        "SPIFFE certificates, client certificates required on every TLS hop",
+        "",
+        "## Paths",
+        "",
+        "- (a) HBONE: `bench.hbone client` accepts plain TCP and opens an HBONE stream "
+        "(ztunnel.hbone pool) to `bench.hbone server` (ztunnel.hbone server), which connects "
+        "to the target.",
+        "- (b) `bench.relays tls-client` / `tls-server`: the same shape with plain mTLS, no "
+        "HTTP/2 (uvloop protocols, one TLS connection per TCP connection).",
+        "- (c) two `stunnel` processes, client and server mode, the same certificates.",
+        "- (d) the client talks to the target directly.",
+        "",
+        "## Results",
+        "",
+        "| path | 1 stream Gbit/s | 8 streams Gbit/s | RTT median us | RTT p99 us "
+        "| relay CPU-s/GB (1 / 8 streams) | relay RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.error is not None:
+            out.append(f"| {r.label} | failed: {r.error} | | | | | |")
+            continue
+        out.append(
+            f"| {r.label} | {r.gbps_single:.2f} | {r.gbps_multi:.2f} | {r.rtt_median_us:.1f} "
+            f"| {r.rtt_p99_us:.1f} | {_fmt(r.cpu_s_per_gb_single, '.2f')} / "
+            f"{_fmt(r.cpu_s_per_gb_multi, '.2f')} | {_fmt(r.relay_rss_mib, '.1f')} |"
+        )
+    out += [
+        "",
+        "CPU-s/GB: user+system CPU seconds of both relay processes (from /proc/PID/stat) "
+        "per 10^9 bytes received by iperf3.",
+        "",
+    ]
+    rows = ratio_rows(results)
+    if rows:
+        out += [
+            "## HBONE relative to each baseline",
+            "",
+            "| baseline | throughput, 1 stream | throughput, 8 streams | median RTT | CPU per GB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        out += [f"| {' | '.join(row)} |" for row in rows]
+        out.append("")
+    out += ["## Goals", ""]
+    for g in evaluate_goals(results):
+        mark = {True: "met", False: "MISSED", None: "not measured"}[g.met]
+        out.append(f"- **{mark}**: {g.text}: {g.detail}")
+    out.append("")
+    profiled = [r for r in results if r.profile]
+    if profiled:
+        out += ["## Profile (py-spy, single-stream iperf3, separate unmeasured run)", ""]
+        for r in profiled:
+            for part, frames in r.profile.items():
+                out += [f"{r.label}, {part} (% of samples):", "", "```"]
+                out += [f"{share:5.1f}%  {frame}" for frame, share in frames]
+                out += ["```", ""]
+    if analysis.strip():
+        out += ["## Analysis", "", analysis.strip(), ""]
+    if plot_name is not None:
+        out += ["## Plot", "", f"![throughput, latency and CPU per path]({plot_name})", ""]
+    return "\n".join(out)
+
+
+def results_json(results: Sequence[PathResult], machine: Machine, settings: Settings) -> str:
+    """Everything measured, machine-readable."""
+    doc = {
+        "machine": dataclasses.asdict(machine),
+        "settings": dataclasses.asdict(settings),
+        "results": [dataclasses.asdict(r) for r in results],
+        "goals": [dataclasses.asdict(g) for g in evaluate_goals(results)],
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def plot(results: Sequence[PathResult], path: Path) -> None:
+    """Three bar charts (throughput, round trip, CPU per GB) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.error is None]
+    labels = [r.label.split(" ", 1)[0] + "\n" + r.name for r in ok]
+    xs = list(range(len(ok)))
+    w = 0.38
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4.2))
+    ax1.bar([x - w / 2 for x in xs], [r.gbps_single for r in ok], w, label="1 stream")
+    ax1.bar([x + w / 2 for x in xs], [r.gbps_multi for r in ok], w, label="8 streams")
+    ax1.set_title("iperf3 throughput (Gbit/s)")
+    ax1.legend()
+    ax2.bar([x - w / 2 for x in xs], [r.rtt_median_us for r in ok], w, label="median")
+    ax2.bar([x + w / 2 for x in xs], [r.rtt_p99_us for r in ok], w, label="p99")
+    ax2.set_title("1-byte round trip (us)")
+    ax2.legend()
+    ax3.bar(
+        [x - w / 2 for x in xs], [r.cpu_s_per_gb_single or 0.0 for r in ok], w, label="1 stream"
+    )
+    ax3.bar(
+        [x + w / 2 for x in xs], [r.cpu_s_per_gb_multi or 0.0 for r in ok], w, label="8 streams"
+    )
+    ax3.set_title("relay CPU seconds per GB")
+    ax3.legend()
+    for ax in (ax1, ax2, ax3):
+        ax.set_xticks(xs, labels)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
