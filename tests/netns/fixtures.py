@@ -1,0 +1,58 @@
+"""Shared tier-3 fixtures: sandboxes that are always torn down, even when a test fails.
+
+Import the fixtures you use into your test module (or conftest):
+
+    from tests.netns.fixtures import sandbox, sandbox_factory  # noqa: F401
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+
+from netsetup.sandbox import Sandbox, unique_prefix
+
+SandboxFactory = Callable[..., Sandbox]
+
+
+@pytest.fixture
+def sandbox_factory() -> Iterator[SandboxFactory]:
+    """Build sandboxes on demand: `sandbox_factory(nodes=2, workloads_per_node=2, ipv6=False,
+    workload_names=None, area="t")`; every one is torn down after the test."""
+    made: list[Sandbox] = []
+
+    def make(
+        nodes: int = 2,
+        workloads_per_node: int = 2,
+        ipv6: bool = False,
+        workload_names: Sequence[Sequence[str]] | None = None,
+        area: str = "t",
+    ) -> Sandbox:
+        sb = Sandbox(
+            unique_prefix(area),
+            nodes=nodes,
+            workloads_per_node=workloads_per_node,
+            ipv6=ipv6,
+            workload_names=workload_names,
+        )
+        made.append(sb)
+        return sb.build()
+
+    try:
+        yield make
+    finally:
+        for sb in reversed(made):
+            sb.teardown()
+
+
+@pytest.fixture
+def sandbox(sandbox_factory: SandboxFactory) -> Sandbox:
+    """Two nodes with two IPv4 workloads each (w1-1, w1-2 on n1; w2-1, w2-2 on n2)."""
+    return sandbox_factory()
+
+
+@pytest.fixture
+def sandbox6(sandbox_factory: SandboxFactory) -> Sandbox:
+    """Like `sandbox`, dual-stack (workloads also get fd00:244:i::/64 addresses)."""
+    return sandbox_factory(ipv6=True)
