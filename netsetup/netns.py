@@ -9,9 +9,10 @@ import errno
 import functools
 import os
 import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
@@ -119,3 +120,40 @@ async def arun_in_netns(netns: str, fn: Callable[P, T], /, *args: P.args, **kwar
     loop = asyncio.get_running_loop()
     call = functools.partial(run_in_netns, netns, fn, *args, **kwargs)
     return await loop.run_in_executor(_get_executor(), call)
+
+
+def run_in_fresh_thread(fn: Callable[[], T]) -> T:
+    """Call `fn` on a new thread and wait; its exception, if any, is re-raised here.
+
+    pyroute2's synchronous API runs its own event loop, which fails on a thread that
+    already runs one (an asyncio/uvloop program): give it a fresh thread.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    th = threading.Thread(target=target, name="netsetup-fresh")
+    th.start()
+    th.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def iproute_in_netns(netns: str | None) -> Any:
+    """A pyroute2 `IPRoute` whose netlink socket lives in `netns` (None: the current one).
+
+    Created with setns on the calling thread (no helper process). Use it on that thread
+    only, and only on a thread with no running event loop (see `run_in_fresh_thread`);
+    close it when done (it is a context manager).
+    """
+    from pyroute2 import IPRoute
+
+    if netns is None:
+        return IPRoute()
+    return run_in_netns(netns, IPRoute)

@@ -11,14 +11,19 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from netsetup.netns import NETNS_RUN_DIR, NetnsError, netns_path, run_in_netns
-
-T = TypeVar("T")
+from netsetup.netns import (
+    NETNS_RUN_DIR,
+    NetnsError,
+    iproute_in_netns,
+    netns_path,
+    run_in_fresh_thread,
+    run_in_netns,
+)
 
 _counter = itertools.count(1)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -72,32 +77,6 @@ def _check_prefix(prefix: str) -> None:
             f"bad sandbox prefix {prefix!r}: use 3+ characters [A-Za-z0-9_.-], "
             "e.g. netsetup.sandbox.unique_prefix('myarea')"
         )
-
-
-def _in_fresh_thread(fn: Callable[[], T]) -> T:
-    """Run `fn` on a new thread: pyroute2's sync API needs a thread with no running loop."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    th = threading.Thread(target=target, name="netsetup-rtnl")
-    th.start()
-    th.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
-def _iproute(netns: str) -> Any:
-    """An IPRoute whose netlink socket lives in `netns` (created by setns, no fork)."""
-    from pyroute2 import IPRoute
-
-    return run_in_netns(netns, IPRoute)
 
 
 def _sysctl(netns: str, key: str, value: str) -> None:
@@ -287,7 +266,7 @@ class Sandbox:
                 return self
             try:
                 self._create_netns()
-                _in_fresh_thread(self._plumb)
+                run_in_fresh_thread(self._plumb)
             except BaseException as exc:
                 self._teardown_locked()
                 if isinstance(exc, SandboxError):
@@ -322,10 +301,10 @@ class Sandbox:
             if self.ipv6:
                 for scope in ("all", "default"):
                     _sysctl(ns, f"net/ipv6/conf/{scope}/accept_dad", "0")
-            with _iproute(ns) as ipr:
+            with iproute_in_netns(ns) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
-        with _iproute(self.fabric_netns) as fab:
+        with iproute_in_netns(self.fabric_netns) as fab:
             fab.link("add", ifname="br0", kind="bridge")
             fab_br = fab.link_lookup(ifname="br0")[0]
             fab.link("set", index=fab_br, state="up")
@@ -344,7 +323,7 @@ class Sandbox:
         while True:
             down: list[str] = []
             for ns in pending:
-                with _iproute(ns) as ipr:
+                with iproute_in_netns(ns) as ipr:
                     down += [f"{ns}/{link.get('ifname')}" for link in ipr.get_links()
                              if link.get("operstate") not in ("UP", "UNKNOWN")]
             if not down:
@@ -358,7 +337,7 @@ class Sandbox:
             time.sleep(0.02)
 
     def _plumb_node(self, node: SandboxNode, idx: int, fab: Any) -> None:
-        with _iproute(node.netns) as ipr:
+        with iproute_in_netns(node.netns) as ipr:
             ipr.link("add", ifname="br0", kind="bridge")
             br = ipr.link_lookup(ifname="br0")[0]
             ipr.addr("add", index=br, address=node.bridge_ip, prefixlen=24)
@@ -406,7 +385,7 @@ class Sandbox:
                 self._plumb_workload(node, w)
 
     def _plumb_workload(self, node: SandboxNode, w: SandboxWorkload) -> None:
-        with _iproute(w.netns) as ipr:
+        with iproute_in_netns(w.netns) as ipr:
             eth = ipr.link_lookup(ifname=w.iface)[0]
             ipr.addr("add", index=eth, address=w.ip, prefixlen=24)
             if w.ip6:
