@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any, Final, Generic, TypeVar, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
+    "AUTHZ_ACTIONS",
     "DEFAULT_DNS_DOMAIN",
     "DEFAULT_ROOT_NAMESPACE",
     "DEFAULT_TRUST_DOMAIN",
     "HBONE_PORT",
+    "L4_CONDITION_KEYS",
+    "MTLS_MODES",
     "TRAFFIC_DISTRIBUTIONS",
     "ZTUNNEL_PORTS",
     "AuthorizationPolicy",
+    "Condition",
     "Endpoint",
     "FrozenMap",
     "Locality",
@@ -35,6 +39,7 @@ __all__ = [
     "WaypointRef",
     "Workload",
     "canonical_ip",
+    "selector_matches",
     "spiffe_id",
 ]
 
@@ -47,6 +52,17 @@ DEFAULT_DNS_DOMAIN: Final = "cluster.local"
 #: Service.traffic_distribution values (Kubernetes `spec.trafficDistribution` names).
 #: "PreferClose" is the same as "PreferSameZone".
 TRAFFIC_DISTRIBUTIONS: Final = frozenset({"Any", "PreferClose", "PreferSameZone", "PreferSameNode"})
+#: `when` keys ztunnel evaluates; rules with other keys list them in `Rule.l7_fields`.
+L4_CONDITION_KEYS: Final = frozenset(
+    {
+        "source.ip",
+        "remote.ip",
+        "source.namespace",
+        "source.principal",
+        "destination.ip",
+        "destination.port",
+    }
+)
 AUTHZ_ACTIONS: Final = frozenset({"ALLOW", "DENY"})
 MTLS_MODES: Final = frozenset({"UNSET", "STRICT", "PERMISSIVE", "DISABLE"})
 
@@ -463,22 +479,64 @@ class Operation:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Condition:
+    """A `when` condition on an L4 attribute (see L4_CONDITION_KEYS).
+
+    Matches when (`values` is empty or one matches) and no `not_values` matches;
+    IP keys take CIDRs, principals/namespaces take `*` wildcards.
+    """
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.key not in L4_CONDITION_KEYS:
+            raise SnapshotError(
+                "key",
+                f"{self.key!r} is not an L4 condition key ({', '.join(sorted(L4_CONDITION_KEYS))});"
+                " list other keys in the rule's l7_fields",
+            )
+        _tuple(self, "values")
+        _tuple(self, "not_values")
+        if not self.values and not self.not_values:
+            raise SnapshotError("values", "a condition needs values or not_values")
+        for name in ("values", "not_values"):
+            for i, v in enumerate(getattr(self, name)):
+                if not isinstance(v, str) or not v:
+                    raise SnapshotError(f"{name}[{i}]", f"expected a non-empty string, got {v!r}")
+                if self.key in ("source.ip", "remote.ip", "destination.ip"):
+                    try:
+                        ipaddress.ip_network(v, strict=False)
+                    except ValueError:
+                        raise SnapshotError(
+                            f"{name}[{i}]", f"{v!r} is not a CIDR block or IP address"
+                        ) from None
+                if self.key == "destination.port" and not v.isdigit():
+                    raise SnapshotError(f"{name}[{i}]", f"{v!r} is not a port number")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Rule:
     """An AuthorizationPolicy rule: it matches when some source and some operation match.
 
-    Empty `from_` (JSON `from`) / `to` match anything. `l7_fields` names the
-    attributes of the original rule that ztunnel cannot check (methods, paths,
-    hosts, request principals, L7 `when` keys...): see ztunnel.authz for how
-    such rules are enforced at L4.
+    Empty `from_` (JSON `from`) / `to` match anything; every `when` condition must
+    match. `l7_fields` names the attributes of the original rule that ztunnel
+    cannot check (methods, paths, hosts, request principals, L7 `when` keys...):
+    see ztunnel.authz for how such rules are enforced at L4. When translating,
+    keep every source/operation entry with its L7 attributes removed (an entry that
+    had only L7 attributes becomes an empty entry, which matches anything).
     """
 
     from_: tuple[Source, ...] = field(default=(), metadata={"json": "from"})
     to: tuple[Operation, ...] = ()
+    when: tuple[Condition, ...] = ()
     l7_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _tuple(self, "from_")
         _tuple(self, "to")
+        _tuple(self, "when")
         _tuple(self, "l7_fields")
 
     @property
