@@ -218,8 +218,8 @@ _VERIFY_HINTS = {
     9: "peer certificate is not yet valid: a clock is behind (check NTP on both nodes)",
     20: "peer certificate does not chain to a trusted root (unable to get local issuer): "
     "it was issued by another CA, or the trust bundle is stale",
-    19: "peer certificate chain ends in an untrusted self-signed root: it was issued by "
-    "another CA, or the trust bundle is stale",
+    19: "peer certificate does not chain to a trusted root (its chain ends in an untrusted "
+    "self-signed root): it was issued by another CA, or the trust bundle is stale",
     18: "peer certificate is self-signed and not in the trust bundle",
     2: "peer certificate's issuer is unknown: the intermediate is missing from its chain",
     21: "peer certificate does not chain to a trusted root (unable to verify the first "

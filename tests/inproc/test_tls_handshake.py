@@ -117,9 +117,9 @@ def test_certificate_from_an_untrusted_root_is_rejected() -> None:
         stranger.issue("shop", "frontend"), mesh.issue("shop", "cart"), mesh.bundle, mesh.bundle
     )
     assert isinstance(out.server.error, ssl.SSLCertVerificationError)
-    assert "does not chain to a trusted root" in describe_handshake_error(
-        out.server.error
-    ) or "untrusted self-signed root" in describe_handshake_error(out.server.error)
+    assert describe_handshake_error(out.server.error).startswith(
+        "peer certificate does not chain to a trusted root"
+    )
     assert out.client.error is not None
     assert describe_handshake_error(out.client.error).startswith(
         "the peer does not trust our certificate's root"
@@ -132,7 +132,9 @@ def test_server_from_an_untrusted_root_is_rejected_by_the_client() -> None:
         mesh.issue("shop", "frontend"), stranger.issue("shop", "cart"), mesh.bundle, mesh.bundle
     )
     assert isinstance(out.client.error, ssl.SSLCertVerificationError)
-    assert out.client.error.verify_code in (19, 20)
+    assert describe_handshake_error(out.client.error).startswith(
+        "peer certificate does not chain to a trusted root"
+    )
 
 
 def test_certificate_without_uri_san_is_rejected() -> None:
