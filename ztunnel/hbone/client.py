@@ -1,0 +1,93 @@
+"""HBONE client: TCP + TLS 1.3 (ALPN h2) connect with server identity check.
+
+    conn = await connect(("10.0.0.5", 15008), ssl_ctx, trust, expected=dst_identity)
+    stream = await conn.open_stream(request_headers("10.0.0.5:8080", forwarded=...))
+
+`connect` raises `HboneError` with an actionable message (timeout, refused, TLS
+failure, wrong server identity). `ssl_ctx` comes from `ztunnel.tls.client_context`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+
+from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.request import format_authority
+from ztunnel.hbone.stream import HboneConnection
+from ztunnel.identity import SpiffeId, TrustBundle
+from ztunnel.tls import PeerIdentityError, describe_handshake_error, peer_identity
+
+
+async def connect(
+    target: tuple[str, int] | socket.socket,
+    ssl_ctx: ssl.SSLContext,
+    trust: TrustBundle,
+    expected: SpiffeId | None,
+    *,
+    connect_timeout: float = 10.0,
+    max_concurrent_streams: int = 100,
+    keepalive_interval: float = 30.0,
+    keepalive_timeout: float = 10.0,
+    on_close: Callable[[HboneConnection], None] | None = None,
+) -> HboneConnection:
+    """Open an HBONE connection to `target` (address, or an already connected socket)."""
+    loop = asyncio.get_running_loop()
+    if isinstance(target, socket.socket):
+        try:
+            peer = target.getpeername()
+            where = format_authority(str(peer[0]), int(peer[1]))
+            port = int(peer[1])
+        except OSError:
+            where, port = "the peer", 15008
+    else:
+        where, port = format_authority(*target), target[1]
+
+    def verify(ssl_object: ssl.SSLObject | None) -> SpiffeId:
+        if ssl_object is None:
+            raise HboneError(f"connection to {where} is not TLS: HBONE requires mTLS")
+        try:
+            return peer_identity(ssl_object, trust, expected)
+        except PeerIdentityError as e:
+            raise HboneError(f"server {where} refused: {e.reason}") from e
+
+    def factory() -> HboneConnection:
+        return HboneConnection(
+            client=True,
+            verify=verify,
+            on_close=on_close,
+            max_concurrent_streams=max_concurrent_streams,
+            keepalive_interval=keepalive_interval,
+            keepalive_timeout=keepalive_timeout,
+            description=where,
+        )
+
+    try:
+        async with asyncio.timeout(connect_timeout):
+            if isinstance(target, socket.socket):
+                _, proto = await loop.create_connection(
+                    factory, sock=target, ssl=ssl_ctx, server_hostname=""
+                )
+            else:
+                _, proto = await loop.create_connection(
+                    factory, target[0], target[1], ssl=ssl_ctx, server_hostname=""
+                )
+            await proto.ready
+    except TimeoutError:
+        raise HboneError(
+            f"connection to {where} timed out after {connect_timeout:g}s: "
+            f"is HBONE port {port} blocked or the node down?"
+        ) from None
+    except HboneError:
+        raise
+    except ConnectionRefusedError:
+        raise HboneError(
+            f"connection to {where} refused: is ztunnel listening on HBONE port {port} there?"
+        ) from None
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as e:
+        raise HboneError(f"TLS handshake with {where} failed: {describe_handshake_error(e)}") from e
+    except OSError as e:
+        raise HboneError(f"connection to {where} failed: {e.strerror or e}") from e
+    return proto
