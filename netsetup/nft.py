@@ -1,0 +1,760 @@
+"""Apply, read and remove a capture ruleset in a netns through pyroute2's nftables netlink API.
+
+Ordering (why no packet ever sees a half-built ruleset)
+-------------------------------------------------------
+Every pyroute2 call below is its own nftables transaction, so the apply is a sequence of
+small transactions ordered so that each intermediate state is harmless:
+
+1. create the table if missing (an empty table hooks nothing);
+2. delete leftovers that no base chain references (for example chains of a crashed apply);
+3. build the regular chains complete, under a fresh *slot* name (`capture_out_a` or `_b`,
+   whichever is not live); nothing jumps to them yet, so no packet sees them;
+4. per base chain, prerouting first, output last: create it if missing (an empty base chain
+   with policy accept changes nothing), then switch it with ONE rule operation: replace its
+   single jump rule by a jump to the new slot (or insert the jump first and delete the rest).
+   Prerouting goes first because it is what delivers marked packets to the proxy: once the
+   output chain marks a packet, the rule that hands it to the proxy is already in place;
+5. delete the chains of the old slot, which nothing references any more.
+
+A crash between any two steps leaves either the old complete ruleset, the new complete
+ruleset, or (for a first apply) no capture at all: traffic is captured completely or passes
+untouched. Removal is a single transaction (delete the table) that unhooks everything at once.
+A failure before step 4 rolls back what this apply created.
+
+`inspect` reads the table back (raw netlink: pyroute2 decodes tproxy/socket rules only
+partially, so rules are recognised by chain comment digest, rule comments and jump targets).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from netsetup.netns import NetnsError, run_in_netns
+from netsetup.rules import (
+    TABLE_NAME,
+    AddrMatch,
+    Chain,
+    FibDaddrLocal,
+    Hook,
+    MetaMatch,
+    PortMatch,
+    Rule,
+    Ruleset,
+    SetMark,
+    SocketTransparent,
+    Statement,
+    Tproxy,
+    Verdict,
+)
+
+T = TypeVar("T")
+
+NFPROTO_INET = 1
+NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
+SLOTS = ("a", "b", "c")  # two base chains reference at most two: one is always free
+
+_HOOKNUMS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
+_HOOKNAMES = {v: k for k, v in _HOOKNUMS.items()}
+_NF_ACCEPT = 1
+_NFT_RETURN = -5
+_NFT_JUMP = -3
+_META = {"len": 0, "protocol": 1, "mark": 3, "iif": 4, "iifname": 6, "nfproto": 15, "l4proto": 16}
+_L4 = {"tcp": 6, "udp": 17}
+_NFPROTO = {"ipv4": NFPROTO_IPV4, "ipv6": NFPROTO_IPV6}
+_RTN_LOCAL = 2
+_NFT_FIB_RESULT_ADDRTYPE = 3
+_NFTA_FIB_F_DADDR = 1 << 1
+_PAYLOAD_NETWORK = 1
+_PAYLOAD_TRANSPORT = 2
+
+
+class NftError(Exception):
+    """Applying or reading nftables state failed; the message says what to do."""
+
+
+# -- observed state ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleState:
+    handle: int
+    comment: str | None
+    jump: str | None  # target when the rule is a single `jump CHAIN`
+    n_exprs: int
+
+
+@dataclass(frozen=True)
+class ChainState:
+    name: str
+    hook: Hook | None
+    comment: str | None
+    rules: tuple[RuleState, ...]
+
+
+@dataclass(frozen=True)
+class TableState:
+    name: str
+    chains: tuple[ChainState, ...]
+
+    def chain(self, name: str) -> ChainState | None:
+        for c in self.chains:
+            if c.name == name:
+                return c
+        return None
+
+    def live_slot(self) -> str | None:
+        """The slot the base chains jump to (None: nothing hooked)."""
+        for c in self.chains:
+            if c.hook is None:
+                continue
+            for r in c.rules:
+                if r.jump and "_" in r.jump:
+                    slot = r.jump.rsplit("_", 1)[1]
+                    if slot in SLOTS:
+                        return slot
+        return None
+
+    def referenced(self) -> set[str]:
+        return {r.jump for c in self.chains if c.hook is not None for r in c.rules if r.jump}
+
+
+def check_state(current: TableState | None, desired: Ruleset) -> tuple[str, ...]:
+    """What differs between the table in the kernel and `desired` (empty: complete and equal)."""
+    if current is None:
+        return (f"table {desired.family} {desired.table} is missing",)
+    problems: list[str] = []
+    slot = current.live_slot()
+    if slot is None:
+        return (f"table {desired.family} {desired.table} hooks none of its chains",)
+    want = desired.with_slot(slot)
+    wanted_names = {c.name for c in want.chains}
+    for chain in want.chains:
+        have = current.chain(chain.name)
+        if have is None:
+            problems.append(f"chain {chain.name} is missing")
+            continue
+        if have.hook != chain.hook:
+            problems.append(f"chain {chain.name} has hook {have.hook}, want {chain.hook}")
+        if chain.hook is not None:
+            jumps = [r.jump for r in have.rules]
+            expected = [_jump_target(r) for r in chain.rules]
+            if jumps != expected:
+                problems.append(f"base chain {chain.name} jumps to {jumps}, want {expected}")
+            continue
+        if have.comment != chain.comment:
+            problems.append(
+                f"chain {chain.name} holds ruleset {have.comment}, want {chain.comment}"
+            )
+        comments = [r.comment for r in have.rules]
+        if comments != [r.comment for r in chain.rules]:
+            problems.append(
+                f"chain {chain.name} has {len(have.rules)} rules, want {len(chain.rules)}"
+            )
+    for have in current.chains:
+        if have.name not in wanted_names:
+            problems.append(f"stray chain {have.name}")
+    return tuple(problems)
+
+
+def _jump_target(rule: Rule) -> str | None:
+    if len(rule.statements) == 1:
+        s = rule.statements[0]
+        if isinstance(s, Verdict) and s.kind == "jump":
+            return s.target
+    return None
+
+
+# -- plan -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateTable:
+    table: str
+    comment: str | None
+
+
+@dataclass(frozen=True)
+class CreateChain:
+    chain: Chain  # created empty; rules follow as AddRule steps
+
+
+@dataclass(frozen=True)
+class AddRule:
+    chain: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class ReplaceRule:
+    chain: str
+    handle: int
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class InsertRule:
+    chain: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class DeleteRule:
+    chain: str
+    handle: int
+
+
+@dataclass(frozen=True)
+class DeleteChain:
+    chain: str
+
+
+@dataclass(frozen=True)
+class DeleteTable:
+    table: str
+
+
+Step = (
+    CreateTable
+    | CreateChain
+    | AddRule
+    | ReplaceRule
+    | InsertRule
+    | DeleteRule
+    | DeleteChain
+    | DeleteTable
+)
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    table: str
+    family: Literal["inet"]
+    slot: str
+    steps: tuple[Step, ...]
+    #: Index of the first step that touches a base chain; before it, a failure rolls back.
+    first_hook_step: int
+
+    @property
+    def noop(self) -> bool:
+        return not self.steps
+
+
+def plan_apply(current: TableState | None, desired: Ruleset) -> ApplyPlan:
+    """The ordered transactions that turn `current` into `desired` (see the module docstring)."""
+    if not check_state(current, desired):
+        slot = current.live_slot() if current else None
+        return ApplyPlan(desired.table, desired.family, slot or SLOTS[0], (), 0)
+    referenced = current.referenced() if current else set()
+    slot = next(
+        s for s in SLOTS if not any(f"{c.name}_{s}" in referenced for c in desired.regular_chains)
+    )
+    want = desired.with_slot(slot)
+    steps: list[Step] = []
+    if current is None:
+        steps.append(CreateTable(desired.table, desired.comment))
+    base_names = {c.name for c in want.base_chains}
+    # 2. unreferenced leftovers (including any half-built chain of the slot we build now)
+    if current is not None:
+        for c in current.chains:
+            if c.name not in base_names and c.name not in referenced:
+                steps.append(DeleteChain(c.name))
+    # 3. the new regular chains, complete, before anything jumps to them
+    for chain in want.regular_chains:
+        steps.append(CreateChain(chain))
+        steps.extend(AddRule(chain.name, r) for r in chain.rules)
+    first_hook = len(steps)
+    # 4. base chains: prerouting first, output last, each switched by one rule operation
+    for chain in sorted(
+        want.base_chains, key=lambda c: c.hook is not None and c.hook.hook == "output"
+    ):
+        have = current.chain(chain.name) if current else None
+        if have is not None and have.hook != chain.hook:
+            steps.append(DeleteChain(chain.name))
+            have = None
+        if have is None:
+            steps.append(CreateChain(chain))
+            steps.extend(AddRule(chain.name, r) for r in chain.rules)
+            continue
+        if len(have.rules) == 1 and len(chain.rules) == 1:
+            steps.append(ReplaceRule(chain.name, have.rules[0].handle, chain.rules[0]))
+            continue
+        steps.extend(InsertRule(chain.name, r) for r in reversed(chain.rules))
+        steps.extend(DeleteRule(chain.name, r.handle) for r in have.rules)
+    # 5. the old slot's chains (and strays that a base chain referenced)
+    if current is not None:
+        keep = {c.name for c in want.chains}
+        for c in current.chains:
+            if c.name in referenced and c.name not in keep:
+                steps.append(DeleteChain(c.name))
+    return ApplyPlan(desired.table, desired.family, slot, tuple(steps), first_hook)
+
+
+# -- netlink encoding -----------------------------------------------------------------------------
+
+
+def _ex(name: str, **kwargs: Any) -> dict[str, Any]:
+    data = [(f"NFTA_{name.upper()}_{k.upper()}", v) for k, v in kwargs.items()]
+    return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": data})]}
+
+
+def _data(value: bytes) -> dict[str, Any]:
+    return {"attrs": [("NFTA_DATA_VALUE", value)]}
+
+
+def _cmp(value: bytes, op: str = "==") -> dict[str, Any]:
+    return _ex("cmp", sreg=1, op=0 if op == "==" else 1, data=_data(value))
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("=I", value)  # host byte order, like nft's meta mark / ifindex
+
+
+def _verdict(code: int, chain: str | None = None) -> dict[str, Any]:
+    attrs: list[tuple[str, Any]] = [("NFTA_VERDICT_CODE", code)]
+    if chain is not None:
+        attrs.append(("NFTA_VERDICT_CHAIN", chain))
+    return _ex("immediate", dreg=0, data={"attrs": [("NFTA_DATA_VERDICT", {"attrs": attrs})]})
+
+
+def _fib_result_flags(value: int) -> frozenset[str]:
+    # pyroute2 0.9.7 declares NFTA_FIB_RESULT as a bit set (it is an enum in the kernel) and
+    # NFTA_FIB_FLAGS as an enum (it is a bit set): express the enum value as the bits it is.
+    names = (
+        "NFT_FIB_RESULT_UNSPEC",
+        "NFT_FIB_RESULT_OIF",
+        "NFT_FIB_RESULT_OIFNAME",
+        "NFT_FIB_RESULT_ADDRTYPE",
+    )
+    return frozenset(n for i, n in enumerate(names) if value & (1 << i))
+
+
+def encode_rule(rule: Rule) -> list[dict[str, Any]]:
+    """Netlink expressions for `rule`, as `nft -f` compiles the same text in an inet table."""
+    out: list[dict[str, Any]] = []
+    nfproto: int | None = None
+    l4: str | None = None
+
+    def need_nfproto(value: int) -> None:
+        nonlocal nfproto
+        if nfproto != value:
+            out.append(_ex("meta", key=_META["nfproto"], dreg=1))
+            out.append(_cmp(bytes([value])))
+            nfproto = value
+
+    def need_l4(proto: str) -> None:
+        nonlocal l4
+        if l4 != proto:
+            out.append(_ex("meta", key=_META["l4proto"], dreg=1))
+            out.append(_cmp(bytes([_L4[proto]])))
+            l4 = proto
+
+    for s in rule.statements:
+        out.extend(_encode_statement(s, need_nfproto, need_l4))
+        if isinstance(s, MetaMatch) and s.op == "==":
+            if s.key == "nfproto":
+                nfproto = _NFPROTO[str(s.value)]
+            elif s.key == "l4proto":
+                l4 = str(s.value)
+    return out
+
+
+def _encode_statement(
+    s: Statement, need_nfproto: Callable[[int], None], need_l4: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    if isinstance(s, MetaMatch):
+        load = _ex("meta", key=_META[s.key], dreg=1)
+        if s.key == "mark":
+            assert isinstance(s.value, int)
+            return [load, _cmp(_u32(s.value), s.op)]
+        if s.key == "l4proto":
+            return [load, _cmp(bytes([_L4[str(s.value)]]), s.op)]
+        if s.key == "nfproto":
+            return [load, _cmp(bytes([_NFPROTO[str(s.value)]]), s.op)]
+        if s.key == "iif":
+            if s.value != "lo":
+                raise ValueError(f'iif {s.value!r}: only iif "lo" is supported; use iifname')
+            return [load, _cmp(_u32(1), s.op)]  # lo is ifindex 1 in every netns
+        name = str(s.value).encode()
+        return [load, _cmp(name.ljust(16, b"\0"), s.op)]
+    if isinstance(s, AddrMatch):
+        net = ipaddress.ip_network(s.prefix, strict=False)
+        need_nfproto(NFPROTO_IPV4 if s.family == 4 else NFPROTO_IPV6)
+        if s.family == 4:
+            offset = 12 if s.field == "saddr" else 16
+        else:
+            offset = 8 if s.field == "saddr" else 24
+        nbytes = (net.prefixlen + 7) // 8
+        raw = net.network_address.packed[:nbytes]
+        exprs = [_ex("payload", dreg=1, base=_PAYLOAD_NETWORK, offset=offset, len=nbytes)]
+        if net.prefixlen % 8:
+            mask = net.netmask.packed[:nbytes]
+            exprs.append(
+                _ex(
+                    "bitwise",
+                    sreg=1,
+                    dreg=1,
+                    len=nbytes,
+                    mask=_data(mask),
+                    xor=_data(bytes(nbytes)),
+                )
+            )
+        exprs.append(_cmp(raw))
+        return exprs
+    if isinstance(s, PortMatch):
+        need_l4(s.proto)
+        offset = 0 if s.field == "sport" else 2
+        return [
+            _ex("payload", dreg=1, base=_PAYLOAD_TRANSPORT, offset=offset, len=2),
+            _cmp(struct.pack(">H", s.port), s.op),
+        ]
+    if isinstance(s, SocketTransparent):
+        return [_ex("socket", key=0, dreg=1), _cmp(b"\x01")]
+    if isinstance(s, FibDaddrLocal):
+        return [
+            _ex(
+                "fib",
+                dreg=1,
+                result=_fib_result_flags(_NFT_FIB_RESULT_ADDRTYPE),
+                flags=_NFTA_FIB_F_DADDR,
+            ),
+            _cmp(_u32(_RTN_LOCAL)),
+        ]
+    if isinstance(s, SetMark):
+        return [
+            _ex("immediate", dreg=1, data=_data(_u32(s.mark))),
+            _ex("meta", key=_META["mark"], sreg=1),
+        ]
+    if isinstance(s, Tproxy):
+        fam = NFPROTO_IPV4 if s.family == 4 else NFPROTO_IPV6
+        port = struct.pack(">H", s.port)
+        if s.addr is None:
+            return [
+                _ex("immediate", dreg=1, data=_data(port)),
+                _ex("tproxy", family=fam, reg_port=1),
+            ]
+        addr = socket.inet_pton(socket.AF_INET if s.family == 4 else socket.AF_INET6, s.addr)
+        return [
+            _ex("immediate", dreg=1, data=_data(addr)),
+            _ex("immediate", dreg=2, data=_data(port)),
+            _ex("tproxy", family=fam, reg_addr=1, reg_port=2),
+        ]
+    if s.kind == "accept":
+        return [_verdict(_NF_ACCEPT)]
+    if s.kind == "return":
+        return [_verdict(_NFT_RETURN)]
+    return [_verdict(_NFT_JUMP, s.target)]
+
+
+# -- execution ------------------------------------------------------------------------------------
+
+_worker_lock = threading.Lock()
+
+
+def _in_worker(fn: Callable[[], T]) -> T:
+    """Run `fn` on a fresh thread: pyroute2's sync API needs a thread without a running loop,
+    and switching a thread's netns must never happen on an event loop's thread."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    with _worker_lock:  # one netlink writer at a time keeps transactions strictly ordered
+        t = threading.Thread(target=target, name="netsetup-nft", daemon=True)
+        t.start()
+        t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """Run `fn` inside `netns` on a worker thread (safe to call from an event loop thread)."""
+    return _in_worker(lambda: run_in_netns(netns, fn))
+
+
+def _open(family: int = NFPROTO_INET) -> Any:
+    from pyroute2.nftables.main import NFTables
+
+    return NFTables(nfgen_family=family)
+
+
+def _netlink_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def _describe(step: Step) -> str:
+    if isinstance(step, CreateTable):
+        return f"create table {step.table}"
+    if isinstance(step, CreateChain):
+        return f"create chain {step.chain.name}"
+    if isinstance(step, AddRule | InsertRule | ReplaceRule):
+        return f"add rule to {step.chain}"
+    if isinstance(step, DeleteRule):
+        return f"delete rule {step.handle} of {step.chain}"
+    if isinstance(step, DeleteChain):
+        return f"delete chain {step.chain}"
+    return f"delete table {step.table}"
+
+
+def _error_for(exc: BaseException, step: Step, netns: str) -> NftError:
+    code = _netlink_code(exc)
+    where = f"in netns {netns!r}"
+    if code == errno.EPERM:
+        return NftError(
+            f"nftables refused to {_describe(step)} {where} (EPERM): "
+            "run as root or grant CAP_NET_ADMIN"
+        )
+    if code in (errno.ENOENT, errno.EOPNOTSUPP) and isinstance(
+        step, AddRule | InsertRule | ReplaceRule
+    ):
+        kinds = {type(s) for s in step.rule.statements}
+        if Tproxy in kinds:
+            return NftError(
+                "kernel lacks nftables TPROXY (CONFIG_NFT_TPROXY): load module nft_tproxy or "
+                "use a kernel built with it"
+            )
+        if SocketTransparent in kinds:
+            return NftError(
+                "kernel lacks the nftables socket match (CONFIG_NFT_SOCKET): load module "
+                "nft_socket or use a kernel built with it"
+            )
+        if FibDaddrLocal in kinds:
+            return NftError(
+                "kernel lacks the nftables fib expression (CONFIG_NFT_FIB_INET): load module "
+                "nft_fib_inet or use a kernel built with it"
+            )
+    if code in (errno.ENOENT, errno.EOPNOTSUPP) and isinstance(step, CreateChain | CreateTable):
+        return NftError(
+            f"kernel refused to {_describe(step)} {where} ({errno.errorcode.get(code, code)}): "
+            "it needs nf_tables with inet family and route chains (CONFIG_NF_TABLES_INET, "
+            "CONFIG_NFT_CHAIN_ROUTE_IPV4/IPV6)"
+        )
+    return NftError(f"nftables failed to {_describe(step)} {where}: {exc}")
+
+
+def _run_step(nft: Any, table: str, step: Step) -> None:
+    if isinstance(step, CreateTable):
+        kw: dict[str, Any] = {"name": table}
+        if step.comment:
+            kw["userdata"] = step.comment
+        nft.table("add", **kw)
+    elif isinstance(step, CreateChain):
+        c = step.chain
+        kw = {"table": table, "name": c.name}
+        if c.hook is not None:
+            kw.update(
+                hook=c.hook.hook, type=c.hook.type, priority=c.hook.priority, policy=_NF_ACCEPT
+            )
+        if c.comment:
+            kw["userdata"] = c.comment
+        nft.chain("add", **kw)
+    elif isinstance(step, AddRule | InsertRule | ReplaceRule):
+        kw = {"table": table, "chain": step.chain, "expressions": [encode_rule(step.rule)]}
+        if step.rule.comment:
+            kw["userdata"] = step.rule.comment
+        if isinstance(step, ReplaceRule):
+            kw["handle"] = step.handle
+            nft.rule("replace", **kw)
+        else:
+            nft.rule("insert" if isinstance(step, InsertRule) else "add", **kw)
+    elif isinstance(step, DeleteRule):
+        nft.rule("del", table=table, chain=step.chain, handle=step.handle)
+    elif isinstance(step, DeleteChain):
+        nft.chain("del", table=table, name=step.chain)
+    else:
+        nft.table("del", name=step.table)
+
+
+def _comment(msg: Any, attr: str) -> str | None:
+    value = msg.get_attr(attr)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return str(value)
+
+
+def _read(nft: Any, table: str) -> TableState | None:
+    tables = [t.get_attr("NFTA_TABLE_NAME") for t in nft.get_tables()]
+    if table not in tables:
+        return None
+    rules: dict[str, list[RuleState]] = {}
+    for r in nft.get_rules():
+        if r.get_attr("NFTA_RULE_TABLE") != table:
+            continue
+        exprs = r.get_attr("NFTA_RULE_EXPRESSIONS") or []
+        jump = None
+        if len(exprs) == 1 and exprs[0].get_attr("NFTA_EXPR_NAME") == "immediate":
+            data = exprs[0].get_attr("NFTA_EXPR_DATA").get_attr("NFTA_IMMEDIATE_DATA")
+            verdict = data.get_attr("NFTA_DATA_VERDICT") if data else None
+            if verdict is not None and verdict.get_attr("NFTA_VERDICT_CODE") == "NFT_JUMP":
+                jump = verdict.get_attr("NFTA_VERDICT_CHAIN")
+        rules.setdefault(r.get_attr("NFTA_RULE_CHAIN"), []).append(
+            RuleState(
+                handle=int(r.get_attr("NFTA_RULE_HANDLE")),
+                comment=_comment(r, "NFTA_RULE_USERDATA"),
+                jump=jump,
+                n_exprs=len(exprs),
+            )
+        )
+    chains = []
+    for c in nft.get_chains():
+        if c.get_attr("NFTA_CHAIN_TABLE") != table:
+            continue
+        name = c.get_attr("NFTA_CHAIN_NAME")
+        hook = None
+        h = c.get_attr("NFTA_CHAIN_HOOK")
+        if h is not None:
+            policy = c.get_attr("NFTA_CHAIN_POLICY")
+            hook = Hook(
+                type=c.get_attr("NFTA_CHAIN_TYPE"),
+                hook=_HOOKNAMES.get(h.get_attr("NFTA_HOOK_HOOKNUM"), "?"),  # type: ignore[arg-type]
+                priority=int(h.get_attr("NFTA_HOOK_PRIORITY")),
+                policy="accept" if policy == _NF_ACCEPT else "drop",  # type: ignore[arg-type]
+            )
+        chains.append(
+            ChainState(name, hook, _comment(c, "NFTA_CHAIN_USERDATA"), tuple(rules.get(name, ())))
+        )
+    return TableState(table, tuple(chains))
+
+
+def _wrap_read_error(exc: BaseException, netns: str) -> NftError:
+    if _netlink_code(exc) == errno.EPERM or isinstance(exc, PermissionError):
+        return NftError(
+            f"cannot read nftables in netns {netns!r} (EPERM): run as root or grant CAP_NET_ADMIN"
+        )
+    return NftError(f"cannot read nftables in netns {netns!r}: {exc}")
+
+
+def read_table_here(table: str = TABLE_NAME) -> TableState | None:
+    """`read_table` for the calling thread's current netns (must not run on an event loop)."""
+    nft = _open()
+    try:
+        return _read(nft, table)
+    finally:
+        nft.close()
+
+
+def read_table(netns: str, table: str = TABLE_NAME) -> TableState | None:
+    """The inet table `table` in `netns` as the kernel holds it, or None."""
+
+    def work() -> TableState | None:
+        try:
+            return read_table_here(table)
+        except NetnsError:
+            raise
+        except Exception as exc:
+            raise _wrap_read_error(exc, netns) from exc
+
+    return in_netns(netns, work)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    changed: bool
+    slot: str
+    steps: int
+    created_table: bool
+
+
+#: Called before each step with its index and the step; tests use it to simulate a crash.
+FaultHook = Callable[[int, Step], None]
+
+
+def apply_here(ruleset: Ruleset, netns: str = "", fault: FaultHook | None = None) -> ApplyResult:
+    """`apply_ruleset` in the calling thread's current netns (must not run on an event loop)."""
+    nft = _open()
+    try:
+        try:
+            current = _read(nft, ruleset.table)
+        except Exception as exc:
+            raise _wrap_read_error(exc, netns) from exc
+        plan = plan_apply(current, ruleset)
+        done: list[Step] = []
+        for i, step in enumerate(plan.steps):
+            try:
+                if fault is not None:
+                    fault(i, step)
+                _run_step(nft, plan.table, step)
+            except Exception as exc:
+                err = _error_for(exc, step, netns)
+                if i < plan.first_hook_step:
+                    _rollback(nft, plan.table, done)
+                else:
+                    err = NftError(
+                        f"{err} (the capture rules in force are complete; "
+                        "run enroll again or reconcile to finish)"
+                    )
+                raise err from exc
+            done.append(step)
+        return ApplyResult(
+            bool(plan.steps),
+            plan.slot,
+            len(plan.steps),
+            any(isinstance(s, CreateTable) for s in plan.steps),
+        )
+    finally:
+        nft.close()
+
+
+def _rollback(nft: Any, table: str, done: Sequence[Step]) -> None:
+    """Undo creations of an apply that failed before hooking anything (best effort)."""
+    if any(isinstance(s, CreateTable) for s in done):
+        try:
+            nft.table("del", name=table)
+        except Exception as exc:  # pragma: no cover - reported, not fatal
+            print(f"netsetup: rollback: cannot delete table {table}: {exc}", file=sys.stderr)
+        return
+    for step in reversed(done):
+        if isinstance(step, CreateChain):
+            try:
+                nft.chain("del", table=table, name=step.chain.name)
+            except Exception as exc:  # pragma: no cover
+                print(
+                    f"netsetup: rollback: cannot delete chain {step.chain.name}: {exc}",
+                    file=sys.stderr,
+                )
+
+
+def apply_ruleset(netns: str, ruleset: Ruleset, fault: FaultHook | None = None) -> ApplyResult:
+    """Make the table in `netns` equal to `ruleset` (no-op when it already is); see above."""
+    return in_netns(netns, lambda: apply_here(ruleset, netns, fault))
+
+
+def remove_table_here(table: str = TABLE_NAME, netns: str = "") -> bool:
+    """Delete the table in the current netns in one transaction; False when it was absent."""
+    nft = _open()
+    try:
+        try:
+            present = _read(nft, table) is not None
+        except Exception as exc:
+            raise _wrap_read_error(exc, netns) from exc
+        if not present:
+            return False
+        step = DeleteTable(table)
+        try:
+            _run_step(nft, table, step)
+        except Exception as exc:
+            raise _error_for(exc, step, netns) from exc
+        return True
+    finally:
+        nft.close()
+
+
+def remove_table(netns: str, table: str = TABLE_NAME) -> bool:
+    """Unhook and delete our table in `netns` atomically (one transaction)."""
+    return in_netns(netns, lambda: remove_table_here(table, netns))
