@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ztunnel.identity import Certificate, TrustBundle
+
 TRUST_DOMAIN = "cluster.local"
 
 
@@ -134,3 +136,10 @@ def write_pki(directory: Path, *, ca_name: str = "ambit-bench-root") -> BenchPKI
         return LeafFiles(spiffe_id=sid, cert=cert_path, key=key_path)
 
     return BenchPKI(ca=ca_path, client=leaf("client"), server=leaf("server"))
+
+
+def load_identity(ca: Path, cert: Path, key: Path) -> tuple[Certificate, TrustBundle]:
+    """A workload certificate and its trust bundle from PEM files (for ztunnel.tls)."""
+    certificate = Certificate.from_pem([cert.read_bytes()], key.read_bytes())
+    trust = TrustBundle(certificate.identity.trust_domain, ca.read_bytes())
+    return certificate, trust

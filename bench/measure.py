@@ -48,17 +48,30 @@ def parse_iperf3_json(text: str, streams: int) -> Throughput:
     )
 
 
-def run_iperf3(port: int, *, seconds: float, streams: int, host: str = "127.0.0.1") -> Throughput:
-    """Run an iperf3 client against `host:port` and return the receiver's figures."""
+def run_iperf3(
+    port: int, *, seconds: float, streams: int, host: str = "127.0.0.1", attempts: int = 2
+) -> Throughput:
+    """Run an iperf3 client against `host:port` and return the receiver's figures.
+
+    A failed attempt (e.g. the iperf3 server still finishing the previous test) is
+    retried once after a short pause.
+    """
     cmd = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
-    try:
-        return parse_iperf3_json(proc.stdout, streams)
-    except (ValueError, KeyError) as exc:
-        raise RuntimeError(
-            f"iperf3 through 127.0.0.1:{port} gave no result ({exc}; stderr: "
-            f"{proc.stderr.strip()[:200]!r}): is the relay chain up and the iperf3 server free?"
-        ) from exc
+    problem = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(1.0)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=seconds + 30, check=False
+        )
+        try:
+            return parse_iperf3_json(proc.stdout, streams)
+        except (ValueError, KeyError) as exc:
+            problem = f"{exc}; stderr: {proc.stderr.strip()[:200]!r}"
+    raise RuntimeError(
+        f"iperf3 through {host}:{port} gave no result after {attempts} attempts ({problem}): "
+        "is the relay chain up and the iperf3 server free?"
+    )
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

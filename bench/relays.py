@@ -20,6 +20,10 @@ from typing import cast
 
 import uvloop
 
+from bench.certs import load_identity
+from ztunnel.identity import SpiffeId, TrustBundle
+from ztunnel.tls import PeerIdentityError, client_context, peer_identity, server_context
+
 HIGH_WATER = 4 * 1024 * 1024
 
 
@@ -37,33 +41,16 @@ def announce(port: int) -> None:
     sys.stdout.flush()
 
 
-def uri_sans(peercert: object) -> list[str]:
-    """The URI subjectAltNames of a certificate dict from `SSLObject.getpeercert()`."""
-    if not isinstance(peercert, dict):
-        return []
-    sans = peercert.get("subjectAltName", ())
-    return [str(v) for k, v in sans if k == "URI"]
+def tls_server_context(ca: Path, cert: Path, key: Path) -> tuple[ssl.SSLContext, TrustBundle]:
+    """The mesh's server mTLS context (ztunnel.tls: TLS 1.3, AES-GCM), without ALPN."""
+    certificate, trust = load_identity(ca, cert, key)
+    return server_context(certificate, trust, alpn=()), trust
 
 
-def tls_server_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS 1.3 only, client certificate required and verified against `ca`."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cert, key)
-    ctx.load_verify_locations(cafile=str(ca))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def tls_client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS 1.3 only, client certificate presented; the server's URI SAN is checked by caller."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False  # SPIFFE identities are URI SANs, checked after the handshake
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(cert, key)
-    ctx.load_verify_locations(cafile=str(ca))
-    return ctx
+def tls_client_context(ca: Path, cert: Path, key: Path) -> tuple[ssl.SSLContext, TrustBundle]:
+    """The mesh's client mTLS context, without ALPN; the server identity is checked later."""
+    certificate, trust = load_identity(ca, cert, key)
+    return client_context(certificate, trust, alpn=()), trust
 
 
 class Pipe(asyncio.Protocol):
@@ -139,11 +126,12 @@ class Pipe(asyncio.Protocol):
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where and how the relay connects onward."""
+    """Where and how the relay connects onward (TLS: verify the server is `expected`)."""
 
     address: tuple[str, int]
-    ssl_ctx: ssl.SSLContext | None
-    expected_identity: str | None
+    ssl_ctx: ssl.SSLContext | None = None
+    trust: TrustBundle | None = None
+    expected: SpiffeId | None = None
 
 
 async def _connect_onward(downstream: Pipe, upstream: Upstream) -> None:
@@ -165,15 +153,14 @@ async def _connect_onward(downstream: Pipe, upstream: Upstream) -> None:
         if downstream.transport is not None:
             downstream.transport.abort()
         return
-    if upstream.expected_identity is not None:
+    if upstream.trust is not None:
         assert up.transport is not None
-        got = uri_sans(up.transport.get_extra_info("peercert"))
-        if upstream.expected_identity not in got:
-            print(
-                f"relay: upstream {host}:{port} presented {got}, expected "
-                f"{upstream.expected_identity}: wrong server or wrong CA",
-                file=sys.stderr,
+        try:
+            peer_identity(
+                up.transport.get_extra_info("ssl_object"), upstream.trust, upstream.expected
             )
+        except PeerIdentityError as exc:
+            print(f"relay: upstream {host}:{port} refused: {exc.reason}", file=sys.stderr)
             up.transport.abort()
             if downstream.transport is not None:
                 downstream.transport.abort()
@@ -278,16 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "echo":
         echo_server(args.listen)
         return 0
-    if args.mode == "tls-client":
-        upstream = Upstream(
-            args.connect,
-            tls_client_context(args.ca, args.cert, args.key),
-            args.server_identity,
-        )
-        server_ssl = None
-    else:
-        upstream = Upstream(args.connect, None, None)
-        server_ssl = tls_server_context(args.ca, args.cert, args.key)
+    try:
+        if args.mode == "tls-client":
+            ctx, trust = tls_client_context(args.ca, args.cert, args.key)
+            upstream = Upstream(args.connect, ctx, trust, SpiffeId.parse(args.server_identity))
+            server_ssl = None
+        else:
+            upstream = Upstream(args.connect)
+            server_ssl, _ = tls_server_context(args.ca, args.cert, args.key)
+    except (OSError, ValueError) as exc:
+        print(f"bench.relays: cannot load identity: {exc}", file=sys.stderr)
+        return 2
     uvloop.run(serve_relay(args.listen, upstream, server_ssl=server_ssl))
     return 0
 
