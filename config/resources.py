@@ -1132,7 +1132,7 @@ def _traffic_policy(r: _R | None) -> TrafficPolicy | None:
     lbr = r.obj("loadBalancer", ("simple", "consistentHash", "localityLbSetting",
                                  "warmupDurationSecs", "warmup"))
     if lbr is not None:
-        lb = lbr.text("simple", default="", choices=("", "UNSPECIFIED", "ROUND_ROBIN",
+        lb = lbr.text("simple", default="", choices=("UNSPECIFIED", "ROUND_ROBIN",
                                                      "LEAST_REQUEST", "LEAST_CONN", "RANDOM",
                                                      "PASSTHROUGH"))
         if lb == "LEAST_CONN":
@@ -1255,6 +1255,9 @@ _IGNORED_META = ("uid", "resourceVersion", "generation", "creationTimestamp", "m
 
 def parse_resource(obj: Any, *, default_namespace: str = "default") -> Resource:
     """Parse and validate one manifest; raises FieldError naming the offending field."""
+    if not isinstance(obj, dict):
+        raise FieldError("", "expected a manifest (a mapping with apiVersion, kind and "
+                         f"metadata), got {_tname(obj)}")
     top = _R(obj, "", ("apiVersion", "kind", "metadata", "spec", "status"))
     kind = top.text("kind", required=True)
     api_version = top.text("apiVersion", required=True)

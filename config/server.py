@@ -1,0 +1,190 @@
+"""The `ambit control-plane` process: store, admin API (unix socket + TLS), credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from config.api import ApiServer, admin_uri
+from config.store import DEFAULT_SERVICE_CIDR, Store
+
+log = structlog.get_logger("ambit.control-plane")
+
+API_CA = "api-ca.pem"
+API_CA_KEY = "api-ca-key.pem"
+API_SERVER = "api-server.pem"
+API_SERVER_KEY = "api-server-key.pem"
+ADMIN_CERT = "admin.pem"
+ADMIN_KEY = "admin-key.pem"
+_TEN_YEARS = dt.timedelta(days=3650)
+
+
+@dataclass(frozen=True)
+class ApiPki:
+    """Files of the admin API's own small PKI (separate from the mesh CA)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    admin_cert: Path
+    admin_key: Path
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _issue(ca_cert: x509.Certificate | None, ca_key: ec.EllipticCurvePrivateKey | None,
+           cn: str, *, uri: str = "", is_ca: bool = False, server: bool = False,
+           ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ambit"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    b = (x509.CertificateBuilder()
+         .subject_name(subject)
+         .issuer_name(ca_cert.subject if ca_cert else subject)
+         .public_key(key.public_key())
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=5))
+         .not_valid_after(now + _TEN_YEARS)
+         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None),
+                        critical=True))
+    if is_ca:
+        b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                          False), critical=True)
+    else:
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
+                                          False, False), critical=True)
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        b = b.add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        names: list[x509.GeneralName] = []
+        if uri:
+            names.append(x509.UniformResourceIdentifier(uri))
+        if server:
+            names += [x509.DNSName("localhost"),
+                      x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                      x509.IPAddress(ipaddress.ip_address("::1"))]
+        if names:
+            b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = b.sign(ca_key or key, hashes.SHA256())
+    return cert, key
+
+
+def ensure_api_pki(data_dir: str, trust_domain: str) -> ApiPki:
+    """Create on first start (and afterwards load) the API CA, server and admin credentials."""
+    d = Path(data_dir)
+    pki = ApiPki(d / API_CA, d / API_SERVER, d / API_SERVER_KEY, d / ADMIN_CERT, d / ADMIN_KEY)
+    if not (d / API_CA_KEY).exists() or not pki.ca.exists():
+        ca_cert, ca_key = _issue(None, None, "ambit admin API CA", is_ca=True)
+        _write(d / API_CA_KEY, _key_pem(ca_key), 0o600)
+        _write(pki.ca, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        for p in (pki.server_cert, pki.admin_cert):
+            p.unlink(missing_ok=True)
+        log.info("created the admin API CA", path=str(pki.ca))
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    loaded = serialization.load_pem_private_key((d / API_CA_KEY).read_bytes(), None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{d / API_CA_KEY} is not an EC private key: remove the api-ca files "
+                         "to have them recreated")
+    if not pki.server_cert.exists():
+        cert, key = _issue(ca_cert, loaded, "ambit control plane",
+                           uri=f"spiffe://{trust_domain}/ambit/control-plane", server=True)
+        _write(pki.server_key, _key_pem(key), 0o600)
+        _write(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    if not pki.admin_cert.exists():
+        cert, key = _issue(ca_cert, loaded, "ambit admin", uri=admin_uri(trust_domain))
+        _write(pki.admin_key, _key_pem(key), 0o600)
+        _write(pki.admin_cert, cert.public_bytes(serialization.Encoding.PEM), 0o600)
+        log.info("created the admin credential", cert=str(pki.admin_cert),
+                 key=str(pki.admin_key))
+    return pki
+
+
+def api_server_context(pki: ApiPki) -> ssl.SSLContext:
+    """TLS 1.3 server context that demands a client certificate from the API CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(str(pki.ca))
+    ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    return ctx
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad {what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:15010")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    data_dir: str
+    socket: str
+    listen: str = ""
+    trust_domain: str = "cluster.local"
+    service_cidr: str = DEFAULT_SERVICE_CIDR
+    root_namespace: str = "istio-system"
+
+
+async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the control plane until SIGTERM/SIGINT (or `stop` is set)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    store = Store(cfg.data_dir, service_cidr=cfg.service_cidr,
+                  root_namespace=cfg.root_namespace)
+    try:
+        api = ApiServer(store, trust_domain=cfg.trust_domain)
+        servers = [await api.start_unix(cfg.socket)]
+        ready = f"ready socket={cfg.socket}"
+        log.info("admin API listening", socket=cfg.socket)
+        if cfg.listen:
+            host, port = parse_hostport(cfg.listen, "--listen")
+            pki = ensure_api_pki(cfg.data_dir, cfg.trust_domain)
+            tls_server = await api.start_tls(host, port, api_server_context(pki))
+            servers.append(tls_server)
+            bound = tls_server.sockets[0].getsockname()
+            ready += f" tls={bound[0]}:{bound[1]}"
+            log.info("admin API listening on TLS", address=f"{bound[0]}:{bound[1]}",
+                     admin_cert=str(pki.admin_cert))
+        log.info("control plane ready", data_dir=cfg.data_dir, version=store.version)
+        print(ready, file=sys.stdout, flush=True)
+        await stop.wait()
+        log.info("control plane stopping")
+        for s in servers:
+            s.close()
+        for s in servers:
+            await s.wait_closed()
+    finally:
+        store.close()
+        with contextlib.suppress(OSError):
+            os.unlink(cfg.socket)
