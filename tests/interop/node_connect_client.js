@@ -1,0 +1,81 @@
+// HTTP/2 CONNECT client built on Node's own http2 module (nghttp2 inside), for interop tests.
+//
+// usage: node node_connect_client.js CONFIG.json
+// CONFIG: {url, authority, ca, cert?, key?, serverIdentity, payload, output, headers?}
+//   payload/output: file paths; the payload is sent on the CONNECT stream, the stream is
+//   half-closed (END_STREAM), and everything received until the peer's END_STREAM is
+//   written to output.
+// Prints one JSON line on stdout: {"ok": true, "status": 200, "received": N} or
+// {"ok": false, "stage": "...", "status": S|null, "error": "...", "received": N}; what was
+// received is written to output either way; exit code 0
+// unless the script itself is misused (2).
+'use strict';
+
+const fs = require('fs');
+const http2 = require('http2');
+
+const chunks = [];
+
+function finish(result) {
+  const body = Buffer.concat(chunks);
+  fs.writeFileSync(cfg.output, body);
+  result.received = body.length;
+  process.stdout.write(JSON.stringify(result) + '\n');
+  process.exit(0);
+}
+
+if (process.argv.length !== 3) {
+  process.stderr.write('usage: node node_connect_client.js CONFIG.json\n');
+  process.exit(2);
+}
+const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+const options = {
+  ca: fs.readFileSync(cfg.ca),
+  // The mesh identity is the URI SAN; there is no DNS name to check.
+  checkServerIdentity: (host, cert) => {
+    const sans = (cert.subjectaltname || '').split(', ');
+    if (!sans.includes('URI:' + cfg.serverIdentity)) {
+      return new Error('server presented ' + cert.subjectaltname + ', expected ' + cfg.serverIdentity);
+    }
+    return undefined;
+  },
+  minVersion: 'TLSv1.3',
+};
+if (cfg.cert) options.cert = fs.readFileSync(cfg.cert);
+if (cfg.key) options.key = fs.readFileSync(cfg.key);
+
+let stage = 'connect';
+let status = null;
+const timer = setTimeout(() => finish({ ok: false, stage, status, error: 'timed out' }), 15000);
+
+const client = http2.connect(cfg.url, options);
+client.on('error', (err) => finish({ ok: false, stage, status, error: String(err.code || err.message) }));
+client.on('goaway', (code) => { if (stage !== 'done') stage = 'goaway:' + code; });
+
+const headers = Object.assign({ ':method': 'CONNECT', ':authority': cfg.authority }, cfg.headers || {});
+const req = client.request(headers, { endStream: false });
+stage = 'request';
+req.on('response', (h) => {
+  status = h[':status'];
+  stage = 'response';
+  if (status !== 200) {
+    clearTimeout(timer);
+    client.close();
+    finish({ ok: false, stage, status, error: 'status ' + status });
+    return;
+  }
+  stage = 'tunnel';
+  req.end(fs.readFileSync(cfg.payload));
+});
+req.on('data', (chunk) => chunks.push(chunk));
+req.on('end', () => {
+  stage = 'done';
+  clearTimeout(timer);
+  client.close(() => finish({ ok: true, status }));
+});
+req.on('error', (err) => finish({ ok: false, stage, status, error: String(err.code || err.message) }));
+req.on('close', () => {
+  if (stage !== 'done' && status === 200 && req.rstCode) {
+    finish({ ok: false, stage, status, error: 'stream reset, code ' + req.rstCode });
+  }
+});
