@@ -2,24 +2,24 @@
 
 Ordering (why no packet ever sees a half-built ruleset)
 -------------------------------------------------------
-Every pyroute2 call below is its own nftables transaction, so the apply is a sequence of
-small transactions ordered so that each intermediate state is harmless:
+pyroute2's NFTables sends every call as its own nftables transaction. An apply is a sequence
+of transactions ordered so that every state in between is harmless:
 
-1. create the table if missing (an empty table hooks nothing);
-2. delete leftovers that no base chain references (for example chains of a crashed apply);
-3. build the regular chains complete, under a fresh *slot* name (`capture_out_a` or `_b`,
-   whichever is not live); nothing jumps to them yet, so no packet sees them;
-4. per base chain, prerouting first, output last: create it if missing (an empty base chain
-   with policy accept changes nothing), then switch it with ONE rule operation: replace its
-   single jump rule by a jump to the new slot (or insert the jump first and delete the rest).
-   Prerouting goes first because it is what delivers marked packets to the proxy: once the
-   output chain marks a packet, the rule that hands it to the proxy is already in place;
-5. delete the chains of the old slot, which nothing references any more.
+1. build (one transaction per step, nothing hooked refers to what they touch):
+   create the table if missing (an empty table hooks nothing); delete leftovers no base chain
+   references (e.g. chains of a crashed apply); create the new regular chains complete,
+   under a fresh *slot* name (`capture_out_a`, `_b` or `_c`: one not referenced now);
+2. switch (ONE transaction, sent as a single netlink batch): create the base chains that are
+   missing (prerouting, output) with their single jump rule, or replace the jump rule of the
+   existing ones, so both hooks move from the old slot (or nothing) to the new slot at once;
+3. cleanup (one transaction per step): delete the old slot's chains, which nothing
+   references any more.
 
-A crash between any two steps leaves either the old complete ruleset, the new complete
-ruleset, or (for a first apply) no capture at all: traffic is captured completely or passes
-untouched. Removal is a single transaction (delete the table) that unhooks everything at once.
-A failure before step 4 rolls back what this apply created.
+A crash between any two transactions leaves either the old complete ruleset, the new
+complete ruleset, or (first apply) no capture: traffic is captured completely or passes
+untouched, never marked without being delivered. A failure during build or switch rolls back
+what the apply built. Removal is a single transaction (delete the table) that unhooks
+everything at once.
 
 `inspect` reads the table back (raw netlink: pyroute2 decodes tproxy/socket rules only
 partially, so rules are recognised by chain comment digest, rule comments and jump targets).
@@ -75,6 +75,8 @@ _NFT_FIB_RESULT_ADDRTYPE = 3
 _NFTA_FIB_F_DADDR = 1 << 1
 _PAYLOAD_NETWORK = 1
 _PAYLOAD_TRANSPORT = 2
+_NFNL_MSG_BATCH_BEGIN = 0x10
+_NFNL_MSG_BATCH_END = 0x11
 
 
 class NftError(Exception):
@@ -236,12 +238,19 @@ Step = (
 
 @dataclass(frozen=True)
 class ApplyPlan:
+    """`build` runs as one transaction per step (nothing jumps to what it builds), `switch` as
+    ONE transaction (hooks the new chains and unhooks the old), `cleanup` one per step."""
+
     table: str
     family: Literal["inet"]
     slot: str
-    steps: tuple[Step, ...]
-    #: Index of the first step that touches a base chain; before it, a failure rolls back.
-    first_hook_step: int
+    build: tuple[Step, ...] = ()
+    switch: tuple[Step, ...] = ()
+    cleanup: tuple[Step, ...] = ()
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.build + self.switch + self.cleanup
 
     @property
     def noop(self) -> bool:
@@ -252,50 +261,53 @@ def plan_apply(current: TableState | None, desired: Ruleset) -> ApplyPlan:
     """The ordered transactions that turn `current` into `desired` (see the module docstring)."""
     if not check_state(current, desired):
         slot = current.live_slot() if current else None
-        return ApplyPlan(desired.table, desired.family, slot or SLOTS[0], (), 0)
+        return ApplyPlan(desired.table, desired.family, slot or SLOTS[0])
     referenced = current.referenced() if current else set()
     slot = next(
         s for s in SLOTS if not any(f"{c.name}_{s}" in referenced for c in desired.regular_chains)
     )
     want = desired.with_slot(slot)
-    steps: list[Step] = []
+    build: list[Step] = []
     if current is None:
-        steps.append(CreateTable(desired.table, desired.comment))
+        build.append(CreateTable(desired.table, desired.comment))
     base_names = {c.name for c in want.base_chains}
     # 2. unreferenced leftovers (including any half-built chain of the slot we build now)
     if current is not None:
         for c in current.chains:
             if c.name not in base_names and c.name not in referenced:
-                steps.append(DeleteChain(c.name))
+                build.append(DeleteChain(c.name))
     # 3. the new regular chains, complete, before anything jumps to them
     for chain in want.regular_chains:
-        steps.append(CreateChain(chain))
-        steps.extend(AddRule(chain.name, r) for r in chain.rules)
-    first_hook = len(steps)
-    # 4. base chains: prerouting first, output last, each switched by one rule operation
+        build.append(CreateChain(chain))
+        build.extend(AddRule(chain.name, r) for r in chain.rules)
+    # 4. one transaction: every base chain jumps to the new slot (prerouting listed first)
+    switch: list[Step] = []
     for chain in sorted(
         want.base_chains, key=lambda c: c.hook is not None and c.hook.hook == "output"
     ):
         have = current.chain(chain.name) if current else None
         if have is not None and have.hook != chain.hook:
-            steps.append(DeleteChain(chain.name))
+            switch.append(DeleteChain(chain.name))
             have = None
         if have is None:
-            steps.append(CreateChain(chain))
-            steps.extend(AddRule(chain.name, r) for r in chain.rules)
+            switch.append(CreateChain(chain))
+            switch.extend(AddRule(chain.name, r) for r in chain.rules)
             continue
         if len(have.rules) == 1 and len(chain.rules) == 1:
-            steps.append(ReplaceRule(chain.name, have.rules[0].handle, chain.rules[0]))
+            switch.append(ReplaceRule(chain.name, have.rules[0].handle, chain.rules[0]))
             continue
-        steps.extend(InsertRule(chain.name, r) for r in reversed(chain.rules))
-        steps.extend(DeleteRule(chain.name, r.handle) for r in have.rules)
+        switch.extend(InsertRule(chain.name, r) for r in reversed(chain.rules))
+        switch.extend(DeleteRule(chain.name, r.handle) for r in have.rules)
     # 5. the old slot's chains (and strays that a base chain referenced)
+    cleanup: list[Step] = []
     if current is not None:
         keep = {c.name for c in want.chains}
         for c in current.chains:
             if c.name in referenced and c.name not in keep:
-                steps.append(DeleteChain(c.name))
-    return ApplyPlan(desired.table, desired.family, slot, tuple(steps), first_hook)
+                cleanup.append(DeleteChain(c.name))
+    return ApplyPlan(
+        desired.table, desired.family, slot, tuple(build), tuple(switch), tuple(cleanup)
+    )
 
 
 # -- netlink encoding -----------------------------------------------------------------------------
@@ -546,37 +558,75 @@ def _error_for(exc: BaseException, step: Step, netns: str) -> NftError:
     return NftError(f"nftables failed to {_describe(step)} {where}: {exc}")
 
 
-def _run_step(nft: Any, table: str, step: Step) -> None:
+def _messages(step: Step, table: str) -> list[Any]:
+    """The netlink message(s) of one step, as pyroute2's NFTables would build them."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE
+    from pyroute2.netlink import NLM_F_REQUEST as REQ
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
+    from pyroute2.netlink.nfnetlink import nftsocket as ns
+
+    def msg(cls: Any, mtype: int, flags: int, **kw: Any) -> Any:
+        m = cls()
+        m["attrs"] = [[cls.name2nla(k), v] for k, v in kw.items()]
+        m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | mtype
+        m["header"]["flags"] = REQ | NLM_F_ACK | flags
+        m["nfgen_family"] = NFPROTO_INET
+        return m
+
+    add = NLM_F_CREATE | NLM_F_APPEND
     if isinstance(step, CreateTable):
         kw: dict[str, Any] = {"name": table}
         if step.comment:
             kw["userdata"] = step.comment
-        nft.table("add", **kw)
-    elif isinstance(step, CreateChain):
+        return [msg(ns.nft_table_msg, ns.NFT_MSG_NEWTABLE, add, **kw)]
+    if isinstance(step, CreateChain):
         c = step.chain
         kw = {"table": table, "name": c.name}
         if c.hook is not None:
-            kw.update(
-                hook=c.hook.hook, type=c.hook.type, priority=c.hook.priority, policy=_NF_ACCEPT
-            )
+            kw["hook"] = {
+                "attrs": [
+                    ["NFTA_HOOK_HOOKNUM", _HOOKNUMS[c.hook.hook]],
+                    ["NFTA_HOOK_PRIORITY", c.hook.priority],
+                ]
+            }
+            kw["policy"] = _NF_ACCEPT
+            kw["type"] = c.hook.type
         if c.comment:
             kw["userdata"] = c.comment
-        nft.chain("add", **kw)
-    elif isinstance(step, AddRule | InsertRule | ReplaceRule):
-        kw = {"table": table, "chain": step.chain, "expressions": [encode_rule(step.rule)]}
-        if step.rule.comment:
-            kw["userdata"] = step.rule.comment
+        return [msg(ns.nft_chain_msg, ns.NFT_MSG_NEWCHAIN, add, **kw)]
+    if isinstance(step, AddRule | InsertRule | ReplaceRule):
+        kw = {"table": table, "chain": step.chain}
+        flags = {AddRule: add, InsertRule: NLM_F_CREATE, ReplaceRule: NLM_F_REPLACE}[type(step)]
         if isinstance(step, ReplaceRule):
             kw["handle"] = step.handle
-            nft.rule("replace", **kw)
-        else:
-            nft.rule("insert" if isinstance(step, InsertRule) else "add", **kw)
-    elif isinstance(step, DeleteRule):
-        nft.rule("del", table=table, chain=step.chain, handle=step.handle)
-    elif isinstance(step, DeleteChain):
-        nft.chain("del", table=table, name=step.chain)
-    else:
-        nft.table("del", name=step.table)
+        kw["expressions"] = encode_rule(step.rule)
+        if step.rule.comment:
+            kw["userdata"] = step.rule.comment
+        return [msg(ns.nft_rule_msg, ns.NFT_MSG_NEWRULE, flags, **kw)]
+    if isinstance(step, DeleteRule):
+        return [
+            msg(ns.nft_rule_msg, ns.NFT_MSG_DELRULE, 0, table=table, chain=step.chain,
+                handle=step.handle)
+        ]  # fmt: skip
+    if isinstance(step, DeleteChain):
+        return [msg(ns.nft_chain_msg, ns.NFT_MSG_DELCHAIN, 0, table=table, name=step.chain)]
+    return [msg(ns.nft_table_msg, ns.NFT_MSG_DELTABLE, 0, name=step.table)]
+
+
+def _transact(nft: Any, table: str, steps: Sequence[Step]) -> None:
+    """Run `steps` as ONE nftables transaction: all of them take effect, or none."""
+    from pyroute2.netlink import NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+
+    def marker(kind: int) -> Any:
+        m = nfgen_msg()
+        m["res_id"] = NFNL_SUBSYS_NFTABLES
+        m["header"]["type"] = kind
+        m["header"]["flags"] = NLM_F_REQUEST
+        return m
+
+    msgs = [m for step in steps for m in _messages(step, table)]
+    nft.nlm_request_batch([marker(_NFNL_MSG_BATCH_BEGIN), *msgs, marker(_NFNL_MSG_BATCH_END)])
 
 
 def _comment(msg: Any, attr: str) -> str | None:
@@ -684,23 +734,31 @@ def apply_here(ruleset: Ruleset, netns: str = "", fault: FaultHook | None = None
         except Exception as exc:
             raise _wrap_read_error(exc, netns) from exc
         plan = plan_apply(current, ruleset)
+        # (index of first step, steps in one transaction, phase)
+        groups: list[tuple[int, tuple[Step, ...], str]] = [
+            (i, (step,), "build") for i, step in enumerate(plan.build)
+        ]
+        if plan.switch:
+            groups.append((len(plan.build), plan.switch, "switch"))
+        start = len(plan.build) + len(plan.switch)
+        groups += [(start + i, (step,), "cleanup") for i, step in enumerate(plan.cleanup)]
         done: list[Step] = []
-        for i, step in enumerate(plan.steps):
+        for index, steps, phase in groups:
             try:
                 if fault is not None:
-                    fault(i, step)
-                _run_step(nft, plan.table, step)
+                    fault(index, steps[0])
+                _transact(nft, plan.table, steps)
             except Exception as exc:
-                err = _error_for(exc, step, netns)
-                if i < plan.first_hook_step:
+                err = _error_for(exc, _blame(steps), netns)
+                if phase != "cleanup":
                     _rollback(nft, plan.table, done)
                 else:
                     err = NftError(
-                        f"{err} (the capture rules in force are complete; "
-                        "run enroll again or reconcile to finish)"
+                        f"{err} (the new capture rules are in force; run enroll again or "
+                        "reconcile to remove the unused chains)"
                     )
                 raise err from exc
-            done.append(step)
+            done.extend(steps)
         return ApplyResult(
             bool(plan.steps),
             plan.slot,
@@ -711,18 +769,28 @@ def apply_here(ruleset: Ruleset, netns: str = "", fault: FaultHook | None = None
         nft.close()
 
 
+def _blame(steps: Sequence[Step]) -> Step:
+    """The step to name in an error about a transaction of several (the one needing most)."""
+    for step in steps:
+        if isinstance(step, AddRule | InsertRule | ReplaceRule):
+            kinds = {type(x) for x in step.rule.statements}
+            if kinds & {Tproxy, SocketTransparent, FibDaddrLocal}:
+                return step
+    return steps[0]
+
+
 def _rollback(nft: Any, table: str, done: Sequence[Step]) -> None:
-    """Undo creations of an apply that failed before hooking anything (best effort)."""
+    """Undo what an apply built before its switch failed (best effort; nothing is hooked)."""
     if any(isinstance(s, CreateTable) for s in done):
         try:
-            nft.table("del", name=table)
+            _transact(nft, table, [DeleteTable(table)])
         except Exception as exc:  # pragma: no cover - reported, not fatal
             print(f"netsetup: rollback: cannot delete table {table}: {exc}", file=sys.stderr)
         return
     for step in reversed(done):
         if isinstance(step, CreateChain):
             try:
-                nft.chain("del", table=table, name=step.chain.name)
+                _transact(nft, table, [DeleteChain(step.chain.name)])
             except Exception as exc:  # pragma: no cover
                 print(
                     f"netsetup: rollback: cannot delete chain {step.chain.name}: {exc}",
@@ -747,7 +815,7 @@ def remove_table_here(table: str = TABLE_NAME, netns: str = "") -> bool:
             return False
         step = DeleteTable(table)
         try:
-            _run_step(nft, table, step)
+            _transact(nft, table, [step])
         except Exception as exc:
             raise _error_for(exc, step, netns) from exc
         return True

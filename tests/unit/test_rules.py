@@ -186,25 +186,21 @@ def _kinds(steps: tuple[nft.Step, ...]) -> list[str]:
     return [type(s).__name__ for s in steps]
 
 
-def test_first_apply_builds_regular_chains_before_hooking_prerouting_then_output() -> None:
+def test_first_apply_builds_everything_before_one_switch_hooks_both_chains() -> None:
     desired = render_ruleset(DUAL)
     plan = plan_apply(None, desired)
     assert plan.slot == "a"
-    assert isinstance(plan.steps[0], CreateTable)
-    created = [s.chain for s in plan.steps if isinstance(s, CreateChain)]
-    hooked = [c.name for c in created if c.hook is not None]
-    assert hooked == ["prerouting", "output"], "output must be hooked last"
-    first_base = next(i for i, s in enumerate(plan.steps)
-                      if isinstance(s, CreateChain) and s.chain.hook is not None)  # fmt: skip
-    assert first_base == plan.first_hook_step
+    assert isinstance(plan.build[0], CreateTable)
+    assert all(not (isinstance(s, CreateChain) and s.chain.hook is not None) for s in plan.build), (
+        "nothing is hooked while rules are being added"
+    )
     n_rules = sum(len(c.rules) for c in desired.regular_chains)
-    before_hook = [s for s in plan.steps[:first_base] if isinstance(s, AddRule)]
-    assert len(before_hook) == n_rules, "every capture rule exists before anything is hooked"
-    # each base chain is created empty and gets exactly one jump right after
-    for i, s in enumerate(plan.steps[first_base:], start=first_base):
-        if isinstance(s, CreateChain):
-            nxt = plan.steps[i + 1]
-            assert isinstance(nxt, AddRule) and nxt.chain == s.chain.name
+    assert sum(isinstance(s, AddRule) for s in plan.build) == n_rules
+    # the switch: both base chains created and given their jump, in one transaction
+    assert _kinds(plan.switch) == ["CreateChain", "AddRule", "CreateChain", "AddRule"]
+    hooked = [s.chain.name for s in plan.switch if isinstance(s, CreateChain)]
+    assert hooked == ["prerouting", "output"]
+    assert plan.cleanup == ()
 
 
 def test_reapply_of_complete_ruleset_is_a_noop() -> None:
@@ -220,16 +216,17 @@ def test_change_builds_other_slot_switches_by_replace_and_deletes_old_last() -> 
     current = _state_from(old, "a")
     plan = plan_apply(current, new)
     assert plan.slot == "b"
-    kinds = _kinds(plan.steps)
-    assert "CreateTable" not in kinds
-    replaces = [s for s in plan.steps if isinstance(s, ReplaceRule)]
-    assert [r.chain for r in replaces] == ["prerouting", "output"]
-    last_replace = max(i for i, s in enumerate(plan.steps) if isinstance(s, ReplaceRule))
-    deletes = [(i, s) for i, s in enumerate(plan.steps) if isinstance(s, DeleteChain)]
-    assert {s.chain for _, s in deletes} == {"capture_out_a", "capture_pre_a"}
-    assert all(i > last_replace for i, _ in deletes), "old chains go only after the switch"
-    first_replace = min(i for i, s in enumerate(plan.steps) if isinstance(s, ReplaceRule))
-    assert all(isinstance(s, CreateChain | AddRule) for s in plan.steps[:first_replace])
+    assert "CreateTable" not in _kinds(plan.steps)
+    assert all(isinstance(s, CreateChain | AddRule) for s in plan.build)
+    assert all(isinstance(s, CreateChain) and s.chain.hook is None for s in plan.build
+               if isinstance(s, CreateChain))  # fmt: skip
+    assert plan.switch == (
+        ReplaceRule("prerouting", current.chain("prerouting").rules[0].handle,  # type: ignore[union-attr]
+                    Rule((Verdict("jump", "capture_pre_b"),))),
+        ReplaceRule("output", current.chain("output").rules[0].handle,  # type: ignore[union-attr]
+                    Rule((Verdict("jump", "capture_out_b"),))),
+    )  # fmt: skip
+    assert plan.cleanup == (DeleteChain("capture_out_a"), DeleteChain("capture_pre_a"))
 
 
 def test_partial_chain_of_a_crashed_apply_is_deleted_then_rebuilt() -> None:
@@ -282,6 +279,6 @@ def test_base_chain_with_extra_rules_gets_jump_inserted_before_the_rest_is_delet
         for c in current.chains
     )
     plan = plan_apply(TableState("ambit", chains), desired)
-    out_steps = [s for s in plan.steps if getattr(s, "chain", None) == "output"]
+    out_steps = [s for s in plan.switch if getattr(s, "chain", None) == "output"]
     assert isinstance(out_steps[0], InsertRule)
     assert all(isinstance(s, DeleteRule) for s in out_steps[1:]) and len(out_steps) == 3
