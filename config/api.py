@@ -375,9 +375,14 @@ class ApiClient:
         except PermissionError:
             raise ClientError(f"permission denied on {self.where()}: the local socket is "
                               "root-only (run as root)") from None
-        except ssl.SSLError as e:
-            raise ClientError(f"TLS with the control plane at {self.where()} failed: {e}: is "
-                              "this the admin credential of that control plane?") from None
+        except (ssl.SSLError, http.client.RemoteDisconnected, ConnectionResetError) as e:
+            if not self.server:
+                raise ClientError(f"the control plane at {self.where()} closed the "
+                                  "connection: see its log") from None
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise ClientError(f"TLS with the control plane at {self.where()} failed "
+                              f"({reason}): is --cert/--key the admin credential of that "
+                              "control plane (admin.pem in its data dir)?") from None
         except TimeoutError:
             raise ClientError(f"the control plane at {self.where()} did not answer within "
                               f"{self.timeout:g}s") from None

@@ -127,6 +127,23 @@ def ensure_api_pki(data_dir: str, trust_domain: str) -> ApiPki:
     return pki
 
 
+def issue_api_credential(data_dir: str, name: str, uri: str) -> tuple[Path, Path]:
+    """Issue another client credential from the API CA (e.g. a second admin: pass admin_uri).
+
+    Writes `<name>.pem` and `<name>-key.pem` (0600) into `data_dir`; returns their paths.
+    """
+    d = Path(data_dir)
+    ca_cert = x509.load_pem_x509_certificate((d / API_CA).read_bytes())
+    ca_key = serialization.load_pem_private_key((d / API_CA_KEY).read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{d / API_CA_KEY} is not an EC private key")
+    cert, key = _issue(ca_cert, ca_key, name, uri=uri)
+    cert_path, key_path = d / f"{name}.pem", d / f"{name}-key.pem"
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
+    return cert_path, key_path
+
+
 def api_server_context(pki: ApiPki) -> ssl.SSLContext:
     """TLS 1.3 server context that demands a client certificate from the API CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
