@@ -146,6 +146,10 @@ class Sandbox:
     `{prefix}-w{i}-{j}` (or `{prefix}-{given name}`) with `eth0` at `.{j+1}` of the
     subnet, `lo` up and a default route via the bridge ip. With `ipv6=True` the same
     plan is repeated in fd00:244:i::/64 (underlay fd00:250::i/64).
+
+    The fabric netns itself holds `fabric_ip` (10.250.0.254, fd00:250::fe) on its bridge
+    and routes to every workload subnet: a place for things that are on no node (a
+    control plane, an external client), reachable from every node and workload.
     """
 
     def __init__(
@@ -198,6 +202,8 @@ class Sandbox:
         subnets = list(itertools.islice(net.subnets(new_prefix=24), 1, nodes + 1))
         ul = ipaddress.IPv4Network(DEFAULT_UNDERLAY_CIDR)
         ul6 = ipaddress.IPv6Network(DEFAULT_UNDERLAY_CIDR6)
+        self.fabric_ip = str(ul.broadcast_address - 1)
+        self.fabric_ip6: str | None = str(ul6.network_address + 0xFE) if ipv6 else None
         subnets6 = [ipaddress.IPv6Network(f"fd00:244:{i:x}::/64") for i in range(1, nodes + 1)]
         for i in range(1, nodes + 1):
             sub = subnets[i - 1]
@@ -251,6 +257,10 @@ class Sandbox:
         raise SandboxError(
             f"no workload {name!r} in this sandbox: have {[w.name for w in self.workloads]}"
         )
+
+    def node_of(self, workload: str) -> SandboxNode:
+        """The node that workload `workload` (by name) is attached to."""
+        return self.node(self.workload(workload).node)
 
     def workloads_on(self, node: str) -> list[SandboxWorkload]:
         """The workloads attached to node `node` (by node name)."""
@@ -307,6 +317,10 @@ class Sandbox:
         with iproute_in_netns(self.fabric_netns) as fab:
             fab.link("add", ifname="br0", kind="bridge")
             fab_br = fab.link_lookup(ifname="br0")[0]
+            fab.addr("add", index=fab_br, address=self.fabric_ip, prefixlen=24)
+            if self.fabric_ip6:
+                fab.addr("add", index=fab_br, address=self.fabric_ip6, prefixlen=64,
+                         flags=IFA_F_NODAD)
             fab.link("set", index=fab_br, state="up")
 
             for idx, node in enumerate(self.nodes, start=1):
@@ -314,6 +328,9 @@ class Sandbox:
                 if self.ipv6:
                     _sysctl(node.netns, "net/ipv6/conf/all/forwarding", "1")
                 self._plumb_node(node, idx, fab)
+                fab.route("add", dst=node.subnet, gateway=node.underlay_ip)
+                if node.subnet6 and node.underlay_ip6:
+                    fab.route("add", dst=node.subnet6, gateway=node.underlay_ip6)
         self._wait_links_up()
 
     def _wait_links_up(self, timeout: float = 3.0) -> None:
@@ -428,7 +445,11 @@ class Sandbox:
     def popen(
         self, netns: str, argv: Sequence[str], **popen_kwargs: Any
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` inside `netns` (its own process group); teardown kills it by pid."""
+        """Start `argv` inside `netns` (its own process group); teardown kills it by pid.
+
+        The child enters the netns just after this returns (`ip netns exec` switches,
+        then execs argv): wait for a readiness signal of argv before relying on it.
+        """
         self._check_netns(netns)
         kwargs: dict[str, Any] = {"start_new_session": True}
         kwargs.update(popen_kwargs)
@@ -468,6 +489,12 @@ class Sandbox:
         # Workloads first, fabric last: the veths die with their namespaces.
         _delete_netns(list(reversed(created)))
         self._built = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Sandbox(prefix={self.prefix!r}, nodes={[n.name for n in self.nodes]}, "
+            f"workloads={[w.name for w in self.workloads]}, built={self._built})"
+        )
 
     def __enter__(self) -> Sandbox:
         return self.build()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -19,8 +20,9 @@ from tests.netns.fixtures import SandboxFactory, sandbox_factory
 __all__ = ["sandbox_factory"]
 
 # Documentation ranges (RFC 5737): never a real peer; the netns below are our own.
+# The one we add is per process, so concurrent runs of this file do not see each other's.
 UNOWNED = "198.51.100.77"
-PROC_ONLY = "203.0.113.9"
+PROC_ONLY = f"203.0.113.{os.getpid() % 254 + 1}"
 
 
 @pytest.fixture

@@ -108,7 +108,10 @@ def test_socket_created_in_netns_lives_there(one_node: Sandbox) -> None:
 
 def test_netns_by_proc_path(one_node: Sandbox) -> None:
     w = one_node.workloads[2]
-    proc = one_node.popen(w.netns, ["sleep", "60"])
+    proc = one_node.popen(w.netns, ["sh", "-c", "echo ready && exec sleep 60"],
+                          stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"  # past `ip netns exec`'s setns
     path = f"/proc/{proc.pid}/ns/net"
     assert netns_path(path) == path
     assert run_in_netns(path, current_netns_inode) == netns_inode(w.netns)

@@ -215,3 +215,31 @@ def test_bad_input_is_rejected_before_touching_the_system() -> None:
 def test_exec_rejects_unknown_netns(sandbox: Sandbox) -> None:
     with pytest.raises(SandboxError, match="not found"):
         sandbox.exec(f"{sandbox.prefix}-nope", ["true"])
+
+
+def _connect_ok(sb: Sandbox, src_netns: str, dst_netns: str, dst_ip: str,
+                family: int = socket.AF_INET) -> str:
+    """Connect from src_netns to a listener in dst_netns on dst_ip; return the peer address."""
+    with socket_in_netns(dst_netns, family) as srv, socket_in_netns(src_netns, family) as cli:
+        srv.bind((dst_ip, 0))
+        srv.listen()
+        srv.settimeout(5)
+        cli.settimeout(5)
+        cli.connect((dst_ip, srv.getsockname()[1]))
+        conn, peer = srv.accept()
+        conn.close()
+        return str(peer[0])
+
+
+def test_fabric_host_reaches_and_is_reached_by_nodes_and_workloads(sandbox6: Sandbox) -> None:
+    sb = sandbox6
+    assert (sb.fabric_ip, sb.fabric_ip6) == ("10.250.0.254", "fd00:250::fe")
+    w = sb.workload("w2-2")
+    assert sb.node_of("w2-2").name == "n2"
+    # A control plane in the fabric netns is reachable from node and workload netns...
+    assert _connect_ok(sb, sb.node("n1").netns, sb.fabric_netns, sb.fabric_ip) == "10.250.0.1"
+    assert _connect_ok(sb, w.netns, sb.fabric_netns, sb.fabric_ip) == w.ip
+    assert sb.fabric_ip6 is not None and w.ip6 is not None
+    assert _connect_ok(sb, w.netns, sb.fabric_netns, sb.fabric_ip6, socket.AF_INET6) == w.ip6
+    # ...and an external client there reaches workloads.
+    assert _connect_ok(sb, sb.fabric_netns, w.netns, w.ip) == sb.fabric_ip
