@@ -5,8 +5,9 @@
         --server-identity spiffe://... --ca CA --cert CERT --key KEY [--listen 127.0.0.1:0]
 
 The client side accepts plain TCP and carries each connection as one HBONE CONNECT
-stream (`:authority` = `--target`) to the server side; all streams share one pooled
-mTLS HTTP/2 connection, as ztunnel does for one (source, destination) pair. The server
+stream (`:authority` = `--target`) to the server side through the ztunnel connection
+pool: streams share pooled mTLS HTTP/2 connections as ztunnel shares them for one
+(source, destination) pair. The server
 side is an `HboneServer` whose handler connects to the requested address (loopback
 only) and hands the socket back to be spliced. Each prints `READY <port>` once it
 accepts connections.
@@ -19,14 +20,15 @@ import asyncio
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
 
 from bench.certs import load_identity
 from bench.relays import announce, parse_hostport
-from ztunnel.hbone.client import connect
 from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.pool import HboneConnectionPool
 from ztunnel.hbone.request import (
     Accept,
     ConnectRequest,
@@ -34,12 +36,10 @@ from ztunnel.hbone.request import (
     Refuse,
     format_authority,
     forwarded_for,
-    request_headers,
 )
 from ztunnel.hbone.server import HboneServer
-from ztunnel.hbone.stream import HboneConnection
 from ztunnel.identity import Certificate, SpiffeId, TrustBundle
-from ztunnel.tls import client_context, server_context
+from ztunnel.tls import server_context
 
 ALLOWED_TARGET_HOSTS = frozenset({"127.0.0.1", "::1"})
 
@@ -91,33 +91,30 @@ async def serve_server(
         on_ready(server.address[1])
 
 
-class SharedConnection:
-    """One HBONE connection to the server side, reopened when it is no longer usable."""
+@dataclass(frozen=True)
+class ClientSide:
+    """What every stream of the client side shares."""
 
-    def __init__(
-        self, address: tuple[str, int], certificate: Certificate, trust: TrustBundle, peer: SpiffeId
-    ) -> None:
-        self.address = address
-        self.ssl_ctx = client_context(certificate, trust)
-        self.trust = trust
-        self.peer = peer
-        self.conn: HboneConnection | None = None
-        self.lock = asyncio.Lock()
-
-    async def get(self) -> HboneConnection:
-        async with self.lock:
-            if self.conn is None or not self.conn.usable:
-                self.conn = await connect(self.address, self.ssl_ctx, self.trust, self.peer)
-            return self.conn
+    pool: HboneConnectionPool
+    certificate: Certificate
+    trust: TrustBundle
+    server_identity: SpiffeId
+    server: tuple[str, int]
+    authority: str
 
 
-async def _relay_one(sock: socket.socket, shared: SharedConnection, target: str) -> None:
+async def _relay_one(sock: socket.socket, side: ClientSide) -> None:
     try:
         src = sock.getpeername()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = await shared.get()
-        stream = await conn.open_stream(
-            request_headers(target, forwarded=forwarded_for(str(src[0]), int(src[1])))
+        stream = await side.pool.open_stream(
+            src_identity_cert=side.certificate,
+            trust=side.trust,
+            dst_identity=side.server_identity,
+            src_ip=None,
+            dst=side.server,
+            authority=side.authority,
+            forwarded_for=forwarded_for(str(src[0]), int(src[1])),
         )
     except (HboneError, OSError) as exc:
         print(f"bench.hbone client: {exc}", file=sys.stderr)
@@ -142,13 +139,23 @@ async def serve_client(
     """Run the client side until cancelled: every accepted connection becomes a stream."""
     loop = asyncio.get_running_loop()
     lsock = listen_socket(listen)
-    shared = SharedConnection(server, certificate, trust, server_identity)
-    authority = format_authority(*target)
-    async with asyncio.TaskGroup() as tg:
-        on_ready(lsock.getsockname()[1])
-        while True:
-            sock, _ = await loop.sock_accept(lsock)
-            tg.create_task(_relay_one(sock, shared, authority))
+    side = ClientSide(
+        pool=HboneConnectionPool(),
+        certificate=certificate,
+        trust=trust,
+        server_identity=server_identity,
+        server=server,
+        authority=format_authority(*target),
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            on_ready(lsock.getsockname()[1])
+            while True:
+                sock, _ = await loop.sock_accept(lsock)
+                tg.create_task(_relay_one(sock, side))
+    finally:
+        await side.pool.close()
+        lsock.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
