@@ -133,7 +133,7 @@ def _our_routes(ipr: Any, spec: CaptureSpec) -> list[tuple[int, Any]]:
 
 
 def _state_here(netns: str, spec: CaptureSpec) -> CaptureState:
-    table = nft.read_table_here(TABLE_NAME)
+    table = nft.read_table_here(TABLE_NAME, netns)
     try:
         with _iproute() as ipr:
             rules = _our_rules(ipr, spec)
@@ -244,7 +244,7 @@ def _enroll_here(w: Workload, spec: CaptureSpec, fault: nft.FaultHook | None) ->
     except nft.NftError as exc:
         if not before.hooked:
             # nothing of ours was in force before: leave nothing behind
-            if nft.read_table_here(TABLE_NAME) is not None and before.table is None:
+            if before.table is None and nft.read_table_here(TABLE_NAME, w.netns) is not None:
                 nft.remove_table_here(TABLE_NAME, w.netns)
             _remove_routing_here(w.netns, spec, only=added)
         raise CaptureError(f"workload {w.name!r}: {exc}") from None

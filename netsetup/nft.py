@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from netsetup.netns import NetnsError, run_in_netns
+from netsetup.netns import run_in_netns
 from netsetup.rules import (
     TABLE_NAME,
     AddrMatch,
@@ -690,27 +690,22 @@ def _wrap_read_error(exc: BaseException, netns: str) -> NftError:
     return NftError(f"cannot read nftables in netns {netns!r}: {exc}")
 
 
-def read_table_here(table: str = TABLE_NAME) -> TableState | None:
+def read_table_here(table: str = TABLE_NAME, netns: str = "") -> TableState | None:
     """`read_table` for the calling thread's current netns (must not run on an event loop)."""
-    nft = _open()
     try:
-        return _read(nft, table)
-    finally:
-        nft.close()
+        nft = _open()
+        try:
+            return _read(nft, table)
+        finally:
+            nft.close()
+    except Exception as exc:
+        raise _wrap_read_error(exc, netns) from exc
 
 
 def read_table(netns: str, table: str = TABLE_NAME) -> TableState | None:
     """The inet table `table` in `netns` as the kernel holds it, or None."""
 
-    def work() -> TableState | None:
-        try:
-            return read_table_here(table)
-        except NetnsError:
-            raise
-        except Exception as exc:
-            raise _wrap_read_error(exc, netns) from exc
-
-    return in_netns(netns, work)
+    return in_netns(netns, lambda: read_table_here(table, netns))
 
 
 @dataclass(frozen=True)
