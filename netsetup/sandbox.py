@@ -130,10 +130,14 @@ def _delete_netns(names: Sequence[str]) -> list[str]:
 
 
 def cleanup_leftovers(prefix: str) -> list[str]:
-    """Remove netns named `prefix` or `prefix-*` (left by a crashed run); return their names."""
+    """Remove every netns whose name starts with `prefix` (left by a crashed run).
+
+    Returns the names removed. Processes still inside keep their netns alive until they
+    exit, but its name is gone. `prefix` may be a sandbox's prefix or a shorter common
+    part (e.g. the area and pid part of `unique_prefix`, to sweep a whole crashed run).
+    """
     _check_prefix(prefix)
-    mine = [n for n in _named_netns() if n == prefix or n.startswith(prefix + "-")]
-    return _delete_netns(mine)
+    return _delete_netns([n for n in _named_netns() if n.startswith(prefix)])
 
 
 class Sandbox:

@@ -145,25 +145,30 @@ def test_teardown_removes_everything_and_kills_processes() -> None:
 
 
 def test_cleanup_leftovers_after_a_crashed_run() -> None:
-    prefix = unique_prefix("crash")
+    base = unique_prefix("crash")
+    bystander = unique_prefix("bystand")
     script = textwrap.dedent(f"""
         import os
         from netsetup.sandbox import Sandbox
-        Sandbox({prefix!r}, nodes=2, workloads_per_node=1).build()
+        Sandbox({base + "a"!r}, nodes=2, workloads_per_node=1).build()
+        Sandbox({base + "b"!r}, nodes=1, workloads_per_node=1).build()
         os._exit(3)  # crash: no teardown
     """)
+    subprocess.run(["ip", "netns", "add", f"{bystander}-n1"], check=True)
     try:
         crashed = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), check=False,
                                  capture_output=True, text=True, timeout=60)
         assert crashed.returncode == 3, crashed.stderr
-        left = _netns_with_prefix(prefix)
-        assert len(left) == 5
-        removed = cleanup_leftovers(prefix)
+        left = _netns_with_prefix(base + "a") + _netns_with_prefix(base + "b")
+        assert len(left) == 5 + 3
+        removed = cleanup_leftovers(base)  # the common part sweeps both sandboxes
         assert sorted(removed) == sorted(left)
-        assert _netns_with_prefix(prefix) == []
-        assert cleanup_leftovers(prefix) == []
+        assert _netns_with_prefix(base + "a") == _netns_with_prefix(base + "b") == []
+        assert _netns_with_prefix(bystander) == [f"{bystander}-n1"], "others' netns stay"
+        assert cleanup_leftovers(base) == []
     finally:
-        cleanup_leftovers(prefix)
+        cleanup_leftovers(base)
+        cleanup_leftovers(bystander)
 
 
 def test_name_clash_is_an_error_and_touches_nothing() -> None:
