@@ -1,0 +1,236 @@
+"""The real `ambit control-plane` process driven by the real `ambit` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+NS = """apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+"""
+SVC = """apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: web-1, namespace: shop, annotations: {ambit.dev/node: node-a}}
+spec: {address: 10.1.0.5, labels: {app: web}, serviceAccount: web}
+"""
+
+
+@dataclass
+class ControlPlane:
+    proc: subprocess.Popen[str]
+    socket: str
+    tls: str
+    data: Path
+    stderr: Path
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
+        env["AMBIT_SOCKET"] = self.socket
+        return env
+
+
+@contextmanager
+def control_plane(tmp_path: Path, data: Path | None = None) -> Iterator[ControlPlane]:
+    data = data or tmp_path / "data"
+    sock = str(tmp_path / "run" / "control.sock")
+    err = tmp_path / f"cp-{os.getpid()}-{len(list(tmp_path.glob('cp-*')))}.log"
+    with open(err, "w") as errf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "config", "control-plane", "--data-dir", str(data),
+             "--socket", sock, "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=errf, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready "), f"control plane did not start: {err.read_text()}"
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+        yield ControlPlane(proc, fields["socket"], fields["tls"], data, err)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def ambit(*args: str, env: dict[str, str] | None = None,
+          stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "config", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def error_of(p: subprocess.CompletedProcess[str]) -> str:
+    """The single error event a failed command logged (JSON, since stderr is a pipe)."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    event = json.loads(lines[0])
+    assert event["level"] == "error"
+    return str(event["event"])
+
+
+def test_apply_get_label_delete_status(tmp_path: Path) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    (tmp_path / "svc.yaml").write_text(SVC)
+    with control_plane(tmp_path) as cp:
+        env = cp.env()
+        p = ambit("apply", "-f", str(tmp_path / "ns.yaml"), "-f", str(tmp_path / "svc.yaml"),
+                  env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines() == ["namespace/shop created",
+                                         "service/web -n shop created",
+                                         "workloadentry/web-1 -n shop created"]
+        p = ambit("get", "svc", "-n", "shop", env=env)
+        assert p.returncode == 0, p.stderr
+        header, row = p.stdout.splitlines()
+        assert header.split() == ["NAME", "CLUSTER-IP", "PORTS", "WAYPOINT", "VERSION"]
+        assert row.split()[:4] == ["web", "10.96.0.1", "80/TCP", "<none>"]
+        p = ambit("get", "workloadentries", "-A", "-o", "json", env=env)
+        out = json.loads(p.stdout)
+        assert out["kind"] == "List"
+        assert [i["spec"]["address"] for i in out["items"]] == ["10.1.0.5"]
+        p = ambit("label", "namespace", "shop", "istio.io/dataplane-mode=ambient", env=env)
+        assert p.stdout.strip() == "namespace/shop labeled", p.stderr
+        p = ambit("get", "ns", "shop", "-o", "yaml", env=env)
+        ns = yaml.safe_load(p.stdout)
+        assert ns["metadata"]["labels"] == {"istio.io/dataplane-mode": "ambient"}
+        p = ambit("label", "ns", "shop", "istio.io/dataplane-mode-", env=env)
+        assert p.returncode == 0, p.stderr
+        p = ambit("status", env=env)
+        assert p.returncode == 0, p.stderr
+        assert "resources: Namespace 3, Service 1, WorkloadEntry 1" in p.stdout
+        p = ambit("delete", "-f", str(tmp_path / "svc.yaml"), env=env)
+        assert p.stdout.splitlines() == ["service/web -n shop deleted",
+                                         "workloadentry/web-1 -n shop deleted"], p.stderr
+        p = ambit("delete", "namespace", "shop", env=env)
+        assert p.stdout.strip() == "namespace/shop deleted", p.stderr
+        p = ambit("get", "svc", "-A", env=env)
+        assert p.returncode == 0 and p.stdout == ""
+        assert "No services found." in p.stderr
+
+
+def test_bad_file_applies_nothing_and_says_where(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(NS + "---\n" + SVC.replace("address: 10.1.0.5", "address: 10.1.0.500"))
+    with control_plane(tmp_path) as cp:
+        p = ambit("apply", "-f", str(bad), env=cp.env())
+        assert p.returncode == 1
+        assert error_of(p) == (f"{bad}: document 3 (WorkloadEntry shop/web-1): spec.address: "
+                               "expected an IPv4 or IPv6 address, got '10.1.0.500'")
+        p = ambit("get", "ns", "shop", env=cp.env())
+        assert p.returncode == 1
+        assert error_of(p) == "Namespace 'shop' not found"
+
+
+def test_apply_from_directory_and_stdin(tmp_path: Path) -> None:
+    d = tmp_path / "manifests"
+    d.mkdir()
+    (d / "01-ns.yaml").write_text(NS)
+    (d / "02-svc.yml").write_text(SVC)
+    (d / "README.md").write_text("not a manifest")
+    with control_plane(tmp_path) as cp:
+        p = ambit("apply", "-f", str(d), env=cp.env())
+        assert p.returncode == 0, p.stderr
+        assert len(p.stdout.splitlines()) == 3
+        policy = ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+                  "metadata: {name: deny-all, namespace: shop}\nspec: {}\n")
+        p = ambit("apply", "-f", "-", env=cp.env(), stdin=policy)
+        assert p.stdout.strip() == "authorizationpolicy/deny-all -n shop created", p.stderr
+        p = ambit("get", "ap", "-n", "shop", env=cp.env())
+        assert p.stdout.splitlines()[1].split() == ["deny-all", "ALLOW", "0", "6"]
+
+
+def test_tls_with_the_admin_credential_and_restart_keeps_state(tmp_path: Path) -> None:
+    (tmp_path / "all.yaml").write_text(NS + "---\n" + SVC)
+    data = tmp_path / "data"
+    with control_plane(tmp_path, data) as cp:
+        env = cp.env()
+        env.pop("AMBIT_SOCKET")
+        env.update(AMBIT_SERVER=cp.tls, AMBIT_CERT=str(data / "admin.pem"),
+                   AMBIT_KEY=str(data / "admin-key.pem"), AMBIT_CACERT=str(data / "api-ca.pem"))
+        p = ambit("apply", "-f", str(tmp_path / "all.yaml"), "--socket", "/nonexistent",
+                  env=env)
+        assert p.returncode == 0, p.stderr
+        p = ambit("get", "svc", "web", "-n", "shop", "-o", "json", env=env)
+        vip = json.loads(p.stdout)["spec"]["clusterIP"]
+        version = json.loads(p.stdout)["metadata"]["resourceVersion"]
+    with control_plane(tmp_path, data) as cp:
+        p = ambit("get", "svc", "web", "-n", "shop", "-o", "json", env=cp.env())
+        again = json.loads(p.stdout)
+        assert again["spec"]["clusterIP"] == vip
+        assert again["metadata"]["resourceVersion"] == version
+
+
+def test_unreachable_control_plane(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
+    sock = str(tmp_path / "none.sock")
+    p = ambit("status", "--socket", sock, env=env)
+    assert p.returncode == 1
+    assert error_of(p) == (f"cannot reach the control plane at {sock}: is `ambit "
+                           "control-plane` running?")
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["control-plane"], ["apply"], ["delete"], ["get"], ["label"], ["token"],
+    ["token", "create"], ["status"],
+])
+def test_every_command_has_help(argv: list[str]) -> None:
+    p = ambit(*argv, "--help")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: ambit")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["get"], "ambit get: the following arguments are required: kind (see `ambit get "
+              "--help`)"),
+    (["get", "gizmos"], "unknown resource type 'gizmos' (known: namespaces, workloadentries, "
+                        "services, authorizationpolicies, peerauthentications, gateways, "
+                        "httproutes, destinationrules, httpfaults, ratelimits)"),
+    (["label", "ns", "shop", "novalue"], "bad label 'novalue': use KEY=VALUE to set or KEY- "
+                                         "to remove"),
+    (["apply", "-f", "/nonexistent.yaml"], "/nonexistent.yaml: document 1: no such file or "
+                                           "directory"),
+    (["token", "create", "--waypoint", "noslash"], "bad --waypoint 'noslash': expected "
+                                                   "NAMESPACE/NAME"),
+    (["delete"], "say what to delete: -f FILE, or KIND NAME [-n NAMESPACE]"),
+])
+def test_bad_input_exits_non_zero_with_one_line(argv: list[str], message: str,
+                                                tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
+    env["AMBIT_SOCKET"] = str(tmp_path / "none.sock")
+    p = ambit(*argv, env=env)
+    assert p.returncode in (1, 2)
+    assert error_of(p) == message
+
+
+def test_control_plane_logs_json_and_stops_on_sigterm(tmp_path: Path) -> None:
+    with control_plane(tmp_path) as cp:
+        ambit("status", env=cp.env())
+        cp.proc.send_signal(signal.SIGTERM)
+        assert cp.proc.wait(timeout=10) == 0
+        events = [json.loads(ln) for ln in cp.stderr.read_text().splitlines() if ln.strip()]
+        names = [e["event"] for e in events]
+        assert "control plane ready" in names and "control plane stopping" in names
+        assert any(e.get("path") == "/v1/status" and e.get("status") == 200 for e in events)
+        assert not os.path.exists(cp.socket)
