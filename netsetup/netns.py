@@ -72,11 +72,25 @@ def run_in_netns(netns: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.k
     /proc/thread-self/ns/net and restored even when `fn` raises.
     """
     path = netns_path(netns)
-    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetnsError(
+            f"cannot open network namespace {netns!r}: {exc.strerror}: "
+            "check `ip netns list` or that the process still runs"
+        ) from None
     try:
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _setns(target)
+            try:
+                _setns(target)
+            except NetnsError as exc:
+                if "Invalid argument" in str(exc):
+                    raise NetnsError(
+                        f"{path} is not a network namespace: give a name from "
+                        "`ip netns list` or a path such as /proc/PID/ns/net"
+                    ) from None
+                raise
             try:
                 return fn(*args, **kwargs)
             finally:

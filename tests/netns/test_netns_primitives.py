@@ -8,6 +8,7 @@ import random
 import socket
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -129,6 +130,20 @@ def test_unknown_netns_gives_one_line_actionable_error() -> None:
         socket_in_netns("/proc/999999999/ns/net")
     with pytest.raises(NetnsError, match="empty network namespace name"):
         netns_path("")
+
+
+def test_path_that_is_not_a_network_namespace(tmp_path: Path) -> None:
+    plain = tmp_path / "not-a-netns"
+    plain.write_text("")
+    home = current_netns_inode()
+    for path in (str(plain), "/proc/self/ns/mnt"):
+        with pytest.raises(NetnsError) as info:
+            run_in_netns(path, current_netns_inode)
+        assert str(info.value) == (
+            f"{path} is not a network namespace: give a name from `ip netns list` "
+            "or a path such as /proc/PID/ns/net"
+        )
+    assert current_netns_inode() == home
 
 
 def test_iproute_in_netns_sees_that_netns(one_node: Sandbox) -> None:
