@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import ssl
 import tempfile
@@ -17,6 +18,8 @@ from ztunnel.identity import Certificate, SpiffeId, TrustBundle, spiffe_id_of, u
 __all__ = [
     "ALLOWED_CIPHERS",
     "PeerIdentityError",
+    "cached_client_context",
+    "cached_server_context",
     "client_context",
     "describe_handshake_error",
     "peer_identity",
@@ -148,6 +151,31 @@ def client_context(
     `peer_identity(..., expected=...)` right after the handshake.
     """
     return _base_context(ssl.PROTOCOL_TLS_CLIENT, cert, trust, alpn)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_context(
+    server: bool, cert: Certificate, trust: TrustBundle, alpn: tuple[str, ...]
+) -> ssl.SSLContext:
+    return (server_context if server else client_context)(cert, trust, alpn)
+
+
+def cached_server_context(
+    cert: Certificate, trust: TrustBundle, alpn: Sequence[str] = ("h2",)
+) -> ssl.SSLContext:
+    """`server_context`, memoized per (certificate, bundle, ALPN): building one costs ~2 ms.
+
+    A renewed certificate or a new bundle is a new key, so callers simply ask again
+    with the current ones for every connection.
+    """
+    return _cached_context(True, cert, trust, tuple(alpn))
+
+
+def cached_client_context(
+    cert: Certificate, trust: TrustBundle, alpn: Sequence[str] = ("h2",)
+) -> ssl.SSLContext:
+    """`client_context`, memoized like `cached_server_context`."""
+    return _cached_context(False, cert, trust, tuple(alpn))
 
 
 def peer_identity(

@@ -15,6 +15,8 @@ from ztunnel.identity import Certificate, SpiffeId, TrustBundle
 from ztunnel.tls import (
     ALLOWED_CIPHERS,
     PeerIdentityError,
+    cached_client_context,
+    cached_server_context,
     client_context,
     describe_handshake_error,
     peer_identity,
@@ -264,3 +266,15 @@ def test_write_files_keeps_the_key_private(tmp_path: Path) -> None:
     assert ca_path.read_bytes() == pki.bundle.roots_pem
     assert b"PRIVATE KEY" not in cert_path.read_bytes()
     assert "PRIVATE" not in repr(cert) and "key_pem" not in repr(cert)
+
+
+def test_cached_contexts_are_reused_until_the_certificate_changes() -> None:
+    pki = TestPKI()
+    cert = pki.issue("shop", "cart")
+    a = cached_server_context(cert, pki.bundle)
+    assert cached_server_context(cert, pki.bundle) is a
+    assert cached_client_context(cert, pki.bundle) is not a
+    renewed = pki.issue("shop", "cart")
+    assert cached_server_context(renewed, pki.bundle) is not a
+    out = handshake(a, cached_client_context(pki.issue("shop", "frontend"), pki.bundle))
+    assert out.server.error is None and out.client.error is None
