@@ -97,7 +97,8 @@ def find_netns_by_address(ip: str, *, name_prefix: str | None = None) -> str:
 
     Scans named netns, then netns held only by processes. Raises NetnsError when none
     or several own it. `name_prefix` limits the scan to named netns with that prefix
-    (useful when several sandboxes use the same addresses).
+    (useful when several sandboxes use the same addresses). Blocking (one netlink dump
+    per namespace); from async code call it through `asyncio.to_thread`.
     """
     want = str(_parse_ip(ip))
 
