@@ -10,8 +10,10 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from cryptography import x509
@@ -19,8 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from config.api import ApiServer, admin_uri
+from config.api import ApiError, ApiServer, admin_uri
 from config.store import DEFAULT_SERVICE_CIDR, Store
+from config.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
+from config.tokens import TokenStore, validate_subject
 
 log = structlog.get_logger("ambit.control-plane")
 
@@ -171,6 +175,31 @@ class ControlPlaneConfig:
     root_namespace: str = "istio-system"
 
 
+TOKENS_DB = "tokens.db"
+
+
+def token_issuer(store: Store, tokens: TokenStore, ttl: float = DEFAULT_TOKEN_TTL,
+                 ) -> Callable[[str, str], Mapping[str, Any]]:
+    """Join tokens for `ambit token create`: any node name; waypoints must be declared."""
+
+    def issue(kind: str, name: str) -> Mapping[str, Any]:
+        validate_subject(name)
+        if kind == "waypoint":
+            if "/" not in name:
+                raise ApiError(400, f"bad waypoint {name!r}: expected NAMESPACE/NAME")
+            ns, _, gw = name.partition("/")
+            if store.get("Gateway", ns, gw) is None:
+                raise ApiError(404, f"Gateway {ns}/{gw} not found: apply the waypoint's "
+                               "Gateway (gatewayClassName istio-waypoint) first")
+        elif "/" in name:
+            raise ApiError(400, f"bad node name {name!r}: use --waypoint NS/NAME for waypoints")
+        token = tokens.create(name, ttl)
+        log.info("join token created", kind=kind, subject=name, ttl=ttl)
+        return {"token": token, "subject": name, "kind": kind, "ttl": ttl}
+
+    return issue
+
+
 async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> None:
     """Run the control plane until SIGTERM/SIGINT (or `stop` is set)."""
     stop = stop or asyncio.Event()
@@ -179,8 +208,10 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
         loop.add_signal_handler(sig, stop.set)
     store = Store(cfg.data_dir, service_cidr=cfg.service_cidr,
                   root_namespace=cfg.root_namespace)
+    tokens = TokenStore(Path(cfg.data_dir) / TOKENS_DB)
     try:
-        api = ApiServer(store, trust_domain=cfg.trust_domain)
+        api = ApiServer(store, trust_domain=cfg.trust_domain,
+                        token_issuer=token_issuer(store, tokens))
         servers = [await api.start_unix(cfg.socket)]
         ready = f"ready socket={cfg.socket}"
         log.info("admin API listening", socket=cfg.socket)
@@ -202,6 +233,7 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
         for s in servers:
             await s.wait_closed()
     finally:
+        tokens.close()
         store.close()
         with contextlib.suppress(OSError):
             os.unlink(cfg.socket)

@@ -234,3 +234,30 @@ def test_control_plane_logs_json_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert "control plane ready" in names and "control plane stopping" in names
         assert any(e.get("path") == "/v1/status" and e.get("status") == 200 for e in events)
         assert not os.path.exists(cp.socket)
+
+
+def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
+    from config.tokens import TokenError, TokenStore
+
+    gw = ("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+          "metadata: {name: waypoint, namespace: shop}\n"
+          "spec:\n  gatewayClassName: istio-waypoint\n"
+          "  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n")
+    with control_plane(tmp_path) as cp:
+        env = cp.env()
+        p = ambit("token", "create", "--node", "node-a", env=env)
+        assert p.returncode == 0, p.stderr
+        node_token = p.stdout.strip()
+        assert node_token.startswith("ambit-join.")
+        p = ambit("token", "create", "--waypoint", "shop/waypoint", env=env)
+        assert p.returncode == 1
+        assert error_of(p) == ("Gateway shop/waypoint not found: apply the waypoint's Gateway "
+                               "(gatewayClassName istio-waypoint) first")
+        assert ambit("apply", "-f", "-", env=env, stdin=NS + "---\n" + gw).returncode == 0
+        p = ambit("token", "create", "--waypoint", "shop/waypoint", env=env)
+        assert p.returncode == 0, p.stderr
+        with TokenStore(cp.data / "tokens.db") as tokens:
+            tokens.redeem(node_token, "node-a")
+            with pytest.raises(TokenError, match="bound to waypoint shop/waypoint, not node node-a"):
+                tokens.redeem(p.stdout.strip(), "node-a")
+            tokens.redeem(p.stdout.strip(), "shop/waypoint")
