@@ -15,8 +15,11 @@ const fs = require('fs');
 const http2 = require('http2');
 
 const chunks = [];
+let finished = false;
 
 function finish(result) {
+  if (finished) return;
+  finished = true;
   const body = Buffer.concat(chunks);
   fs.writeFileSync(cfg.output, body);
   result.received = body.length;
@@ -69,9 +72,22 @@ req.on('response', (h) => {
 });
 req.on('data', (chunk) => chunks.push(chunk));
 req.on('end', () => {
-  stage = 'done';
   clearTimeout(timer);
-  client.close(() => finish({ ok: true, status }));
+  if (status !== 200) {
+    finish({ ok: false, stage, status, error: 'stream ended before a 200 response' });
+    return;
+  }
+  stage = 'done';
+  client.close();
+  finish({ ok: true, status });
+});
+// The event loop may run dry without any handler above deciding (e.g. the session was
+// torn down silently): still report, so the caller never sees an empty answer.
+process.on('exit', () => {
+  if (!finished) {
+    finished = true;
+    process.stdout.write(JSON.stringify({ ok: false, stage, status, error: 'no result before exit', received: 0 }) + '\n');
+  }
 });
 req.on('error', (err) => finish({ ok: false, stage, status, error: String(err.code || err.message) }));
 req.on('close', () => {
