@@ -898,6 +898,17 @@ class Snapshot:
     @classmethod
     def from_dict(cls, data: object) -> Snapshot:
         """Build a snapshot from decoded JSON (dicts/lists/scalars)."""
+        if isinstance(data, dict) and isinstance(data.get("workloads"), list):
+            # Fill per-workload trust domains here so construction happens once.
+            td = data.get("trust_domain", DEFAULT_TRUST_DOMAIN)
+            if isinstance(td, str):
+                data = dict(data)
+                data["workloads"] = [
+                    {**w, "trust_domain": td.lower()}
+                    if isinstance(w, dict) and not w.get("trust_domain")
+                    else w
+                    for w in data["workloads"]
+                ]
         result = _load(cls, data, "")
         assert isinstance(result, Snapshot)
         return result
@@ -941,15 +952,33 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 # ----------------------------------------------------------------------------- generic JSON codec
 
-_HINTS: dict[type, dict[str, Any]] = {}
+@dataclass(frozen=True, slots=True)
+class _FieldInfo:
+    name: str
+    key: str
+    tp: Any
+    required: bool
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    h = _HINTS.get(cls)
-    if h is None:
-        h = get_type_hints(cls)
-        _HINTS[cls] = h
-    return h
+_FIELDS: dict[type, tuple[_FieldInfo, ...]] = {}
+
+
+def _field_info(cls: type) -> tuple[_FieldInfo, ...]:
+    info = _FIELDS.get(cls)
+    if info is None:
+        hints = get_type_hints(cls)
+        info = tuple(
+            _FieldInfo(
+                f.name,
+                f.metadata.get("json", f.name),
+                hints[f.name],
+                f.default is MISSING and f.default_factory is MISSING,
+            )
+            for f in fields(cls)
+            if f.init
+        )
+        _FIELDS[cls] = info
+    return info
 
 
 def _join(path: str, key: str) -> str:
@@ -1013,20 +1042,16 @@ def _load(tp: Any, value: Any, path: str) -> Any:
 def _load_dataclass(cls: type, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         raise SnapshotError(path, f"expected an object, got {json.dumps(value)}")
-    hints = _hints(cls)
+    info = _field_info(cls)
     kwargs: dict[str, Any] = {}
-    known: set[str] = set()
-    for f in fields(cls):
-        if not f.init:
-            continue
-        key = f.metadata.get("json", f.name)
-        known.add(key)
-        if key in value:
-            kwargs[f.name] = _load(hints[f.name], value[key], _join(path, key))
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise SnapshotError(_join(path, key), "required field is missing")
-    unknown = sorted(set(value) - known)
-    if unknown:
+    for f in info:
+        if f.key in value:
+            kwargs[f.name] = _load(f.tp, value[f.key], _join(path, f.key))
+        elif f.required:
+            raise SnapshotError(_join(path, f.key), "required field is missing")
+    if len(kwargs) != len(value):
+        known = {f.key for f in info}
+        unknown = sorted(set(value) - known)
         raise SnapshotError(
             _join(path, unknown[0]), f"unknown field (known: {', '.join(sorted(known))})"
         )
@@ -1044,9 +1069,5 @@ def _dump(value: Any) -> Any:
     if isinstance(value, FrozenMap):
         return {str(k): _dump(v) for k, v in value.items()}
     if is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.metadata.get("json", f.name): _dump(getattr(value, f.name))
-            for f in fields(value)
-            if f.init
-        }
+        return {f.key: _dump(getattr(value, f.name)) for f in _field_info(type(value))}
     raise TypeError(f"cannot serialize {value!r}")  # pragma: no cover
