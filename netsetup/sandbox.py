@@ -337,7 +337,7 @@ class Sandbox:
                     fab.route("add", dst=node.subnet6, gateway=node.underlay_ip6)
         self._wait_links_up()
 
-    def _wait_links_up(self, timeout: float = 3.0) -> None:
+    def _wait_links_up(self, timeout: float = 10.0) -> None:
         """Wait until every link is operationally up: until then the kernel drops packets."""
         deadline = time.monotonic() + timeout
         pending = list(self.netns_names)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from netsetup.sandbox import Sandbox, unique_prefix
+from netsetup.sandbox import DEFAULT_WORKLOAD_CIDR, Sandbox, unique_prefix
 
 SandboxFactory = Callable[..., Sandbox]
 
@@ -19,7 +19,8 @@ SandboxFactory = Callable[..., Sandbox]
 @pytest.fixture
 def sandbox_factory() -> Iterator[SandboxFactory]:
     """Build sandboxes on demand: `sandbox_factory(nodes=2, workloads_per_node=2, ipv6=False,
-    workload_names=None, area="t")`; every one is torn down after the test."""
+    workload_names=None, area="t", workload_cidr="10.244.0.0/16")`; every one is torn
+    down after the test, even when it fails."""
     made: list[Sandbox] = []
 
     def make(
@@ -27,7 +28,9 @@ def sandbox_factory() -> Iterator[SandboxFactory]:
         workloads_per_node: int = 2,
         ipv6: bool = False,
         workload_names: Sequence[Sequence[str]] | None = None,
+        *,
         area: str = "t",
+        workload_cidr: str = DEFAULT_WORKLOAD_CIDR,
     ) -> Sandbox:
         sb = Sandbox(
             unique_prefix(area),
@@ -35,6 +38,7 @@ def sandbox_factory() -> Iterator[SandboxFactory]:
             workloads_per_node=workloads_per_node,
             ipv6=ipv6,
             workload_names=workload_names,
+            workload_cidr=workload_cidr,
         )
         made.append(sb)
         return sb.build()
