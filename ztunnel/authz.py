@@ -68,7 +68,8 @@ class ConnectionInfo:
     """What L4 authz sees of a connection.
 
     `src_identity` is the peer certificate's SPIFFE ID (None for plaintext inbound on
-    15006); `dst_ip` defaults to the workload's primary address.
+    15006); `dst_port` is the port on the workload (the target port, not a service
+    port); `dst_ip` defaults to the workload's primary address.
     """
 
     src_identity: SpiffeId | None

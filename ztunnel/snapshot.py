@@ -38,7 +38,9 @@ __all__ = [
     "Waypoint",
     "WaypointRef",
     "Workload",
+    "WorkloadChanges",
     "canonical_ip",
+    "local_workload_changes",
     "selector_matches",
     "spiffe_id",
 ]
@@ -937,6 +939,29 @@ class Snapshot:
     def to_json(self, *, indent: int | None = 2) -> str:
         """Serialize; `Snapshot.from_json(s.to_json()) == s`."""
         return json.dumps(self.to_dict(), indent=indent)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadChanges:
+    """How a node's local workloads changed between two snapshots (by uid)."""
+
+    added: tuple[Workload, ...]
+    removed: tuple[Workload, ...]
+    changed: tuple[Workload, ...]  # the new version of each changed workload
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def local_workload_changes(old: Snapshot | None, new: Snapshot) -> WorkloadChanges:
+    """Which local workloads to enroll, unenroll or reconfigure when `new` replaces `old`."""
+    before = {w.uid: w for w in (old.local_workloads if old is not None else ())}
+    after = {w.uid: w for w in new.local_workloads}
+    return WorkloadChanges(
+        added=tuple(w for uid, w in after.items() if uid not in before),
+        removed=tuple(w for uid, w in before.items() if uid not in after),
+        changed=tuple(w for uid, w in after.items() if uid in before and before[uid] != w),
+    )
 
 
 def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

@@ -21,6 +21,7 @@ from ztunnel.snapshot import (
     Waypoint,
     WaypointRef,
     Workload,
+    local_workload_changes,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "ztunnel" / "examples" / "local-config.json"
@@ -335,3 +336,22 @@ def test_direct_construction_matches_json() -> None:
     )
     assert s == load(base())
     assert AuthorizationPolicy(name="p", namespace="ns").rules == ()
+
+
+def test_local_workload_changes() -> None:
+    old = load(base())
+    d = base()
+    d["workloads"][0]["labels"] = {"app": "new"}
+    d["workloads"].append(
+        {"uid": "u3", "name": "c", "namespace": "ns1", "ip": "10.0.0.3", "node": "n1"}
+    )
+    new = load(d)
+    ch = local_workload_changes(old, new)
+    assert [w.uid for w in ch.added] == ["u3"]
+    assert [w.uid for w in ch.changed] == ["u1"] and ch.changed[0].labels == {"app": "new"}
+    assert ch.removed == ()
+    back = local_workload_changes(new, old)
+    assert [w.uid for w in back.removed] == ["u3"]
+    assert not local_workload_changes(old, load(base()))
+    first = local_workload_changes(None, old)
+    assert [w.uid for w in first.added] == ["u1"]  # u2 is on another node
