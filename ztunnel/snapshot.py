@@ -71,6 +71,7 @@ MTLS_MODES: Final = frozenset({"UNSET", "STRICT", "PERMISSIVE", "DISABLE"})
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_RE = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL_RE}(\.{_LABEL_RE})*$")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")  # SPIFFE trust domain characters
 _SPIFFE = re.compile(r"^spiffe://[^/\s]+(/[^/\s]+)+$")
 
 
@@ -689,9 +690,9 @@ class Snapshot:
             raise SnapshotError("version", f"expected an integer >= 0, got {self.version!r}")
         if not isinstance(self.node, str) or not self.node:
             raise SnapshotError("node", "must not be empty")
-        for name in ("trust_domain", "dns_domain"):
+        for name, pattern in (("trust_domain", _TRUST_DOMAIN), ("dns_domain", _HOSTNAME)):
             value = getattr(self, name)
-            if not isinstance(value, str) or not _HOSTNAME.match(value.lower()):
+            if not isinstance(value, str) or not pattern.match(value.lower()):
                 raise SnapshotError(name, f"{value!r} is not a valid domain name")
             _set(self, name, value.lower())
         _name(self, "root_namespace")

@@ -177,6 +177,7 @@ def test_python_construction_coerces_lists_and_dicts() -> None:
         (lambda d: d.update(version=-1), "version", ">= 0"),
         (lambda d: d.update(node=""), "node", "empty"),
         (lambda d: d.update(dns_domain="bad domain"), "dns_domain", "domain"),
+        (lambda d: d.update(trust_domain="bad/td"), "trust_domain", "domain"),
         (
             lambda d: d.update(
                 authorization_policies=[{"name": "p", "namespace": "ns1", "action": "CUSTOM"}]
