@@ -483,6 +483,9 @@ def _lookup(
     if lname == svc_zone:
         return None, True
     suffix = b".".join(svc_zone).decode("ascii", "replace")
+    if len(lname) == 3 and lname[2] == b"svc":
+        host = b".".join(lname[:2]).decode("ascii", "replace")
+        return snapshot.service_by_hostname(f"{host}.{suffix}"), False
     if len(lname) == 2:
         host = b".".join(lname).decode("ascii", "replace")
         return snapshot.service_by_hostname(f"{host}.{suffix}"), False
@@ -507,7 +510,7 @@ def answer(
 ) -> LocalAnswer | Forward:
     """Answer `query` from the snapshot or say it must be forwarded.
 
-    * `<svc>.<ns>.svc.<domain>`, `<svc>.<ns>` and (for `client`'s namespace)
+    * `<svc>.<ns>.svc.<domain>`, `<svc>.<ns>.svc`, `<svc>.<ns>` and (for `client`'s namespace)
       `<svc>`: A/AAAA with the service VIPs (headless: endpoint addresses);
       other types or no address of the family -> NODATA (NOERROR, SOA in authority).
     * Other names under `svc.<domain>` -> NXDOMAIN (with SOA), except

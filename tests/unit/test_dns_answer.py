@@ -94,6 +94,7 @@ def test_case_is_preserved_and_matching_is_case_insensitive() -> None:
 def test_short_names_use_client_namespace() -> None:
     assert addresses(ask("cart")) == ["10.96.0.10"]
     assert addresses(ask("cart.shop")) == ["10.96.0.10"]
+    assert addresses(ask("cart.shop.svc")) == ["10.96.0.10"]
     assert addresses(ask("db.data")) == ["10.0.2.1"]
     # a bare name of another namespace's service is not ours
     res = answer(SNAP, encode_query("db", TYPE_A), client=CLIENT)
