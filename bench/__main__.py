@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PATHS),
         help="measure only this path (repeatable); default: all",
     )
-    p.add_argument("--seconds", type=float, help="iperf3 duration per run (default 5, quick 1)")
+    p.add_argument("--seconds", type=int, help="iperf3 duration per run (default 5, quick 1)")
     p.add_argument("--rtt-count", type=int, help="round trips per run (default 20000, quick 2000)")
     p.add_argument(
         "--repeat", type=int, help="runs per path, medians reported (default 3, quick 1)"
@@ -54,7 +54,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Defaults, then --quick, then explicit values."""
     quick = bool(args.quick)
     return Settings(
-        seconds=args.seconds if args.seconds is not None else (1.0 if quick else 5.0),
+        seconds=args.seconds if args.seconds is not None else (1 if quick else 5),
         rtt_count=args.rtt_count if args.rtt_count is not None else (2000 if quick else 20_000),
         repeat=args.repeat if args.repeat is not None else (1 if quick else 3),
         paths=tuple(n for n in PATHS if not args.only or n in args.only),

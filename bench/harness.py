@@ -36,12 +36,12 @@ PATHS: dict[str, str] = {
 class Settings:
     """What to run and for how long."""
 
-    seconds: float = 5.0
+    seconds: int = 5
     rtt_count: int = 20_000
     repeat: int = 3
     paths: tuple[str, ...] = tuple(PATHS)
     profile: bool = False
-    profile_seconds: float = 5.0
+    profile_seconds: int = 5
 
 
 @dataclass(frozen=True)

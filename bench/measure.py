@@ -49,7 +49,7 @@ def parse_iperf3_json(text: str, streams: int) -> Throughput:
 
 
 def run_iperf3(
-    port: int, *, seconds: float, streams: int, host: str = "127.0.0.1", attempts: int = 2
+    port: int, *, seconds: int, streams: int, host: str = "127.0.0.1", attempts: int = 2
 ) -> Throughput:
     """Run an iperf3 client against `host:port` and return the receiver's figures.
 
