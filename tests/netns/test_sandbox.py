@@ -248,3 +248,18 @@ def test_fabric_host_reaches_and_is_reached_by_nodes_and_workloads(sandbox6: San
     assert _connect_ok(sb, w.netns, sb.fabric_netns, sb.fabric_ip6, socket.AF_INET6) == w.ip6
     # ...and an external client there reaches workloads.
     assert _connect_ok(sb, sb.fabric_netns, w.netns, w.ip) == sb.fabric_ip
+
+
+async def test_build_find_and_teardown_from_async_code() -> None:
+    """pyroute2's sync API needs a loop-free thread: the sandbox must work under uvloop too."""
+    from netsetup.find import find_netns_by_address
+
+    prefix = unique_prefix("async")
+    try:
+        with Sandbox(prefix, nodes=2, workloads_per_node=1) as sb:
+            w = sb.workload("w2-1")
+            assert find_netns_by_address(w.ip, name_prefix=prefix) == w.netns
+            assert _connect_ok(sb, sb.workload("w1-1").netns, w.netns, w.ip) == "10.244.1.2"
+        assert _netns_with_prefix(prefix) == []
+    finally:
+        cleanup_leftovers(prefix)
