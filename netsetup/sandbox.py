@@ -191,8 +191,11 @@ class Sandbox:
             raise SandboxError(f"duplicate workload names in {flat}: names must be unique")
         if any(len(names) > 250 for names in per_node):
             raise SandboxError("at most 250 workloads per node")
-        net = ipaddress.ip_network(workload_cidr)
-        if not isinstance(net, ipaddress.IPv4Network) or net.prefixlen > 24 - (nodes).bit_length():
+        try:
+            net = ipaddress.ip_network(workload_cidr)
+        except ValueError:
+            net = None
+        if not isinstance(net, ipaddress.IPv4Network) or net.prefixlen > 24 - nodes.bit_length():
             raise SandboxError(
                 f"workload_cidr {workload_cidr}: give an IPv4 network with room for "
                 f"{nodes} /24 subnets, e.g. 10.244.0.0/16"

@@ -215,6 +215,12 @@ def test_bad_input_is_rejected_before_touching_the_system() -> None:
         Sandbox(unique_prefix("bad"), nodes=2, workload_names=[["a"], ["a"]])
     with pytest.raises(SandboxError, match="bad sandbox prefix"):
         cleanup_leftovers("")
+    for cidr in ("10.244.0.0", "10.244.0.0/23", "fd00::/48", "nonsense"):
+        with pytest.raises(SandboxError, match="give an IPv4 network with room for 2 /24"):
+            Sandbox(unique_prefix("bad"), nodes=2, workload_cidr=cidr)
+    assert Sandbox(unique_prefix("ok"), nodes=2, workload_cidr="10.96.0.0/22").workloads[0].ip == (
+        "10.96.1.2"
+    )
 
 
 def test_exec_rejects_unknown_netns(sandbox: Sandbox) -> None:
