@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ztunnel.authz import (
     ConnectionInfo,
@@ -496,3 +498,97 @@ def test_invalid_condition_keys_are_rejected_at_load() -> None:
         policy(allow({"when": [{"key": "source.ip", "values": ["nope"]}]}))
     with pytest.raises(SnapshotError):
         policy(allow({"when": [{"key": "source.ip"}]}))
+
+
+# ----------------------------------------------------------------------------- properties
+
+_idents = st.sampled_from([SLEEP, ADMIN, FOREIGN, None])
+_ips = st.sampled_from(["10.0.1.5", "10.0.9.1", "192.168.1.1", "fd00::5"])
+_ports = st.sampled_from([80, 8080, 9090])
+_principal_patterns = st.sampled_from(
+    ["*", "cluster.local/ns/frontend/sa/sleep", "*/sa/admin", "other.org/*", "x"]
+)
+_ns_patterns = st.sampled_from(["*", "frontend", "ops", "front*", "*ps"])
+_blocks = st.sampled_from(["10.0.0.0/8", "10.0.1.0/24", "fd00::/16", "192.168.1.1"])
+
+
+def _small(elems: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    return st.lists(elems, max_size=2, unique=True)
+
+
+_sources = st.fixed_dictionaries(
+    {},
+    optional={
+        "principals": _small(_principal_patterns),
+        "not_principals": _small(_principal_patterns),
+        "namespaces": _small(_ns_patterns),
+        "not_namespaces": _small(_ns_patterns),
+        "ip_blocks": _small(_blocks),
+        "not_ip_blocks": _small(_blocks),
+    },
+)
+_operations = st.fixed_dictionaries(
+    {}, optional={"ports": _small(_ports), "not_ports": _small(_ports)}
+)
+_rules = st.fixed_dictionaries(
+    {},
+    optional={
+        "from": st.lists(_sources, max_size=2),
+        "to": st.lists(_operations, max_size=2),
+        "l7_fields": st.sampled_from([["methods"], ["paths", "hosts"]]),
+    },
+)
+_specs = st.builds(
+    lambda action, rules: {"namespace": "backend", "action": action, "rules": rules},
+    st.sampled_from(["ALLOW", "DENY"]),
+    st.lists(_rules, max_size=3),
+)
+_conns = st.builds(conn, _idents, _ips, _ports)
+PROPS = settings(max_examples=120, deadline=None)
+
+
+def _policies(specs: list[dict[str, Any]]) -> list[AuthorizationPolicy]:
+    return [policy(s | {"name": f"p{i}"}) for i, s in enumerate(specs)]
+
+
+@PROPS
+@given(st.lists(_specs, max_size=3), st.lists(_rules, max_size=3), _conns)
+def test_adding_a_deny_policy_never_grants_access(
+    specs: list[dict[str, Any]], rules: list[dict[str, Any]], c: ConnectionInfo
+) -> None:
+    base_pols = _policies(specs)
+    extra = policy({"name": "extra", "namespace": "backend", "action": "DENY", "rules": rules})
+    if evaluate_policies([*base_pols, extra], c).allowed:
+        assert evaluate_policies(base_pols, c).allowed
+
+
+@PROPS
+@given(st.lists(_specs, max_size=3), st.lists(_rules, min_size=1, max_size=3), _conns)
+def test_l7_allow_rules_never_grant_access_at_l4(
+    specs: list[dict[str, Any]], rules: list[dict[str, Any]], c: ConnectionInfo
+) -> None:
+    base_pols = _policies(specs)
+    l7_rules = [r | {"l7_fields": ["methods"]} for r in rules]
+    extra = policy({"name": "l7", "namespace": "backend", "rules": l7_rules})
+    if evaluate_policies([*base_pols, extra], c).allowed:
+        assert evaluate_policies(base_pols, c).allowed
+
+
+@PROPS
+@given(
+    st.sampled_from(
+        [
+            ("principals", _principal_patterns),
+            ("namespaces", _ns_patterns),
+            ("ip_blocks", _blocks),
+            ("ports", _ports),
+        ]
+    ).flatmap(lambda kv: st.tuples(st.just(kv[0]), st.lists(kv[1], min_size=1, max_size=2))),
+    _conns,
+)
+def test_not_forms_are_complements(field_values: tuple[str, list[Any]], c: ConnectionInfo) -> None:
+    name, values = field_values
+    side = "to" if name == "ports" else "from"
+    pos = policy(allow({side: [{name: values}]}))
+    neg = policy(allow({side: [{f"not_{name}": values}]}))
+    assert evaluate_policies([pos], c).allowed != evaluate_policies([neg], c).allowed
