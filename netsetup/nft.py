@@ -42,6 +42,8 @@ from netsetup.rules import (
     TABLE_NAME,
     AddrMatch,
     Chain,
+    CtMatch,
+    CtSetMark,
     FibDaddrLocal,
     Hook,
     MetaMatch,
@@ -75,6 +77,8 @@ _NFT_FIB_RESULT_ADDRTYPE = 3
 _NFTA_FIB_F_DADDR = 1 << 1
 _PAYLOAD_NETWORK = 1
 _PAYLOAD_TRANSPORT = 2
+_CT_DIRECTION = 1
+_CT_MARK = 3
 _NFNL_MSG_BATCH_BEGIN = 0x10
 _NFNL_MSG_BATCH_END = 0x11
 
@@ -427,6 +431,17 @@ def _encode_statement(
         return [
             _ex("payload", dreg=1, base=_PAYLOAD_TRANSPORT, offset=offset, len=2),
             _cmp(struct.pack(">H", s.port), s.op),
+        ]
+    if isinstance(s, CtMatch):
+        if s.key == "mark":
+            assert isinstance(s.value, int)
+            return [_ex("ct", dreg=1, key=_CT_MARK), _cmp(_u32(s.value))]
+        direction = {"original": 0, "reply": 1}[str(s.value)]
+        return [_ex("ct", dreg=1, key=_CT_DIRECTION), _cmp(bytes([direction]))]
+    if isinstance(s, CtSetMark):
+        return [
+            _ex("immediate", dreg=1, data=_data(_u32(s.mark))),
+            _ex("ct", key=_CT_MARK, sreg=1),
         ]
     if isinstance(s, SocketTransparent):
         return [_ex("socket", key=0, dreg=1), _cmp(b"\x01")]

@@ -114,6 +114,21 @@ class PortMatch:
 
 
 @dataclass(frozen=True)
+class CtMatch:
+    """`ct direction reply|original` or `ct mark MARK` (conntrack of the packet)."""
+
+    key: Literal["direction", "mark"]
+    value: int | str  # direction: "original"/"reply"; mark: int
+
+
+@dataclass(frozen=True)
+class CtSetMark:
+    """`ct mark set MARK`: remember something about the whole connection."""
+
+    mark: int
+
+
+@dataclass(frozen=True)
 class SocketTransparent:
     """`socket transparent 1`: a socket with IP_TRANSPARENT owns the packet."""
 
@@ -150,6 +165,8 @@ class Verdict:
 Statement = (
     MetaMatch
     | AddrMatch
+    | CtMatch
+    | CtSetMark
     | PortMatch
     | SocketTransparent
     | FibDaddrLocal
@@ -242,11 +259,15 @@ def render_ruleset(spec: CaptureSpec) -> Ruleset:
     """The capture rules for one workload netns (see DESIGN section 3 and the capture notes).
 
     Outbound (chain capture_out, on the route-type output hook): everything the proxy's own
-    sockets send (mark proxy_mark), loopback, local destinations (replies of transparent
-    sockets to local clients) and packets of transparent sockets (replies of inbound captured
-    connections) pass; TCP and DNS over UDP get capture_mark, which the policy route
-    (`ip rule fwmark capture_mark lookup route_table` + `local default dev lo`) turns into a
-    detour over lo, where capture_pre hands them to the proxy with TPROXY.
+    sockets send (mark proxy_mark; their connections get ct mark proxy_mark), packets of
+    transparent sockets (replies of captured inbound connections), loopback and local
+    destinations (replies of transparent sockets to local clients) pass. Replies within a
+    connection the proxy opened (its onward connection to the local app, made with the
+    client's address as source) get capture_mark so they come back to the proxy's socket;
+    other replies (connections that came in uncaptured, e.g. to the HBONE port) pass. New
+    TCP and DNS over UDP get capture_mark, which the policy route (`ip rule fwmark
+    capture_mark lookup route_table` + `local default dev lo`) turns into a detour over lo,
+    where capture_pre hands them to the proxy with TPROXY.
 
     Inbound (chain capture_pre, prerouting): packets of established transparent sockets are
     delivered to them; marked packets arriving on lo go to 15053 (DNS, UDP and TCP port 53) or
@@ -260,8 +281,9 @@ def render_ruleset(spec: CaptureSpec) -> Ruleset:
     if spec.workload_ip6 is not None:
         families.append((6, "ipv6", "::1", spec.workload_ip6))
 
+    pm = spec.proxy_mark
     out_rules: list[Rule] = [
-        Rule((MetaMatch("mark", spec.proxy_mark), Verdict("return")), "proxy sockets"),
+        Rule((MetaMatch("mark", pm), CtSetMark(pm), Verdict("return")), "proxy sockets"),
         Rule((SocketTransparent(), Verdict("return")), "transparent sockets"),
         Rule((AddrMatch(4, "127.0.0.0/8"), Verdict("return")), "loopback"),
     ]
@@ -269,6 +291,11 @@ def render_ruleset(spec: CaptureSpec) -> Ruleset:
         out_rules.append(Rule((AddrMatch(6, "::1"), Verdict("return")), "loopback"))
     out_rules += [
         Rule((FibDaddrLocal(), Verdict("return")), "local destinations"),
+        Rule(
+            (CtMatch("direction", "reply"), CtMatch("mark", pm), SetMark(cap), Verdict("return")),
+            "replies to proxy connections",
+        ),
+        Rule((CtMatch("direction", "reply"), Verdict("return")), "replies"),
         Rule((MetaMatch("l4proto", "tcp"), SetMark(cap)), "outbound tcp"),
         Rule((PortMatch("udp", 53), SetMark(cap)), "outbound dns"),
     ]
@@ -369,6 +396,13 @@ def _statement_text(s: Statement) -> str:
     if isinstance(s, PortMatch):
         op = "" if s.op == "==" else "!= "
         return f"{s.proto} {s.field} {op}{s.port}"
+    if isinstance(s, CtMatch):
+        if s.key == "mark":
+            assert isinstance(s.value, int)
+            return f"ct mark 0x{s.value:08x}"
+        return f"ct direction {s.value}"
+    if isinstance(s, CtSetMark):
+        return f"ct mark set 0x{s.mark:08x}"
     if isinstance(s, SocketTransparent):
         return "socket transparent 1"
     if isinstance(s, FibDaddrLocal):
