@@ -1,0 +1,418 @@
+"""Per-node snapshot computation: stored resources -> the `ztunnel.snapshot.Snapshot` a node needs.
+
+Rules (Istio ambient semantics):
+
+* A workload is enrolled when its namespace has `istio.io/dataplane-mode=ambient` and
+  the workload is not labelled `istio.io/dataplane-mode=none`.
+* Waypoint binding: `istio.io/use-waypoint=<gateway>` on the workload, else on the
+  service, else on the namespace (`none` on a more specific object opts out). The
+  Gateway's `istio.io/waypoint-for` label says what it serves (default `service`).
+* Node scoping: a node receives its own workloads, every workload that backs a
+  service (all services are visible to all nodes), the workloads of the namespaces
+  its own workloads live in, the policies that can apply to its own workloads and
+  the trust bundle. It never receives another node's workloads beyond those.
+
+`MeshIndex` keeps the translated objects between changes so a change costs only the
+objects it touches (see `apply`); `node_snapshot` then assembles a node's view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from config.resources import (
+    DATAPLANE_MODE_LABEL,
+    USE_WAYPOINT_LABEL,
+    AuthorizationPolicySpec,
+    GatewaySpec,
+    PeerAuthenticationSpec,
+    Resource,
+    ResourceKey,
+    ServiceSpec,
+    WorkloadEntrySpec,
+)
+from config.resources import Rule as RuleSpec
+from ztunnel import snapshot as zs
+
+log = structlog.get_logger("ambit.snapshot")
+
+#: node of a WorkloadEntry without the `ambit.dev/node` annotation: never any node's own
+UNKNOWN_NODE = "?"
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+
+
+def workload_uid(namespace: str, name: str) -> str:
+    """The uid a WorkloadEntry gets in snapshots."""
+    return f"{namespace}/WorkloadEntry/{name}"
+
+
+def _locality(text: str) -> zs.Locality:
+    parts = [*text.split("/"), "", "", ""][:3]
+    return zs.Locality(region=parts[0], zone=parts[1], subzone=parts[2])
+
+
+def _waypoint_name(*labels: Mapping[str, str]) -> str | None:
+    """The first `istio.io/use-waypoint` value among labels, most specific first."""
+    for lab in labels:
+        v = lab.get(USE_WAYPOINT_LABEL)
+        if v is not None:
+            return None if v == "none" else v
+    return None
+
+
+def translate_rule(rule: RuleSpec) -> zs.Rule:
+    """The L4 view of a rule; attributes only a waypoint can check go in `l7_fields`."""
+    l7: list[str] = []
+    sources = []
+    for s in rule.sources:
+        for attr, name in (("request_principals", "requestPrincipals"),
+                           ("not_request_principals", "notRequestPrincipals"),
+                           ("remote_ip_blocks", "remoteIpBlocks"),
+                           ("not_remote_ip_blocks", "notRemoteIpBlocks")):
+            if getattr(s, attr):
+                l7.append(f"from.source.{name}")
+        sources.append(zs.Source(principals=s.principals, not_principals=s.not_principals,
+                                 namespaces=s.namespaces, not_namespaces=s.not_namespaces,
+                                 ip_blocks=s.ip_blocks, not_ip_blocks=s.not_ip_blocks))
+    ops = []
+    for o in rule.operations:
+        for attr, name in (("hosts", "hosts"), ("not_hosts", "notHosts"),
+                           ("methods", "methods"), ("not_methods", "notMethods"),
+                           ("paths", "paths"), ("not_paths", "notPaths")):
+            if getattr(o, attr):
+                l7.append(f"to.operation.{name}")
+        ops.append(zs.Operation(ports=o.ports, not_ports=o.not_ports))
+    conds = []
+    for c in rule.when:
+        if c.key in zs.L4_CONDITION_KEYS:
+            conds.append(zs.Condition(key=c.key, values=c.values, not_values=c.not_values))
+        else:
+            l7.append(f"when.{c.key}")
+    return zs.Rule(from_=tuple(sources), to=tuple(ops), when=tuple(conds),
+                   l7_fields=tuple(dict.fromkeys(l7)))
+
+
+def translate_policy(r: Resource) -> zs.AuthorizationPolicy:
+    spec = r.spec
+    assert isinstance(spec, AuthorizationPolicySpec)
+    return zs.AuthorizationPolicy(
+        name=r.meta.name, namespace=r.meta.namespace, action=spec.action,
+        selector=zs.FrozenMap(spec.selector) if spec.selector is not None else None,
+        target_refs=tuple(zs.TargetRef(kind=t.kind, name=t.name, group=t.group)
+                          for t in spec.target_refs),
+        rules=tuple(translate_rule(rule) for rule in spec.rules))
+
+
+def translate_peer_authentication(r: Resource) -> zs.PeerAuthentication:
+    spec = r.spec
+    assert isinstance(spec, PeerAuthenticationSpec)
+    return zs.PeerAuthentication(
+        name=r.meta.name, namespace=r.meta.namespace, mode=spec.mode,
+        selector=zs.FrozenMap(spec.selector) if spec.selector is not None else None,
+        port_mtls=zs.FrozenMap(spec.port_level))
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What changed for one node: its new snapshot."""
+
+    node: str
+    snapshot: zs.Snapshot
+
+
+class MeshIndex:
+    """All resources, translated and indexed; updated change by change."""
+
+    def __init__(self, *, trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
+                 root_namespace: str = zs.DEFAULT_ROOT_NAMESPACE,
+                 dns_domain: str = zs.DEFAULT_DNS_DOMAIN) -> None:
+        self.trust_domain = trust_domain
+        self.root_namespace = root_namespace
+        self.dns_domain = dns_domain
+        self.version = 0
+        self.trust_bundle_pem = ""
+        self.resources: dict[ResourceKey, Resource] = {}
+        self.waypoint_addresses: dict[tuple[str, str], str] = {}  # registered at connect
+        self._ns_labels: dict[str, Mapping[str, str]] = {}
+        self._by_kind_ns: dict[tuple[str, str], dict[str, Resource]] = {}
+        # caches, dropped per namespace when something in it changes
+        self._wl: dict[str, dict[str, zs.Workload]] = {}
+        self._svc: dict[str, dict[str, zs.Service]] = {}
+        self._pol: dict[str, tuple[zs.AuthorizationPolicy, ...]] = {}
+        self._pa: dict[str, tuple[zs.PeerAuthentication, ...]] = {}
+        self._waypoints: dict[tuple[str, str], zs.Waypoint] | None = None
+
+    # -- updates -------------------------------------------------------------------
+
+    def load(self, resources: Iterable[Resource], version: int) -> None:
+        for r in resources:
+            self._put(r)
+        self.version = version
+
+    def apply(self, key: ResourceKey, resource: Resource | None, version: int) -> None:
+        """Record one change (None = deleted)."""
+        if resource is None:
+            self._delete(key)
+        else:
+            self._put(resource)
+        self.version = max(self.version, version)
+
+    def set_waypoint_address(self, namespace: str, name: str, address: str | None) -> None:
+        """A waypoint registered (or lost) the address it serves on."""
+        if address is None:
+            self.waypoint_addresses.pop((namespace, name), None)
+        else:
+            self.waypoint_addresses[(namespace, name)] = address
+        self._invalidate_all()
+
+    def _put(self, r: Resource) -> None:
+        old = self.resources.get(r.key)
+        self.resources[r.key] = r
+        self._by_kind_ns.setdefault((r.kind, r.meta.namespace), {})[r.meta.name] = r
+        self._invalidate(r, old)
+
+    def _delete(self, key: ResourceKey) -> None:
+        old = self.resources.pop(key, None)
+        if old is None:
+            return
+        self._by_kind_ns.get((key.kind, key.namespace), {}).pop(key.name, None)
+        self._invalidate(old, None)
+
+    def _invalidate_all(self) -> None:
+        self._wl.clear()
+        self._svc.clear()
+        self._waypoints = None
+
+    def _invalidate(self, r: Resource, old: Resource | None) -> None:
+        ns = r.meta.namespace
+        if r.kind == "Namespace":
+            if r.key in self.resources:
+                self._ns_labels[r.meta.name] = r.meta.labels
+            else:
+                self._ns_labels.pop(r.meta.name, None)
+            self._wl.pop(r.meta.name, None)
+            self._svc.pop(r.meta.name, None)
+        elif r.kind == "WorkloadEntry":
+            self._wl.pop(ns, None)
+            self._svc.pop(ns, None)
+        elif r.kind == "Service":
+            self._svc.pop(ns, None)
+        elif r.kind == "Gateway":
+            self._invalidate_all()
+        elif r.kind == "AuthorizationPolicy":
+            self._pol.pop(ns, None)
+        elif r.kind == "PeerAuthentication":
+            self._pa.pop(ns, None)
+
+    # -- translation -----------------------------------------------------------------
+
+    def _items(self, kind: str, ns: str) -> Iterable[Resource]:
+        return self._by_kind_ns.get((kind, ns), {}).values()
+
+    def namespaces(self) -> list[str]:
+        return sorted({ns for (_k, ns) in self._by_kind_ns if ns})
+
+    def waypoints(self) -> dict[tuple[str, str], zs.Waypoint]:
+        if self._waypoints is None:
+            out: dict[tuple[str, str], zs.Waypoint] = {}
+            for key, r in self.resources.items():
+                if key.kind != "Gateway":
+                    continue
+                spec = r.spec
+                assert isinstance(spec, GatewaySpec)
+                addr = self.waypoint_addresses.get((key.namespace, key.name))
+                if addr is None and spec.addresses:
+                    addr = spec.addresses[0]
+                if addr is None:
+                    continue  # not running yet: bindings to it stay unresolved
+                port = next((lis.port for lis in spec.listeners if lis.protocol == "HBONE"),
+                            zs.HBONE_PORT)
+                out[(key.namespace, key.name)] = zs.Waypoint(
+                    name=key.name, namespace=key.namespace, address=addr,
+                    identity=zs.spiffe_id(self.trust_domain, key.namespace, key.name),
+                    port=port)
+            self._waypoints = out
+        return self._waypoints
+
+    def _waypoint_ref(self, ns: str, name: str | None, serves: str) -> zs.WaypointRef | None:
+        if name is None:
+            return None
+        gw = self.resources.get(ResourceKey("Gateway", ns, name))
+        if gw is None:
+            return None
+        spec = gw.spec
+        assert isinstance(spec, GatewaySpec)
+        if spec.waypoint_for not in (serves, "all"):
+            return None
+        wp = self.waypoints().get((ns, name))
+        return wp.ref() if wp is not None else None
+
+    def workloads_in(self, ns: str) -> dict[str, zs.Workload]:
+        cached = self._wl.get(ns)
+        if cached is not None:
+            return cached
+        ns_labels = self._ns_labels.get(ns, {})
+        ns_ambient = ns_labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+        out: dict[str, zs.Workload] = {}
+        for r in self._items("WorkloadEntry", ns):
+            spec = r.spec
+            assert isinstance(spec, WorkloadEntrySpec)
+            labels = {**r.meta.labels, **spec.labels}
+            enrolled = ns_ambient and labels.get(DATAPLANE_MODE_LABEL) != "none"
+            wp = self._waypoint_ref(ns, _waypoint_name(labels, ns_labels), "workload")
+            canonical = next((labels[k] for k in CANONICAL_NAME_LABELS if k in labels), "")
+            uid = workload_uid(ns, r.meta.name)
+            ip, ip6 = spec.address, None
+            try:
+                w = zs.Workload(
+                    uid=uid, name=r.meta.name, namespace=ns, ip=ip, ip6=ip6,
+                    node=spec.node or UNKNOWN_NODE,
+                    service_account=spec.service_account or "default",
+                    netns=spec.netns or None, labels=zs.FrozenMap(labels),
+                    locality=_locality(spec.locality), weight=max(1, spec.weight),
+                    enrolled=enrolled, waypoint=wp if enrolled else None,
+                    trust_domain=self.trust_domain, canonical_name=canonical)
+            except zs.SnapshotError as e:
+                log.warning("workload left out of snapshots", workload=f"{ns}/{r.meta.name}",
+                            reason=str(e))
+                continue
+            out[uid] = w
+        self._wl[ns] = out
+        return out
+
+    def services_in(self, ns: str) -> dict[str, zs.Service]:
+        cached = self._svc.get(ns)
+        if cached is not None:
+            return cached
+        ns_labels = self._ns_labels.get(ns, {})
+        workloads = self.workloads_in(ns)
+        entries = {workload_uid(ns, r.meta.name): r for r in self._items("WorkloadEntry", ns)}
+        out: dict[str, zs.Service] = {}
+        for r in self._items("Service", ns):
+            spec = r.spec
+            assert isinstance(spec, ServiceSpec)
+            ports = []
+            named: list[tuple[int, str]] = []
+            for p in spec.ports:
+                if p.protocol != "TCP":
+                    continue
+                if isinstance(p.target_port, str):
+                    named.append((p.port, p.target_port))
+                    ports.append(zs.ServicePort(port=p.port, target_port=p.port, name=p.name,
+                                                app_protocol=p.app_protocol))
+                else:
+                    ports.append(zs.ServicePort(port=p.port, target_port=p.target_port,
+                                                name=p.name, app_protocol=p.app_protocol))
+            endpoints = []
+            if spec.selector:
+                for uid, w in workloads.items():
+                    entry = entries[uid].spec
+                    assert isinstance(entry, WorkloadEntrySpec)
+                    if entry.weight == 0 or not zs.selector_matches(spec.selector, w.labels):
+                        continue
+                    overrides = {port: entry.ports[name] for port, name in named
+                                 if name in entry.ports}
+                    endpoints.append(zs.Endpoint(workload_uid=uid,
+                                                 ports=zs.FrozenMap(overrides)))
+            wp = self._waypoint_ref(ns, _waypoint_name(r.meta.labels, ns_labels), "service")
+            try:
+                svc = zs.Service(name=r.meta.name, namespace=ns,
+                                 vips=(spec.cluster_ip,) if spec.cluster_ip else (),
+                                 ports=tuple(ports), endpoints=tuple(endpoints),
+                                 hostname=f"{r.meta.name}.{ns}.svc.{self.dns_domain}",
+                                 waypoint=wp)
+            except zs.SnapshotError as e:
+                log.warning("service left out of snapshots", service=f"{ns}/{r.meta.name}",
+                            reason=str(e))
+                continue
+            out[r.meta.name] = svc
+        self._svc[ns] = out
+        return out
+
+    def policies_in(self, ns: str) -> tuple[zs.AuthorizationPolicy, ...]:
+        cached = self._pol.get(ns)
+        if cached is None:
+            cached = tuple(translate_policy(r) for r in sorted(
+                self._items("AuthorizationPolicy", ns), key=lambda r: r.meta.name))
+            self._pol[ns] = cached
+        return cached
+
+    def peer_authentications_in(self, ns: str) -> tuple[zs.PeerAuthentication, ...]:
+        cached = self._pa.get(ns)
+        if cached is None:
+            cached = tuple(translate_peer_authentication(r) for r in sorted(
+                self._items("PeerAuthentication", ns), key=lambda r: r.meta.name))
+            self._pa[ns] = cached
+        return cached
+
+    # -- per-node view ---------------------------------------------------------------
+
+    def nodes(self) -> set[str]:
+        """Nodes that have at least one workload."""
+        out: set[str] = set()
+        for ns in self.namespaces():
+            out.update(w.node for w in self.workloads_in(ns).values() if w.node)
+        return out
+
+    def node_snapshot(self, node: str) -> zs.Snapshot:
+        """The snapshot for `node` at the current version."""
+        namespaces = self.namespaces()
+        all_services: list[zs.Service] = []
+        local_ns: set[str] = set()
+        workloads: dict[str, zs.Workload] = {}
+        for ns in namespaces:
+            wls = self.workloads_in(ns)
+            for uid, w in wls.items():
+                if w.node == node:
+                    workloads[uid] = w
+                    local_ns.add(ns)
+            svcs = self.services_in(ns)
+            for s in svcs.values():
+                all_services.append(s)
+                for ep in s.endpoints:
+                    workloads.setdefault(ep.workload_uid, wls[ep.workload_uid])
+        for ns in sorted(local_ns):
+            for uid, w in self.workloads_in(ns).items():
+                workloads.setdefault(uid, w)
+        all_services = [_drop_missing(s, workloads) or s for s in all_services]
+        policy_ns = sorted(local_ns | {self.root_namespace})
+        return zs.Snapshot(
+            version=self.version, node=node, trust_domain=self.trust_domain,
+            root_namespace=self.root_namespace, dns_domain=self.dns_domain,
+            workloads=tuple(sorted(workloads.values(), key=lambda w: w.uid)),
+            services=tuple(sorted(all_services, key=lambda s: (s.namespace, s.name))),
+            waypoints=tuple(sorted(self.waypoints().values(),
+                                   key=lambda w: (w.namespace, w.name))),
+            authorization_policies=tuple(p for ns in policy_ns for p in self.policies_in(ns)),
+            peer_authentications=tuple(p for ns in policy_ns
+                                       for p in self.peer_authentications_in(ns)),
+            trust_bundle_pem=self.trust_bundle_pem,
+        )
+
+
+def _drop_missing(s: zs.Service, workloads: Mapping[str, zs.Workload]) -> zs.Service | None:
+    """`s` without endpoints whose workload is not in the snapshot (None if none missing)."""
+    eps = tuple(ep for ep in s.endpoints if ep.workload_uid in workloads)
+    if len(eps) == len(s.endpoints):
+        return None
+    return zs.Service(name=s.name, namespace=s.namespace, vips=s.vips, ports=s.ports,
+                      endpoints=eps, hostname=s.hostname, waypoint=s.waypoint,
+                      traffic_distribution=s.traffic_distribution)
+
+
+def compute_snapshot(resources: Iterable[Resource], node: str, *, version: int = 0,
+                     trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
+                     root_namespace: str = zs.DEFAULT_ROOT_NAMESPACE,
+                     trust_bundle_pem: str = "",
+                     waypoint_addresses: Mapping[tuple[str, str], str] | None = None,
+                     ) -> zs.Snapshot:
+    """One-shot: the snapshot for `node` from a set of resources."""
+    idx = MeshIndex(trust_domain=trust_domain, root_namespace=root_namespace)
+    idx.trust_bundle_pem = trust_bundle_pem
+    for (ns, name), addr in (waypoint_addresses or {}).items():
+        idx.set_waypoint_address(ns, name, addr)
+    idx.load(resources, version)
+    return idx.node_snapshot(node)

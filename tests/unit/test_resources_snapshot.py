@@ -1,0 +1,244 @@
+"""Translating resources into per-node snapshots: enrollment, waypoints, scoping, policies."""
+
+from __future__ import annotations
+
+import yaml
+
+from config.resources import Resource, parse_resource
+from config.snapshot import MeshIndex, compute_snapshot, workload_uid
+from ztunnel import snapshot as zs
+
+MESH = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  {name: web-1, namespace: shop, annotations: {ambit.dev/node: node-a, ambit.dev/netns: web1}}
+spec:
+  address: 10.1.0.11
+  labels: {app: web}
+  serviceAccount: web
+  locality: eu/eu-a
+  ports: {http: 8080}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: web-2, namespace: shop, annotations: {ambit.dev/node: node-b}}
+spec: {address: 10.1.0.12, labels: {app: web}, serviceAccount: web, weight: 3, ports: {http: 9090}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: batch-1, namespace: shop, annotations: {ambit.dev/node: node-b}}
+spec: {address: 10.1.0.13, labels: {app: batch, istio.io/dataplane-mode: none}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: db-1, namespace: legacy, annotations: {ambit.dev/node: node-b}}
+spec: {address: 10.1.0.21, labels: {app: db}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: cron-1, namespace: legacy, annotations: {ambit.dev/node: node-b}}
+spec: {address: 10.1.0.22, labels: {app: cron}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, appProtocol: http}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: legacy}
+spec: {clusterIP: 10.96.0.20, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-allow, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/client], requestPrincipals: ["*"]}}]
+    to: [{operation: {ports: ["8080"], methods: [GET]}}]
+    when: [{key: source.ip, values: [10.0.0.0/8]}, {key: "request.headers[x-env]", values: [prod]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-deny, namespace: legacy}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"""
+
+
+def resources(text: str = MESH) -> list[Resource]:
+    return [parse_resource(d) for d in yaml.safe_load_all(text) if d]
+
+
+def by_name(snap: zs.Snapshot) -> dict[str, zs.Workload]:
+    return {w.name: w for w in snap.workloads}
+
+
+def test_enrollment_by_namespace_label_and_workload_opt_out() -> None:
+    snap = compute_snapshot(resources(), "node-b", version=7)
+    w = by_name(snap)
+    assert snap.version == 7 and snap.node == "node-b"
+    assert w["web-2"].enrolled is True
+    assert w["batch-1"].enrolled is False  # istio.io/dataplane-mode=none
+    assert w["db-1"].enrolled is False  # namespace not enrolled
+    assert {x.name for x in snap.local_workloads} == {"web-2", "batch-1", "db-1", "cron-1"}
+
+
+def test_workload_fields_come_from_the_workload_entry() -> None:
+    snap = compute_snapshot(resources(), "node-a")
+    web1 = by_name(snap)["web-1"]
+    assert web1.uid == workload_uid("shop", "web-1")
+    assert (web1.ip, web1.node, web1.netns, web1.service_account) == (
+        "10.1.0.11", "node-a", "web1", "web")
+    assert web1.identity == "spiffe://cluster.local/ns/shop/sa/web"
+    assert web1.locality == zs.Locality(region="eu", zone="eu-a")
+    assert web1.canonical_name == "web"
+    assert by_name(snap)["web-2"].weight == 3
+
+
+def test_service_endpoints_named_target_ports_and_tcp_only() -> None:
+    snap = compute_snapshot(resources(), "node-a")
+    web = snap.service_by_vip("10.96.0.10")
+    assert web is not None and web.hostname == "web.shop.svc.cluster.local"
+    assert [p.port for p in web.ports] == [80]  # the UDP port is not ztunnel's business
+    eps = {ep.workload_uid: ep for ep in web.endpoints}
+    assert set(eps) == {workload_uid("shop", "web-1"), workload_uid("shop", "web-2")}
+    sp = web.port(80)
+    assert sp is not None
+    assert eps[workload_uid("shop", "web-1")].target_port(sp) == 8080
+    assert eps[workload_uid("shop", "web-2")].target_port(sp) == 9090
+
+
+def test_node_scoping_leaves_out_unreachable_workloads_of_other_nodes() -> None:
+    snap = compute_snapshot(resources(), "node-a")
+    names = set(by_name(snap))
+    # own workload, service endpoints (web-2, db-1) and node-a's namespace (batch-1)
+    assert names == {"web-1", "web-2", "db-1", "batch-1"}
+    assert "cron-1" not in names  # node-b's, in another namespace, behind no service
+    # policies: node-a's namespaces and the root namespace only
+    assert [p.key for p in snap.authorization_policies] == ["shop/web-allow"]
+    assert [p.namespace for p in snap.peer_authentications] == ["istio-system"]
+    other = compute_snapshot(resources(), "node-c")
+    assert {w.name for w in other.workloads} == {"web-1", "web-2", "db-1"}
+    assert other.local_workloads == ()
+
+
+def test_policy_l7_attributes_are_listed_for_the_waypoint() -> None:
+    snap = compute_snapshot(resources(), "node-a")
+    (pol,) = snap.authorization_policies
+    (rule,) = pol.rules
+    assert rule.from_[0].principals == ("cluster.local/ns/shop/sa/client",)
+    assert rule.to[0].ports == (8080,)
+    assert [c.key for c in rule.when] == ["source.ip"]
+    assert rule.l7_fields == ("from.source.requestPrincipals", "to.operation.methods",
+                              "when.request.headers[x-env]")
+    assert pol.selector == {"app": "web"}
+
+
+WAYPOINT = """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop, labels: {istio.io/waypoint-for: all}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"""
+
+
+def test_waypoint_binding_namespace_service_workload_and_opt_out() -> None:
+    text = MESH.replace("metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
+                        "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, "
+                        "istio.io/use-waypoint: wp}}") + WAYPOINT
+    # the waypoint has no address yet: nothing is bound to it
+    snap = compute_snapshot(resources(text), "node-a")
+    assert snap.waypoints == ()
+    web = snap.service_by_vip("10.96.0.10")
+    assert web is not None and web.waypoint is None
+    snap = compute_snapshot(resources(text), "node-a",
+                            waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    (wp,) = snap.waypoints
+    assert wp.identity == "spiffe://cluster.local/ns/shop/sa/wp" and wp.port == 15008
+    web = snap.service_by_vip("10.96.0.10")
+    assert web is not None and web.waypoint == wp.ref()
+    assert by_name(snap)["web-1"].waypoint == wp.ref()  # waypoint-for: all
+    # opt-outs on the service and on a workload
+    text2 = text.replace("metadata: {name: web, namespace: shop}",
+                         "metadata: {name: web, namespace: shop, labels: "
+                         "{istio.io/use-waypoint: none}}").replace(
+        "  labels: {app: web}\n  serviceAccount: web\n  locality",
+        "  labels: {app: web, istio.io/use-waypoint: none}\n  serviceAccount: web\n  locality")
+    snap = compute_snapshot(resources(text2), "node-a",
+                            waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    web = snap.service_by_vip("10.96.0.10")
+    assert web is not None and web.waypoint is None
+    assert by_name(snap)["web-1"].waypoint is None
+    assert by_name(snap)["web-2"].waypoint is not None
+    # a waypoint for services only does not capture workload-addressed traffic
+    text3 = text.replace("istio.io/waypoint-for: all", "istio.io/waypoint-for: service")
+    snap = compute_snapshot(resources(text3), "node-a",
+                            waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    assert by_name(snap)["web-1"].waypoint is None
+    web = snap.service_by_vip("10.96.0.10")
+    assert web is not None and web.waypoint is not None
+
+
+def test_incremental_updates_match_a_full_compute() -> None:
+    res = resources(MESH + WAYPOINT)
+    idx = MeshIndex()
+    idx.set_waypoint_address("shop", "wp", "10.1.0.99")
+    idx.load(res, 10)
+    first = idx.node_snapshot("node-a")
+    assert first == compute_snapshot(res, "node-a", version=10,
+                                     waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    # move web-2 to node-a, relabel the namespace, delete the db service
+    changed = yaml.safe_load(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+        "metadata: {name: web-2, namespace: shop, annotations: {ambit.dev/node: node-a}}\n"
+        "spec: {address: 10.1.0.12, labels: {app: web}, serviceAccount: web}\n")
+    ns = yaml.safe_load("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: "
+                        "{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}\n")
+    after = [r for r in res if not (r.kind == "Service" and r.meta.name == "db")
+             and r.key not in (parse_resource(changed).key, parse_resource(ns).key)]
+    after += [parse_resource(changed), parse_resource(ns)]
+    idx.apply(parse_resource(changed).key, parse_resource(changed), 11)
+    idx.apply(parse_resource(ns).key, parse_resource(ns), 12)
+    db_key = next(r.key for r in res if r.kind == "Service" and r.meta.name == "db")
+    idx.apply(db_key, None, 13)
+    snap = idx.node_snapshot("node-a")
+    assert snap == compute_snapshot(after, "node-a", version=13,
+                                    waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    assert {w.name for w in snap.local_workloads} == {"web-1", "web-2"}
+    assert snap.service_by_vip("10.96.0.20") is None
+    web = snap.service_by_vip("10.96.0.10")
+    assert web is not None and web.waypoint is not None
+
+
+def test_snapshot_round_trips_through_json() -> None:
+    snap = compute_snapshot(resources(MESH + WAYPOINT), "node-b", version=3,
+                            waypoint_addresses={("shop", "wp"): "10.1.0.99"},
+                            trust_bundle_pem="-----BEGIN CERTIFICATE-----\n")
+    assert zs.Snapshot.from_json(snap.to_json()) == snap
