@@ -24,8 +24,8 @@ CAPTURE_MARK = 0x1
 ROUTE_TABLE = 100
 
 _GRANT = (
-    "run as root or grant CAP_NET_ADMIN and CAP_SYS_ADMIN "
-    "(systemd: AmbientCapabilities=; Kubernetes: securityContext.capabilities.add)"
+    "grant CAP_NET_ADMIN and CAP_SYS_ADMIN: run as root with full capabilities, or "
+    "systemd AmbientCapabilities=, or Kubernetes securityContext.capabilities.add"
 )
 
 

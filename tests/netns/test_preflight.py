@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from netsetup.check import _nft_check, _table, check
 from netsetup.sandbox import Sandbox
 from tests.netns.fixtures import SandboxFactory, sandbox_factory
@@ -39,19 +41,52 @@ def test_cli_exit_status_as_root() -> None:
     assert out.stdout.splitlines()[-1] == f"all {len(EXPECTED)} checks passed"
 
 
-def test_unprivileged_run_names_the_missing_capability_and_remedy() -> None:
+def _check_cli_as(setpriv_args: list[str]) -> list[str]:
     out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         sys.executable, "-m", "netsetup", "check"],
+        ["setpriv", *setpriv_args, sys.executable, "-m", "netsetup", "check"],
         cwd=REPO, capture_output=True, text=True, check=False, timeout=60,
     )
     assert out.returncode == 1, out.stdout + out.stderr
-    lines = out.stdout.splitlines()
-    row = next(i for i, ln in enumerate(lines) if ln.startswith("CAP_NET_ADMIN "))
-    assert lines[row].split()[1] == "FAIL"
-    assert "fix: CAP_NET_ADMIN missing: run as root or grant CAP_NET_ADMIN" in lines[row + 1]
-    assert any(ln.startswith("network namespace ") and "FAIL" in ln for ln in lines)
     assert "Traceback" not in out.stderr
+    return out.stdout.splitlines()
+
+
+def _row(lines: list[str], name: str) -> tuple[str, str]:
+    """(PASS|FAIL, the fix line under it or "")."""
+    i = next(i for i, ln in enumerate(lines) if ln.startswith(name + "  "))
+    status = lines[i][len(name):].split()[0]
+    nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+    return status, nxt if nxt.startswith("fix:") else ""
+
+
+@pytest.mark.parametrize(
+    "setpriv_args",
+    [
+        # an ordinary user
+        ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
+        # root without capabilities (a container that was not granted them)
+        ["--inh-caps=-all", "--bounding-set=-all"],
+    ],
+    ids=["nobody", "root-without-caps"],
+)
+def test_unprivileged_run_names_the_missing_capability_and_remedy(
+    setpriv_args: list[str],
+) -> None:
+    lines = _check_cli_as(setpriv_args)
+    status, fix = _row(lines, "CAP_NET_ADMIN")
+    assert status == "FAIL"
+    assert fix.startswith("fix: CAP_NET_ADMIN missing: grant CAP_NET_ADMIN and CAP_SYS_ADMIN")
+    assert _row(lines, "network namespace")[0] == "FAIL"
+    assert lines[-1].endswith("checks failed: transparent capture will not work")
+
+
+def test_net_admin_without_sys_admin_is_reported_precisely() -> None:
+    lines = _check_cli_as(["--inh-caps=-all", "--bounding-set=-all,+net_admin"])
+    assert _row(lines, "CAP_NET_ADMIN") == ("PASS", "")
+    status, fix = _row(lines, "CAP_SYS_ADMIN")
+    assert status == "FAIL" and "CAP_SYS_ADMIN missing" in fix
+    status, fix = _row(lines, "network namespace")
+    assert status == "FAIL" and "CAP_SYS_ADMIN" in fix
 
 
 def test_unsupported_nft_expression_names_the_kernel_option(
