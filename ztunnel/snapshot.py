@@ -98,7 +98,10 @@ V = TypeVar("V")
 
 
 class FrozenMap(Mapping[K, V], Generic[K, V]):
-    """A small immutable, hashable mapping (labels, selectors, port maps)."""
+    """A small immutable, hashable mapping (labels, selectors, port maps).
+
+    Mapping fields of the snapshot accept any mapping and always hold a FrozenMap.
+    """
 
     __slots__ = ("_d", "_hash")
 
@@ -252,7 +255,7 @@ class Workload:
     service_account: str = "default"
     ip6: str | None = None
     netns: str | None = None
-    labels: FrozenMap[str, str] = field(default_factory=FrozenMap)
+    labels: Mapping[str, str] = field(default_factory=FrozenMap)
     locality: Locality = field(default_factory=Locality)
     weight: int = 1
     enrolled: bool = True
@@ -333,7 +336,7 @@ class Endpoint:
 
     workload_uid: str
     healthy: bool = True
-    ports: FrozenMap[int, int] = field(default_factory=FrozenMap)
+    ports: Mapping[int, int] = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
         if not self.workload_uid:
@@ -570,7 +573,7 @@ class AuthorizationPolicy:
     name: str
     namespace: str
     action: str = "ALLOW"
-    selector: FrozenMap[str, str] | None = None
+    selector: Mapping[str, str] | None = None
     target_refs: tuple[TargetRef, ...] = ()
     rules: tuple[Rule, ...] = ()
 
@@ -618,8 +621,8 @@ class PeerAuthentication:
     name: str
     namespace: str
     mode: str = "UNSET"
-    selector: FrozenMap[str, str] | None = None
-    port_mtls: FrozenMap[int, str] = field(default_factory=FrozenMap)
+    selector: Mapping[str, str] | None = None
+    port_mtls: Mapping[int, str] = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -1052,7 +1055,7 @@ def _load(tp: Any, value: Any, path: str) -> Any:
             raise SnapshotError(path, f"expected a list, got {json.dumps(value)}")
         (item_tp, *_rest) = get_args(tp)
         return tuple(_load(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is FrozenMap or tp is FrozenMap:
+    if origin is FrozenMap or tp is FrozenMap or origin is Mapping:
         if not isinstance(value, dict):
             raise SnapshotError(path, f"expected an object, got {json.dumps(value)}")
         ktp, vtp = get_args(tp) or (str, str)

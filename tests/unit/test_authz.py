@@ -34,7 +34,7 @@ SERVER = Workload(
     ip="10.0.2.1",
     node="n1",
     service_account="httpbin",
-    labels={"app": "httpbin", "tier": "api"},  # type: ignore[arg-type]
+    labels={"app": "httpbin", "tier": "api"},
     trust_domain="cluster.local",
 )
 OTHER = Workload(
@@ -43,7 +43,7 @@ OTHER = Workload(
     namespace="backend",
     ip="10.0.2.2",
     node="n1",
-    labels={"app": "db"},  # type: ignore[arg-type]
+    labels={"app": "db"},
     trust_domain="cluster.local",
 )
 

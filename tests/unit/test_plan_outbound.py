@@ -105,7 +105,7 @@ def test_service_vip_to_enrolled_endpoint_is_hbone_with_endpoint_authority() -> 
 
 def test_service_endpoint_port_override() -> None:
     server = wl("server", "10.0.2.1")
-    s = snap(svc(Endpoint(workload_uid="server", ports={80: 9000})), workloads=(server,))  # type: ignore[arg-type]
+    s = snap(svc(Endpoint(workload_uid="server", ports={80: 9000})), workloads=(server,))
     plan = plan_outbound(s, CLIENT, ("10.96.0.1", 80), rng=rng())
     assert isinstance(plan, Hbone) and plan.authority == "10.0.2.1:9000"
 

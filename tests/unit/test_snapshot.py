@@ -92,7 +92,7 @@ def test_defaults_filled_from_snapshot() -> None:
 def test_target_port_defaults_to_port_and_endpoint_override() -> None:
     sp = ServicePort(port=80)
     assert sp.target_port == 80
-    ep = Endpoint(workload_uid="u", ports={80: 9090})  # type: ignore[arg-type]
+    ep = Endpoint(workload_uid="u", ports={80: 9090})
     assert ep.target_port(sp) == 9090
     assert ep.target_port(ServicePort(port=81, target_port=8081)) == 8081
 
@@ -116,7 +116,7 @@ def test_python_construction_coerces_lists_and_dicts() -> None:
         namespace="ns",
         ip="fd00::0001",
         node="n1",
-        labels={"app": "x"},  # type: ignore[arg-type]
+        labels={"app": "x"},
         ports=[80],  # type: ignore[arg-type]
     )
     assert w.ip == "fd00::1"
