@@ -27,7 +27,14 @@ from cryptography.x509.oid import NameOID
 
 from config.ca import DEFAULT_TTL, CertificateAuthority, CsrRejected
 from config.tokens import TokenError, TokenStore, validate_subject
-from ztunnel.identity import SpiffeId, TrustBundle, spiffe_id_of
+from ztunnel.identity import (
+    NODE_NAMESPACE,
+    NODE_SERVICE_ACCOUNT,
+    SpiffeId,
+    TrustBundle,
+    node_identity,
+    spiffe_id_of,
+)
 from ztunnel.tls import PeerIdentityError, peer_identity
 
 __all__ = [
@@ -43,9 +50,6 @@ __all__ = [
     "principal_of_peer",
 ]
 
-NODE_NAMESPACE = "ambit-system"
-NODE_SERVICE_ACCOUNT = "ztunnel"
-
 
 class Refused(Exception):
     """A request was refused by the named `rule`; str() is "<rule>: <message>"."""
@@ -54,11 +58,6 @@ class Refused(Exception):
         super().__init__(f"{rule}: {message}")
         self.rule = rule
         self.message = message
-
-
-def node_identity(trust_domain: str) -> SpiffeId:
-    """The SPIFFE ID every ztunnel node certificate carries."""
-    return SpiffeId(trust_domain, NODE_NAMESPACE, NODE_SERVICE_ACCOUNT)
 
 
 @dataclass(frozen=True)

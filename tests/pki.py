@@ -255,6 +255,18 @@ def _inspect(side: Side, tls: ssl.SSLSocket, check: Check | None) -> None:
             side.check_error = exc
 
 
+def _linger(tls: ssl.SSLSocket) -> None:
+    """After a failed handshake, half-close and drain until the client hangs up, so the
+    TLS alert reaches it instead of being wiped by a reset (closing with unread data)."""
+    try:
+        tls.shutdown(socket.SHUT_WR)
+        tls.settimeout(2)
+        while socket.socket.recv(tls, 4096):
+            pass
+    except OSError:
+        pass
+
+
 def handshake(
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
@@ -276,16 +288,17 @@ def handshake(
             out.server.error = exc
             return
         raw.settimeout(10)
-        tls: ssl.SSLSocket | None = None
+        tls = server_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         try:
-            tls = server_ctx.wrap_socket(raw, server_side=True)
+            tls.do_handshake()
             data = tls.recv(1)
             tls.sendall(data)
             _inspect(out.server, tls, check_server)
         except (OSError, ssl.SSLError) as exc:
             out.server.error = exc
+            _linger(tls)
         finally:
-            (tls or raw).close()
+            tls.close()
 
     thread = threading.Thread(target=serve)
     thread.start()

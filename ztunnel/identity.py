@@ -20,6 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
+# Mesh components' own identity: every ztunnel node certificate carries
+# spiffe://<td>/ns/ambit-system/sa/ztunnel (the node name is in the subject CN).
+NODE_NAMESPACE = "ambit-system"
+NODE_SERVICE_ACCOUNT = "ztunnel"
 
 _TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]+$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -98,6 +102,11 @@ class SpiffeId:
 
     def __str__(self) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+def node_identity(trust_domain: str = DEFAULT_TRUST_DOMAIN) -> SpiffeId:
+    """The SPIFFE ID of ztunnel node certificates (see config.nodeauth)."""
+    return SpiffeId(trust_domain, NODE_NAMESPACE, NODE_SERVICE_ACCOUNT)
 
 
 def _cert_times(cert: x509.Certificate) -> tuple[float, float]:

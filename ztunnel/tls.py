@@ -262,6 +262,11 @@ def describe_handshake_error(exc: BaseException) -> str:
         hint = _VERIFY_HINTS.get(code)
         detail = exc.verify_message or str(exc)
         return f"{hint} ({detail})" if hint else f"peer certificate rejected: {detail}"
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return (
+            "the peer closed the connection during the TLS handshake: it probably rejected "
+            f"our certificate (check its logs) ({exc})"
+        )
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").upper()
         for key, hint in _ALERT_HINTS.items():
