@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -89,6 +91,17 @@ def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `directory`/.lock (other control planes wait)."""
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _load_certs(path: Path) -> list[x509.Certificate]:
@@ -245,13 +258,25 @@ class CertificateAuthority:
     def load_or_create(
         cls, data_dir: Path, trust_domain: str, *, now: float | None = None
     ) -> CertificateAuthority:
-        """The CA persisted in `<data_dir>/ca/`, generating an ECDSA P-256 root on first start."""
+        """The CA persisted in `<data_dir>/ca/`, generating an ECDSA P-256 root on first start.
+
+        Safe against concurrent first starts (a lock file) and against a crash in the
+        middle of `complete_rotation` (the half-written state is finished on load).
+        """
         validate_trust_domain(trust_domain)
         now = time.time() if now is None else now
         ca_dir = Path(data_dir) / _CA_DIR
         ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(ca_dir, 0o700)
+        with _locked(ca_dir):
+            return cls._load_locked(Path(data_dir), ca_dir, trust_domain, now)
+
+    @classmethod
+    def _load_locked(
+        cls, data_dir: Path, ca_dir: Path, trust_domain: str, now: float
+    ) -> CertificateAuthority:
         cert_path, key_path = ca_dir / _ROOT_CERT, ca_dir / _ROOT_KEY
+        next_cert_path, next_key_path = ca_dir / _NEXT_CERT, ca_dir / _NEXT_KEY
         if not cert_path.exists() and not key_path.exists():
             new_cert, new_key = _new_root(trust_domain, now)
             _write_private(key_path, private_key_pem(new_key))
@@ -263,8 +288,28 @@ class CertificateAuthority:
                 f"{ca_dir} to start a new root (every workload certificate then changes)"
             )
         _check_private(key_path)
-        certs = _load_certs(cert_path)
-        signer, signer_key = certs[0], _load_key(key_path)
+        signer, signer_key = _load_certs(cert_path)[0], _load_key(key_path)
+        pending: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+        if next_cert_path.exists() and next_key_path.exists():
+            _check_private(next_key_path)
+            nkey = _load_key(next_key_path)
+            if not isinstance(nkey, ec.EllipticCurvePrivateKey):
+                raise CaError(f"{next_key_path} is not an ECDSA key")
+            pending = (_load_certs(next_cert_path)[0], nkey)
+        key_spki = _spki(signer_key.public_key())
+        if (
+            pending is not None
+            and key_spki != _spki(signer.public_key())
+            and key_spki == _spki(pending[0].public_key())
+        ):
+            # crashed in complete_rotation after the new key was written, before its cert
+            signer = pending[0]
+            _write_private(cert_path, _pem(signer), 0o644)
+        if pending is not None and fingerprint(pending[0]) == fingerprint(signer):
+            # crashed in complete_rotation after both root files were written
+            next_key_path.unlink()
+            next_cert_path.unlink()
+            pending = None
         stored = _trust_domain_of_root(signer)
         if stored is not None and stored != trust_domain:
             raise CaError(
@@ -276,13 +321,7 @@ class CertificateAuthority:
         if trusted.exists():
             extra = _load_certs(trusted)
         ca = cls(trust_domain, signer, signer_key, extra_roots=extra, data_dir=data_dir, now=now)
-        next_cert, next_key = ca_dir / _NEXT_CERT, ca_dir / _NEXT_KEY
-        if next_cert.exists() and next_key.exists():
-            _check_private(next_key)
-            nkey = _load_key(next_key)
-            if not isinstance(nkey, ec.EllipticCurvePrivateKey):
-                raise CaError(f"{next_key} is not an ECDSA key")
-            ca._next = (_load_certs(next_cert)[0], nkey)
+        ca._next = pending
         return ca
 
     @classmethod

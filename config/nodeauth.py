@@ -48,6 +48,7 @@ __all__ = [
     "node_identity",
     "principal_of",
     "principal_of_peer",
+    "sign_workload_csr",
 ]
 
 
@@ -202,3 +203,25 @@ def authorize_principal_csr(
             "waypoint-identity",
             f"waypoint {principal.name} may only obtain its own identity {own}, not {identity}",
         )
+
+
+def sign_workload_csr(
+    ca: CertificateAuthority,
+    principal: NodePrincipal,
+    identity: SpiffeId,
+    csr_pem: bytes,
+    scheduled: Callable[[str], Collection[SpiffeId]],
+    *,
+    ttl: float = DEFAULT_TTL,
+    now: float | None = None,
+) -> list[bytes]:
+    """What the control plane's signing endpoint does for an authenticated node/waypoint.
+
+    Authorizes (`authorize_principal_csr`), then signs; a bad CSR is Refused("csr", ...).
+    Returns PEM `[leaf, *intermediates]`.
+    """
+    authorize_principal_csr(principal, identity, scheduled)
+    try:
+        return ca.sign_csr(csr_pem, identity, ttl, now)
+    except CsrRejected as exc:
+        raise Refused("csr", exc.reason) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -297,3 +298,45 @@ def test_no_private_key_in_repr_or_bundle(tmp_path: Path) -> None:
     for p in (tmp_path / "ca").iterdir():
         if b"PRIVATE KEY" in p.read_bytes():
             assert _mode(p) == 0o600, p
+
+
+def test_concurrent_first_starts_agree_on_one_root(tmp_path: Path) -> None:
+    results: list[str] = []
+
+    def start() -> None:
+        ca = CertificateAuthority.load_or_create(tmp_path, "cluster.local")
+        results.append(fingerprint(ca.signing_root))
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and len(set(results)) == 1
+
+
+def test_a_crash_in_the_middle_of_completing_a_rotation_is_finished_on_load(
+    tmp_path: Path,
+) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path, "cluster.local")
+    old = ca.signing_root
+    new = ca.begin_rotation()
+    ca_dir = tmp_path / "ca"
+    # simulate complete_rotation dying after writing the new key, before the new cert
+    (ca_dir / "trusted-roots.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    (ca_dir / "root-key.pem").write_bytes((ca_dir / "next-root-key.pem").read_bytes())
+    recovered = CertificateAuthority.load_or_create(tmp_path, "cluster.local")
+    assert fingerprint(recovered.signing_root) == fingerprint(new)
+    assert {fingerprint(r) for r in recovered.roots()} == {fingerprint(old), fingerprint(new)}
+    assert not (ca_dir / "next-root-key.pem").exists()
+    assert _issue(recovered).x509().issuer == new.subject
+
+
+def test_leaf_lifetime_never_exceeds_the_signer(tmp_path: Path) -> None:
+    pki = TestPKI(intermediate=True)
+    cert_path, key_path, root_path = _write_operator_files(tmp_path, pki)
+    ca = CertificateAuthority.from_files(cert_path, key_path, [root_path])
+    assert pki.intermediate is not None
+    signer_end = pki.intermediate.not_valid_after_utc.timestamp()
+    leaf = _issue(ca, ttl=80 * 86400.0)
+    assert leaf.not_after == signer_end

@@ -17,6 +17,7 @@ from config.nodeauth import (
     issue_node_certificate,
     node_identity,
     principal_of,
+    sign_workload_csr,
 )
 from config.tokens import TokenStore
 from tests.pki import TestPKI
@@ -134,3 +135,14 @@ def test_a_workload_certificate_is_not_a_node_principal() -> None:
         principal_of(leaf, TD)
     assert err.value.rule == "node-certificate"
     assert "join with a token" in err.value.message
+
+
+def test_signing_endpoint_authorizes_then_signs(tmp_path: Path) -> None:
+    ca, _ = _setup(tmp_path)
+    node = NodePrincipal("node", "node-1")
+    pems = sign_workload_csr(ca, node, FRONTEND, make_csr(FRONTEND, generate_key()), scheduled)
+    assert uri_sans(x509.load_pem_x509_certificate(pems[0])) == [str(FRONTEND)]
+    with pytest.raises(Refused, match=r"^node-impersonation: "):
+        sign_workload_csr(ca, node, CART, make_csr(CART, generate_key()), scheduled)
+    with pytest.raises(Refused, match=r"^csr: CSR asks for URI SAN"):
+        sign_workload_csr(ca, node, FRONTEND, make_csr(CART, generate_key()), scheduled)
