@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import shutil
 import sys
@@ -74,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: --seconds, --rtt-count and --repeat must be >= 1", file=sys.stderr)
         return 2
     now = datetime.datetime.now(datetime.UTC)
+    load_before = os.getloadavg()
     results = run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info(now)
+    machine = machine_info(now, load_before)
     plot_name = None
     if not args.no_plot:
         plot(results, out / "results.png")

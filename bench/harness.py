@@ -336,8 +336,9 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
 def profile_path(
     name: str, pki: BenchPKI, workdir: Path, iperf_port: int, s: Settings
 ) -> dict[str, list[tuple[str, float]]]:
-    """Sample the relays with py-spy during a single-stream iperf3 run (not a measured run)."""
-    from bench.profile import py_spy_binary, top_frames
+    """Sample the relays with py-spy during a single-stream iperf3 run (not a measured run:
+    native sampling pauses the process, so its throughput is not reported)."""
+    from bench.profile import library_resolver, py_spy_binary, top_frames
 
     spy = py_spy_binary()
     out: dict[str, list[tuple[str, float]]] = {}
@@ -354,21 +355,23 @@ def profile_path(
                 "--duration",
                 str(int(s.profile_seconds)),
                 "--rate",
-                "250",
+                "200",
+                "--native",  # uvloop and OpenSSL frames too (pauses the process per sample)
                 "--format",
                 "raw",
                 "--output",
                 str(raw),
-                "--nonblocking",
             ]
             spies.append((role, raw, procs.start(cmd, f"py-spy-{role}")))
         time.sleep(0.5)
         measure.run_iperf3(chain.entry_port, seconds=s.profile_seconds, streams=1)
-        for role, raw, spy_proc in spies:
+        for (role, raw, spy_proc), pid in zip(spies, chain.relay_pids, strict=True):
             spy_proc.wait(timeout=s.profile_seconds + 30)
+            resolve = library_resolver(pid)
             if raw.exists():
-                out[f"{role} self"] = top_frames(raw.read_text(), inclusive=False)
-                out[f"{role} inclusive"] = top_frames(raw.read_text(), inclusive=True)
+                text = raw.read_text()
+                out[f"{role} self"] = top_frames(text, inclusive=False, resolve=resolve)
+                out[f"{role} inclusive"] = top_frames(text, inclusive=True, resolve=resolve)
     return out
 
 

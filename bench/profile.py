@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -22,7 +23,7 @@ def py_spy_binary() -> str:
 
 
 def _short(frame: str) -> str:
-    """`relay (/work/main/bench/relays.py:97)` -> `relay (bench/relays.py:97)`."""
+    """`relay (/work/main/bench/relays.py:97)` -> `relay (bench/relays.py)`: per function."""
     name, _, where = frame.partition(" (")
     if not where:
         return frame
@@ -34,14 +35,53 @@ def _short(frame: str) -> str:
             break
     else:
         parts = parts[-2:]
-    return f"{name} ({'/'.join(parts)}:{line})"
+    del line  # aggregate per function, not per line
+    return f"{name} ({'/'.join(parts)})"
 
 
-def top_frames(raw: str, *, inclusive: bool, limit: int = 12) -> list[tuple[str, float]]:
+def library_resolver(pid: int) -> Callable[[str], str]:
+    """Map a bare native address frame (`0x7f...`) to the library it lies in, using
+    /proc/PID/maps (read while the process is alive)."""
+    ranges: list[tuple[int, int, str]] = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/"):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((lo, hi, Path(parts[5]).name))
+    except OSError:
+        pass
+
+    def resolve(frame: str) -> str:
+        name = frame.split(" (", 1)[0]
+        if not name.startswith("0x"):
+            return frame
+        try:
+            addr = int(name, 16)
+        except ValueError:
+            return frame
+        for lo, hi, lib in ranges:
+            if lo <= addr < hi:
+                return f"[{lib}, no symbols]"
+        return "[native, no symbols]"
+
+    return resolve
+
+
+def top_frames(
+    raw: str,
+    *,
+    inclusive: bool,
+    limit: int = 12,
+    resolve: Callable[[str], str] | None = None,
+) -> list[tuple[str, float]]:
     """Top frames of py-spy `--format raw` output, with their share of samples in percent.
 
     `inclusive=False` counts only the innermost frame of each sample (where time is spent);
-    `inclusive=True` counts every frame on the stack once per sample (what it calls costs).
+    `inclusive=True` counts every frame on the stack once per sample (what it calls costs),
+    leaving out the frames present in (nearly) every sample: the interpreter and event loop
+    roots. `resolve` renames frames (e.g. native addresses to their library).
     """
     counts: Counter[str] = Counter()
     total = 0
@@ -52,6 +92,8 @@ def top_frames(raw: str, *, inclusive: bool, limit: int = 12) -> list[tuple[str,
         weight = int(n)
         total += weight
         frames = [_short(f) for f in stack.split(";") if f]
+        if resolve is not None:
+            frames = [resolve(f) for f in frames]
         if not frames:
             continue
         if inclusive:
@@ -61,4 +103,7 @@ def top_frames(raw: str, *, inclusive: bool, limit: int = 12) -> list[tuple[str,
             counts[frames[-1]] += weight
     if total == 0:
         return []
-    return [(frame, 100.0 * c / total) for frame, c in counts.most_common(limit)]
+    ranked = [(frame, 100.0 * c / total) for frame, c in counts.most_common()]
+    if inclusive:
+        ranked = [(frame, share) for frame, share in ranked if share < 99.0]
+    return ranked[:limit]

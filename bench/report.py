@@ -42,6 +42,8 @@ class Machine:
     openssl: str
     packages: dict[str, str]
     tools: dict[str, str]
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def _first_line(cmd: Sequence[str]) -> str:
@@ -56,8 +58,10 @@ def _first_line(cmd: Sequence[str]) -> str:
     return "unknown"
 
 
-def machine_info(now: datetime.datetime) -> Machine:
-    """Facts about this machine and the software versions in play."""
+def machine_info(
+    now: datetime.datetime, load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+) -> Machine:
+    """Facts about this machine and the software versions in play (load: 1/5/15 min)."""
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -86,6 +90,8 @@ def machine_info(now: datetime.datetime) -> Machine:
             "iperf3": _first_line(["iperf3", "--version"]),
             "stunnel": _first_line([stunnel, "-version"]),
         },
+        load_before=load_before,
+        load_after=os.getloadavg(),
     )
 
 
@@ -205,6 +211,11 @@ def render_markdown(
         f"- Python {machine.python}, {machine.openssl}; "
         + ", ".join(f"{k} {v}" for k, v in machine.packages.items()),
         f"- {machine.tools['iperf3']}; {machine.tools['stunnel']}",
+        "- load average (1/5/15 min) before the run: "
+        + "/".join(f"{x:.2f}" for x in machine.load_before)
+        + ", after: "
+        + "/".join(f"{x:.2f}" for x in machine.load_after)
+        + " (anything above 0 besides this run is other work sharing the CPUs)",
         f"- settings: iperf3 {settings.seconds:g} s per run (1 stream, then `-P 8`), "
         f"{settings.rtt_count} 1-byte round trips (TCP_NODELAY), {settings.repeat} repeat(s)",
         "- all processes on 127.0.0.1; TLS 1.3 with TLS_AES_256_GCM_SHA384, ECDSA P-256 "
