@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -243,8 +243,6 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def make_csr(identity: SpiffeId, key: ec.EllipticCurvePrivateKey) -> bytes:
     """A PEM CSR for `identity` (URI SAN only, empty subject) signed with `key`."""
-    from cryptography.hazmat.primitives import hashes
-
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))

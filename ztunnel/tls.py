@@ -39,22 +39,32 @@ class PeerIdentityError(Exception):
         self.reason = reason
 
 
-def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int | None:
-    """The OpenSSL SSL_CTX* behind `ctx`, checked against its options; None if unsure."""
+@functools.cache
+def _libssl() -> ctypes.CDLL | None:
+    """The libssl the `ssl` module is linked to (symbols resolve through `_ssl`)."""
     try:
         import _ssl
 
         lib = ctypes.CDLL(_ssl.__file__)
-        get_options = lib.SSL_CTX_get_options
-    except (OSError, AttributeError):
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
+    except (OSError, AttributeError, ImportError):
         return None
-    get_options.argtypes = [ctypes.c_void_p]
-    get_options.restype = ctypes.c_uint64
+    return lib
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The OpenSSL SSL_CTX* behind `ctx`, checked against its options; None if unsure."""
+    lib = _libssl()
+    if lib is None:
+        return None
     # PySSLContext is `PyObject_HEAD; SSL_CTX *ctx; ...` in every CPython 3 release.
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not ptr:
         return None
-    if int(get_options(ptr)) != int(ctx.options):
+    if int(lib.SSL_CTX_get_options(ptr)) != int(ctx.options):
         return None
     return ptr
 
@@ -66,14 +76,10 @@ def _restrict_tls13_suites(ctx: ssl.SSLContext) -> None:
     `peer_identity` refuses any other negotiated suite, so the policy holds either way.
     """
     ptr = _ssl_ctx_pointer(ctx)
-    if ptr is None:
+    lib = _libssl()
+    if ptr is None or lib is None:
         return
-    import _ssl
-
-    fn = ctypes.CDLL(_ssl.__file__).SSL_CTX_set_ciphersuites
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    fn.restype = ctypes.c_int
-    fn(ptr, ":".join(ALLOWED_CIPHERS).encode())
+    lib.SSL_CTX_set_ciphersuites(ptr, ":".join(ALLOWED_CIPHERS).encode())
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import ssl
 import time
 from pathlib import Path
@@ -191,16 +190,11 @@ def test_tls12_client_is_refused() -> None:
 
 
 def _tls13_suites(ctx: ssl.SSLContext, suites: str) -> None:
-    from ztunnel.tls import _ssl_ctx_pointer
+    from ztunnel.tls import _libssl, _ssl_ctx_pointer
 
-    ptr = _ssl_ctx_pointer(ctx)
-    assert ptr is not None, "cannot reach OpenSSL to set TLS 1.3 suites"
-    import _ssl
-
-    fn = ctypes.CDLL(_ssl.__file__).SSL_CTX_set_ciphersuites
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    fn.restype = ctypes.c_int
-    assert fn(ptr, suites.encode()) == 1
+    ptr, lib = _ssl_ctx_pointer(ctx), _libssl()
+    assert ptr is not None and lib is not None, "cannot reach OpenSSL to set TLS 1.3 suites"
+    assert lib.SSL_CTX_set_ciphersuites(ptr, suites.encode()) == 1
 
 
 def test_chacha20_only_client_is_refused() -> None:
