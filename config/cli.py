@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also serve the admin API on TLS at this address")
     cp.add_argument("--socket", default=DEFAULT_SOCKET,
                     help=f"local unix socket of the admin API (default {DEFAULT_SOCKET})")
+    cp.add_argument("--proxy-listen", default="0.0.0.0:15012", metavar="HOST:PORT",
+                    help="config stream and certificate signing for nodes and waypoints "
+                    "(default 0.0.0.0:15012; empty to disable)")
     cp.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
     cp.add_argument("--service-cidr", default="10.96.0.0/16",
                     help="range Service VIPs are allocated from (default 10.96.0.0/16)")
@@ -148,15 +151,17 @@ def _control_plane(args: argparse.Namespace) -> int:
 
     import uvloop
 
+    from config.ca import CaError
     from config.server import ControlPlaneConfig, run
 
     cfg = ControlPlaneConfig(data_dir=args.data_dir, socket=args.socket, listen=args.listen,
                              trust_domain=args.trust_domain, service_cidr=args.service_cidr,
-                             root_namespace=args.root_namespace)
+                             root_namespace=args.root_namespace,
+                             proxy_listen=args.proxy_listen)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(cfg))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, CaError) as e:
         _fail(f"control plane cannot start: {e}")
         return 1
     return 0

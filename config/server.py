@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from config.api import ApiError, ApiServer, admin_uri
+from config.ca import CertificateAuthority
+from config.push import PUSH_PORT, PushServer, push_server_context
 from config.store import DEFAULT_SERVICE_CIDR, Store
 from config.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
 from config.tokens import TokenStore, validate_subject
@@ -173,6 +175,7 @@ class ControlPlaneConfig:
     trust_domain: str = "cluster.local"
     service_cidr: str = DEFAULT_SERVICE_CIDR
     root_namespace: str = "istio-system"
+    proxy_listen: str = f"0.0.0.0:{PUSH_PORT}"
 
 
 TOKENS_DB = "tokens.db"
@@ -206,13 +209,16 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    ca = CertificateAuthority.load_or_create(Path(cfg.data_dir), cfg.trust_domain)
     store = Store(cfg.data_dir, service_cidr=cfg.service_cidr,
                   root_namespace=cfg.root_namespace)
     tokens = TokenStore(Path(cfg.data_dir) / TOKENS_DB)
+    servers: list[asyncio.Server] = []
     try:
+        push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace)
         api = ApiServer(store, trust_domain=cfg.trust_domain,
-                        token_issuer=token_issuer(store, tokens))
-        servers = [await api.start_unix(cfg.socket)]
+                        token_issuer=token_issuer(store, tokens), status_provider=push.status)
+        servers.append(await api.start_unix(cfg.socket))
         ready = f"ready socket={cfg.socket}"
         log.info("admin API listening", socket=cfg.socket)
         if cfg.listen:
@@ -224,15 +230,28 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
             ready += f" tls={bound[0]}:{bound[1]}"
             log.info("admin API listening on TLS", address=f"{bound[0]}:{bound[1]}",
                      admin_cert=str(pki.admin_cert))
+        if cfg.proxy_listen:
+            host, port = parse_hostport(cfg.proxy_listen, "--proxy-listen")
+            ctx = push_server_context(ca, Path(cfg.data_dir))
+            push_server = await push.start(host, port, ctx)
+            servers.append(push_server)
+            bound = push_server.sockets[0].getsockname()
+            ready += f" proxies={bound[0]}:{bound[1]}"
+            log.info("proxy config stream listening", address=f"{bound[0]}:{bound[1]}")
         log.info("control plane ready", data_dir=cfg.data_dir, version=store.version)
         print(ready, file=sys.stdout, flush=True)
-        await stop.wait()
-        log.info("control plane stopping")
+        async with asyncio.TaskGroup() as tg:
+            follower = tg.create_task(push.follow_store())
+            await stop.wait()
+            log.info("control plane stopping")
+            follower.cancel()
+            for s in servers:
+                s.close()
+            for session in list(push.sessions.values()):
+                session.writer.close()
+    finally:
         for s in servers:
             s.close()
-        for s in servers:
-            await s.wait_closed()
-    finally:
         tokens.close()
         store.close()
         with contextlib.suppress(OSError):

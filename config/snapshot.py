@@ -392,6 +392,46 @@ class MeshIndex:
             trust_bundle_pem=self.trust_bundle_pem,
         )
 
+    def waypoint_snapshot(self, namespace: str, name: str) -> zs.Snapshot:
+        """The snapshot for waypoint `namespace/name` (services and workloads bound to it)."""
+        return _waypoint_snapshot(self, namespace, name)
+
+
+def _waypoint_snapshot(idx: MeshIndex, namespace: str, name: str) -> zs.Snapshot:
+    """What a waypoint needs: the services and workloads bound to it, their endpoints,
+    and the policies of their namespaces (those with targetRefs are the waypoint's)."""
+    ref = idx.waypoints().get((namespace, name))
+    services: list[zs.Service] = []
+    workloads: dict[str, zs.Workload] = {}
+    namespaces: set[str] = set()
+    if ref is not None:
+        wref = ref.ref()
+        for ns in idx.namespaces():
+            wls = idx.workloads_in(ns)
+            for uid, w in wls.items():
+                if w.waypoint == wref:
+                    workloads[uid] = w
+                    namespaces.add(ns)
+            for s in idx.services_in(ns).values():
+                if s.waypoint == wref:
+                    services.append(s)
+                    namespaces.add(ns)
+                    for ep in s.endpoints:
+                        workloads.setdefault(ep.workload_uid, wls[ep.workload_uid])
+    policy_ns = sorted(namespaces | {idx.root_namespace})
+    return zs.Snapshot(
+        version=idx.version, node=f"waypoint:{namespace}/{name}",
+        trust_domain=idx.trust_domain, root_namespace=idx.root_namespace,
+        dns_domain=idx.dns_domain,
+        workloads=tuple(sorted(workloads.values(), key=lambda w: w.uid)),
+        services=tuple(sorted(services, key=lambda s: (s.namespace, s.name))),
+        waypoints=(ref,) if ref is not None else (),
+        authorization_policies=tuple(p for ns in policy_ns for p in idx.policies_in(ns)),
+        peer_authentications=tuple(p for ns in policy_ns
+                                   for p in idx.peer_authentications_in(ns)),
+        trust_bundle_pem=idx.trust_bundle_pem,
+    )
+
 
 def _drop_missing(s: zs.Service, workloads: Mapping[str, zs.Workload]) -> zs.Service | None:
     """`s` without endpoints whose workload is not in the snapshot (None if none missing)."""

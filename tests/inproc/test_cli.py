@@ -55,7 +55,7 @@ def control_plane(tmp_path: Path, data: Path | None = None) -> Iterator[ControlP
     with open(err, "w") as errf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "config", "control-plane", "--data-dir", str(data),
-             "--socket", sock, "--listen", "127.0.0.1:0"],
+             "--socket", sock, "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE, stderr=errf, text=True)
     try:
         assert proc.stdout is not None
@@ -258,6 +258,6 @@ def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
         assert p.returncode == 0, p.stderr
         with TokenStore(cp.data / "tokens.db") as tokens:
             tokens.redeem(node_token, "node-a")
-            with pytest.raises(TokenError, match="bound to waypoint shop/waypoint, not node node-a"):
+            with pytest.raises(TokenError, match="bound to waypoint shop/waypoint, not node"):
                 tokens.redeem(p.stdout.strip(), "node-a")
             tokens.redeem(p.stdout.strip(), "shop/waypoint")

@@ -1,0 +1,664 @@
+"""Config push on port 15012: node join, workload certificates and the versioned snapshot stream.
+
+Wire format: TLS 1.3, then newline-delimited JSON messages both ways.
+
+Client -> control plane, first message of a connection:
+
+* ``{"type": "join", "subject": NODE | "NS/NAME", "token": T, "csr": PEM}`` (no client
+  certificate needed) -> ``{"type": "certificate", "chain": [PEM...], "trust_bundle": PEM}``
+* with a node (or waypoint) certificate, any number of:
+  ``{"type": "csr", "id": N, "identity": SPIFFE, "csr": PEM}`` ->
+  ``{"type": "certificate", "id": N, "chain": [...]}``
+* ``{"type": "subscribe", "version": V, "hash": H[, "address": IP]}``: the last snapshot the
+  proxy holds (0/"" for none; waypoints register their address). The control plane then
+  sends ``{"type": "snapshot", "version", "hash", "snapshot": {...}}`` (full),
+  ``{"type": "delta", "from_hash", "version", "hash", "set", "upsert", "remove"}``, or
+  ``{"type": "uptodate", "version", "hash"}`` when the proxy already holds the content
+  (so a reconnect, even to a restarted control plane, resends nothing). The proxy
+  answers every snapshot/delta with ``{"type": "ack", "version"}`` or
+  ``{"type": "nack", "version", "error"}``; after a nack the next update is a full one.
+
+Errors: ``{"type": "error", "rule": R, "message": M}`` then the connection closes.
+The node is always the one named by the client certificate: a node reads only its own
+configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography import x509
+
+from config.ca import CertificateAuthority, CsrRejected
+from config.nodeauth import (
+    NodePrincipal,
+    Refused,
+    authorize_principal_csr,
+    issue_node_certificate,
+    principal_of,
+)
+from config.resources import parse_resource
+from config.snapshot import MeshIndex
+from config.store import Store
+from config.tokens import TokenStore
+from ztunnel import snapshot as zs
+from ztunnel.identity import (
+    Certificate,
+    SpiffeId,
+    generate_key,
+    make_csr,
+    node_identity,
+    private_key_pem,
+)
+
+log = structlog.get_logger("ambit.push")
+
+PUSH_PORT = 15012
+MAX_MESSAGE = 256 * 1024 * 1024
+CONTROL_PLANE_SA = ("ambit-system", "control-plane")
+
+
+def _uid_key(d: Mapping[str, Any]) -> str:
+    return str(d["uid"])
+
+
+def _ns_name_key(d: Mapping[str, Any]) -> str:
+    return f"{d['namespace']}/{d['name']}"
+
+
+_COLLECTIONS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "workloads": _uid_key,
+    "services": _ns_name_key,
+    "waypoints": _ns_name_key,
+    "authorization_policies": _ns_name_key,
+    "peer_authentications": _ns_name_key,
+}
+
+
+def control_plane_identity(trust_domain: str) -> SpiffeId:
+    return SpiffeId(trust_domain, *CONTROL_PLANE_SA)
+
+
+# ---------------------------------------------------------------------------
+# content hashing and deltas (pure)
+# ---------------------------------------------------------------------------
+
+
+def content_hash(snap: Mapping[str, Any]) -> str:
+    """Hash of a snapshot's content, version excluded (equal content = nothing to send)."""
+    body = {k: v for k, v in snap.items() if k != "version"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def make_delta(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The changes turning snapshot dict `old` into `new` (keyed collections, other fields)."""
+    upsert: dict[str, list[Any]] = {}
+    remove: dict[str, list[str]] = {}
+    for name, keyf in _COLLECTIONS.items():
+        before = {keyf(x): x for x in old.get(name, [])}
+        after = {keyf(x): x for x in new.get(name, [])}
+        ups = [x for k, x in after.items() if before.get(k) != x]
+        gone = [k for k in before if k not in after]
+        if ups:
+            upsert[name] = ups
+        if gone:
+            remove[name] = gone
+    scalars = {k: v for k, v in new.items() if k not in _COLLECTIONS and old.get(k) != v}
+    return {"set": scalars, "upsert": upsert, "remove": remove}
+
+
+def apply_delta(old: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    """`old` with `delta` applied (inverse of make_delta); order of collections preserved."""
+    out = {k: v for k, v in old.items() if k not in _COLLECTIONS}
+    out.update(delta.get("set", {}))
+    for name, keyf in _COLLECTIONS.items():
+        items = {keyf(x): x for x in old.get(name, [])}
+        for k in delta.get("remove", {}).get(name, []):
+            items.pop(k, None)
+        for x in delta.get("upsert", {}).get(name, []):
+            items[keyf(x)] = x
+        out[name] = sorted(items.values(), key=keyf)
+    return out
+
+
+def _sorted_dict(snap: zs.Snapshot) -> dict[str, Any]:
+    d = snap.to_dict()
+    for name, keyf in _COLLECTIONS.items():
+        if name in d:
+            d[name] = sorted(d[name], key=keyf)
+    return d
+
+
+# ---------------------------------------------------------------------------
+# server
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """One connected proxy."""
+
+    principal: NodePrincipal
+    peer: str
+    cert_expiry: float
+    writer: asyncio.StreamWriter
+    connected: float = field(default_factory=time.time)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sent_hash: str = ""
+    sent_version: int = 0
+    sent: dict[str, Any] | None = None  # dict form of the last snapshot sent
+    acked_hash: str = ""
+    acked_version: int = 0
+    state: str = "connecting"  # connecting | pending | synced | nacked
+    error: str = ""
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": self.principal.kind, "name": self.principal.name, "peer": self.peer,
+                "version": self.acked_version, "sent_version": self.sent_version,
+                "state": self.state, "error": self.error,
+                "cert_expiry": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                             time.gmtime(self.cert_expiry)),
+                "connected_since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                 time.gmtime(self.connected))}
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def push_server_context(ca: CertificateAuthority, data_dir: Path) -> ssl.SSLContext:
+    """TLS 1.3 server context: the control plane's mesh identity; client certs verified if sent."""
+    key = generate_key()
+    identity = control_plane_identity(ca.trust_domain)
+    chain = ca.sign_csr(make_csr(identity, key), identity, ttl=90 * 86400.0)
+    cert_path, key_path = data_dir / "push-server.pem", data_dir / "push-server-key.pem"
+    _write_private(key_path, private_key_pem(key))
+    _write_private(cert_path, b"".join(chain))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cadata=ca.trust_bundle().roots_pem.decode())
+    ctx.load_cert_chain(str(cert_path), str(key_path))
+    return ctx
+
+
+class PushServer:
+    """Keeps a MeshIndex in step with the store and streams each proxy its snapshot."""
+
+    def __init__(self, store: Store, ca: CertificateAuthority, tokens: TokenStore, *,
+                 root_namespace: str = "istio-system") -> None:
+        self.store = store
+        self.ca = ca
+        self.tokens = tokens
+        self.index = MeshIndex(trust_domain=ca.trust_domain, root_namespace=root_namespace)
+        self.index.trust_bundle_pem = ca.trust_bundle().roots_pem.decode()
+        version, items = store.snapshot()
+        self.index.load((r.parse() for r in items), version)
+        self.sessions: dict[tuple[str, str], Session] = {}
+        self._cache: dict[str, tuple[int, dict[str, Any], str]] = {}
+
+    # -- store -> index ----------------------------------------------------------------
+
+    async def follow_store(self) -> None:
+        """Apply every store change to the index and wake the sessions (runs forever)."""
+        async for ch in self.store.watch(self.index.version):
+            resource = parse_resource(dict(ch.body)) if ch.body is not None else None
+            self.index.apply(ch.key, resource, ch.version)
+            self._cache.clear()
+            for s in self.sessions.values():
+                s.wake.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"proxies": [s.status() for s in sorted(
+            self.sessions.values(), key=lambda s: (s.principal.kind, s.principal.name))]}
+
+    # -- per principal view ------------------------------------------------------------
+
+    def view(self, principal: NodePrincipal) -> tuple[int, dict[str, Any], str]:
+        """(version, snapshot dict, content hash) for a node or waypoint, cached per version."""
+        key = f"{principal.kind}:{principal.name}"
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == self.index.version:
+            return cached
+        if principal.kind == "node":
+            snap = self.index.node_snapshot(principal.name)
+        else:
+            snap = self.index.waypoint_snapshot(*principal.name.split("/", 1))
+        d = _sorted_dict(snap)
+        out = (self.index.version, d, content_hash(d))
+        self._cache[key] = out
+        return out
+
+    def _scheduled(self, node: str) -> list[SpiffeId]:
+        out = []
+        for ns in self.index.namespaces():
+            for w in self.index.workloads_in(ns).values():
+                if w.node == node:
+                    out.append(SpiffeId(self.ca.trust_domain, w.namespace, w.service_account))
+        return out
+
+    # -- connections -------------------------------------------------------------------
+
+    async def start(self, host: str, port: int, ctx: ssl.SSLContext) -> asyncio.Server:
+        return await asyncio.start_server(self._handle, host, port, ssl=ctx, limit=MAX_MESSAGE)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            await self._converse(reader, writer, peer_s)
+        except Refused as e:
+            log.warning("push request refused", peer=peer_s, rule=e.rule, reason=e.message)
+            await _send(writer, {"type": "error", "rule": e.rule, "message": e.message})
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
+            pass
+        except ValueError as e:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await _send(writer, {"type": "error", "rule": "protocol", "message": str(e)})
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        peer: str) -> None:
+        msg = await _recv(reader)
+        if msg is None:
+            return
+        if msg.get("type") == "join":
+            chain = issue_node_certificate(self.ca, self.tokens, str(msg.get("token", "")),
+                                           str(msg.get("subject", "")),
+                                           str(msg.get("csr", "")).encode())
+            log.info("proxy joined", subject=msg.get("subject"), peer=peer)
+            await _send(writer, {"type": "certificate", "chain": [c.decode() for c in chain],
+                                 "trust_bundle": self.index.trust_bundle_pem})
+            return
+        ssl_obj = writer.get_extra_info("ssl_object")
+        der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+        if not der:
+            raise Refused("node-certificate", "no client certificate: join with a token "
+                          "(`ambit token create`) first")
+        cert = x509.load_der_x509_certificate(der)
+        principal = principal_of(cert, self.ca.trust_domain)
+        expiry = cert.not_valid_after_utc.timestamp()
+        session: Session | None = None
+        error: Exception | None = None
+        async with asyncio.TaskGroup() as tg:  # owns this connection's sender
+            try:
+                while msg is not None:
+                    typ = msg.get("type")
+                    if typ == "csr":
+                        await self._csr(writer, principal, msg)
+                    elif typ == "subscribe" and session is None:
+                        session = Session(principal, peer, expiry, writer)
+                        self._subscribe(session, msg)
+                        tg.create_task(self._sender(session))
+                    elif typ in ("ack", "nack") and session is not None:
+                        self._ack(session, msg)
+                    else:
+                        raise ValueError(f"unexpected message type {typ!r}")
+                    msg = await _recv(reader)
+            except (Refused, ValueError, ConnectionError, asyncio.IncompleteReadError,
+                    ssl.SSLError) as e:
+                error = e
+            finally:
+                if session is not None:
+                    if self.sessions.get(_skey(principal)) is session:
+                        del self.sessions[_skey(principal)]
+                    log.info("proxy disconnected", kind=principal.kind, name=principal.name)
+                    session.state = "closed"
+                    session.wake.set()
+        if error is not None:
+            raise error
+
+    async def _csr(self, writer: asyncio.StreamWriter, principal: NodePrincipal,
+                   msg: Mapping[str, Any]) -> None:
+        try:
+            identity = SpiffeId.parse(str(msg.get("identity", "")))
+        except ValueError as e:
+            raise Refused("csr", str(e)) from None
+        authorize_principal_csr(principal, identity, self._scheduled)
+        try:
+            chain = self.ca.sign_csr(str(msg.get("csr", "")).encode(), identity)
+        except CsrRejected as e:
+            raise Refused("csr", e.reason) from None
+        await _send(writer, {"type": "certificate", "id": msg.get("id"),
+                             "chain": [c.decode() for c in chain]})
+
+    def _subscribe(self, s: Session, msg: Mapping[str, Any]) -> None:
+        old = self.sessions.get(_skey(s.principal))
+        if old is not None:  # a reconnect replaces the stale stream
+            old.state = "closed"
+            old.wake.set()
+            old.writer.close()
+        self.sessions[_skey(s.principal)] = s
+        s.acked_hash = s.sent_hash = str(msg.get("hash", ""))
+        s.acked_version = s.sent_version = int(msg.get("version", 0))
+        address = msg.get("address")
+        if s.principal.kind == "waypoint" and isinstance(address, str) and address:
+            ns, _, name = s.principal.name.partition("/")
+            zs.canonical_ip(address)
+            if self.index.waypoint_addresses.get((ns, name)) != address:
+                self.index.set_waypoint_address(ns, name, address)
+                self._cache.clear()
+                for other in self.sessions.values():
+                    other.wake.set()
+        log.info("proxy subscribed", kind=s.principal.kind, name=s.principal.name,
+                 version=s.acked_version, peer=s.peer)
+        s.state = "pending"
+        s.wake.set()
+
+    def _ack(self, s: Session, msg: Mapping[str, Any]) -> None:
+        version = int(msg.get("version", -1))
+        if msg["type"] == "ack":
+            if version == s.sent_version:
+                s.acked_version, s.acked_hash = version, s.sent_hash
+                s.state, s.error = "synced", ""
+            return
+        s.state, s.error = "nacked", str(msg.get("error", ""))[:500]
+        s.acked_hash = ""  # the proxy may not hold what we think: next update is full
+        s.sent = None
+        log.warning("proxy rejected config", kind=s.principal.kind, name=s.principal.name,
+                    version=version, error=s.error)
+
+    async def _sender(self, s: Session) -> None:
+        try:
+            await self._send_updates(s)
+        except (ConnectionError, ssl.SSLError) as e:
+            log.info("config stream write failed", name=s.principal.name, reason=str(e))
+            s.state = "closed"
+            s.writer.close()
+
+    async def _send_updates(self, s: Session) -> None:
+        while s.state != "closed":
+            await s.wake.wait()
+            s.wake.clear()
+            if s.state == "closed":
+                return
+            version, d, h = self.view(s.principal)
+            if h == s.sent_hash and s.state != "nacked":
+                if s.state == "pending" and h == s.acked_hash:
+                    s.state = "synced"
+                    s.sent_version = s.acked_version = version
+                    await _send(s.writer, {"type": "uptodate", "version": version, "hash": h})
+                continue
+            if s.sent is not None and s.sent_hash == s.acked_hash and s.state != "nacked":
+                msg = {"type": "delta", "from_hash": s.sent_hash, "version": version,
+                       "hash": h, **make_delta(s.sent, d)}
+            else:
+                msg = {"type": "snapshot", "version": version, "hash": h, "snapshot": d}
+            s.sent, s.sent_hash, s.sent_version = d, h, version
+            if s.state != "nacked":
+                s.state = "pending"
+            await _send(s.writer, msg)
+
+
+def _skey(p: NodePrincipal) -> tuple[str, str]:
+    return (p.kind, p.name)
+
+
+async def _send(writer: asyncio.StreamWriter, msg: Mapping[str, Any]) -> None:
+    writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
+
+
+async def _recv(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    line = await reader.readline()
+    if not line:
+        return None
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        raise ValueError("message is not JSON") from None
+    if not isinstance(msg, dict):
+        raise ValueError("message is not a JSON object")
+    return msg
+
+
+# ---------------------------------------------------------------------------
+# client (used by ztunnel and waypoints)
+# ---------------------------------------------------------------------------
+
+
+class PushError(Exception):
+    """The control plane refused a request; `rule` names why (join-token, csr, ...)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{rule}: {message}")
+        self.rule = rule
+        self.message = message
+
+
+NODE_CERT = "node-cert.pem"
+NODE_KEY = "node-key.pem"
+TRUST = "trust-bundle.pem"
+LAST_SNAPSHOT = "snapshot.json"
+
+
+class PushClient:
+    """A proxy's side: join once with a token, then fetch certificates and follow config.
+
+    `subject` is the node name, or `NS/NAME` for a waypoint. State (node certificate,
+    trust bundle, last good snapshot) lives in `data_dir`.
+    """
+
+    def __init__(self, address: str, subject: str, data_dir: Path, *,
+                 trust_domain: str = zs.DEFAULT_TRUST_DOMAIN, token: str = "",
+                 waypoint_address: str = "", timeout: float = 10.0) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad control plane address {address!r}: expected HOST:PORT")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.address = address
+        self.subject = subject
+        self.data_dir = Path(data_dir)
+        self.trust_domain = trust_domain
+        self.token = token
+        self.waypoint_address = waypoint_address
+        self.timeout = timeout
+        self._ids = 0
+
+    # -- files ---------------------------------------------------------------------
+
+    def _identity(self) -> SpiffeId:
+        if "/" in self.subject:
+            ns, _, name = self.subject.partition("/")
+            return SpiffeId(self.trust_domain, ns, name)
+        return node_identity(self.trust_domain)
+
+    def node_certificate(self) -> Certificate | None:
+        c, k = self.data_dir / NODE_CERT, self.data_dir / NODE_KEY
+        if not c.exists() or not k.exists():
+            return None
+        cert = Certificate.from_pem([c.read_bytes()], k.read_bytes())
+        return cert if cert.valid_at(time.time()) else None
+
+    def last_snapshot(self) -> zs.Snapshot | None:
+        """The last snapshot this proxy applied (kept across restarts)."""
+        p = self.data_dir / LAST_SNAPSHOT
+        if not p.exists():
+            return None
+        try:
+            return zs.Snapshot.from_file(p)
+        except zs.SnapshotError as e:
+            log.warning("ignoring the saved snapshot", path=str(p), reason=str(e))
+            return None
+
+    def _save_snapshot(self, d: Mapping[str, Any]) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".snapshot")
+        with os.fdopen(fd, "w") as f:
+            json.dump(d, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.data_dir / LAST_SNAPSHOT)
+
+    # -- connections ---------------------------------------------------------------
+
+    def _context(self, with_cert: bool) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False
+        trust = self.data_dir / TRUST
+        if with_cert and trust.exists():
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(str(trust))
+            ctx.load_cert_chain(str(self.data_dir / NODE_CERT), str(self.data_dir / NODE_KEY))
+        else:  # joining: the token is the secret; the trust bundle comes back with the cert
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    @contextlib.asynccontextmanager
+    async def _connect(self, with_cert: bool) -> AsyncIterator[
+            tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self._context(with_cert), limit=MAX_MESSAGE)
+        except TimeoutError:
+            raise ConnectionError(f"connection to the control plane at {self.address} timed "
+                                  f"out: is port {self.port} reachable?") from None
+        except ssl.SSLError as e:
+            raise ConnectionError(f"TLS with the control plane at {self.address} failed: "
+                                  f"{e.reason or e}") from None
+        except OSError as e:
+            raise ConnectionError(f"cannot reach the control plane at {self.address}: "
+                                  f"{e.strerror or e}") from None
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+
+    async def join(self) -> Certificate:
+        """Exchange the join token for this proxy's certificate (kept in data_dir)."""
+        if not self.token:
+            raise PushError("join-token", f"no node certificate in {self.data_dir} and no "
+                            f"--token: create one with `ambit token create "
+                            f"{'--waypoint' if '/' in self.subject else '--node'} "
+                            f"{self.subject}`")
+        key = generate_key()
+        csr = make_csr(self._identity(), key)
+        async with self._connect(with_cert=False) as (reader, writer):
+            await _send(writer, {"type": "join", "subject": self.subject, "token": self.token,
+                                 "csr": csr.decode()})
+            reply = await _expect(reader, "certificate")
+        chain = [c.encode() for c in reply["chain"]]
+        cert = Certificate.from_pem(chain, private_key_pem(key))
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_private(self.data_dir / NODE_KEY, private_key_pem(key))
+        _write_private(self.data_dir / NODE_CERT, b"".join(chain))
+        _write_private(self.data_dir / TRUST, str(reply["trust_bundle"]).encode())
+        log.info("joined the mesh", subject=self.subject, identity=str(cert.identity))
+        return cert
+
+    async def ensure_joined(self) -> None:
+        if self.node_certificate() is None:
+            await self.join()
+
+    async def fetch_certificate(self, identity: SpiffeId, csr_pem: bytes) -> list[bytes]:
+        """Have the control plane sign a workload CSR (an IdentityManager fetcher)."""
+        await self.ensure_joined()
+        self._ids += 1
+        async with self._connect(with_cert=True) as (reader, writer):
+            await _send(writer, {"type": "csr", "id": self._ids, "identity": str(identity),
+                                 "csr": csr_pem.decode()})
+            reply = await _expect(reader, "certificate")
+        return [c.encode() for c in reply["chain"]]
+
+    async def follow(self, apply: Callable[[zs.Snapshot], Awaitable[None]], *,
+                     once: bool = False) -> None:
+        """Apply the saved snapshot, then every update from the control plane, forever.
+
+        `apply` raising rejects an update (nack) and the proxy keeps what it had.
+        Reconnects with jittered exponential backoff; `once` returns after the first
+        session ends (tests).
+        """
+        current = self.last_snapshot()
+        current_dict: dict[str, Any] | None = None
+        if current is not None:
+            current_dict = _sorted_dict(current)
+            await apply(current)
+        delay = 0.5
+        while True:
+            try:
+                await self.ensure_joined()
+                async with self._connect(with_cert=True) as (reader, writer):
+                    hello: dict[str, Any] = {
+                        "type": "subscribe",
+                        "version": current.version if current is not None else 0,
+                        "hash": content_hash(current_dict) if current_dict else ""}
+                    if self.waypoint_address:
+                        hello["address"] = self.waypoint_address
+                    await _send(writer, hello)
+                    delay = 0.5
+                    while True:
+                        msg = await _recv(reader)
+                        if msg is None:
+                            raise ConnectionError("the control plane closed the stream")
+                        typ = msg.get("type")
+                        if typ == "error":
+                            raise PushError(str(msg.get("rule")), str(msg.get("message")))
+                        if typ == "uptodate":
+                            continue
+                        if typ not in ("snapshot", "delta"):
+                            continue
+                        version = int(msg["version"])
+                        try:
+                            if typ == "snapshot":
+                                new = msg["snapshot"]
+                            else:
+                                if current_dict is None or msg.get("from_hash") != content_hash(
+                                        current_dict):
+                                    raise ValueError("delta does not apply to the snapshot "
+                                                     "this proxy holds")
+                                new = apply_delta(current_dict, msg)
+                            if content_hash(new) != msg.get("hash"):
+                                raise ValueError("snapshot content does not match its hash")
+                            snap = zs.Snapshot.from_dict(new)
+                            await apply(snap)
+                        except Exception as e:
+                            await _send(writer, {"type": "nack", "version": version,
+                                                 "error": f"{type(e).__name__}: {e}"})
+                            continue
+                        current, current_dict = snap, new
+                        self._save_snapshot(new)
+                        await _send(writer, {"type": "ack", "version": version})
+            except PushError as e:
+                log.error("control plane refused this proxy", rule=e.rule, reason=e.message)
+                if e.rule in ("join-token", "node-certificate") or once:
+                    raise
+            except (ConnectionError, ssl.SSLError, ValueError) as e:
+                log.warning("config stream lost", reason=str(e), retry_in=round(delay, 2))
+                if once:
+                    return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 30.0)
+
+
+async def _expect(reader: asyncio.StreamReader, typ: str) -> dict[str, Any]:
+    msg = await _recv(reader)
+    if msg is None:
+        raise ConnectionError("the control plane closed the connection")
+    if msg.get("type") == "error":
+        raise PushError(str(msg.get("rule")), str(msg.get("message")))
+    if msg.get("type") != typ:
+        raise ValueError(f"expected a {typ} message, got {msg.get('type')!r}")
+    return msg
