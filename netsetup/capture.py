@@ -9,10 +9,11 @@ the routes. A failed enroll leaves nothing behind that it created.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,12 +133,11 @@ def _our_routes(ipr: Any, spec: CaptureSpec) -> list[tuple[int, Any]]:
     return found
 
 
-def _state_here(netns: str, spec: CaptureSpec) -> CaptureState:
-    table = nft.read_table_here(TABLE_NAME, netns)
+def _state_with(session: nft.Session, ipr: Any, netns: str, spec: CaptureSpec) -> CaptureState:
+    table = session.read(TABLE_NAME)
     try:
-        with _iproute() as ipr:
-            rules = _our_rules(ipr, spec)
-            routes = _our_routes(ipr, spec)
+        rules = _our_rules(ipr, spec)
+        routes = _our_routes(ipr, spec)
     except Exception as exc:
         raise _routing_error(exc, "read ip rules and routes", netns) from exc
     return CaptureState(
@@ -148,6 +148,25 @@ def _state_here(netns: str, spec: CaptureSpec) -> CaptureState:
         ),
         local_routes=tuple(sorted({_fam_name(f) for f, _ in routes})),
     )
+
+
+@contextlib.contextmanager
+def _handles(netns: str) -> Iterator[tuple[nft.Session, Any]]:
+    """One nftables and one rtnetlink socket in the current netns, closed on exit."""
+    with nft.Session(netns) as session:
+        try:
+            ipr = _iproute()
+        except Exception as exc:
+            raise _routing_error(exc, "open rtnetlink", netns) from exc
+        try:
+            yield session, ipr
+        finally:
+            ipr.close()
+
+
+def _state_here(netns: str, spec: CaptureSpec) -> CaptureState:
+    with _handles(netns) as (session, ipr):
+        return _state_with(session, ipr, netns, spec)
 
 
 def _families(spec: CaptureSpec) -> list[int]:
@@ -167,66 +186,64 @@ def _problems(state: CaptureState, spec: CaptureSpec, ruleset: Ruleset) -> list[
     return problems
 
 
-def _add_routing_here(netns: str, spec: CaptureSpec) -> list[tuple[str, int]]:
+def _add_routing(ipr: Any, netns: str, spec: CaptureSpec) -> list[tuple[str, int]]:
     """Add the missing local routes, then the missing ip rules; return what was added."""
     added: list[tuple[str, int]] = []
     try:
-        with _iproute() as ipr:
-            lo = ipr.get_links(LO_IFINDEX)[0]
-            if not lo.get("flags", 0) & 1:  # IFF_UP: TPROXY to 127.0.0.1 / ::1 needs lo up
-                ipr.link("set", index=LO_IFINDEX, state="up")
-            have_routes = {f for f, _ in _our_routes(ipr, spec)}
-            have_rules = {f for f, _ in _our_rules(ipr, spec)}
-            for family in _families(spec):
-                if family in have_routes:
-                    continue
-                dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
-                ipr.route(
-                    "add", dst=dst, type="local", scope="host", oif=LO_IFINDEX,
-                    table=spec.route_table, family=family,
-                )  # fmt: skip
-                added.append(("route", family))
-            for family in _families(spec):
-                if family in have_rules:
-                    continue
-                ipr.rule(
-                    "add", fwmark=spec.capture_mark, fwmask=0xFFFFFFFF, table=spec.route_table,
-                    priority=RULE_PRIORITY, family=family,
-                )  # fmt: skip
-                added.append(("rule", family))
+        lo = ipr.get_links(LO_IFINDEX)[0]
+        if not lo.get("flags", 0) & 1:  # IFF_UP: TPROXY to 127.0.0.1 / ::1 needs lo up
+            ipr.link("set", index=LO_IFINDEX, state="up")
+        have_routes = {f for f, _ in _our_routes(ipr, spec)}
+        have_rules = {f for f, _ in _our_rules(ipr, spec)}
+        for family in _families(spec):
+            if family in have_routes:
+                continue
+            dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
+            ipr.route(
+                "add", dst=dst, type="local", scope="host", oif=LO_IFINDEX,
+                table=spec.route_table, family=family,
+            )  # fmt: skip
+            added.append(("route", family))
+        for family in _families(spec):
+            if family in have_rules:
+                continue
+            ipr.rule(
+                "add", fwmark=spec.capture_mark, fwmask=0xFFFFFFFF, table=spec.route_table,
+                priority=RULE_PRIORITY, family=family,
+            )  # fmt: skip
+            added.append(("rule", family))
     except Exception as exc:
-        _remove_routing_here(netns, spec, only=added)
+        _remove_routing(ipr, netns, spec, only=added)
         raise _routing_error(exc, "add the capture policy route", netns) from exc
     return added
 
 
-def _remove_routing_here(
-    netns: str, spec: CaptureSpec, only: list[tuple[str, int]] | None = None,
+def _remove_routing(
+    ipr: Any, netns: str, spec: CaptureSpec, only: list[tuple[str, int]] | None = None,
     families: Iterable[int] = _FAMILIES,
 ) -> bool:  # fmt: skip
     """Delete our ip rules, then our local routes (only those in `only` when given)."""
     fams = set(families)
     changed = False
     try:
-        with _iproute() as ipr:
-            for family, r in _our_rules(ipr, spec):
-                if family not in fams or (only is not None and ("rule", family) not in only):
-                    continue
-                ipr.rule(
-                    "del", fwmark=spec.capture_mark, fwmask=r.get("FRA_FWMASK") or 0xFFFFFFFF,
-                    table=spec.route_table, priority=r.get("FRA_PRIORITY"), family=family,
-                )  # fmt: skip
-                changed = True
-            for family, _r in _our_routes(ipr, spec):
-                if family not in fams or (only is not None and ("route", family) not in only):
-                    continue
-                dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
-                scope = {"scope": "host"} if family == socket.AF_INET else {}
-                ipr.route(
-                    "del", dst=dst, type="local", oif=LO_IFINDEX, table=spec.route_table,
-                    family=family, **scope,
-                )  # fmt: skip
-                changed = True
+        for family, r in _our_rules(ipr, spec):
+            if family not in fams or (only is not None and ("rule", family) not in only):
+                continue
+            ipr.rule(
+                "del", fwmark=spec.capture_mark, fwmask=r.get("FRA_FWMASK") or 0xFFFFFFFF,
+                table=spec.route_table, priority=r.get("FRA_PRIORITY"), family=family,
+            )  # fmt: skip
+            changed = True
+        for family, _r in _our_routes(ipr, spec):
+            if family not in fams or (only is not None and ("route", family) not in only):
+                continue
+            dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
+            scope = {"scope": "host"} if family == socket.AF_INET else {}
+            ipr.route(
+                "del", dst=dst, type="local", oif=LO_IFINDEX, table=spec.route_table,
+                family=family, **scope,
+            )  # fmt: skip
+            changed = True
     except Exception as exc:
         raise _routing_error(exc, "remove the capture policy route", netns) from exc
     return changed
@@ -235,31 +252,35 @@ def _remove_routing_here(
 def _enroll_here(w: Workload, spec: CaptureSpec, fault: nft.FaultHook | None) -> str:
     """Enroll in the current netns; returns "unchanged", "enrolled" or "repaired"."""
     ruleset = render_ruleset(spec)
-    before = _state_here(w.netns, spec)
-    if not _problems(before, spec, ruleset):
-        return "unchanged"
-    added = _add_routing_here(w.netns, spec)
-    try:
-        nft.apply_here(ruleset, w.netns, fault)
-    except nft.NftError as exc:
-        if not before.hooked:
-            # nothing of ours was in force before: leave nothing behind
-            if before.table is None and nft.read_table_here(TABLE_NAME, w.netns) is not None:
-                nft.remove_table_here(TABLE_NAME, w.netns)
-            _remove_routing_here(w.netns, spec, only=added)
-        raise CaptureError(f"workload {w.name!r}: {exc}") from None
-    if spec.workload_ip6 is None:
-        # a previous enrollment with IPv6: drop the IPv6 policy route it left
-        _remove_routing_here(w.netns, spec, families=(socket.AF_INET6,))
+    with _handles(w.netns) as (session, ipr):
+        before = _state_with(session, ipr, w.netns, spec)
+        if not _problems(before, spec, ruleset):
+            return "unchanged"
+        added = _add_routing(ipr, w.netns, spec)
+        try:
+            session.apply(ruleset, current=before.table, fault=fault)
+        except nft.NftError as exc:
+            if not before.hooked:
+                # nothing of ours was in force before: leave nothing behind
+                if before.table is None:
+                    session.remove(TABLE_NAME)
+                _remove_routing(ipr, w.netns, spec, only=added)
+            raise CaptureError(f"workload {w.name!r}: {exc}") from None
+        if spec.workload_ip6 is None and "ipv6" in before.local_routes + tuple(
+            f for f, _m, _t in before.ip_rules
+        ):
+            # a previous enrollment with IPv6: drop the IPv6 policy route it left
+            _remove_routing(ipr, w.netns, spec, families=(socket.AF_INET6,))
     return "enrolled" if before.empty else "repaired"
 
 
 def _unenroll_here(netns: str, spec: CaptureSpec) -> bool:
-    try:
-        removed_table = nft.remove_table_here(TABLE_NAME, netns)
-    except nft.NftError as exc:
-        raise CaptureError(str(exc)) from None
-    removed_routing = _remove_routing_here(netns, spec)
+    with _handles(netns) as (session, ipr):
+        try:
+            removed_table = session.remove(TABLE_NAME)
+        except nft.NftError as exc:
+            raise CaptureError(str(exc)) from None
+        removed_routing = _remove_routing(ipr, netns, spec)
     return removed_table or removed_routing
 
 

@@ -705,21 +705,95 @@ def _wrap_read_error(exc: BaseException, netns: str) -> NftError:
     return NftError(f"cannot read nftables in netns {netns!r}: {exc}")
 
 
+class Session:
+    """One nftables netlink socket in the calling thread's current netns (open it there, on a
+    thread without a running event loop, e.g. inside `in_netns`); use as a context manager."""
+
+    def __init__(self, netns: str = "") -> None:
+        self.netns = netns
+        try:
+            self._nft = _open()
+        except Exception as exc:
+            raise _wrap_read_error(exc, netns) from exc
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._nft.close()
+
+    def read(self, table: str = TABLE_NAME) -> TableState | None:
+        try:
+            return _read(self._nft, table)
+        except Exception as exc:
+            raise _wrap_read_error(exc, self.netns) from exc
+
+    def apply(
+        self,
+        ruleset: Ruleset,
+        current: TableState | Literal["read"] | None = "read",
+        fault: FaultHook | None = None,
+    ) -> ApplyResult:
+        """Make the table equal to `ruleset`; `current`: its state if just read."""
+        if current == "read":
+            current = self.read(ruleset.table)
+        assert not isinstance(current, str)
+        plan = plan_apply(current, ruleset)
+        # (index of first step, steps in one transaction, phase)
+        groups: list[tuple[int, tuple[Step, ...], str]] = [
+            (i, (step,), "build") for i, step in enumerate(plan.build)
+        ]
+        if plan.switch:
+            groups.append((len(plan.build), plan.switch, "switch"))
+        start = len(plan.build) + len(plan.switch)
+        groups += [(start + i, (step,), "cleanup") for i, step in enumerate(plan.cleanup)]
+        done: list[Step] = []
+        for index, steps, phase in groups:
+            try:
+                if fault is not None:
+                    fault(index, steps[0])
+                _transact(self._nft, plan.table, steps)
+            except Exception as exc:
+                err = _error_for(exc, _blame(steps), self.netns)
+                if phase != "cleanup":
+                    _rollback(self._nft, plan.table, done)
+                else:
+                    err = NftError(
+                        f"{err} (the new capture rules are in force; run enroll again or "
+                        "reconcile to remove the unused chains)"
+                    )
+                raise err from exc
+            done.extend(steps)
+        return ApplyResult(
+            bool(plan.steps),
+            plan.slot,
+            len(plan.steps),
+            any(isinstance(s, CreateTable) for s in plan.steps),
+        )
+
+    def remove(self, table: str = TABLE_NAME) -> bool:
+        """Delete the table in one transaction; False when it was absent."""
+        step = DeleteTable(table)
+        try:
+            _transact(self._nft, table, [step])
+        except Exception as exc:
+            if _netlink_code(exc) == errno.ENOENT:
+                return False
+            raise _error_for(exc, step, self.netns) from exc
+        return True
+
+
 def read_table_here(table: str = TABLE_NAME, netns: str = "") -> TableState | None:
     """`read_table` for the calling thread's current netns (must not run on an event loop)."""
-    try:
-        nft = _open()
-        try:
-            return _read(nft, table)
-        finally:
-            nft.close()
-    except Exception as exc:
-        raise _wrap_read_error(exc, netns) from exc
+    with Session(netns) as session:
+        return session.read(table)
 
 
 def read_table(netns: str, table: str = TABLE_NAME) -> TableState | None:
     """The inet table `table` in `netns` as the kernel holds it, or None."""
-
     return in_netns(netns, lambda: read_table_here(table, netns))
 
 
@@ -737,46 +811,8 @@ FaultHook = Callable[[int, Step], None]
 
 def apply_here(ruleset: Ruleset, netns: str = "", fault: FaultHook | None = None) -> ApplyResult:
     """`apply_ruleset` in the calling thread's current netns (must not run on an event loop)."""
-    nft = _open()
-    try:
-        try:
-            current = _read(nft, ruleset.table)
-        except Exception as exc:
-            raise _wrap_read_error(exc, netns) from exc
-        plan = plan_apply(current, ruleset)
-        # (index of first step, steps in one transaction, phase)
-        groups: list[tuple[int, tuple[Step, ...], str]] = [
-            (i, (step,), "build") for i, step in enumerate(plan.build)
-        ]
-        if plan.switch:
-            groups.append((len(plan.build), plan.switch, "switch"))
-        start = len(plan.build) + len(plan.switch)
-        groups += [(start + i, (step,), "cleanup") for i, step in enumerate(plan.cleanup)]
-        done: list[Step] = []
-        for index, steps, phase in groups:
-            try:
-                if fault is not None:
-                    fault(index, steps[0])
-                _transact(nft, plan.table, steps)
-            except Exception as exc:
-                err = _error_for(exc, _blame(steps), netns)
-                if phase != "cleanup":
-                    _rollback(nft, plan.table, done)
-                else:
-                    err = NftError(
-                        f"{err} (the new capture rules are in force; run enroll again or "
-                        "reconcile to remove the unused chains)"
-                    )
-                raise err from exc
-            done.extend(steps)
-        return ApplyResult(
-            bool(plan.steps),
-            plan.slot,
-            len(plan.steps),
-            any(isinstance(s, CreateTable) for s in plan.steps),
-        )
-    finally:
-        nft.close()
+    with Session(netns) as session:
+        return session.apply(ruleset, fault=fault)
 
 
 def _blame(steps: Sequence[Step]) -> Step:
@@ -815,22 +851,8 @@ def apply_ruleset(netns: str, ruleset: Ruleset, fault: FaultHook | None = None) 
 
 def remove_table_here(table: str = TABLE_NAME, netns: str = "") -> bool:
     """Delete the table in the current netns in one transaction; False when it was absent."""
-    nft = _open()
-    try:
-        try:
-            present = _read(nft, table) is not None
-        except Exception as exc:
-            raise _wrap_read_error(exc, netns) from exc
-        if not present:
-            return False
-        step = DeleteTable(table)
-        try:
-            _transact(nft, table, [step])
-        except Exception as exc:
-            raise _error_for(exc, step, netns) from exc
-        return True
-    finally:
-        nft.close()
+    with Session(netns) as session:
+        return session.remove(table)
 
 
 def remove_table(netns: str, table: str = TABLE_NAME) -> bool:
