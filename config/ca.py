@@ -7,6 +7,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import itertools
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,7 @@ _ROOT_KEY = "root-key.pem"
 _NEXT_CERT = "next-root-cert.pem"
 _NEXT_KEY = "next-root-key.pem"
 _TRUSTED = "trusted-roots.pem"
+_ROTATIONS = "rotations.json"
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -251,6 +253,8 @@ class CertificateAuthority:
             r for r in extra if fingerprint(r) != fingerprint(root)
         ]
         self._data_dir = data_dir
+        # fingerprint of a root that stopped signing -> when (guards early retirement)
+        self._rotations: dict[str, float] = {}
 
     # -- construction ---------------------------------------------------------------
 
@@ -322,6 +326,14 @@ class CertificateAuthority:
             extra = _load_certs(trusted)
         ca = cls(trust_domain, signer, signer_key, extra_roots=extra, data_dir=data_dir, now=now)
         ca._next = pending
+        rotations = ca_dir / _ROTATIONS
+        if rotations.exists():
+            try:
+                ca._rotations = {
+                    str(k): float(v) for k, v in json.loads(rotations.read_text()).items()
+                }
+            except (ValueError, AttributeError) as exc:
+                raise CaError(f"{rotations} is corrupt ({exc}): remove it to continue") from None
         return ca
 
     @classmethod
@@ -388,17 +400,30 @@ class CertificateAuthority:
                 self._extra.append(cert)
         self._persist_trusted()
 
-    def retire_root(self, fp: str) -> None:
-        """Stop trusting a root (after the overlap); the signing root cannot be retired."""
+    def retire_root(self, fp: str, *, now: float | None = None, force: bool = False) -> None:
+        """Stop trusting a root (after the overlap); the signing root cannot be retired.
+
+        A root that stopped signing less than DEFAULT_TTL ago is refused unless `force`:
+        leaves it signed may not all have been renewed by the new root yet.
+        """
         fp = fp.lower().replace(":", "")
         if fp == fingerprint(self._root):
             raise CaError("the root that currently signs cannot be retired: rotate first")
         if self._next is not None and fp == fingerprint(self._next[0]):
             raise CaError("the pending next root cannot be retired: complete or abandon rotation")
+        now = time.time() if now is None else now
+        stopped = self._rotations.get(fp)
+        if stopped is not None and now < stopped + DEFAULT_TTL and not force:
+            until = _ts(stopped + DEFAULT_TTL).isoformat()
+            raise CaError(
+                f"root {fp[:16]} stopped signing at {_ts(stopped).isoformat()}; leaves it "
+                f"signed may be in use until {until}: retire it after that (or force it)"
+            )
         before = len(self._extra)
         self._extra = [r for r in self._extra if fingerprint(r) != fp]
         if len(self._extra) == before:
             raise CaError(f"no trusted root has fingerprint {fp}")
+        self._rotations.pop(fp, None)
         self._persist_trusted()
 
     def begin_rotation(self, now: float | None = None) -> x509.Certificate:
@@ -422,13 +447,14 @@ class CertificateAuthority:
         self._next = (cert, key)
         return cert
 
-    def complete_rotation(self) -> None:
+    def complete_rotation(self, now: float | None = None) -> None:
         """Sign with the next root from now on; the old root stays trusted until retired."""
         if self._next is None or self._data_dir is None:
             raise CaError("no rotation in progress: call begin_rotation first")
         cert, key = self._next
         old = self._root
         ca_dir = self._data_dir / _CA_DIR
+        self._rotations[fingerprint(old)] = time.time() if now is None else now
         self._extra.append(old)
         self._persist_trusted()
         _write_private(ca_dir / _ROOT_KEY, private_key_pem(key))
@@ -446,6 +472,11 @@ class CertificateAuthority:
             _write_private(path, b"".join(_pem(r) for r in self._extra), 0o644)
         elif path.exists():
             path.unlink()
+        _write_private(
+            self._data_dir / _CA_DIR / _ROTATIONS,
+            json.dumps(self._rotations, sort_keys=True).encode(),
+            0o644,
+        )
 
     # -- signing ---------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ def test_old_and_new_leaves_are_both_accepted_during_root_rotation(tmp_path: Pat
     assert "does not chain to a trusted root" in describe_handshake_error(out.client.error)
 
     # once the old root is retired, leaves it signed are refused
-    ca.retire_root(fingerprint(old_bundle.roots()[0]))
+    ca.retire_root(fingerprint(old_bundle.roots()[0]), force=True)
     final = ca.trust_bundle()
     assert len(final.roots()) == 1
     out = _connect(old_leaf, new_leaf, final, final)
