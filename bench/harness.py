@@ -333,20 +333,24 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
     )
 
 
-def profile_path(
-    name: str, pki: BenchPKI, workdir: Path, iperf_port: int, s: Settings
+def _profile_workload(
+    name: str,
+    pki: BenchPKI,
+    workdir: Path,
+    *,
+    target: int,
+    workload: str,
+    s: Settings,
 ) -> dict[str, list[tuple[str, float]]]:
-    """Sample the relays with py-spy during a single-stream iperf3 run (not a measured run:
-    native sampling pauses the process, so its throughput is not reported)."""
     from bench.profile import library_resolver, py_spy_binary, top_frames
 
     spy = py_spy_binary()
     out: dict[str, list[tuple[str, float]]] = {}
     with Processes(workdir) as procs:
-        chain = STARTERS[name](procs, pki, iperf_port)
+        chain = STARTERS[name](procs, pki, target)
         spies = []
         for role, pid in zip(("client", "server"), chain.relay_pids, strict=True):
-            raw = workdir / f"profile-{name}-{role}.txt"
+            raw = workdir / f"profile-{name}-{workload}-{role}.txt"
             cmd = [
                 spy,
                 "record",
@@ -364,14 +368,33 @@ def profile_path(
             ]
             spies.append((role, raw, procs.start(cmd, f"py-spy-{role}")))
         time.sleep(0.5)
-        measure.run_iperf3(chain.entry_port, seconds=s.profile_seconds, streams=1)
+        if workload == "throughput":
+            measure.run_iperf3(chain.entry_port, seconds=s.profile_seconds, streams=1)
+        else:
+            deadline = time.monotonic() + s.profile_seconds
+            while time.monotonic() < deadline:
+                measure.ping_pong(chain.entry_port, count=2000, warmup=0)
         for (role, raw, spy_proc), pid in zip(spies, chain.relay_pids, strict=True):
             spy_proc.wait(timeout=s.profile_seconds + 30)
             resolve = library_resolver(pid)
             if raw.exists():
                 text = raw.read_text()
-                out[f"{role} self"] = top_frames(text, inclusive=False, resolve=resolve)
-                out[f"{role} inclusive"] = top_frames(text, inclusive=True, resolve=resolve)
+                out[f"{workload}, {role} side, self"] = top_frames(
+                    text, inclusive=False, resolve=resolve
+                )
+                out[f"{workload}, {role} side, inclusive"] = top_frames(
+                    text, inclusive=True, resolve=resolve
+                )
+    return out
+
+
+def profile_path(
+    name: str, pki: BenchPKI, workdir: Path, *, iperf_port: int, echo_port: int, s: Settings
+) -> dict[str, list[tuple[str, float]]]:
+    """Sample both relays with py-spy during a single-stream iperf3 run and during 1-byte
+    ping-pongs. These runs are not measured: native sampling pauses the process."""
+    out = _profile_workload(name, pki, workdir, target=iperf_port, workload="throughput", s=s)
+    out |= _profile_workload(name, pki, workdir, target=echo_port, workload="round trips", s=s)
     return out
 
 
@@ -409,7 +432,9 @@ def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
                     if name in ("hbone", "tls") and name not in errors:
                         log(f"profiling {PATHS[name]} with py-spy ...")
                         try:
-                            profiles[name] = profile_path(name, pki, workdir, iperf_port, s)
+                            profiles[name] = profile_path(
+                                name, pki, workdir, iperf_port=iperf_port, echo_port=echo_port, s=s
+                            )
                         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                             log(f"    profile FAILED: {exc}")
         for name in s.paths:

@@ -269,7 +269,11 @@ def render_markdown(
     out.append("")
     profiled = [r for r in results if r.profile]
     if profiled:
-        out += ["## Profile (py-spy, single-stream iperf3, separate unmeasured run)", ""]
+        out += [
+            "## Profile (py-spy --native; separate, unmeasured runs: "
+            "single-stream iperf3, then 1-byte ping-pongs)",
+            "",
+        ]
         for r in profiled:
             for part, frames in r.profile.items():
                 out += [f"{r.label}, {part} (% of samples):", "", "```"]
