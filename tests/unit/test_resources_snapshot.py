@@ -242,3 +242,24 @@ def test_snapshot_round_trips_through_json() -> None:
                             waypoint_addresses={("shop", "wp"): "10.1.0.99"},
                             trust_bundle_pem="-----BEGIN CERTIFICATE-----\n")
     assert zs.Snapshot.from_json(snap.to_json()) == snap
+
+
+def test_deltas_turn_one_snapshot_into_the_next() -> None:
+    from config.push import _sorted_dict, apply_delta, content_hash, make_delta
+
+    before = _sorted_dict(compute_snapshot(resources(), "node-a", version=1))
+    changed = MESH.replace("address: 10.1.0.12", "address: 10.1.0.14").replace(
+        "spec: {action: DENY, rules: [{}]}", "spec: {action: ALLOW}")
+    after = _sorted_dict(compute_snapshot(resources(changed + WAYPOINT), "node-b", version=2,
+                                          waypoint_addresses={("shop", "wp"): "10.1.0.99"}))
+    delta = make_delta(before, after)
+    assert delta["set"] == {"version": 2, "node": "node-b"}
+    assert [w["name"] for w in delta["upsert"]["workloads"]] == ["cron-1", "web-2"]
+    assert delta["remove"] == {}
+    assert apply_delta(before, delta) == after
+    assert content_hash(after) != content_hash(before)
+    assert content_hash({**after, "version": 99}) == content_hash(after)
+    back = make_delta(after, before)
+    assert back["remove"]["workloads"] == ["legacy/WorkloadEntry/cron-1"]
+    assert back["remove"]["waypoints"] == ["shop/wp"]
+    assert apply_delta(after, back) == before
