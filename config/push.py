@@ -50,7 +50,7 @@ from config.nodeauth import (
     issue_node_certificate,
     principal_of,
 )
-from config.resources import parse_resource
+from config.resources import Resource, parse_resource
 from config.snapshot import MeshIndex
 from config.store import Store
 from config.tokens import TokenStore
@@ -67,6 +67,10 @@ from ztunnel.identity import (
 log = structlog.get_logger("ambit.push")
 
 PUSH_PORT = 15012
+#: extra field of waypoint snapshots: the manifests of WAYPOINT_KINDS it enforces itself
+L7_RESOURCES = "resources"
+WAYPOINT_KINDS = frozenset({"HTTPRoute", "AuthorizationPolicy", "DestinationRule",
+                            "HTTPFault", "RateLimit", "Service", "Gateway"})
 MAX_MESSAGE = 256 * 1024 * 1024
 CONTROL_PLANE_SA = ("ambit-system", "control-plane")
 
@@ -237,12 +241,24 @@ class PushServer:
         if cached is not None and cached[0] == self.index.version:
             return cached
         if principal.kind == "node":
-            snap = self.index.node_snapshot(principal.name)
+            d = _sorted_dict(self.index.node_snapshot(principal.name))
         else:
-            snap = self.index.waypoint_snapshot(*principal.name.split("/", 1))
-        d = _sorted_dict(snap)
+            ns, _, name = principal.name.partition("/")
+            snap = self.index.waypoint_snapshot(ns, name)
+            d = _sorted_dict(snap)
+            d[L7_RESOURCES] = self._l7_resources(snap)
         out = (self.index.version, d, content_hash(d))
         self._cache[key] = out
+        return out
+
+    def _l7_resources(self, snap: zs.Snapshot) -> list[dict[str, Any]]:
+        """Manifests a waypoint applies itself (routes, L7 policy, faults, limits...) in the
+        namespaces of the services bound to it and the root namespace."""
+        namespaces = {s.namespace for s in snap.services} | {self.index.root_namespace}
+        out = [dict(r.body) for key, r in sorted(
+            self.index.resources.items(), key=lambda kv: (kv[0].kind, kv[0].namespace,
+                                                          kv[0].name))
+               if key.kind in WAYPOINT_KINDS and key.namespace in namespaces]
         return out
 
     def _scheduled(self, node: str) -> list[SpiffeId]:
@@ -489,16 +505,26 @@ class PushClient:
         cert = Certificate.from_pem([c.read_bytes()], k.read_bytes())
         return cert if cert.valid_at(time.time()) else None
 
-    def last_snapshot(self) -> zs.Snapshot | None:
-        """The last snapshot this proxy applied (kept across restarts)."""
+    def _saved(self) -> dict[str, Any] | None:
         p = self.data_dir / LAST_SNAPSHOT
         if not p.exists():
             return None
         try:
-            return zs.Snapshot.from_file(p)
-        except zs.SnapshotError as e:
+            data = json.loads(p.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            zs.Snapshot.from_dict({k: v for k, v in data.items() if k != L7_RESOURCES})
+        except (zs.SnapshotError, ValueError) as e:
             log.warning("ignoring the saved snapshot", path=str(p), reason=str(e))
             return None
+        return data
+
+    def last_snapshot(self) -> zs.Snapshot | None:
+        """The last snapshot this proxy applied (kept across restarts)."""
+        data = self._saved()
+        if data is None:
+            return None
+        return zs.Snapshot.from_dict({k: v for k, v in data.items() if k != L7_RESOURCES})
 
     def _save_snapshot(self, d: Mapping[str, Any]) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -584,17 +610,25 @@ class PushClient:
         return [c.encode() for c in reply["chain"]]
 
     async def follow(self, apply: Callable[[zs.Snapshot], Awaitable[None]], *,
-                     once: bool = False) -> None:
+                     once: bool = False,
+                     on_resources: Callable[[list[Resource]], Awaitable[None]] | None = None,
+                     ) -> None:
         """Apply the saved snapshot, then every update from the control plane, forever.
 
         `apply` raising rejects an update (nack) and the proxy keeps what it had.
+        Waypoints also get `on_resources(manifests)` (parsed HTTPRoutes, policies...),
+        called before `apply` with every update.
         Reconnects with jittered exponential backoff; `once` returns after the first
         session ends (tests).
         """
-        current = self.last_snapshot()
-        current_dict: dict[str, Any] | None = None
-        if current is not None:
-            current_dict = _sorted_dict(current)
+        current_dict = self._saved()
+        current: zs.Snapshot | None = None
+        if current_dict is not None:
+            current = zs.Snapshot.from_dict(
+                {k: v for k, v in current_dict.items() if k != L7_RESOURCES})
+            if on_resources is not None:
+                await on_resources([parse_resource(m) for m in
+                                    current_dict.get(L7_RESOURCES, [])])
             await apply(current)
         delay = 0.5
         while True:
@@ -632,7 +666,11 @@ class PushClient:
                                 new = apply_delta(current_dict, msg)
                             if content_hash(new) != msg.get("hash"):
                                 raise ValueError("snapshot content does not match its hash")
-                            snap = zs.Snapshot.from_dict(new)
+                            body = {k: v for k, v in new.items() if k != L7_RESOURCES}
+                            snap = zs.Snapshot.from_dict(body)
+                            if on_resources is not None:
+                                await on_resources([parse_resource(m) for m in
+                                                    new.get(L7_RESOURCES, [])])
                             await apply(snap)
                         except Exception as e:
                             await _send(writer, {"type": "nack", "version": version,

@@ -13,6 +13,7 @@ import pytest
 
 from config.ca import CertificateAuthority
 from config.push import PushClient, PushError, PushServer, push_server_context
+from config.resources import Resource
 from config.store import Store
 from config.tokens import TokenStore
 from config.validate import load_text
@@ -52,6 +53,15 @@ spec: {clusterIP: 10.96.1.1, selector: {app: api}, ports: [{port: 80, targetPort
 WE = ("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
       "metadata: {{name: {name}, namespace: shop, annotations: {{ambit.dev/node: node-b}}}}\n"
       "spec: {{address: {ip}, labels: {{app: extra}}}}\n")
+
+ROUTE = """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-split, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules: [{backendRefs: [{name: api, port: 80}]}]
+"""
 
 
 @dataclass
@@ -252,14 +262,20 @@ async def test_waypoint_registers_its_address_and_services_bind_to_it(tmp_path: 
     async with plane(tmp_path) as p:
         await apply(p, MESH.replace("metadata: {name: api, namespace: shop}",
                                     "metadata: {name: api, namespace: shop, labels: "
-                                    "{istio.io/use-waypoint: wp}}") + "---\n" + gw)
+                                    "{istio.io/use-waypoint: wp}}") + "---\n" + gw + ROUTE)
         node_rec, wp_rec = Recorder(), Recorder()
         async with asyncio.TaskGroup() as tg:
             t1 = tg.create_task(p.client("node-a").follow(node_rec))
             first = await node_rec.wait_for(lambda s: True)
             api = first.service_by_vip("10.96.1.1")
             assert api is not None and api.waypoint is None  # waypoint not running yet
-            t2 = tg.create_task(p.client("shop/wp", waypoint_address="10.2.0.99").follow(wp_rec))
+            manifests: list[list[str]] = []
+
+            async def on_resources(items: list[Resource]) -> None:
+                manifests.append([f"{r.kind}/{r.meta.name}" for r in items])
+
+            t2 = tg.create_task(p.client("shop/wp", waypoint_address="10.2.0.99").follow(
+                wp_rec, on_resources=on_resources))
             snap = await node_rec.wait_for(lambda s: s.waypoints != ())
             api = snap.service_by_vip("10.96.1.1")
             assert api is not None and api.waypoint == zs.WaypointRef(
@@ -269,5 +285,6 @@ async def test_waypoint_registers_its_address_and_services_bind_to_it(tmp_path: 
             assert {w.name for w in wsnap.workloads} == {"api-1"}
             st = await wait_state(p, "shop/wp", "synced")
             assert st["kind"] == "waypoint"
+            assert manifests[-1] == ["Gateway/wp", "HTTPRoute/api-split", "Service/api"]
             t1.cancel()
             t2.cancel()
