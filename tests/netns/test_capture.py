@@ -122,7 +122,11 @@ def ip_rules(netns: str, v6: bool = False) -> list[dict[str, Any]]:
 def table_routes(netns: str, table: int = 100, v6: bool = False) -> list[dict[str, Any]]:
     argv = ["ip", "-j"] + (["-6"] if v6 else []) + ["-n", netns, "route", "show", "table",
                                                     str(table)]  # fmt: skip
-    out = subprocess.check_output(argv).strip()
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if r.returncode != 0 and "table does not exist" in r.stderr:
+        return []  # never had a route
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip()
     routes: list[dict[str, Any]] = json.loads(out) if out else []
     return routes
 
