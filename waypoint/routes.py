@@ -1,0 +1,241 @@
+"""HTTPRoute matching with Gateway API precedence, and weighted backend choice.
+
+Routes attach to a Service through `parentRefs` (GAMMA). For one service and port
+every match of every attached rule is compiled once into a `RouteTable`, sorted by
+the Gateway API precedence:
+
+1. path type: `Exact`, then `PathPrefix` (longest prefix first), then
+   `RegularExpression` (longest pattern first, our choice: the spec leaves it open);
+2. a match with a `method` before one without;
+3. more header matches first;
+4. more query parameter matches first;
+5. the oldest route (creation order), then `namespace/name` alphabetically;
+6. within a route, the first rule and the first match in list order.
+
+The first match in that order that accepts the request wins. Producer routes (in
+the service's namespace) apply to every client; consumer routes (in another
+namespace) apply only to clients of that namespace and, when some exist, replace
+the producer routes for them, as GAMMA specifies. `hostnames` are ignored for
+routes attached to Services (GAMMA).
+
+`PathPrefix` matches whole path segments: `/foo` matches `/foo`, `/foo/` and
+`/foo/bar` but not `/foobar`; a trailing `/` in the prefix is ignored. Regular
+expressions must match the whole value. Header names are case-insensitive; values
+(and query parameter names and values) are case-sensitive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from random import Random
+
+from config.resources import BackendRef, HTTPRouteSpec, RouteMatch, RouteRule, StringMatch
+from waypoint.model import Named, Request, header_value
+
+__all__ = [
+    "CompiledMatch",
+    "RouteTable",
+    "build_route_table",
+    "match_route",
+    "path_prefix_matches",
+    "pick_weighted",
+    "routes_for_service",
+]
+
+_PATH_RANK = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}
+
+
+def path_prefix_matches(prefix: str, path: str) -> bool:
+    """Gateway API `PathPrefix`: element-wise prefix match."""
+    p = prefix.rstrip("/")
+    if not p:
+        return True
+    return path == p or path.startswith(p + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class _ValueMatch:
+    name: str
+    value: str
+    regex: re.Pattern[str] | None
+
+    def accepts(self, v: str | None) -> bool:
+        if v is None:
+            return False
+        if self.regex is not None:
+            return self.regex.fullmatch(v) is not None
+        return v == self.value
+
+
+def _compile_value(m: StringMatch, *, lower_name: bool) -> _ValueMatch:
+    regex = re.compile(m.value) if m.type == "RegularExpression" else None
+    return _ValueMatch(m.name.lower() if lower_name else m.name, m.value, regex)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledMatch:
+    """One `matches[]` entry of one rule, ready to run, with its precedence key."""
+
+    route: Named[HTTPRouteSpec]
+    rule_index: int
+    match_index: int
+    rule: RouteRule
+    path_type: str
+    path_value: str
+    path_regex: re.Pattern[str] | None
+    method: str
+    headers: tuple[_ValueMatch, ...]
+    query: tuple[_ValueMatch, ...]
+    sort_key: tuple[int, int, int, int, int, int, str, int, int]
+
+    @property
+    def route_key(self) -> str:
+        """`namespace/name` of the route."""
+        return self.route.key
+
+    def accepts(self, request: Request, path: str, params: Sequence[tuple[str, str]]) -> bool:
+        """Whether the request matches (path without query, decoded query params)."""
+        if self.path_type == "Exact":
+            if path != self.path_value:
+                return False
+        elif self.path_type == "PathPrefix":
+            if not path_prefix_matches(self.path_value, path):
+                return False
+        elif self.path_regex is not None and self.path_regex.fullmatch(path) is None:
+            return False
+        if self.method and request.method != self.method:
+            return False
+        for h in self.headers:
+            if not h.accepts(header_value(request.headers, h.name)):
+                return False
+        for q in self.query:
+            first = next((v for k, v in params if k == q.name), None)
+            if not q.accepts(first):
+                return False
+        return True
+
+
+def _compile_match(
+    route: Named[HTTPRouteSpec], ri: int, rule: RouteRule, mi: int, m: RouteMatch
+) -> CompiledMatch:
+    ptype = m.path.type
+    pval = m.path.value
+    rank = _PATH_RANK.get(ptype, 2)
+    plen = len(pval.rstrip("/")) if ptype == "PathPrefix" else len(pval)
+    key = (
+        rank,
+        -plen,
+        0 if m.method else 1,
+        -len(m.headers),
+        -len(m.query_params),
+        route.created,
+        route.key,
+        ri,
+        mi,
+    )
+    return CompiledMatch(
+        route=route,
+        rule_index=ri,
+        match_index=mi,
+        rule=rule,
+        path_type=ptype,
+        path_value=pval,
+        path_regex=re.compile(pval) if ptype == "RegularExpression" else None,
+        method=m.method,
+        headers=tuple(_compile_value(h, lower_name=True) for h in m.headers),
+        query=tuple(_compile_value(q, lower_name=False) for q in m.query_params),
+        sort_key=key,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """The sorted matches of the routes attached to one service port.
+
+    `producer` holds the routes of the service's own namespace; `consumers` maps a
+    client namespace to its consumer routes' matches.
+    """
+
+    producer: tuple[CompiledMatch, ...]
+    consumers: tuple[tuple[str, tuple[CompiledMatch, ...]], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """No route attaches to this service port (traffic goes to the service itself)."""
+        return not self.producer and not self.consumers
+
+    def matches_for(self, source_namespace: str | None) -> tuple[CompiledMatch, ...]:
+        """The matches that apply to a client of `source_namespace`."""
+        if source_namespace is not None:
+            for ns, ms in self.consumers:
+                if ns == source_namespace:
+                    return ms
+        return self.producer
+
+
+def _attaches(route: Named[HTTPRouteSpec], namespace: str, name: str, port: int) -> bool:
+    for p in route.spec.parent_refs:
+        if p.kind != "Service" or p.name != name or p.namespace != namespace:
+            continue
+        if p.port is None or p.port == port:
+            return True
+    return False
+
+
+def routes_for_service(
+    routes: Iterable[Named[HTTPRouteSpec]], namespace: str, name: str, port: int
+) -> list[Named[HTTPRouteSpec]]:
+    """The routes whose `parentRefs` name Service `namespace/name` (and `port`)."""
+    return [r for r in routes if _attaches(r, namespace, name, port)]
+
+
+def _compile_all(routes: Iterable[Named[HTTPRouteSpec]]) -> tuple[CompiledMatch, ...]:
+    out = [
+        _compile_match(r, ri, rule, mi, m)
+        for r in routes
+        for ri, rule in enumerate(r.spec.rules)
+        for mi, m in enumerate(rule.matches)
+    ]
+    out.sort(key=lambda c: c.sort_key)
+    return tuple(out)
+
+
+def build_route_table(
+    routes: Iterable[Named[HTTPRouteSpec]], namespace: str, name: str, port: int
+) -> RouteTable:
+    """Compile the routes attached to Service `namespace/name` port `port`."""
+    attached = routes_for_service(routes, namespace, name, port)
+    producer = [r for r in attached if r.namespace == namespace]
+    by_ns: dict[str, list[Named[HTTPRouteSpec]]] = {}
+    for r in attached:
+        if r.namespace != namespace:
+            by_ns.setdefault(r.namespace, []).append(r)
+    consumers = tuple((ns, _compile_all(rs)) for ns, rs in sorted(by_ns.items()))
+    return RouteTable(_compile_all(producer), consumers)
+
+
+def match_route(table: RouteTable, request: Request) -> CompiledMatch | None:
+    """The highest-precedence match accepting `request`, None when none does."""
+    path = request.path_only
+    params = request.query_params if "?" in request.path else ()
+    for m in table.matches_for(request.source_namespace):
+        if m.accepts(request, path, params):
+            return m
+    return None
+
+
+def pick_weighted(backends: Sequence[BackendRef], rng: Random) -> BackendRef | None:
+    """A backend chosen with probability weight / total; None when all weights are 0."""
+    total = sum(b.weight for b in backends)
+    if total <= 0:
+        return None
+    x = rng.random() * total
+    for b in backends:
+        if b.weight <= 0:
+            continue
+        x -= b.weight
+        if x < 0:
+            return b
+    return next(b for b in reversed(backends) if b.weight > 0)
