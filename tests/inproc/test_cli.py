@@ -38,6 +38,7 @@ class ControlPlane:
     proc: subprocess.Popen[str]
     socket: str
     tls: str
+    proxies: str
     data: Path
     stderr: Path
 
@@ -62,7 +63,7 @@ def control_plane(tmp_path: Path, data: Path | None = None) -> Iterator[ControlP
         line = proc.stdout.readline()
         assert line.startswith("ready "), f"control plane did not start: {err.read_text()}"
         fields = dict(kv.split("=", 1) for kv in line.split()[1:])
-        yield ControlPlane(proc, fields["socket"], fields["tls"], data, err)
+        yield ControlPlane(proc, fields["socket"], fields["tls"], fields["proxies"], data, err)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -261,3 +262,38 @@ def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
             with pytest.raises(TokenError, match="bound to waypoint shop/waypoint, not node"):
                 tokens.redeem(p.stdout.strip(), "node-a")
             tokens.redeem(p.stdout.strip(), "shop/waypoint")
+
+
+async def test_status_lists_connected_nodes_their_version_and_cert_expiry(
+        tmp_path: Path) -> None:
+    import asyncio
+
+    from config.push import PushClient
+
+    with control_plane(tmp_path) as cp:
+        env = cp.env()
+        assert ambit("apply", "-f", "-", env=env, stdin=NS + "---\n" + SVC).returncode == 0
+        token = ambit("token", "create", "--node", "node-a", env=env).stdout.strip()
+        client = PushClient(cp.proxies, "node-a", tmp_path / "node-a", token=token, timeout=5)
+        applied = asyncio.Event()
+
+        async def on_snapshot(snap: object) -> None:
+            applied.set()
+
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(client.follow(on_snapshot))
+            async with asyncio.timeout(10):
+                await applied.wait()
+                while True:
+                    p = await asyncio.to_thread(ambit, "status", env=env)
+                    assert p.returncode == 0, p.stderr
+                    rows = [ln.split() for ln in p.stdout.splitlines()]
+                    node = [r for r in rows if r[:2] == ["node", "node-a"]]
+                    if node and node[0][4] == "synced":
+                        break
+                    await asyncio.sleep(0.1)
+            task.cancel()
+        assert ["KIND", "NAME", "VERSION", "LATEST", "STATE", "CERT-EXPIRY"] in rows
+        _kind, _name, version, latest, _state, expiry = node[0]
+        assert version == latest
+        assert expiry.endswith("Z") and expiry[:2] == "20"
