@@ -9,6 +9,7 @@ the routes. A failed enroll leaves nothing behind that it created.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -367,3 +368,26 @@ def reconcile(desired: Iterable[Workload], known_netns: Iterable[str]) -> Reconc
     return ReconcileReport(
         tuple(enrolled), tuple(repaired), tuple(removed), tuple(unchanged), tuple(errors)
     )
+
+
+# -- asyncio adapters: the netlink work runs on a worker thread, never on the event loop ----------
+
+
+async def aenroll(w: Workload) -> None:
+    """`enroll` for asyncio code."""
+    await asyncio.to_thread(enroll, w)
+
+
+async def aunenroll(w: Workload) -> None:
+    """`unenroll` for asyncio code."""
+    await asyncio.to_thread(unenroll, w)
+
+
+async def ainspect(netns: str) -> CaptureState:
+    """`inspect` for asyncio code."""
+    return await asyncio.to_thread(inspect, netns)
+
+
+async def areconcile(desired: Iterable[Workload], known_netns: Iterable[str]) -> ReconcileReport:
+    """`reconcile` for asyncio code (arguments are materialised before the thread starts)."""
+    return await asyncio.to_thread(reconcile, list(desired), list(known_netns))

@@ -559,6 +559,11 @@ def _error_for(exc: BaseException, step: Step, netns: str) -> NftError:
                 "kernel lacks the nftables socket match (CONFIG_NFT_SOCKET): load module "
                 "nft_socket or use a kernel built with it"
             )
+        if kinds & {CtMatch, CtSetMark}:
+            return NftError(
+                "kernel lacks nftables conntrack support (CONFIG_NFT_CT, CONFIG_NF_CONNTRACK): "
+                "load module nft_ct or use a kernel built with it"
+            )
         if FibDaddrLocal in kinds:
             return NftError(
                 "kernel lacks the nftables fib expression (CONFIG_NFT_FIB_INET): load module "
@@ -820,7 +825,7 @@ def _blame(steps: Sequence[Step]) -> Step:
     for step in steps:
         if isinstance(step, AddRule | InsertRule | ReplaceRule):
             kinds = {type(x) for x in step.rule.statements}
-            if kinds & {Tproxy, SocketTransparent, FibDaddrLocal}:
+            if kinds & {Tproxy, SocketTransparent, FibDaddrLocal, CtMatch, CtSetMark}:
                 return step
     return steps[0]
 

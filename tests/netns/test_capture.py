@@ -16,6 +16,7 @@ import pytest
 from netsetup.capture import Workload, enroll, inspect, is_enrolled, unenroll
 from netsetup.netns import socket_in_netns
 from netsetup.sandbox import Sandbox, SandboxWorkload, unique_prefix
+from tests.conftest import require_root_and_tools
 from tests.netns.fixtures import sandbox, sandbox6, sandbox_factory  # noqa: F401
 
 IP_TRANSPARENT = 19
@@ -23,6 +24,12 @@ IPV6_TRANSPARENT = 75
 IP_RECVORIGDSTADDR = 20
 PROXY_MARK = 0x539
 TIMEOUT = 5.0
+
+
+@pytest.fixture(autouse=True)
+def _clients() -> None:
+    require_root_and_tools("nc")
+
 
 # -- helpers shared by the tier-3 capture tests ----------------------------------------------------
 

@@ -15,6 +15,10 @@ from netsetup import nft
 from netsetup.capture import (
     CaptureError,
     Workload,
+    aenroll,
+    ainspect,
+    areconcile,
+    aunenroll,
     enroll,
     inspect,
     is_enrolled,
@@ -24,6 +28,7 @@ from netsetup.capture import (
 )
 from netsetup.rules import Tproxy
 from netsetup.sandbox import Sandbox
+from tests.conftest import require_root_and_tools
 from tests.netns.fixtures import sandbox, sandbox6, sandbox_factory  # noqa: F401
 from tests.netns.test_capture import (
     bare_netns,
@@ -94,6 +99,33 @@ def test_enroll_unenroll_200_times_leaks_nothing(sandbox: Sandbox) -> None:  # n
     assert len(os.listdir("/proc/self/fd")) == fds_before, "file descriptors leaked"
     assert len(os.listdir("/proc/self/task")) <= threads_before, "threads leaked"
     assert elapsed < 60, f"200 enroll/unenroll cycles took {elapsed:.1f}s"
+
+
+async def test_asyncio_callers_do_not_block_or_break_the_event_loop(
+    sandbox: Sandbox,  # noqa: F811
+) -> None:
+    """ztunnel runs on uvloop: enroll from a coroutine while the loop keeps ticking."""
+    import asyncio
+
+    w = workload(sandbox.workload("w1-1"))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(ticker())
+        await aenroll(w)
+        assert (await ainspect(w.netns)).hooked
+        report = await areconcile([w], [w.netns])
+        assert report.unchanged == (w.name,)
+        await aunenroll(w)
+        assert (await ainspect(w.netns)).empty
+        task.cancel()
+    assert ticks > 10, "the event loop was blocked while netlink work ran"
 
 
 def test_switching_to_ipv4_only_drops_the_ipv6_policy_route(sandbox6: Sandbox) -> None:  # noqa: F811
@@ -195,6 +227,7 @@ def test_kernel_without_tproxy_fails_cleanly_with_nothing_half_applied() -> None
 
 
 def test_missing_cap_net_admin_is_a_one_line_error_with_nothing_applied() -> None:
+    require_root_and_tools("setpriv")
     with bare_netns("lcperm") as ns:
         code = (
             "import sys\n"
