@@ -1,10 +1,16 @@
 """Enroll, unenroll and reconcile transparent capture of workload netns (nftables + policy routes).
 
 Enroll order: the `local default dev lo table 100` route, then `ip rule fwmark 0x1 lookup 100`
-(both inert until something carries the mark), then the nftables ruleset, whose own ordering
-(netsetup.nft) hooks the output chain that sets the mark last. Unenroll order is the reverse:
+(both inert until something carries the mark), then the nftables ruleset, whose last
+transaction (netsetup.nft) hooks prerouting and output at once. Unenroll order is the reverse:
 delete the table first (one transaction unhooks all capture at once), then the ip rules, then
-the routes. A failed enroll leaves nothing behind that it created.
+the routes. A failed enroll leaves nothing behind that it created; enrolling an enrolled
+workload changes nothing, and one whose rules were damaged is repaired without a gap.
+
+Sockets the proxy opens in an enrolled netns: listeners on 15001, 15006 and 15053 need
+IP_TRANSPARENT (they are TPROXY targets); every socket it creates there should carry SO_MARK
+0x539 (proxy_mark), which the rules let through; onward connections that keep the client's
+address as source also need IP_TRANSPARENT, and their replies are routed back to them.
 """
 
 from __future__ import annotations
