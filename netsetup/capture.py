@@ -293,7 +293,7 @@ def _unenroll_here(netns: str, spec: CaptureSpec) -> bool:
 
 def _default_spec(w: Workload | None = None) -> CaptureSpec:
     # rules and routes are recognised by mark and table, which do not depend on addresses
-    return w.spec() if w is not None else CaptureSpec(workload_ip="127.0.0.1")
+    return w.spec() if w is not None else CaptureSpec(workload_ip="192.0.2.1")
 
 
 def _run(netns: str, fn: Any) -> Any:

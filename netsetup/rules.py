@@ -41,6 +41,13 @@ class CaptureSpec:
             raise ValueError(
                 f"workload_ip {self.workload_ip!r} is not an IP address: give the workload's IPv4"
             ) from None
+        if v4.version == 4 and (
+            v4.is_unspecified or v4.is_loopback or v4.is_multicast or v4.is_link_local
+        ):
+            raise ValueError(
+                f"workload_ip {self.workload_ip} is not a unicast workload address: give the "
+                "address on the workload's interface"
+            )
         if v4.version != 4:
             raise ValueError(
                 f"workload_ip {self.workload_ip!r} is IPv6: pass it as workload_ip6 and give the "
@@ -57,6 +64,11 @@ class CaptureSpec:
             if v6.version != 6:
                 raise ValueError(
                     f"workload_ip6 {self.workload_ip6!r} is not IPv6: give an IPv6 address or None"
+                )
+            if v6.is_unspecified or v6.is_loopback or v6.is_multicast or v6.is_link_local:
+                raise ValueError(
+                    f"workload_ip6 {self.workload_ip6} is not a unicast workload address: give "
+                    "the global or unique-local address on the workload's interface"
                 )
         if not self.iface or len(self.iface) > 15 or "/" in self.iface or '"' in self.iface:
             raise ValueError(

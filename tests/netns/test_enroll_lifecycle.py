@@ -176,6 +176,33 @@ def test_reconcile_repairs_enrolls_removes_and_reports(
     assert sorted(again.unchanged) == sorted(w.name for w in desired)
 
 
+class Crash(BaseException):
+    """The process dies between two transactions: no rollback runs."""
+
+
+@pytest.mark.parametrize("crash_at", ["build", "switch"])
+def test_reconcile_after_a_crash_mid_enroll_completes_the_capture(
+    sandbox: Sandbox,  # noqa: F811
+    crash_at: str,
+) -> None:
+    w = workload(sandbox.workload("w1-1"))
+
+    def crash(index: int, step: nft.Step) -> None:
+        hooked = isinstance(step, nft.CreateChain) and step.chain.hook is not None
+        if (crash_at == "switch" and hooked) or (crash_at == "build" and index == 5):
+            raise Crash
+
+    with pytest.raises(Crash):
+        enroll(w, _fault=crash)
+    state = inspect(w.netns)
+    assert not state.hooked and not is_enrolled(w)
+    report = reconcile([w], [w.netns])
+    assert report.repaired == (w.name,) and report.errors == ()
+    assert is_enrolled(w)
+    js = nft_json(w.netns)
+    assert js is not None and len(js["chains"]) == 4, "leftovers of the crashed enroll remain"
+
+
 def test_reconcile_goes_on_past_a_bad_workload(sandbox: Sandbox) -> None:  # noqa: F811
     good = workload(sandbox.workload("w1-1"))
     bad = Workload("ghost", "no-such-netns-ambit-test", "10.244.9.9")

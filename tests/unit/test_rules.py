@@ -107,6 +107,9 @@ def test_with_slot_renames_chains_and_jumps() -> None:
     [
         ({"workload_ip": "10.0.0.300"}, "is not an IP address"),
         ({"workload_ip": "fd00::1"}, "is IPv6"),
+        ({"workload_ip": "0.0.0.0"}, "not a unicast workload address"),
+        ({"workload_ip": "127.0.0.1"}, "not a unicast workload address"),
+        ({"workload_ip": "10.0.0.1", "workload_ip6": "fe80::1"}, "not a unicast workload"),
         ({"workload_ip": "10.0.0.1", "workload_ip6": "10.0.0.2"}, "is not IPv6"),
         ({"workload_ip": "10.0.0.1", "iface": "a-very-long-interface"}, "interface name"),
         ({"workload_ip": "10.0.0.1", "dns_port": 0}, "dns_port=0"),
@@ -282,3 +285,42 @@ def test_base_chain_with_extra_rules_gets_jump_inserted_before_the_rest_is_delet
     out_steps = [s for s in plan.switch if getattr(s, "chain", None) == "output"]
     assert isinstance(out_steps[0], InsertRule)
     assert all(isinstance(s, DeleteRule) for s in out_steps[1:]) and len(out_steps) == 3
+
+
+# -- properties over any valid spec -------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ports = st.integers(min_value=1, max_value=65535)
+_specs = st.builds(
+    CaptureSpec,
+    workload_ip=st.ip_addresses(network="10.0.0.0/8").map(str),
+    workload_ip6=st.none() | st.ip_addresses(network="fd00::/8").map(str),
+    iface=st.from_regex(r"[a-z][a-z0-9]{0,14}", fullmatch=True),
+    outbound_port=_ports,
+    inbound_plain_port=_ports,
+    inbound_hbone_port=_ports,
+    dns_port=_ports,
+    proxy_mark=st.integers(min_value=2, max_value=2**32 - 1),
+    capture_mark=st.just(1),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_specs)
+def test_any_valid_spec_renders_encodes_and_plans(spec: CaptureSpec) -> None:
+    rs = render_ruleset(spec)
+    text = render_nft_text(rs)
+    assert text.count("{") == text.count("}")
+    assert f"ip daddr {spec.workload_ip} " in text
+    if spec.workload_ip6 is not None:
+        assert f"ip6 daddr {spec.workload_ip6} tcp dport" in text
+    else:
+        assert "ip6" not in text
+    for chain in rs.chains:
+        for rule in chain.rules:
+            assert encode_rule(rule), rule
+    assert render_ruleset(spec).digest == rs.digest
+    plan = plan_apply(None, rs)
+    assert not plan.noop and check_state(_state_from(rs, plan.slot), rs) == ()
