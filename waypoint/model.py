@@ -270,11 +270,10 @@ class WaypointConfig:
         return self._svc_by_name.get((namespace, name))
 
     def service_for(self, request: Request) -> zs.Service | None:
-        """The service the client addressed: by VIP, else by the Host's hostname."""
+        """The service the client addressed: by the original destination VIP, or by the
+        Host's hostname when the destination address is unknown."""
         if request.dest_ip:
-            s = self.snapshot.service_by_vip(request.dest_ip)
-            if s is not None:
-                return s
+            return self.snapshot.service_by_vip(request.dest_ip)
         host = request.host
         if host:
             s = self.snapshot.service_by_hostname(host)

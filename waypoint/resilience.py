@@ -440,12 +440,7 @@ class OutlierDetector:
 
     def is_ejected(self, key: str, now: float) -> bool:
         h = self.hosts.get(key)
-        if h is None or h.ejected_until is None:
-            return False
-        if now >= h.ejected_until:
-            h.ejected_until = None
-            return False
-        return True
+        return h is not None and h.ejected_until is not None and now < h.ejected_until
 
     def _ejected_count(self, keys: Iterable[str], now: float) -> int:
         return sum(1 for k in keys if self.is_ejected(k, now))

@@ -1,0 +1,423 @@
+"""HTTPRoute matching and Gateway API precedence through the waypoint chain, weighted picks."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+import yaml
+
+from config.resources import Resource, parse_resource
+from config.snapshot import compute_snapshot
+from waypoint.chain import Chain, RequestPlan, build_chain, plan_request
+from waypoint.model import LocalResponse, Request, WaypointConfig
+from waypoint.routes import path_prefix_matches
+
+NODE = "node-1"
+CLIENT = "spiffe://cluster.local/ns/app/sa/client"
+
+
+def _base(backends: Iterable[str], namespaces: Sequence[str] = ("app",)) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for ns in namespaces:
+        docs.append({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": ns,
+                                  "labels": {"istio.io/dataplane-mode": "ambient",
+                                             "istio.io/use-waypoint": "wp"}}})
+    docs.append({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                 "metadata": {"name": "wp", "namespace": "app"},
+                 "spec": {"gatewayClassName": "istio-waypoint",
+                          "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+                          "addresses": [{"value": "10.0.0.250"}]}})
+    for i, name in enumerate(["front", *backends]):
+        for j in range(2 if name == "front" else 1):
+            docs.append({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                         "metadata": {"name": f"{name}-{j}", "namespace": "app",
+                                      "annotations": {"ambit.dev/node": NODE}},
+                         "spec": {"address": f"10.0.{i}.{j + 10}", "labels": {"app": name},
+                                  "serviceAccount": name}})
+        docs.append({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": name, "namespace": "app"},
+                     "spec": {"selector": {"app": name}, "clusterIP": f"10.96.0.{i + 10}",
+                              "ports": [{"port": 80, "targetPort": 8080}]}})
+    return docs
+
+
+def build(
+    extra: str | Iterable[dict[str, Any]] = (),
+    backends: Iterable[str] = ("a", "b", "c"),
+    *,
+    created: dict[str, int] | None = None,
+    namespaces: Sequence[str] = ("app",),
+) -> Chain:
+    """A chain for a waypoint in namespace `app`: services `front` (VIP 10.96.0.10:80)
+    and one service per backend name, plus the extra manifests (YAML or dicts)."""
+    docs = list(yaml.safe_load_all(extra)) if isinstance(extra, str) else list(extra)
+    res: list[Resource] = [parse_resource(d) for d in _base(backends, namespaces) + docs]
+    snap = compute_snapshot(res, NODE, waypoint_addresses={("app", "wp"): "10.0.0.250"})
+    items: list[Resource | tuple[Resource, int]] = [
+        (r, (created or {}).get(r.meta.name, 0)) for r in res
+    ]
+    return build_chain(WaypointConfig.from_resources(snap, items, gateway=("app", "wp")))
+
+
+def req(
+    path: str = "/",
+    method: str = "GET",
+    headers: Iterable[tuple[str, str]] = (),
+    *,
+    principal: str | None = CLIENT,
+    vip: str = "10.96.0.10",
+    port: int = 80,
+) -> Request:
+    return Request(method, path, "front.app.svc.cluster.local",
+                   tuple((k.lower(), v) for k, v in headers), dest_ip=vip, dest_port=port,
+                   source_ip="10.0.9.9", source_principal=principal)
+
+
+def backend(chain: Chain, request: Request, seed: int = 1) -> str:
+    """The backend service a request goes to, or `<status> <flags>` for a local answer."""
+    p = plan_request(chain, request, 0.0, random.Random(seed))
+    if isinstance(p, LocalResponse):
+        return f"{p.status} {p.flags}".strip()
+    p.release(0.0)
+    return p.backend.name
+
+
+def route(rules: list[dict[str, Any]], name: str = "r", ns: str = "app",
+          parent: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"parentRefs": [parent or {"group": "", "kind": "Service", "name": "front",
+                                               "namespace": "app", "port": 80}],
+                     "rules": rules}}
+
+
+def rule(to: str, *matches: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"backendRefs": [{"name": to, "namespace": "app", "port": 80}]}
+    if matches:
+        out["matches"] = list(matches)
+    return out
+
+
+def exact(v: str, **kw: Any) -> dict[str, Any]:
+    return {"path": {"type": "Exact", "value": v}, **kw}
+
+
+def prefix(v: str, **kw: Any) -> dict[str, Any]:
+    return {"path": {"type": "PathPrefix", "value": v}, **kw}
+
+
+def regex(v: str, **kw: Any) -> dict[str, Any]:
+    return {"path": {"type": "RegularExpression", "value": v}, **kw}
+
+
+def hdr(name: str, value: str, typ: str = "Exact") -> dict[str, str]:
+    return {"type": typ, "name": name, "value": value}
+
+
+# ----------------------------------------------------------------------------- path types
+
+
+def test_exact_beats_prefix_for_the_same_path() -> None:
+    c = build([route([rule("b", prefix("/foo")), rule("a", exact("/foo"))])])
+    assert backend(c, req("/foo")) == "a"
+
+
+def test_prefix_takes_what_exact_does_not_match() -> None:
+    c = build([route([rule("b", prefix("/foo")), rule("a", exact("/foo"))])])
+    assert backend(c, req("/foo/bar")) == "b"
+
+
+def test_exact_ignores_the_query_string() -> None:
+    c = build([route([rule("a", exact("/foo")), rule("b", prefix("/"))])])
+    assert backend(c, req("/foo?x=1")) == "a"
+
+
+def test_longest_prefix_wins_whatever_the_order() -> None:
+    c = build([route([rule("a", prefix("/foo")), rule("b", prefix("/foo/bar"))])])
+    assert backend(c, req("/foo/bar/baz")) == "b"
+
+
+def test_shorter_prefix_takes_the_rest() -> None:
+    c = build([route([rule("a", prefix("/foo")), rule("b", prefix("/foo/bar"))])])
+    assert backend(c, req("/foo/baz")) == "a"
+
+
+def test_prefix_matches_whole_segments_only() -> None:
+    c = build([route([rule("a", prefix("/foo")), rule("c", prefix("/"))])])
+    assert backend(c, req("/foobar")) == "c"
+    assert backend(c, req("/foo/")) == "a"
+
+
+def test_trailing_slash_of_a_prefix_is_ignored() -> None:
+    c = build([route([rule("a", prefix("/foo/")), rule("c", prefix("/"))])])
+    assert backend(c, req("/foo")) == "a"
+
+
+def test_prefix_beats_regular_expression() -> None:
+    c = build([route([rule("b", regex("/api/.*")), rule("a", prefix("/api"))])])
+    assert backend(c, req("/api/users")) == "a"
+
+
+def test_regular_expression_used_when_nothing_more_specific_matches() -> None:
+    c = build([route([rule("a", prefix("/api")), rule("b", regex("/v[0-9]+/items"))])])
+    assert backend(c, req("/v2/items")) == "b"
+
+
+def test_regular_expression_must_match_the_whole_path() -> None:
+    c = build([route([rule("b", regex("/v[0-9]+/items")), rule("c", prefix("/"))])])
+    assert backend(c, req("/v2/items/extra")) == "c"
+
+
+def test_exact_beats_regular_expression() -> None:
+    c = build([route([rule("b", regex("/.*")), rule("a", exact("/health"))])])
+    assert backend(c, req("/health")) == "a"
+
+
+def test_rule_without_matches_is_a_catch_all_prefix() -> None:
+    c = build([route([rule("a", prefix("/x")), rule("c")])])
+    assert backend(c, req("/anything")) == "c"
+
+
+# ----------------------------------------------------------------------------- method
+
+
+def test_method_match_selects_its_rule() -> None:
+    c = build([route([rule("a", prefix("/")), rule("b", prefix("/", method="POST"))])])
+    assert backend(c, req("/", "POST")) == "b"
+    assert backend(c, req("/", "GET")) == "a"
+
+
+def test_path_type_beats_method() -> None:
+    c = build([route([rule("b", prefix("/x", method="GET")), rule("a", exact("/x"))])])
+    assert backend(c, req("/x", "GET")) == "a"
+
+
+def test_longer_prefix_beats_method() -> None:
+    c = build([route([rule("b", prefix("/a", method="GET")), rule("a", prefix("/a/b"))])])
+    assert backend(c, req("/a/b", "GET")) == "a"
+
+
+def test_method_beats_headers() -> None:
+    c = build([route([
+        rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
+        rule("a", prefix("/", method="GET")),
+    ])])
+    assert backend(c, req("/", "GET", [("x", "1"), ("y", "2")])) == "a"
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+def test_more_header_matches_win() -> None:
+    c = build([route([
+        rule("a", prefix("/", headers=[hdr("x", "1")])),
+        rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
+    ])])
+    assert backend(c, req("/", headers=[("x", "1"), ("y", "2")])) == "b"
+
+
+def test_fewer_header_matches_take_what_more_do_not_match() -> None:
+    c = build([route([
+        rule("a", prefix("/", headers=[hdr("x", "1")])),
+        rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
+    ])])
+    assert backend(c, req("/", headers=[("x", "1")])) == "a"
+
+
+def test_header_names_are_case_insensitive() -> None:
+    c = build([route([rule("a", prefix("/", headers=[hdr("X-Env", "prod")])), rule("c")])])
+    assert backend(c, req("/", headers=[("x-env", "prod")])) == "a"
+
+
+def test_header_values_are_case_sensitive() -> None:
+    c = build([route([rule("a", prefix("/", headers=[hdr("x-env", "Prod")])), rule("c")])])
+    assert backend(c, req("/", headers=[("x-env", "prod")])) == "c"
+
+
+def test_header_regular_expression() -> None:
+    c = build([route([
+        rule("a", prefix("/", headers=[hdr("user-agent", ".*Mobile.*", "RegularExpression")])),
+        rule("c"),
+    ])])
+    assert backend(c, req("/", headers=[("user-agent", "Foo Mobile Safari")])) == "a"
+    assert backend(c, req("/", headers=[("user-agent", "curl/8")])) == "c"
+
+
+def test_all_conditions_of_one_match_must_hold() -> None:
+    c = build([route([rule("a", prefix("/api", headers=[hdr("x", "1")])), rule("c")])])
+    assert backend(c, req("/api", headers=[("x", "2")])) == "c"
+    assert backend(c, req("/web", headers=[("x", "1")])) == "c"
+    assert backend(c, req("/api", headers=[("x", "1")])) == "a"
+
+
+def test_any_match_of_a_rule_selects_it() -> None:
+    c = build([route([rule("a", exact("/one"), exact("/two")), rule("c")])])
+    assert backend(c, req("/two")) == "a"
+
+
+# ----------------------------------------------------------------------------- query
+
+
+def test_more_query_param_matches_win() -> None:
+    c = build([route([
+        rule("a", prefix("/", queryParams=[hdr("v", "1")])),
+        rule("b", prefix("/", queryParams=[hdr("v", "1"), hdr("w", "2")])),
+    ])])
+    assert backend(c, req("/?v=1&w=2")) == "b"
+    assert backend(c, req("/?v=1")) == "a"
+
+
+def test_query_param_absent_or_different_does_not_match() -> None:
+    c = build([route([rule("a", prefix("/", queryParams=[hdr("debug", "true")])), rule("c")])])
+    assert backend(c, req("/")) == "c"
+    assert backend(c, req("/?debug=false")) == "c"
+    assert backend(c, req("/?debug=true")) == "a"
+
+
+def test_query_param_regular_expression() -> None:
+    c = build([route([
+        rule("a", prefix("/", queryParams=[hdr("id", "[0-9]+", "RegularExpression")])),
+        rule("c"),
+    ])])
+    assert backend(c, req("/?id=42")) == "a"
+    assert backend(c, req("/?id=x42")) == "c"
+
+
+def test_headers_beat_query_params() -> None:
+    c = build([route([
+        rule("b", prefix("/", queryParams=[hdr("v", "1"), hdr("w", "2")])),
+        rule("a", prefix("/", headers=[hdr("x", "1")])),
+    ])])
+    assert backend(c, req("/?v=1&w=2", headers=[("x", "1")])) == "a"
+
+
+# ----------------------------------------------------------------------------- ties
+
+
+def test_tie_across_routes_goes_to_the_oldest_route() -> None:
+    c = build([route([rule("a", prefix("/x"))], name="zeta"),
+               route([rule("b", prefix("/x"))], name="alpha")],
+              created={"zeta": 5, "alpha": 9})
+    assert backend(c, req("/x")) == "a"
+
+
+def test_tie_across_routes_of_the_same_age_goes_alphabetically() -> None:
+    c = build([route([rule("a", prefix("/x"))], name="zeta"),
+               route([rule("b", prefix("/x"))], name="alpha")])
+    assert backend(c, req("/x")) == "b"
+
+
+def test_tie_within_a_route_goes_to_the_first_rule() -> None:
+    c = build([route([rule("b", prefix("/x")), rule("a", prefix("/x"))])])
+    assert backend(c, req("/x")) == "b"
+
+
+def test_precedence_across_routes_before_age() -> None:
+    # the newer route has the more specific match: specificity first, age only on ties
+    c = build([route([rule("a", prefix("/"))], name="old"),
+               route([rule("b", prefix("/shop"))], name="new")],
+              created={"old": 1, "new": 2})
+    assert backend(c, req("/shop/cart")) == "b"
+    assert backend(c, req("/home")) == "a"
+
+
+# ----------------------------------------------------------------------------- attachment
+
+
+def test_no_route_attached_goes_to_the_service_itself() -> None:
+    c = build([])
+    assert backend(c, req("/anything")) == "front"
+
+
+def test_routes_attached_but_none_matching_is_404() -> None:
+    c = build([route([rule("a", exact("/only"))])])
+    assert backend(c, req("/other")) == "404 NR"
+
+
+def test_route_for_another_port_does_not_apply() -> None:
+    parent = {"group": "", "kind": "Service", "name": "front", "port": 8080}
+    c = build([route([rule("a")], parent=parent)])
+    assert backend(c, req("/")) == "front"
+
+
+def test_route_attached_to_another_service_does_not_apply() -> None:
+    parent = {"group": "", "kind": "Service", "name": "b"}
+    c = build([route([rule("a")], parent=parent)])
+    assert backend(c, req("/")) == "front"
+    assert backend(c, req("/", vip="10.96.0.12")) == "a"  # requests to service b
+
+
+def test_consumer_route_applies_to_its_namespace_only() -> None:
+    producer = route([rule("a")], name="producer")
+    consumer = route([rule("b")], name="consumer", ns="client")
+    c = build([producer, consumer], namespaces=("app", "client"))
+    assert backend(c, req("/", principal="spiffe://cluster.local/ns/client/sa/x")) == "b"
+    assert backend(c, req("/", principal=CLIENT)) == "a"
+
+
+def test_service_found_by_host_when_vip_unknown() -> None:
+    c = build([route([rule("a", prefix("/"))])])
+    r = Request("GET", "/", "front.app.svc.cluster.local:80", dest_ip="", dest_port=80)
+    assert backend(c, r) == "a"
+
+
+def test_unknown_destination_is_404() -> None:
+    c = build([])
+    assert backend(c, req("/", vip="10.200.0.1")) == "404 NR"
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _shares(c: Chain, draws: int = 2000) -> dict[str, float]:
+    rng = random.Random(20261122)
+    counts: dict[str, int] = {}
+    for _ in range(draws):
+        p = plan_request(c, req("/"), 0.0, rng)
+        assert isinstance(p, RequestPlan)
+        p.release(0.0)
+        counts[p.backend.name] = counts.get(p.backend.name, 0) + 1
+    return {k: 100.0 * v / draws for k, v in counts.items()}
+
+
+@pytest.mark.parametrize(("wa", "wb"), [(90, 10), (50, 50), (1, 1), (3, 1)])
+def test_weighted_backends_within_five_points(wa: int, wb: int) -> None:
+    c = build([route([{"backendRefs": [{"name": "a", "port": 80, "weight": wa},
+                                       {"name": "b", "port": 80, "weight": wb}]}])])
+    shares = _shares(c)
+    assert abs(shares.get("a", 0) - 100 * wa / (wa + wb)) <= 5
+    assert abs(shares.get("b", 0) - 100 * wb / (wa + wb)) <= 5
+
+
+def test_weight_zero_backend_never_chosen() -> None:
+    c = build([route([{"backendRefs": [{"name": "a", "port": 80, "weight": 1},
+                                       {"name": "b", "port": 80, "weight": 0}]}])])
+    assert _shares(c, 300) == {"a": 100.0}
+
+
+def test_all_weights_zero_is_500() -> None:
+    c = build([route([{"backendRefs": [{"name": "a", "port": 80, "weight": 0}]}])])
+    assert backend(c, req("/")) == "500 NR"
+
+
+def test_unknown_backend_service_is_500() -> None:
+    c = build([route([{"backendRefs": [{"name": "missing", "port": 80}]}])])
+    assert backend(c, req("/")) == "500 NR"
+
+
+def test_rule_without_backends_is_500() -> None:
+    c = build([route([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}])])
+    assert backend(c, req("/")) == "500 NR"
+
+
+@pytest.mark.parametrize(
+    ("pfx", "path", "ok"),
+    [("/", "/x", True), ("/a", "/a", True), ("/a", "/a/", True), ("/a", "/ab", False),
+     ("/a/", "/a", True), ("/a/b", "/a", False)],
+)
+def test_path_prefix_semantics(pfx: str, path: str, ok: bool) -> None:
+    assert path_prefix_matches(pfx, path) is ok
