@@ -7,6 +7,7 @@ import datetime
 import os
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -63,8 +64,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every child process is stopped by pid on the way out
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     if shutil.which("iperf3") is None:
         print(
             "bench: iperf3 is not installed: `make deps` or apt-get install iperf3", file=sys.stderr

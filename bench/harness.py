@@ -70,6 +70,7 @@ class PathResult:
     cpu_s_per_gb_multi: float | None = None
     relay_rss_mib: float | None = None
     samples: int = 0
+    failed_runs: int = 0
     error: str | None = None
     profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
@@ -270,30 +271,32 @@ STARTERS: dict[str, Callable[[Processes, BenchPKI, int], Chain]] = {
 }
 
 
+def start_iperf3_server(procs: Processes) -> int:
+    """A fresh iperf3 server on loopback (one per measurement: a test that went wrong
+    cannot leave it busy for the next path)."""
+    port = free_port()
+    server = procs.start(["iperf3", "-s", "-p", str(port), "-B", LOOPBACK], "iperf3-server")
+    wait_listening(port, server, "iperf3 server")
+    return port
+
+
 @contextlib.contextmanager
-def targets(workdir: Path) -> Iterator[tuple[int, int]]:
-    """An iperf3 server and an echo server on loopback: (iperf3 port, echo port)."""
+def echo_target(workdir: Path) -> Iterator[int]:
+    """The TCP echo server the round trips go to, for the whole run: its port."""
     with Processes(workdir) as procs:
-        iperf_port = free_port()
-        iperf = procs.start(
-            ["iperf3", "-s", "-p", str(iperf_port), "-B", LOOPBACK], "iperf3-server"
-        )
-        wait_listening(iperf_port, iperf, "iperf3 server")
         _, echo_port = procs.start_announcing(_py("bench.relays", "echo"), "echo")
-        yield iperf_port, echo_port
+        yield echo_port
 
 
 def _gb(nbytes: int) -> float:
     return nbytes / 1e9
 
 
-def measure_once(
-    name: str, pki: BenchPKI, workdir: Path, *, iperf_port: int, echo_port: int, s: Settings
-) -> Sample:
+def measure_once(name: str, pki: BenchPKI, workdir: Path, *, echo_port: int, s: Settings) -> Sample:
     """Throughput (1 and 8 streams, with relay CPU) and round trips of one path, once."""
     start = STARTERS[name]
     with Processes(workdir) as procs:
-        chain = start(procs, pki, iperf_port)
+        chain = start(procs, pki, start_iperf3_server(procs))
         cpu0 = measure.cpu_seconds(chain.relay_pids)
         single = measure.run_iperf3(chain.entry_port, seconds=s.seconds, streams=1)
         cpu1 = measure.cpu_seconds(chain.relay_pids)
@@ -338,7 +341,7 @@ def _profile_workload(
     pki: BenchPKI,
     workdir: Path,
     *,
-    target: int,
+    echo_port: int,
     workload: str,
     s: Settings,
 ) -> dict[str, list[tuple[str, float]]]:
@@ -347,6 +350,7 @@ def _profile_workload(
     spy = py_spy_binary()
     out: dict[str, list[tuple[str, float]]] = {}
     with Processes(workdir) as procs:
+        target = start_iperf3_server(procs) if workload == "throughput" else echo_port
         chain = STARTERS[name](procs, pki, target)
         spies = []
         for role, pid in zip(("client", "server"), chain.relay_pids, strict=True):
@@ -389,35 +393,35 @@ def _profile_workload(
 
 
 def profile_path(
-    name: str, pki: BenchPKI, workdir: Path, *, iperf_port: int, echo_port: int, s: Settings
+    name: str, pki: BenchPKI, workdir: Path, *, echo_port: int, s: Settings
 ) -> dict[str, list[tuple[str, float]]]:
     """Sample both relays with py-spy during a single-stream iperf3 run and during 1-byte
     ping-pongs. These runs are not measured: native sampling pauses the process."""
-    out = _profile_workload(name, pki, workdir, target=iperf_port, workload="throughput", s=s)
-    out |= _profile_workload(name, pki, workdir, target=echo_port, workload="round trips", s=s)
+    out = _profile_workload(name, pki, workdir, echo_port=echo_port, workload="throughput", s=s)
+    out |= _profile_workload(name, pki, workdir, echo_port=echo_port, workload="round trips", s=s)
     return out
 
 
 def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
-    """Run every selected path `s.repeat` times, interleaved, and summarise each."""
+    """Run every selected path `s.repeat` times, interleaved, and summarise each.
+
+    A failed run is logged and counted; a path fails only when none of its runs worked.
+    """
     results: list[PathResult] = []
     with tempfile.TemporaryDirectory(prefix="ambit-bench-") as tmp:
         workdir = Path(tmp)
         pki = write_pki(workdir / "pki")
         samples: dict[str, list[Sample]] = {n: [] for n in s.paths}
-        errors: dict[str, str] = {}
-        with targets(workdir) as (iperf_port, echo_port):
+        errors: dict[str, list[str]] = {n: [] for n in s.paths}
+        profiles: dict[str, dict[str, list[tuple[str, float]]]] = {}
+        with echo_target(workdir) as echo_port:
             for round_no in range(s.repeat):
                 for name in s.paths:
-                    if name in errors:
-                        continue
                     log(f"[{round_no + 1}/{s.repeat}] {PATHS[name]} ...")
                     try:
-                        x = measure_once(
-                            name, pki, workdir, iperf_port=iperf_port, echo_port=echo_port, s=s
-                        )
+                        x = measure_once(name, pki, workdir, echo_port=echo_port, s=s)
                     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                        errors[name] = str(exc)
+                        errors[name].append(str(exc))
                         log(f"    FAILED: {exc}")
                         continue
                     samples[name].append(x)
@@ -426,23 +430,26 @@ def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
                         f"{x.multi.bits_per_second / 1e9:.2f} Gbit/s x8, "
                         f"rtt median {x.latency.median_us:.1f} us p99 {x.latency.p99_us:.1f} us"
                     )
-            profiles: dict[str, dict[str, list[tuple[str, float]]]] = {}
             if s.profile:
                 for name in s.paths:
-                    if name in ("hbone", "tls") and name not in errors:
+                    if name in ("hbone", "tls") and samples[name]:
                         log(f"profiling {PATHS[name]} with py-spy ...")
                         try:
                             profiles[name] = profile_path(
-                                name, pki, workdir, iperf_port=iperf_port, echo_port=echo_port, s=s
+                                name, pki, workdir, echo_port=echo_port, s=s
                             )
                         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                             log(f"    profile FAILED: {exc}")
         for name in s.paths:
-            if name in errors:
-                results.append(PathResult(name=name, label=PATHS[name], error=errors[name]))
-            else:
-                r = summarise(name, samples[name])
-                if name in profiles:
-                    r = dataclasses.replace(r, profile=profiles[name])
-                results.append(r)
+            if not samples[name]:
+                results.append(
+                    PathResult(name=name, label=PATHS[name], error="; ".join(errors[name]))
+                )
+                continue
+            r = summarise(name, samples[name])
+            results.append(
+                dataclasses.replace(
+                    r, failed_runs=len(errors[name]), profile=profiles.get(name, {})
+                )
+            )
     return results

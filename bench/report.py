@@ -252,6 +252,15 @@ def render_markdown(
         "per 10^9 bytes received by iperf3.",
         "",
     ]
+    failed = [r for r in results if r.error is None and r.failed_runs]
+    if failed:
+        out += [
+            "Runs that failed and are not in the medians: "
+            + ", ".join(
+                f"{r.label}: {r.failed_runs} of {r.failed_runs + r.samples}" for r in failed
+            ),
+            "",
+        ]
     rows = ratio_rows(results)
     if rows:
         out += [
