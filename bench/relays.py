@@ -166,6 +166,8 @@ async def _connect_onward(downstream: Pipe, upstream: Upstream) -> None:
                 downstream.transport.abort()
             return
     downstream.link(up)
+    if downstream.transport is not None and not downstream.transport.is_closing():
+        downstream.transport.resume_reading()
 
 
 async def serve_relay(
@@ -180,6 +182,8 @@ async def serve_relay(
     async with asyncio.TaskGroup() as tg:
 
         def accepted(pipe: Pipe) -> None:
+            assert pipe.transport is not None
+            pipe.transport.pause_reading()  # nothing to forward to until connected onward
             tg.create_task(_connect_onward(pipe, upstream))
 
         def factory() -> Pipe:
