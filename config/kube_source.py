@@ -1,0 +1,732 @@
+"""Kubernetes source for the control plane: list+watch the cluster and mirror it into the Store.
+
+The control plane keeps one resource model whatever feeds it. In a cluster this source
+lists and watches Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes and
+the Istio kinds (AuthorizationPolicy, PeerAuthentication, DestinationRule,
+WorkloadEntry, plus the ambit.dev kinds) and writes what they mean into the same
+`config.store.Store` that `ambit apply` writes to; snapshot computation and push then
+work unchanged.
+
+Translation (pure, `desired_state`):
+
+- a Pod becomes a `WorkloadEntry` of the same name: `status.podIP` as address,
+  `spec.nodeName` as the `ambit.dev/node` annotation, the pod's labels and service
+  account, its named container ports; weight 0 (not an endpoint) when the pod is not
+  ready according to the EndpointSlices that list it (or its Ready condition when none
+  does). Pods without an IP yet, finished pods and host-network pods are left out.
+- a Service keeps selector, ports and clusterIP; headless and ExternalName Services are
+  left out (Ambit needs a VIP to capture). A Service without a selector gets a synthetic
+  selector `ambit.dev/endpoints-of: <name>` and each address of its EndpointSlices
+  becomes a (not enrolled) WorkloadEntry carrying that label, so manually managed
+  endpoints work too.
+- Gateways whose class is not `istio-waypoint` are ignored (ingress gateways of other
+  implementations share the API).
+- everything else is passed through (metadata trimmed, `status` dropped).
+
+Everything written carries the annotation `ambit.dev/source: kubernetes`; the source
+only ever deletes what carries it, so resources applied with `ambit apply` coexist.
+An object the resource model refuses is reported (see `status()`) and its last accepted
+version stays in the store, as a refused `ambit apply` leaves the previous state.
+
+Watching follows the API's rules: list (paginated, `limit`/`continue`), then watch from
+the list's `resourceVersion` with bookmarks; after a dropped connection or a server
+timeout it resumes from the last resourceVersion seen; on `410 Gone` (the version was
+compacted away: an ERROR event or an HTTP 410) it lists again and replaces that kind's
+cache in one step, so objects deleted while it was away disappear and nothing flaps.
+The HTTP client, configuration (in-cluster service account or kubeconfig) and auth are
+kubernetes_asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from config.resources import (
+    DATAPLANE_MODE_LABEL,
+    KINDS,
+    NODE_ANNOTATION,
+    WAYPOINT_CLASS,
+    FieldError,
+    ResourceKey,
+    parse_resource,
+)
+from config.store import Conflict, NotFound, Store
+from config.validate import Document, ValidationFailed
+
+log = structlog.get_logger("ambit.kube-source")
+
+OWNER_ANNOTATION = "ambit.dev/source"
+OWNER_VALUE = "kubernetes"
+ENDPOINTS_LABEL = "ambit.dev/endpoints-of"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Annotations that are large or meaningless to the mesh and are not copied.
+_DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+SOURCE_NAME = "kubernetes"
+
+
+@dataclass(frozen=True)
+class WatchedKind:
+    """One collection the source lists and watches."""
+
+    kind: str
+    path: str  # the cluster-wide collection, e.g. /api/v1/pods
+    optional: bool = False  # a CRD that may not be installed (404 -> empty, retried)
+
+
+WATCHED: tuple[WatchedKind, ...] = (
+    WatchedKind("Namespace", "/api/v1/namespaces"),
+    WatchedKind("Pod", "/api/v1/pods"),
+    WatchedKind("Service", "/api/v1/services"),
+    WatchedKind("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
+    WatchedKind("Gateway", "/apis/gateway.networking.k8s.io/v1/gateways", True),
+    WatchedKind("HTTPRoute", "/apis/gateway.networking.k8s.io/v1/httproutes", True),
+    WatchedKind("AuthorizationPolicy", "/apis/security.istio.io/v1/authorizationpolicies",
+                True),
+    WatchedKind("PeerAuthentication", "/apis/security.istio.io/v1/peerauthentications", True),
+    WatchedKind("DestinationRule", "/apis/networking.istio.io/v1/destinationrules", True),
+    WatchedKind("WorkloadEntry", "/apis/networking.istio.io/v1/workloadentries", True),
+    WatchedKind("HTTPFault", "/apis/ambit.dev/v1alpha1/httpfaults", True),
+    WatchedKind("RateLimit", "/apis/ambit.dev/v1alpha1/ratelimits", True),
+)
+
+# Kinds of the store this source writes (Pods and EndpointSlices become WorkloadEntries).
+MIRRORED_KINDS = frozenset({"Namespace", "WorkloadEntry", "Service", "Gateway", "HTTPRoute",
+                            "AuthorizationPolicy", "PeerAuthentication", "DestinationRule",
+                            "HTTPFault", "RateLimit"})
+
+ObjKey = tuple[str, str]  # (namespace, name)
+Cache = Mapping[str, Mapping[ObjKey, Mapping[str, Any]]]
+
+
+# ---------------------------------------------------------------------------------------
+# translation (pure)
+# ---------------------------------------------------------------------------------------
+
+
+def obj_key(obj: Mapping[str, Any]) -> ObjKey:
+    md = obj.get("metadata") or {}
+    return str(md.get("namespace") or ""), str(md.get("name") or "")
+
+
+def _metadata(obj: Mapping[str, Any], *, labels: Mapping[str, str] | None = None
+              ) -> dict[str, Any]:
+    md = obj.get("metadata") or {}
+    out: dict[str, Any] = {"name": md["name"]}
+    if md.get("namespace"):
+        out["namespace"] = md["namespace"]
+    lab = dict(md.get("labels") or {}) if labels is None else dict(labels)
+    if lab:
+        out["labels"] = lab
+    ann = {str(k): v for k, v in (md.get("annotations") or {}).items()
+           if k not in _DROPPED_ANNOTATIONS}
+    ann[OWNER_ANNOTATION] = OWNER_VALUE
+    out["annotations"] = ann
+    return out
+
+
+def _is_true(v: Any) -> bool:
+    return v is True or v == "True"
+
+
+def pod_readiness(slices: Iterable[Mapping[str, Any]]) -> dict[ObjKey, bool]:
+    """(namespace, pod) -> ready, from the EndpointSlices that list the pod.
+
+    A pod is ready when any slice lists it ready (`conditions.ready` absent means ready,
+    as the API defines); listed only as not ready -> False; not listed -> absent.
+    """
+    out: dict[ObjKey, bool] = {}
+    for s in slices:
+        ns = str((s.get("metadata") or {}).get("namespace") or "")
+        for ep in s.get("endpoints") or ():
+            ref = ep.get("targetRef") or {}
+            if ref.get("kind") != "Pod" or not ref.get("name"):
+                continue
+            ready = (ep.get("conditions") or {}).get("ready")
+            key = (str(ref.get("namespace") or ns), str(ref["name"]))
+            out[key] = out.get(key, False) or ready is None or ready is True
+    return out
+
+
+def translate_pod(pod: Mapping[str, Any], ready: bool | None) -> tuple[dict[str, Any] | None, str]:
+    """A Pod -> a WorkloadEntry manifest, or (None, why it is left out)."""
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    if spec.get("hostNetwork"):
+        return None, "host-network pods share the node's address and are not captured"
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None, f"pod has {status['phase'].lower()}"
+    ip = status.get("podIP") or ""
+    if not ip:
+        return None, "pod has no IP yet"
+    if ready is None:
+        ready = any(c.get("type") == "Ready" and _is_true(c.get("status"))
+                    for c in status.get("conditions") or ())
+    ports: dict[str, int] = {}
+    for c in spec.get("containers") or ():
+        for p in c.get("ports") or ():
+            if p.get("name") and p.get("protocol", "TCP") == "TCP":
+                ports[str(p["name"])] = int(p["containerPort"])
+    md = _metadata(pod)
+    if spec.get("nodeName"):
+        md["annotations"][NODE_ANNOTATION] = spec["nodeName"]
+    we_spec: dict[str, Any] = {
+        "address": ip,
+        "serviceAccount": spec.get("serviceAccountName") or "default",
+        "weight": 1 if ready else 0,
+    }
+    if ports:
+        we_spec["ports"] = ports
+    return {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": md,
+            "spec": we_spec}, ""
+
+
+_SERVICE_PORT_FIELDS = ("name", "port", "targetPort", "protocol", "appProtocol")
+
+
+def translate_service(svc: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    spec = svc.get("spec") or {}
+    if spec.get("type") == "ExternalName":
+        return None, "ExternalName services have no VIP to capture"
+    cluster_ip = spec.get("clusterIP") or ""
+    if cluster_ip == "None":
+        return None, "headless services are not supported (no VIP)"
+    name = (svc.get("metadata") or {}).get("name", "")
+    selector = dict(spec.get("selector") or {}) or {ENDPOINTS_LABEL: name}
+    out: dict[str, Any] = {
+        "selector": selector,
+        "ports": [{k: p[k] for k in _SERVICE_PORT_FIELDS if k in p}
+                  for p in spec.get("ports") or ()],
+    }
+    if cluster_ip:
+        out["clusterIP"] = cluster_ip
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(svc), "spec": out}, ""
+
+
+def _dns_name(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def translate_slice_endpoints(svc_name: str, slc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Addresses of a selector-less Service's EndpointSlice -> not-enrolled WorkloadEntries."""
+    ns = str((slc.get("metadata") or {}).get("namespace") or "")
+    if slc.get("addressType") not in ("IPv4", "IPv6"):
+        return []
+    ports = {str(p["name"]): int(p["port"]) for p in slc.get("ports") or ()
+             if p.get("name") and p.get("port") is not None}
+    out = []
+    for ep in slc.get("endpoints") or ():
+        if (ep.get("targetRef") or {}).get("kind") == "Pod":
+            continue  # the Pod itself is the workload
+        ready = (ep.get("conditions") or {}).get("ready")
+        for addr in ep.get("addresses") or ():
+            md: dict[str, Any] = {
+                "name": f"{svc_name}-ep-{_dns_name(addr)}"[:253], "namespace": ns,
+                "annotations": {OWNER_ANNOTATION: OWNER_VALUE}}
+            if ep.get("nodeName"):
+                md["annotations"][NODE_ANNOTATION] = ep["nodeName"]
+            spec: dict[str, Any] = {
+                "address": addr,
+                "labels": {ENDPOINTS_LABEL: svc_name, DATAPLANE_MODE_LABEL: "none"},
+                "weight": 0 if ready is False else 1,
+            }
+            if ports:
+                spec["ports"] = ports
+            out.append({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                        "metadata": md, "spec": spec})
+    return out
+
+
+def translate_passthrough(kind: str, obj: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    info = KINDS[kind]
+    api_version = obj.get("apiVersion")
+    if api_version not in info.api_versions:
+        api_version = info.api_versions[0]
+    spec = obj.get("spec")
+    if kind == "Gateway" and (spec or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+        return None, f"gateway class {(spec or {}).get('gatewayClassName')!r} is not " \
+                     f"{WAYPOINT_CLASS!r}"
+    out: dict[str, Any] = {"apiVersion": api_version, "kind": kind, "metadata": _metadata(obj)}
+    if spec is not None:
+        out["spec"] = copy.deepcopy(spec)
+    return out, ""
+
+
+@dataclass
+class Desired:
+    """What the cluster means in the store's terms, and what was left out and why."""
+
+    manifests: dict[ResourceKey, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # "Kind ns/name" -> reason
+
+
+def desired_state(cache: Cache) -> Desired:
+    """Translate every cached Kubernetes object (pure; see the module docstring)."""
+    d = Desired()
+
+    def put(m: dict[str, Any]) -> None:
+        md = m["metadata"]
+        d.manifests[ResourceKey(m["kind"], md.get("namespace", ""), md["name"])] = m
+
+    def skip(kind: str, key: ObjKey, why: str) -> None:
+        d.skipped[f"{kind} {key[0]}/{key[1]}" if key[0] else f"{kind} {key[1]}"] = why
+
+    namespaces = cache.get("Namespace", {})
+    for obj in namespaces.values():
+        md = _metadata(obj)
+        md.pop("namespace", None)
+        put({"apiVersion": "v1", "kind": "Namespace", "metadata": md})
+    slices = cache.get("EndpointSlice", {})
+    readiness = pod_readiness(slices.values())
+    for key, obj in cache.get("Pod", {}).items():
+        m, why = translate_pod(obj, readiness.get(key))
+        if m is None:
+            skip("Pod", key, why)
+        else:
+            put(m)
+    selectorless: set[ObjKey] = set()
+    for key, obj in cache.get("Service", {}).items():
+        m, why = translate_service(obj)
+        if m is None:
+            skip("Service", key, why)
+            continue
+        if not (obj.get("spec") or {}).get("selector"):
+            selectorless.add(key)
+        put(m)
+    for key, slc in slices.items():
+        svc = str(((slc.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL, ""))
+        if svc and (key[0], svc) in selectorless:
+            for m in translate_slice_endpoints(svc, slc):
+                put(m)
+    for kind in sorted(KINDS):
+        if kind in ("Namespace", "Service"):
+            continue
+        for key, obj in cache.get(kind, {}).items():
+            m, why = translate_passthrough(kind, obj)
+            if m is None:
+                skip(kind, key, why)
+            else:
+                put(m)
+    # objects of a namespace not (yet) seen cannot be stored
+    known = {name for _, name in namespaces}
+    for rkey in [k for k in d.manifests if k.namespace and k.namespace not in known]:
+        d.manifests.pop(rkey)
+        d.skipped[str(rkey)] = f"namespace {rkey.namespace!r} is not known yet"
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# the watch stream (sans-IO)
+# ---------------------------------------------------------------------------------------
+
+
+class LineSplitter:
+    """Bytes of a watch response in, complete JSON lines out (no line-length limit)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        if b"\n" not in data:
+            return []
+        *lines, rest = bytes(self._buf).split(b"\n")
+        self._buf = bytearray(rest)
+        return [ln for ln in lines if ln.strip()]
+
+
+class Gone(Exception):
+    """410: the resourceVersion is older than the server keeps; relist."""
+
+
+class KubeApiError(Exception):
+    """The API server refused a request (the message says what to check)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def _status_message(body: bytes) -> str:
+    try:
+        obj = json.loads(body)
+        return str(obj.get("message") or obj.get("reason") or body[:200].decode(errors="replace"))
+    except (ValueError, AttributeError):
+        return body[:200].decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------
+# the source
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class KindStatus:
+    listed: bool = False
+    missing: bool = False  # CRD not installed (404)
+    resource_version: str = ""
+    objects: int = 0
+    lists: int = 0
+    watches: int = 0
+    relists_after_gone: int = 0
+    events: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class ReconcileResult:
+    written: int
+    deleted: int
+    rejected: dict[str, str]
+
+
+async def load_configuration(kubeconfig: str | None = None) -> Configuration:
+    """In-cluster service account credentials, else the kubeconfig (KUBECONFIG, ~/.kube)."""
+    from kubernetes_asyncio import config as kconfig
+
+    cfg = Configuration()
+    if kubeconfig is None:
+        try:
+            kconfig.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=cfg)
+            return cfg
+        except kconfig.ConfigException:
+            pass
+    try:
+        await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    except (kconfig.ConfigException, OSError) as e:
+        raise KubeApiError(0, f"no Kubernetes credentials: not in a pod and no usable "
+                           f"kubeconfig ({e}): run inside the cluster or set KUBECONFIG"
+                           ) from None
+    return cfg
+
+
+class KubeSource:
+    """Mirror a Kubernetes cluster into `store`. Run `run()` in a TaskGroup; await `synced()`.
+
+    `watch_timeout` is the server-side watch duration (seconds, jittered +-10%), after
+    which the watch is resumed from the last resourceVersion; `page_size` the list
+    `limit`; `missing_retry` how often an absent CRD is looked for again.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        configuration: Configuration,
+        *,
+        kinds: Iterable[WatchedKind] = WATCHED,
+        watch_timeout: float = 300.0,
+        page_size: int = 500,
+        missing_retry: float = 30.0,
+        debounce: float = 0.05,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.configuration = configuration
+        self.kinds = tuple(kinds)
+        self.watch_timeout = watch_timeout
+        self.page_size = page_size
+        self.missing_retry = missing_retry
+        self.debounce = debounce
+        self.backoff_max = backoff_max
+        self.kind_status: dict[str, KindStatus] = {k.kind: KindStatus() for k in self.kinds}
+        self.rejected: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.reconciles = 0
+        self._cache: dict[str, dict[ObjKey, Mapping[str, Any]]] = {k.kind: {} for k in self.kinds}
+        self._dirty = asyncio.Event()
+        self._all_listed = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._written: dict[ResourceKey, Mapping[str, Any]] | None = None
+        self._logged_rejections: dict[str, str] = {}
+
+    # -- public ------------------------------------------------------------------------
+
+    async def synced(self) -> None:
+        """Wait until every kind was listed once and the store holds the result."""
+        await self._synced.wait()
+
+    @property
+    def is_synced(self) -> bool:
+        return self._synced.is_set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "synced": self.is_synced,
+            "reconciles": self.reconciles,
+            "kinds": {k: vars(s).copy() for k, s in self.kind_status.items()},
+            "rejected": dict(self.rejected),
+            "skipped": len(self.skipped),
+        }
+
+    async def run(self) -> None:
+        """List and watch every kind and keep the store in step, until cancelled."""
+        async with ApiClient(self.configuration) as api, asyncio.TaskGroup() as tg:
+            for wk in self.kinds:
+                tg.create_task(self._follow(api, wk), name=f"kube-watch-{wk.kind}")
+            tg.create_task(self._reconciler(), name="kube-reconcile")
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def _get(self, api: ApiClient, path: str, params: list[tuple[str, str]],
+                   read_timeout: float) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(sock_connect=10, sock_read=read_timeout)
+        resp: aiohttp.ClientResponse = await api.call_api(
+            path, "GET", query_params=params, header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout)
+        return resp
+
+    async def _list(self, api: ApiClient, wk: WatchedKind
+                    ) -> tuple[dict[ObjKey, Mapping[str, Any]], str]:
+        items: dict[ObjKey, Mapping[str, Any]] = {}
+        cont = ""
+        while True:
+            params = [("limit", str(self.page_size))]
+            if cont:
+                params.append(("continue", cont))
+            resp = await self._get(api, wk.path, params, 60)
+            try:
+                body = await resp.read()
+            finally:
+                resp.release()
+            if resp.status == 410 and cont:
+                # the continue token expired mid-list: start over for a consistent view
+                log.info("list continuation expired, listing again", kind=wk.kind)
+                items, cont = {}, ""
+                continue
+            self._raise_for_status(wk, resp.status, body)
+            doc = json.loads(body)
+            for obj in doc.get("items") or ():
+                items[obj_key(obj)] = obj
+            meta = doc.get("metadata") or {}
+            cont = str(meta.get("continue") or "")
+            if not cont:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def _raise_for_status(self, wk: WatchedKind, status: int, body: bytes) -> None:
+        if 200 <= status < 300:
+            return
+        msg = _status_message(body)
+        if status == 410:
+            raise Gone(msg)
+        if status in (401, 403):
+            raise KubeApiError(status, f"listing/watching {wk.path} was refused ({status}: "
+                               f"{msg}): check that the ClusterRole ambit-control-plane "
+                               f"grants list and watch on {wk.kind}")
+        if status == 404:
+            raise KubeApiError(404, f"{wk.path} is not served: install the CRD for {wk.kind} "
+                               "(deploy/kubernetes/crds/)")
+        raise KubeApiError(status, f"GET {wk.path} failed with {status}: {msg}")
+
+    async def _watch(self, api: ApiClient, wk: WatchedKind, rv: str) -> None:
+        st = self.kind_status[wk.kind]
+        timeout_s = max(1, round(self.watch_timeout * random.uniform(0.9, 1.1)))
+        params = [("watch", "1"), ("resourceVersion", rv), ("allowWatchBookmarks", "true"),
+                  ("timeoutSeconds", str(timeout_s))]
+        resp = await self._get(api, wk.path, params, timeout_s + 30)
+        try:
+            if resp.status != 200:
+                self._raise_for_status(wk, resp.status, await resp.read())
+            st.watches += 1
+            splitter = LineSplitter()
+            async for chunk in resp.content.iter_any():
+                for line in splitter.feed(chunk):
+                    self._event(wk, json.loads(line))
+        finally:
+            resp.close()
+
+    def _event(self, wk: WatchedKind, ev: Mapping[str, Any]) -> None:
+        st = self.kind_status[wk.kind]
+        typ = ev.get("type")
+        obj = ev.get("object") or {}
+        if typ == "ERROR":
+            code = int(obj.get("code") or 0)
+            if code == 410:
+                raise Gone(str(obj.get("message") or "resource version too old"))
+            raise KubeApiError(code, f"watch of {wk.path} ended with an error: "
+                               f"{obj.get('message') or obj}")
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        if rv:
+            st.resource_version = rv
+        if typ == "BOOKMARK":
+            return
+        cache = self._cache[wk.kind]
+        if typ in ("ADDED", "MODIFIED"):
+            cache[obj_key(obj)] = obj
+        elif typ == "DELETED":
+            cache.pop(obj_key(obj), None)
+        else:
+            raise KubeApiError(0, f"unexpected watch event type {typ!r} from {wk.path}")
+        st.events += 1
+        st.objects = len(cache)
+        self._dirty.set()
+
+    async def _follow(self, api: ApiClient, wk: WatchedKind) -> None:
+        st = self.kind_status[wk.kind]
+        need_list = True
+        delay = 0.0
+        while True:
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                if need_list:
+                    try:
+                        items, rv = await self._list(api, wk)
+                    except KubeApiError as e:
+                        if e.status != 404 or not wk.optional:
+                            raise
+                        if not st.missing:
+                            log.warning("kind not served, treated as empty", kind=wk.kind,
+                                        reason=str(e))
+                        st.missing, st.last_error = True, str(e)
+                        self._replace(wk, {})
+                        delay = self.missing_retry
+                        continue
+                    st.missing = False
+                    st.lists += 1
+                    st.resource_version = rv
+                    self._replace(wk, items)
+                    need_list = False
+                await self._watch(api, wk, st.resource_version)
+                delay = 0.0  # a watch ended normally (server timeout): resume at once
+            except Gone as e:
+                st.relists_after_gone += 1
+                log.info("resource version expired, listing again", kind=wk.kind,
+                         resource_version=st.resource_version, reason=str(e))
+                need_list, delay = True, 0.0
+            except (aiohttp.ClientError, OSError, TimeoutError, KubeApiError,
+                    ValueError) as e:
+                st.last_error = f"{type(e).__name__}: {e}"
+                delay = min(self.backoff_max, max(0.1, delay * 2)) * random.uniform(0.8, 1.2)
+                log.warning("Kubernetes API request failed, retrying", kind=wk.kind,
+                            error=st.last_error, retry_in=round(delay, 2),
+                            resume_from=st.resource_version if not need_list else None)
+
+    def _replace(self, wk: WatchedKind, items: dict[ObjKey, Mapping[str, Any]]) -> None:
+        self._cache[wk.kind] = items
+        st = self.kind_status[wk.kind]
+        st.objects = len(items)
+        st.listed = True
+        if all(s.listed for s in self.kind_status.values()):
+            self._all_listed.set()
+        self._dirty.set()
+
+    # -- writing the store -------------------------------------------------------------
+
+    async def _reconciler(self) -> None:
+        await self._all_listed.wait()
+        while True:
+            await self._dirty.wait()
+            if self.debounce:
+                await asyncio.sleep(self.debounce)  # gather a burst of events into one write
+            self._dirty.clear()
+            cache = {k: dict(v) for k, v in self._cache.items()}
+            await asyncio.to_thread(self.reconcile, cache)
+            self._synced.set()
+
+    def reconcile(self, cache: Cache) -> ReconcileResult:
+        """Bring the store in line with `cache` (blocking; runs in a worker thread)."""
+        desired = desired_state(cache)
+        self.skipped = desired.skipped
+        if self._written is None:
+            self._written = self._load_owned()
+        rejected: dict[str, str] = {}
+        valid: dict[ResourceKey, Mapping[str, Any]] = {}
+        for key, m in desired.manifests.items():
+            try:
+                valid[key] = parse_resource(m).body
+            except FieldError as e:
+                rejected[str(key)] = f"{e.path}: {e.message}" if e.path else e.message
+        puts = [k for k, body in valid.items() if self._written.get(k) != body]
+        gone = [k for k in self._written if k not in desired.manifests]
+        written = self._put(puts, valid, rejected)
+        deleted = self._delete(gone, rejected)
+        for k, why in rejected.items():
+            if self._logged_rejections.get(k) != why:
+                log.warning("Kubernetes object refused by the resource model; the last "
+                            "accepted version stays", resource=k, reason=why)
+        self._logged_rejections = dict(rejected)
+        self.rejected = rejected
+        self.reconciles += 1
+        return ReconcileResult(written, deleted, rejected)
+
+    def _load_owned(self) -> dict[ResourceKey, Mapping[str, Any]]:
+        out: dict[ResourceKey, Mapping[str, Any]] = {}
+        for kind in MIRRORED_KINDS:
+            for r in self.store.list_resources(kind):
+                ann = (r.body.get("metadata") or {}).get("annotations") or {}
+                if ann.get(OWNER_ANNOTATION) == OWNER_VALUE:
+                    out[r.key] = r.body
+        return out
+
+    def _put(self, keys: list[ResourceKey], valid: Mapping[ResourceKey, Mapping[str, Any]],
+             rejected: dict[str, str]) -> int:
+        assert self._written is not None
+        if not keys:
+            return 0
+        keys.sort(key=lambda k: (k.kind != "Namespace", k.kind, k.namespace, k.name))
+        docs = [Document(SOURCE_NAME, i + 1, dict(valid[k])) for i, k in enumerate(keys)]
+        try:
+            self.store.apply(docs)
+        except ValidationFailed:
+            # one bad object must not hold the others back: apply one by one
+            n = 0
+            for k, doc in zip(keys, docs, strict=True):
+                try:
+                    self.store.apply([doc])
+                except ValidationFailed as e:
+                    rejected[str(k)] = "; ".join(f"{p.path}: {p.message}" if p.path else
+                                                 p.message for p in e.problems)
+                    continue
+                self._written[k] = valid[k]
+                n += 1
+            return n
+        for k in keys:
+            self._written[k] = valid[k]
+        return len(keys)
+
+    def _delete(self, keys: list[ResourceKey], rejected: dict[str, str]) -> int:
+        assert self._written is not None
+        if not keys:
+            return 0
+        keys.sort(key=lambda k: (k.kind == "Namespace", k.kind, k.namespace, k.name))
+        n = 0
+        for k in keys:
+            try:
+                self.store.delete([k])
+            except NotFound:
+                pass
+            except Conflict as e:
+                rejected[str(k)] = f"kept: {e}"
+                continue
+            self._written.pop(k, None)
+            n += 1
+        return n
+
+
+__all__ = [
+    "ENDPOINTS_LABEL",
+    "MIRRORED_KINDS",
+    "OWNER_ANNOTATION",
+    "WATCHED",
+    "Desired",
+    "Gone",
+    "KubeApiError",
+    "KubeSource",
+    "LineSplitter",
+    "WatchedKind",
+    "desired_state",
+    "load_configuration",
+    "pod_readiness",
+    "translate_pod",
+    "translate_service",
+]

@@ -1,0 +1,453 @@
+"""Kubernetes source against an in-test API server: list, watch, resume, 410 relist, mirroring.
+
+No kube-apiserver can be installed here: `tests/kubeapi.py` implements the parts of its
+protocol the source relies on (paginated consistent lists, chunked watch streams,
+resourceVersion, bookmarks, 410 Expired both as an ERROR event and as HTTP 410).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio.client import Configuration
+
+from config.kube_source import (
+    ENDPOINTS_LABEL,
+    OWNER_ANNOTATION,
+    WATCHED,
+    KubeSource,
+    LineSplitter,
+    desired_state,
+)
+from config.snapshot import compute_snapshot
+from config.store import Store
+from config.validate import Document
+from tests.kubeapi import KubeApiServer
+
+NS = "/api/v1/namespaces"
+PODS = "/api/v1/pods"
+SVCS = "/api/v1/services"
+SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
+GWS = "/apis/gateway.networking.k8s.io/v1/gateways"
+ROUTES = "/apis/gateway.networking.k8s.io/v1/httproutes"
+APS = "/apis/security.istio.io/v1/authorizationpolicies"
+PAS = "/apis/security.istio.io/v1/peerauthentications"
+
+API_VERSIONS = {
+    "Namespace": "v1", "Pod": "v1", "Service": "v1", "EndpointSlice": "discovery.k8s.io/v1",
+    "Gateway": "gateway.networking.k8s.io/v1", "HTTPRoute": "gateway.networking.k8s.io/v1",
+    "AuthorizationPolicy": "security.istio.io/v1", "PeerAuthentication": "security.istio.io/v1",
+    "DestinationRule": "networking.istio.io/v1", "WorkloadEntry": "networking.istio.io/v1",
+    "HTTPFault": "ambit.dev/v1alpha1", "RateLimit": "ambit.dev/v1alpha1",
+}
+COLLECTIONS = {wk.path: (wk.kind, API_VERSIONS[wk.kind]) for wk in WATCHED}
+
+
+# -- objects as the API server returns them ----------------------------------------------
+
+
+def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name,
+                                                   **(labels or {})}},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+
+
+def pod(ns: str, name: str, ip: str = "", *, node: str = "node-a", app: str = "web",
+        ready: bool = True, host_network: bool = False, phase: str = "Running",
+        sa: str = "web") -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase, "conditions": [
+        {"type": "Ready", "status": "True" if ready else "False"}]}
+    if ip:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    return {"metadata": {"name": name, "namespace": ns, "labels": {"app": app},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration":
+                                         "{}"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": node, "serviceAccountName": sa, "hostNetwork": host_network,
+                     "containers": [{"name": "app", "image": "web:1", "ports": [
+                         {"name": "http", "containerPort": 8080, "protocol": "TCP"}]}]},
+            "status": status}
+
+
+def service(ns: str, name: str, ip: str, selector: dict[str, str] | None = None,
+            **extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"clusterIP": ip, "clusterIPs": [ip], "type": "ClusterIP",
+                            "sessionAffinity": "None", "ipFamilies": ["IPv4"],
+                            "ports": [{"name": "http", "port": 80, "targetPort": 8080,
+                                       "protocol": "TCP"}], **extra}
+    if selector is not None:
+        spec["selector"] = selector
+    return {"metadata": {"name": name, "namespace": ns}, "spec": spec,
+            "status": {"loadBalancer": {}}}
+
+
+def endpoint_slice(ns: str, name: str, svc: str, endpoints: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4", "endpoints": endpoints,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
+
+
+def pod_endpoint(ns: str, pod_name: str, ip: str, ready: bool) -> dict[str, Any]:
+    return {"addresses": [ip], "conditions": {"ready": ready},
+            "targetRef": {"kind": "Pod", "namespace": ns, "name": pod_name}}
+
+
+def deny_legacy(action: str = "DENY") -> dict[str, Any]:
+    return {"metadata": {"name": "deny-legacy", "namespace": "shop"},
+            "spec": {"action": action, "rules": [{"from": [{"source": {
+                "namespaces": ["legacy"]}}]}]}}
+
+
+def populate(api: KubeApiServer) -> None:
+    api.put(NS, namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
+    api.put(NS, namespace("legacy"))
+    api.put(NS, namespace("default"))
+    api.put(NS, namespace("istio-system"))
+    api.put(PODS, pod("shop", "web-1", "10.244.1.5"))
+    api.put(PODS, pod("shop", "web-2", "10.244.2.6", node="node-b"))
+    api.put(PODS, pod("shop", "web-3", "10.244.1.7", ready=False))
+    api.put(PODS, pod("shop", "pending"))
+    api.put(PODS, pod("shop", "batch", "10.244.1.9", phase="Succeeded"))
+    api.put(PODS, pod("shop", "agent", "192.168.0.10", host_network=True))
+    api.put(SVCS, service("shop", "web", "10.96.0.10", {"app": "web"}))
+    api.put(SVCS, service("shop", "headless", "None", {"app": "web"}))
+    api.put(SLICES, endpoint_slice("shop", "web-abc", "web", [
+        pod_endpoint("shop", "web-1", "10.244.1.5", True),
+        pod_endpoint("shop", "web-2", "10.244.2.6", False),
+        pod_endpoint("shop", "web-3", "10.244.1.7", False)]))
+    api.put(APS, deny_legacy())
+    api.put(PAS, {"metadata": {"name": "strict", "namespace": "istio-system"},
+                  "spec": {"mtls": {"mode": "STRICT"}}})
+    api.put(GWS, {"metadata": {"name": "waypoint", "namespace": "shop"},
+                  "spec": {"gatewayClassName": "istio-waypoint", "listeners": [
+                      {"name": "mesh", "port": 15008, "protocol": "HBONE",
+                       "allowedRoutes": {"namespaces": {"from": "Same"}}}]}})
+    api.put(GWS, {"metadata": {"name": "ingress", "namespace": "shop"},
+                  "spec": {"gatewayClassName": "other-ingress", "listeners": [
+                      {"name": "https", "port": 443, "protocol": "HTTPS"}]}})
+    api.put(ROUTES, {"metadata": {"name": "web", "namespace": "shop"}, "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                   "backendRefs": [{"group": "", "kind": "Service", "name": "web",
+                                    "port": 80, "weight": 1}]}]}})
+
+
+# -- harness ----------------------------------------------------------------------------
+
+
+async def until(pred: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def config_for(api: KubeApiServer, token: str | None = None) -> Configuration:
+    return Configuration(host=api.url, api_key={"BearerToken": token or api.token},
+                         api_key_prefix={"BearerToken": "Bearer"})
+
+
+@contextlib.asynccontextmanager
+async def running(store: Store, api: KubeApiServer, *, wait: bool = True,
+                  **kw: Any) -> AsyncIterator[KubeSource]:
+    opts: dict[str, Any] = {"debounce": 0, "missing_retry": 0.2, "backoff_max": 0.2}
+    opts.update(kw)
+    src = KubeSource(store, config_for(api, opts.pop("token", None)), **opts)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(src.run())
+        try:
+            if wait:
+                await asyncio.wait_for(src.synced(), 10)
+            yield src
+        finally:
+            task.cancel()
+
+
+def body(store: Store, kind: str, ns: str, name: str) -> dict[str, Any]:
+    r = store.get(kind, ns, name)
+    assert r is not None, f"{kind} {ns}/{name} is not in the store"
+    return dict(r.body)
+
+
+def snapshot_for(store: Store, node: str) -> Any:
+    return compute_snapshot([r.parse() for r in store.list_resources()], node)
+
+
+# -- tests ------------------------------------------------------------------------------
+
+
+async def test_initial_list_mirrors_the_cluster_into_the_store(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api) as src:
+                we = body(store, "WorkloadEntry", "shop", "web-1")
+                assert we["spec"] == {"address": "10.244.1.5", "serviceAccount": "web",
+                                      "weight": 1, "ports": {"http": 8080}}
+                ann = we["metadata"]["annotations"]
+                assert ann["ambit.dev/node"] == "node-a"
+                assert ann[OWNER_ANNOTATION] == "kubernetes"
+                assert "kubectl.kubernetes.io/last-applied-configuration" not in ann
+                assert we["metadata"]["labels"] == {"app": "web"}
+                # the EndpointSlice says web-2 is not ready although its pod says Ready
+                assert body(store, "WorkloadEntry", "shop", "web-2")["spec"]["weight"] == 0
+                for left_out in ("pending", "batch", "agent"):
+                    assert store.get("WorkloadEntry", "shop", left_out) is None, left_out
+                assert store.get("Service", "shop", "headless") is None
+                assert body(store, "Service", "shop", "web")["spec"]["clusterIP"] == "10.96.0.10"
+                assert body(store, "Namespace", "", "shop")["metadata"]["labels"][
+                    "istio.io/dataplane-mode"] == "ambient"
+                assert store.get("AuthorizationPolicy", "shop", "deny-legacy") is not None
+                assert store.get("PeerAuthentication", "istio-system", "strict") is not None
+                assert store.get("Gateway", "shop", "waypoint") is not None
+                assert store.get("Gateway", "shop", "ingress") is None
+                assert store.get("HTTPRoute", "shop", "web") is not None
+                assert src.rejected == {}
+                assert "Gateway shop/ingress" in src.skipped
+                assert src.status()["synced"] is True
+                # what the proxies get: only the ready pod is an endpoint of the service
+                snap = snapshot_for(store, "node-a")
+                web = next(s for s in snap.services if s.name == "web")
+                assert web.vips == ("10.96.0.10",)
+                wl = {w.uid: w for w in snap.workloads}
+                assert [wl[e.workload_uid].ip for e in web.endpoints
+                        if e.workload_uid in wl] == ["10.244.1.5"]
+                assert {w.name for w in snap.workloads if w.node == "node-a"} >= {"web-1"}
+            # one list per collection, paginated or not
+            assert api.lists(PODS) == 1
+
+
+async def test_paginated_list_sees_every_object(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        api.put(NS, namespace("shop"))
+        for i in range(7):
+            api.put(PODS, pod("shop", f"p{i}", f"10.244.0.{i + 10}"))
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api, page_size=3):
+                names = {r.key.name for r in store.list_resources("WorkloadEntry", "shop")}
+                assert names == {f"p{i}" for i in range(7)}
+        pages = [q for p, q in api.requests if p == PODS and "watch" not in q]
+        assert len(pages) == 3 and all(q["limit"] == "3" for q in pages)
+
+
+async def test_watch_events_update_the_store(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api) as src:
+                api.put(PODS, pod("shop", "web-9", "10.244.1.99"))
+                await until(lambda: store.get("WorkloadEntry", "shop", "web-9") is not None,
+                            "a new pod")
+                changed = pod("shop", "web-9", "10.244.1.99", app="web-v2")
+                api.put(PODS, changed)
+                await until(lambda: body(store, "WorkloadEntry", "shop", "web-9")["metadata"][
+                    "labels"] == {"app": "web-v2"}, "the pod's new labels")
+                api.delete(SVCS, "shop", "web")
+                api.delete(APS, "shop", "deny-legacy")
+                await until(lambda: store.get("Service", "shop", "web") is None
+                            and store.get("AuthorizationPolicy", "shop", "deny-legacy") is None,
+                            "deletions")
+                # pod readiness from the EndpointSlice: web-2 becomes ready
+                api.put(SLICES, endpoint_slice("shop", "web-abc", "web", [
+                    pod_endpoint("shop", "web-1", "10.244.1.5", True),
+                    pod_endpoint("shop", "web-2", "10.244.2.6", True)]))
+                await until(lambda: body(store, "WorkloadEntry", "shop", "web-2")["spec"][
+                    "weight"] == 1, "readiness from the slice")
+                assert src.kind_status["Pod"].lists == 1
+            assert api.lists(PODS) == 1
+
+
+async def test_dropped_watch_resumes_from_the_last_resource_version(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api) as src:
+                seen = api.put(PODS, pod("shop", "before", "10.244.1.20"))
+                await until(lambda: src.kind_status["Pod"].resource_version
+                            == seen["metadata"]["resourceVersion"], "the pod event")
+                api.unavailable = True
+                api.drop_watches()
+                api.put(PODS, pod("shop", "while-away", "10.244.1.21"))
+                api.delete(PODS, "shop", "before")
+                await until(lambda: src.kind_status["Pod"].last_error != "", "a failed retry")
+                api.unavailable = False
+                await until(lambda: store.get("WorkloadEntry", "shop", "while-away") is not None
+                            and store.get("WorkloadEntry", "shop", "before") is None,
+                            "changes made while disconnected")
+                resumed = [q for q in api.watches(PODS)
+                           if q.get("resourceVersion") == seen["metadata"]["resourceVersion"]]
+                assert resumed, "the watch did not resume from the last version it saw"
+                assert src.kind_status["Pod"].relists_after_gone == 0
+            assert api.lists(PODS) == 1  # resumed, never relisted
+
+
+async def test_gone_relists_and_converges(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api) as src:
+                api.unavailable = True
+                api.drop_watches()
+                api.delete(PODS, "shop", "web-1")
+                api.put(PODS, pod("shop", "web-new", "10.244.1.30"))
+                api.delete(GWS, "shop", "waypoint")
+                api.compact()  # the versions the source knows are gone from history
+                api.unavailable = False
+                await until(lambda: src.kind_status["Pod"].relists_after_gone >= 1, "a relist")
+                await until(lambda: store.get("WorkloadEntry", "shop", "web-1") is None
+                            and store.get("WorkloadEntry", "shop", "web-new") is not None
+                            and store.get("Gateway", "shop", "waypoint") is None,
+                            "the store to converge after the relist")
+                # the untouched objects stayed in place throughout (no flapping)
+                assert store.get("WorkloadEntry", "shop", "web-2") is not None
+                errors = [q for q in api.watches(PODS) if q.get("resourceVersion")]
+                assert errors
+            assert api.lists(PODS) == 2
+
+
+async def test_bookmarks_move_the_resume_point(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api) as src:
+                assert all(q.get("allowWatchBookmarks") == "true" for q in api.watches(PODS))
+                api.put(NS, namespace("other"))  # advances the global version only
+                api.bookmark()
+                want = str(api.rv)
+                await until(lambda: src.kind_status["Pod"].resource_version == want,
+                            "the bookmark")
+                api.drop_watches()
+                await until(lambda: any(q.get("resourceVersion") == want
+                                        for q in api.watches(PODS)), "a resumed watch")
+
+
+async def test_server_side_watch_timeout_is_resumed(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api, watch_timeout=1) as src:
+                await until(lambda: src.kind_status["Pod"].watches >= 2, "a second watch",
+                            limit=5)
+                api.put(PODS, pod("shop", "late", "10.244.1.40"))
+                await until(lambda: store.get("WorkloadEntry", "shop", "late") is not None,
+                            "an event after the resumed watch")
+            assert api.lists(PODS) == 1
+
+
+async def test_only_owned_resources_are_deleted(tmp_path: Path) -> None:
+    with Store(str(tmp_path / "cp")) as store:
+        store.apply([Document("t", 1, {"apiVersion": "v1", "kind": "Namespace",
+                                       "metadata": {"name": "shop"}}),
+                     Document("t", 2, {"apiVersion": "networking.istio.io/v1",
+                                       "kind": "WorkloadEntry",
+                                       "metadata": {"name": "vm-1", "namespace": "shop"},
+                                       "spec": {"address": "192.168.10.5"}}),
+                     Document("t", 3, {"apiVersion": "networking.istio.io/v1",
+                                       "kind": "WorkloadEntry",
+                                       "metadata": {"name": "stale", "namespace": "shop",
+                                                    "annotations": {OWNER_ANNOTATION:
+                                                                    "kubernetes"}},
+                                       "spec": {"address": "10.244.9.9"}})])
+        async with KubeApiServer(COLLECTIONS) as api:
+            populate(api)
+            async with running(store, api):
+                assert store.get("WorkloadEntry", "shop", "stale") is None
+                assert store.get("WorkloadEntry", "shop", "vm-1") is not None
+                assert store.get("WorkloadEntry", "shop", "web-1") is not None
+
+
+async def test_refused_object_keeps_its_last_accepted_version(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api) as src:
+                api.put(APS, deny_legacy(action="MAYBE"))
+                key = "AuthorizationPolicy shop/deny-legacy"
+                await until(lambda: key in src.rejected, "the refusal")
+                assert "spec.action" in src.rejected[key]
+                assert body(store, "AuthorizationPolicy", "shop", "deny-legacy")["spec"][
+                    "action"] == "DENY"
+                api.put(PODS, pod("shop", "after", "10.244.1.50"))
+                await until(lambda: store.get("WorkloadEntry", "shop", "after") is not None,
+                            "other changes still flow")
+                api.put(APS, deny_legacy())
+                await until(lambda: key not in src.rejected, "the fixed policy")
+
+
+async def test_selectorless_service_uses_its_endpoint_slices(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        api.put(NS, namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
+        api.put(SVCS, service("shop", "legacy-db", "10.96.0.50"))
+        api.put(SLICES, endpoint_slice("shop", "legacy-db-1", "legacy-db", [
+            {"addresses": ["192.168.50.1"], "conditions": {"ready": True}},
+            {"addresses": ["192.168.50.2"], "conditions": {"ready": False}}]))
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api):
+                assert body(store, "Service", "shop", "legacy-db")["spec"]["selector"] == {
+                    ENDPOINTS_LABEL: "legacy-db"}
+                snap = snapshot_for(store, "node-a")
+                svc = next(s for s in snap.services if s.name == "legacy-db")
+                wl = {w.uid: w for w in snap.workloads}
+                ips = sorted(wl[e.workload_uid].ip for e in svc.endpoints if e.workload_uid in wl)
+                assert ips == ["192.168.50.1"]
+                assert all(not wl[e.workload_uid].enrolled for e in svc.endpoints)
+
+
+async def test_missing_crd_is_empty_until_installed(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        api.unserved = {"/apis/ambit.dev/v1alpha1/httpfaults", GWS}
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api) as src:
+                assert src.kind_status["HTTPFault"].missing
+                assert "CRD" in src.kind_status["Gateway"].last_error
+                assert store.get("Gateway", "shop", "waypoint") is None
+                api.unserved = set()
+                await until(lambda: store.get("Gateway", "shop", "waypoint") is not None,
+                            "the Gateway after its CRD appeared")
+                assert not src.kind_status["Gateway"].missing
+
+
+async def test_wrong_credentials_say_what_to_check(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api, wait=False, token="wrong") as src:
+                await until(lambda: "ClusterRole" in src.kind_status["Pod"].last_error,
+                            "the refusal")
+                assert not src.is_synced
+
+
+def test_line_splitter_joins_partial_chunks() -> None:
+    s = LineSplitter()
+    assert s.feed(b'{"type":"ADD') == []
+    assert s.feed(b'ED"}\n{"a"') == [b'{"type":"ADDED"}']
+    assert s.feed(b":1}\n\n") == [b'{"a":1}']
+    big = b"x" * 300_000
+    assert s.feed(big) == []
+    assert s.feed(b"\n") == [big]
+
+
+@pytest.mark.parametrize(("typ", "ip"), [("ExternalName", "10.96.0.1"), ("ClusterIP", "None")])
+def test_services_without_a_vip_are_left_out(typ: str, ip: str) -> None:
+    d = desired_state({"Namespace": {("", "shop"): namespace("shop")},
+                       "Service": {("shop", "x"): service("shop", "x", ip, {"a": "b"},
+                                                          type=typ)}})
+    assert not [k for k in d.manifests if k.kind == "Service"]
+    assert "Service shop/x" in d.skipped
+
+
+def test_objects_of_unknown_namespaces_wait() -> None:
+    d = desired_state({"Pod": {("shop", "p"): pod("shop", "p", "10.0.0.1")}})
+    assert d.manifests == {}
+    assert "not known yet" in d.skipped["WorkloadEntry shop/p"]
