@@ -6,18 +6,83 @@ import argparse
 import sys
 
 
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ztunnel", description="Ambit node proxy (ztunnel).")
     p.add_argument("--node", required=True, help="name of this node")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--control-plane", metavar="HOST:PORT", help="control plane address")
-    src.add_argument("--local-config", metavar="FILE", help="static snapshot file")
-    p.add_argument("--token", help="join token (with --control-plane)")
+    src.add_argument("--local-config", metavar="FILE", help="static snapshot file (reloaded)")
+    p.add_argument("--token", default="", help="join token (with --control-plane)")
     p.add_argument("--data-dir", default="/var/lib/ambit/ztunnel", help="state directory")
+    p.add_argument("--no-capture", action="store_true",
+                   help="do not install capture rules (another agent manages them)")
+    p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT")
+    p.add_argument("--metrics", type=_hostport, default=("0.0.0.0", 15020), metavar="HOST:PORT")
+    p.add_argument("--ready", type=_hostport, default=("0.0.0.0", 15021), metavar="HOST:PORT")
+    p.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS")
+    p.add_argument("--max-connections", type=int, default=10_000)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("ztunnel: the node proxy is not built yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    import uvloop
+
+    from ztunnel import log
+    from ztunnel.listeners._base import Limits
+    from ztunnel.localconfig import ConfigError
+    from ztunnel.proxy import (
+        ConfigSource,
+        ControlPlaneSource,
+        LocalFileSource,
+        ProcessPorts,
+        Ztunnel,
+        ZtunnelOptions,
+    )
+
+    log.configure(args.log_level)
+    if args.control_plane and not args.token:
+        import os
+
+        if not os.path.exists(os.path.join(args.data_dir, "node-cert.pem")):
+            print("ztunnel: --control-plane needs --token on first start "
+                  "(create one with `ambit token create --node NAME`)", file=sys.stderr)
+            return 2
+    source: ConfigSource
+    if args.local_config:
+        source = LocalFileSource(args.local_config, args.data_dir)
+    else:
+        source = ControlPlaneSource(args.control_plane, args.node, args.data_dir, args.token)
+    options = ZtunnelOptions(
+        node=args.node,
+        data_dir=args.data_dir,
+        manage_capture=not args.no_capture,
+        ports=ProcessPorts(admin=args.admin, metrics=args.metrics, ready=args.ready),
+        limits=Limits(
+            max_connections=args.max_connections,
+            connect_timeout=args.connect_timeout,
+            idle_timeout=args.idle_timeout,
+            drain_timeout=args.drain_timeout,
+        ),
+    )
+    try:
+        uvloop.run(Ztunnel(options, source).run())
+    except ConfigError as exc:
+        print(f"ztunnel: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ztunnel: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -141,3 +141,121 @@ class LocalConfig(Generic[T]):
                 continue
             _log.info("config reloaded", path=self.path)
             await apply(snap)
+
+
+# ----------------------------------------------------------------------------- local CA
+
+LOCAL_CA_KEY = "local_ca"
+DEFAULT_LEAF_TTL = 24 * 3600.0
+
+
+class LocalCA:
+    """Signs workload CSRs with a CA certificate and key from files (static / dev setups).
+
+    The `--local-config` document may say `"local_ca": {"cert": "ca.pem", "key":
+    "ca-key.pem"}` (paths relative to the document); ztunnel then mints its local
+    workloads' certificates itself through the IdentityManager's fetch hook.
+    """
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes, *, ttl: float = DEFAULT_LEAF_TTL) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.cert_pem = cert_pem
+        self.cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError("local CA key must be an EC (P-256) private key")
+        self._key = key
+        self.ttl = ttl
+
+    @classmethod
+    def from_files(cls, cert_path: str, key_path: str) -> LocalCA:
+        try:
+            with open(cert_path, "rb") as f:
+                cert = f.read()
+            with open(key_path, "rb") as f:
+                key = f.read()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read local CA file {exc.filename}: {exc.strerror}: "
+                "check local_ca.cert / local_ca.key in the config"
+            ) from exc
+        try:
+            return cls(cert, key)
+        except ValueError as exc:
+            raise ConfigError(f"local CA {cert_path} / {key_path} is invalid: {exc}") from exc
+
+    async def sign(self, identity: object, csr_pem: bytes) -> list[bytes]:
+        """IdentityManager fetcher: a leaf for the CSR's SPIFFE ID, followed by nothing."""
+        import datetime as dt
+        import time as _time
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        csr = x509.load_pem_x509_csr(csr_pem)
+        if not csr.is_signature_valid:
+            raise ValueError("CSR signature is invalid")
+        uri = f"{identity}"
+        now = _time.time()
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(dt.datetime.fromtimestamp(now - 60, tz=dt.UTC))
+            .not_valid_after(dt.datetime.fromtimestamp(now + self.ttl, tz=dt.UTC))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=True,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return [leaf.public_bytes(serialization.Encoding.PEM)]
+
+
+@dataclass(frozen=True)
+class LocalDocument:
+    """A parsed `--local-config` file: the snapshot plus the optional local CA."""
+
+    snapshot: Any  # ztunnel.snapshot.Snapshot (kept loose to avoid an import cycle)
+    local_ca: LocalCA | None
+
+
+def parse_local_document(doc: dict[str, Any], base_dir: str) -> LocalDocument:
+    """Split `local_ca` off the document and validate the rest as a Snapshot."""
+    from ztunnel.snapshot import Snapshot, SnapshotError
+
+    data = dict(doc)
+    ca_spec = data.pop(LOCAL_CA_KEY, None)
+    ca: LocalCA | None = None
+    if ca_spec is not None:
+        if not isinstance(ca_spec, dict) or not {"cert", "key"} <= set(ca_spec):
+            raise ConfigError(f"{LOCAL_CA_KEY} must be a mapping with 'cert' and 'key' paths")
+        ca = LocalCA.from_files(
+            os.path.join(base_dir, str(ca_spec["cert"])),
+            os.path.join(base_dir, str(ca_spec["key"])),
+        )
+    try:
+        snap = Snapshot.from_dict(data)
+    except SnapshotError as exc:
+        raise ConfigError(str(exc)) from exc
+    return LocalDocument(snap, ca)

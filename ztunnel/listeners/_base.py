@@ -1,0 +1,308 @@
+"""Shared pieces of the per-workload listeners: proxy context, netns sockets, accept loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import random
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from netsetup.netns import socket_in_netns
+from ztunnel.authz import ConnectionInfo, Decision, denied_connections
+from ztunnel.hbone.pool import HboneConnectionPool
+from ztunnel.identity import IdentityManager, TrustBundle
+from ztunnel.listeners.metrics import ZtunnelMetrics
+from ztunnel.snapshot import Snapshot
+
+log = structlog.get_logger("ztunnel")
+
+PROXY_MARK = 0x539
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IP_ORIGDSTADDR = IP_RECVORIGDSTADDR
+# Accept errors that mean "out of resources right now": back off instead of spinning.
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one ztunnel takes on."""
+
+    max_connections: int = 10_000
+    connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0
+    drain_timeout: float = 5.0
+    accept_backoff_max: float = 1.0
+
+
+class ConnectionTracker:
+    """Open inbound connections with what authz saw, so a policy change can close them."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._conns: dict[int, tuple[ConnectionInfo, Callable[[str], None]]] = {}
+
+    def add(self, info: ConnectionInfo, close: Callable[[str], None]) -> int:
+        self._next += 1
+        self._conns[self._next] = (info, close)
+        return self._next
+
+    def remove(self, key: int) -> None:
+        self._conns.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def enforce(self, snapshot: Snapshot) -> list[Decision]:
+        """Close every open connection `snapshot` no longer allows; return the decisions."""
+        infos = {k: v[0] for k, v in self._conns.items()}
+        out = []
+        for key, decision in denied_connections(snapshot, infos):
+            entry = self._conns.pop(key, None)
+            if entry is not None:
+                log.info("closing connection now denied by policy", reason=decision.reason,
+                         src=entry[0].src_ip, dst_workload=entry[0].dst_workload.name,
+                         dst_port=entry[0].dst_port)
+                entry[1](decision.reason)
+                out.append(decision)
+        return out
+
+
+@dataclass
+class ProxyContext:
+    """What every listener needs; the proxy swaps `snapshot` (and `trust`) on each update."""
+
+    node: str
+    snapshot: Snapshot
+    metrics: ZtunnelMetrics
+    identities: IdentityManager
+    pool: HboneConnectionPool
+    trust: TrustBundle | None = None
+    limits: Limits = field(default_factory=Limits)
+    tracker: ConnectionTracker = field(default_factory=ConnectionTracker)
+    rng: random.Random = field(default_factory=random.Random)
+    # source workload IP -> its netns (the HBONE pool dials from the source's netns)
+    netns_by_ip: dict[str, str | None] = field(default_factory=dict)
+    active: int = 0
+
+    def require_trust(self) -> TrustBundle:
+        if self.trust is None:
+            raise RuntimeError(
+                "no trust bundle: the snapshot has no trust_bundle_pem and no local CA is "
+                "configured (give `local_ca` in --local-config or use --control-plane)"
+            )
+        return self.trust
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _ip_level(family: int) -> int:
+    return socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+
+
+def listener_socket(
+    netns: str | None,
+    host: str,
+    port: int,
+    *,
+    kind: int = socket.SOCK_STREAM,
+    transparent: bool = True,
+    backlog: int = 1024,
+) -> socket.socket:
+    """A listening (or bound UDP) socket created inside `netns`.
+
+    IP_TRANSPARENT lets it receive TPROXY'd traffic; SO_REUSEPORT lets a new ztunnel
+    bind the same address beside this one during a restart; SO_MARK 0x539 keeps the
+    capture rules off its packets.
+    """
+    family = _family(host)
+    sock = socket_in_netns(netns, family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
+        if transparent:
+            sock.setsockopt(_ip_level(family), IP_TRANSPARENT, 1)
+        if kind == socket.SOCK_DGRAM and family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            where = f" in netns {netns}" if netns else ""
+            raise OSError(
+                exc.errno,
+                f"cannot bind {host}:{port}{where}: {exc.strerror}: is a process other than "
+                "ztunnel using this port in the workload?",
+            ) from exc
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def onward_socket(
+    netns: str | None,
+    dest_host: str,
+    *,
+    source_ip: str | None = None,
+    kind: int = socket.SOCK_STREAM,
+) -> socket.socket:
+    """A socket for ztunnel's own onward connection, created inside `netns`, mark 0x539.
+
+    With `source_ip` it is bound (IP_TRANSPARENT) to that address, which need not be
+    local: inbound delivery keeps the original client's IP this way.
+    """
+    family = _family(dest_host)
+    sock = socket_in_netns(netns, family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source_ip is not None:
+            sock.setsockopt(_ip_level(family), IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((source_ip, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect(sock: socket.socket, address: tuple[str, int], timeout: float) -> None:  # noqa: ASYNC109
+    """Connect `sock`, closing it on failure; the error says where and what to check."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
+    except TimeoutError:
+        sock.close()
+        raise ConnectionError(
+            f"connection to {address[0]}:{address[1]} timed out after {timeout:g}s: "
+            "is the destination up and the port open?"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        raise ConnectionError(
+            f"connection to {address[0]}:{address[1]} failed: {exc.strerror or exc}"
+        ) from exc
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with a TCP RST (the client sees 'connection reset', not a clean EOF)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def addr_str(addr: Any) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class TcpAcceptor:
+    """Accept loop shared by the TCP listeners: bounded, EMFILE backoff, drainable."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ctx: ProxyContext,
+        handle: Callable[[socket.socket, Any], Awaitable[None]],
+        name: str,
+    ) -> None:
+        self.sock = sock
+        self.ctx = ctx
+        self._handle = handle
+        self.name = name
+        host, port = sock.getsockname()[:2]
+        self.address: tuple[str, int] = (host, port)
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tg: asyncio.TaskGroup | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.01
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            accept_task: asyncio.Task[tuple[socket.socket, Any]] | None = None
+            stop_task = tg.create_task(self._stop.wait())
+            try:
+                while not self._stop.is_set():
+                    accept_task = asyncio.ensure_future(loop.sock_accept(self.sock))
+                    await asyncio.wait(
+                        {accept_task, stop_task}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not accept_task.done():
+                        accept_task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, OSError):
+                            await accept_task
+                        break
+                    try:
+                        conn, peer = accept_task.result()
+                    except OSError as exc:
+                        if exc.errno in _RESOURCE_ERRNOS:
+                            self.ctx.metrics.accept_errors.labels(
+                                errno=errno.errorcode.get(exc.errno or 0, "?")
+                            ).inc()
+                            log.warning("accept failed, backing off", listener=self.name,
+                                        error=str(exc), backoff=backoff)
+                            await asyncio.sleep(backoff)
+                            backoff = min(backoff * 2, self.ctx.limits.accept_backoff_max)
+                            continue
+                        if self._stop.is_set():
+                            break
+                        raise
+                    backoff = 0.01
+                    conn.setblocking(False)
+                    if self.ctx.active >= self.ctx.limits.max_connections:
+                        log.warning("connection limit reached, refusing", listener=self.name,
+                                    limit=self.ctx.limits.max_connections)
+                        reset_close(conn)
+                        continue
+                    task = tg.create_task(self._run_one(conn, peer))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            finally:
+                stop_task.cancel()
+                if accept_task is not None and not accept_task.done():
+                    accept_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await accept_task
+                self.sock.close()
+
+    async def _run_one(self, conn: socket.socket, peer: Any) -> None:
+        self.ctx.active += 1
+        try:
+            await self._handle(conn, peer)
+        except Exception as exc:
+            log.exception("connection handler failed", listener=self.name, error=str(exc))
+            with contextlib.suppress(OSError):
+                reset_close(conn)
+        finally:
+            self.ctx.active -= 1
+
+    def stop_accepting(self) -> None:
+        """Stop accepting; `run()` closes the listening socket and waits for open ones."""
+        self._stop.set()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - listener contract
+        """Stop accepting; let open connections finish for up to `timeout`, then cancel them."""
+        self.stop_accepting()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        for t in list(self._tasks):
+            t.cancel()

@@ -1,0 +1,127 @@
+"""Inbound HBONE on 15008 in a workload's netns: mTLS CONNECT, authz, deliver from the client IP."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import replace
+
+from ztunnel.accesslog import ConnectionRecord, log_connection
+from ztunnel.authz import ConnectionInfo, evaluate
+from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.request import Accept, ConnectRequest, Decision, Refuse
+from ztunnel.hbone.server import HboneServer
+from ztunnel.hbone.stream import HboneStream
+from ztunnel.identity import Certificate
+from ztunnel.listeners._base import (
+    ProxyContext,
+    addr_str,
+    connect,
+    listener_socket,
+    onward_socket,
+)
+from ztunnel.plan import InboundReject, plan_inbound
+from ztunnel.snapshot import Workload
+from ztunnel.tls import server_context
+
+INBOUND_HBONE_PORT = 15008
+
+
+class InboundHboneListener:
+    """The workload's HBONE endpoint; the peer identity comes from its certificate only."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        workload: Workload,
+        netns: str | None,
+        cert: Certificate,
+        *,
+        host: str = "0.0.0.0",
+        port: int = INBOUND_HBONE_PORT,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.workload_uid = workload.uid
+        self.netns = netns
+        self._workload = workload
+        if sock is None:
+            sock = listener_socket(netns, host, port, transparent=False)
+        self.sock = sock
+        trust = ctx.require_trust()
+        self._ssl = server_context(cert, trust)
+        self.server = HboneServer(
+            sock, self._ssl, trust, self._handle,
+            local_ip_check=lambda ip: ip in self._current().addresses,
+        )
+        self.address: tuple[str, int] = self.server.address
+
+    def _current(self) -> Workload:
+        return self.ctx.snapshot.workload_by_uid(self.workload_uid) or self._workload
+
+    async def run(self) -> None:
+        await self.server.run()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - listener contract
+        await self.server.drain(timeout)
+
+    async def _handle(self, req: ConnectRequest) -> Decision:
+        ctx = self.ctx
+        start = time.monotonic()
+        snap = ctx.snapshot
+        wl = self._current()
+        src_ip = req.peer_addr[0]
+        src_wl = snap.workload_by_ip(src_ip)
+        rec = ConnectionRecord(
+            direction="inbound",
+            src=req.forwarded_for or addr_str(req.peer_addr),
+            dst=req.authority,
+            src_workload=src_wl.display_name if src_wl else "unknown",
+            src_namespace=src_wl.namespace if src_wl else req.peer_identity.namespace,
+            src_identity=str(req.peer_identity),
+            dst_workload=wl.display_name,
+            dst_namespace=wl.namespace,
+            dst_identity=wl.identity,
+            hop=f"hbone {addr_str(req.local_addr)}",
+            security="mutual_tls",
+        )
+        plan = plan_inbound(snap, req.authority, workload=wl)
+        if isinstance(plan, InboundReject):
+            denied = replace(rec, error=plan.reason, denied=True)
+            ctx.metrics.connection_denied(denied)
+            log_connection(denied)
+            return Refuse(plan.status, plan.reason)
+        info = ConnectionInfo(req.peer_identity, src_ip, wl, plan.port, plan.host)
+        decision = evaluate(snap, info)
+        if not decision.allowed:
+            denied = replace(rec, error=decision.reason, denied=True)
+            ctx.metrics.connection_denied(denied)
+            log_connection(denied)
+            return Refuse(401, decision.reason)
+        try:
+            up = onward_socket(self.netns, plan.host, source_ip=src_ip)
+            await connect(up, (plan.host, plan.port), ctx.limits.connect_timeout)
+        except (ConnectionError, OSError) as exc:
+            failed = replace(rec, error=str(exc))
+            ctx.metrics.connection_opened(failed)
+            ctx.metrics.connection_closed(failed)
+            log_connection(failed)
+            return Refuse(503, str(exc))
+
+        async def serve(stream: HboneStream) -> None:
+            ctx.metrics.connection_opened(rec)
+            key = ctx.tracker.add(info, lambda reason: stream.reset())
+            error: str | None = None
+            sent = received = 0
+            try:
+                received, sent = await stream.splice_socket(up)
+            except HboneError as exc:
+                error = str(exc)
+            finally:
+                ctx.tracker.remove(key)
+            done = replace(rec, sent=sent, received=received, error=error,
+                           duration_ms=(time.monotonic() - start) * 1000)
+            ctx.metrics.connection_closed(done)
+            log_connection(done)
+
+        return Accept(serve=serve)

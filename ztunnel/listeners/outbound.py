@@ -1,0 +1,156 @@
+"""Outbound capture on 15001 in a workload's netns: plan each connection, tunnel or pass through."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+from ztunnel.accesslog import ConnectionRecord, log_connection
+from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.request import forwarded_for, new_traceparent
+from ztunnel.identity import IdentityUnavailable, SpiffeId
+from ztunnel.listeners._base import (
+    ProxyContext,
+    TcpAcceptor,
+    addr_str,
+    connect,
+    listener_socket,
+    onward_socket,
+    reset_close,
+)
+from ztunnel.plan import Hbone, HboneViaWaypoint, Passthrough, Reject, plan_outbound
+from ztunnel.relay import relay
+from ztunnel.snapshot import Workload
+
+OUTBOUND_PORT = 15001
+
+
+def _unknown(value: str | None) -> str:
+    return value or "unknown"
+
+
+class OutboundListener(TcpAcceptor):
+    """TPROXY target for the workload's outgoing TCP; the accepted socket's name is the
+    original destination."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        workload: Workload,
+        netns: str | None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = OUTBOUND_PORT,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.workload_uid = workload.uid
+        self.netns = netns
+        self._workload = workload
+        if sock is None:
+            sock = listener_socket(netns, host, port)
+        super().__init__(sock, ctx, self._handle, f"outbound {workload.namespace}/{workload.name}")
+
+    def _source(self) -> Workload:
+        return self.ctx.snapshot.workload_by_uid(self.workload_uid) or self._workload
+
+    async def _handle(self, client: socket.socket, peer: Any) -> None:
+        ctx = self.ctx
+        start = time.monotonic()
+        dst_ip, dst_port = client.getsockname()[:2]
+        src_ip, src_port = peer[0], peer[1]
+        source = self._source()
+        snap = ctx.snapshot
+        plan = plan_outbound(snap, source, (dst_ip, dst_port), rng=ctx.rng)
+        base = ConnectionRecord(
+            direction="outbound",
+            src=addr_str(peer),
+            dst=addr_str((dst_ip, dst_port)),
+            src_workload=source.display_name,
+            src_namespace=source.namespace,
+            src_identity=source.identity,
+        )
+        if isinstance(plan, Reject):
+            reset_close(client)
+            rec = base.__class__(**{**base.__dict__, "error": plan.reason, "denied": True})
+            ctx.metrics.connection_denied(rec)
+            log_connection(rec)
+            return
+        dest = plan.destination
+        svc = plan.service
+        rec_fields: dict[str, Any] = dict(base.__dict__)
+        if dest is not None:
+            rec_fields.update(dst_workload=dest.display_name, dst_namespace=dest.namespace)
+        if svc is not None:
+            rec_fields["dst_service"] = svc.hostname
+        if isinstance(plan, Passthrough):
+            rec_fields.update(hop=f"passthrough {addr_str(plan.address)}", security="none")
+            opened = ConnectionRecord(**rec_fields)
+            ctx.metrics.connection_opened(opened)
+            error: str | None = None
+            sent = received = 0
+            try:
+                up = onward_socket(self.netns, plan.host)
+                await connect(up, plan.address, ctx.limits.connect_timeout)
+            except (ConnectionError, OSError) as exc:
+                error = str(exc)
+                reset_close(client)
+            else:
+                result = await relay(client, up, idle_timeout=ctx.limits.idle_timeout)
+                sent, received, error = result.sent, result.received, result.error
+            self._finish(ConnectionRecord(**rec_fields), start, sent, received, error)
+            return
+        assert isinstance(plan, Hbone | HboneViaWaypoint)
+        rec_fields.update(
+            dst_identity=plan.identity,
+            hop=f"hbone {addr_str(plan.address)}"
+            + (" (waypoint)" if isinstance(plan, HboneViaWaypoint) else ""),
+            security="mutual_tls",
+        )
+        opened = ConnectionRecord(**rec_fields)
+        ctx.metrics.connection_opened(opened)
+        error = None
+        sent = received = 0
+        try:
+            async with asyncio.timeout(ctx.limits.connect_timeout):
+                cert = await ctx.identities.get(SpiffeId.parse(source.identity))
+            stream = await ctx.pool.open_stream(
+                src_identity_cert=cert,
+                trust=ctx.require_trust(),
+                dst_identity=SpiffeId.parse(plan.identity),
+                src_ip=src_ip,
+                dst=plan.address,
+                authority=plan.authority,
+                forwarded_for=forwarded_for(src_ip, src_port),
+                traceparent=new_traceparent(),
+            )
+        except (HboneError, IdentityUnavailable, TimeoutError, OSError, RuntimeError) as exc:
+            error = (
+                f"certificate for {source.identity} not ready in "
+                f"{ctx.limits.connect_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else str(exc)
+            )
+            reset_close(client)
+        else:
+            try:
+                sent, received = await stream.splice_socket(client)
+            except HboneError as exc:
+                error = str(exc)
+        self._finish(ConnectionRecord(**rec_fields), start, sent, received, error)
+
+    def _finish(
+        self, rec: ConnectionRecord, start: float, sent: int, received: int, error: str | None
+    ) -> None:
+        done = ConnectionRecord(
+            **{
+                **rec.__dict__,
+                "sent": sent,
+                "received": received,
+                "duration_ms": (time.monotonic() - start) * 1000,
+                "error": error,
+            }
+        )
+        self.ctx.metrics.connection_closed(done)
+        log_connection(done)
