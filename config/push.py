@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -51,7 +50,16 @@ from config.nodeauth import (
     principal_of,
 )
 from config.resources import Resource, parse_resource
-from config.snapshot import MeshIndex
+from config.snapshot import (
+    L7_RESOURCES,
+    MeshIndex,
+    NodeState,
+    NodeViews,
+    apply_delta,
+    content_hash,
+    make_delta,
+    sorted_dict,
+)
 from config.store import Store
 from config.tokens import TokenStore
 from ztunnel import snapshot as zs
@@ -67,84 +75,14 @@ from ztunnel.identity import (
 log = structlog.get_logger("ambit.push")
 
 PUSH_PORT = 15012
-#: extra field of waypoint snapshots: the manifests of WAYPOINT_KINDS it enforces itself
-L7_RESOURCES = "resources"
 WAYPOINT_KINDS = frozenset({"HTTPRoute", "AuthorizationPolicy", "DestinationRule",
                             "HTTPFault", "RateLimit", "Service", "Gateway"})
 MAX_MESSAGE = 256 * 1024 * 1024
 CONTROL_PLANE_SA = ("ambit-system", "control-plane")
 
 
-def _uid_key(d: Mapping[str, Any]) -> str:
-    return str(d["uid"])
-
-
-def _ns_name_key(d: Mapping[str, Any]) -> str:
-    return f"{d['namespace']}/{d['name']}"
-
-
-_COLLECTIONS: dict[str, Callable[[Mapping[str, Any]], str]] = {
-    "workloads": _uid_key,
-    "services": _ns_name_key,
-    "waypoints": _ns_name_key,
-    "authorization_policies": _ns_name_key,
-    "peer_authentications": _ns_name_key,
-}
-
-
 def control_plane_identity(trust_domain: str) -> SpiffeId:
     return SpiffeId(trust_domain, *CONTROL_PLANE_SA)
-
-
-# ---------------------------------------------------------------------------
-# content hashing and deltas (pure)
-# ---------------------------------------------------------------------------
-
-
-def content_hash(snap: Mapping[str, Any]) -> str:
-    """Hash of a snapshot's content, version excluded (equal content = nothing to send)."""
-    body = {k: v for k, v in snap.items() if k != "version"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-                          ).hexdigest()
-
-
-def make_delta(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The changes turning snapshot dict `old` into `new` (keyed collections, other fields)."""
-    upsert: dict[str, list[Any]] = {}
-    remove: dict[str, list[str]] = {}
-    for name, keyf in _COLLECTIONS.items():
-        before = {keyf(x): x for x in old.get(name, [])}
-        after = {keyf(x): x for x in new.get(name, [])}
-        ups = [x for k, x in after.items() if before.get(k) != x]
-        gone = [k for k in before if k not in after]
-        if ups:
-            upsert[name] = ups
-        if gone:
-            remove[name] = gone
-    scalars = {k: v for k, v in new.items() if k not in _COLLECTIONS and old.get(k) != v}
-    return {"set": scalars, "upsert": upsert, "remove": remove}
-
-
-def apply_delta(old: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
-    """`old` with `delta` applied (inverse of make_delta); order of collections preserved."""
-    out = {k: v for k, v in old.items() if k not in _COLLECTIONS}
-    out.update(delta.get("set", {}))
-    for name, keyf in _COLLECTIONS.items():
-        items = {keyf(x): x for x in old.get(name, [])}
-        for k in delta.get("remove", {}).get(name, []):
-            items.pop(k, None)
-        for x in delta.get("upsert", {}).get(name, []):
-            items[keyf(x)] = x
-        out[name] = sorted(items.values(), key=keyf)
-    return out
-
-
-def _sorted_dict(snap: zs.Snapshot) -> dict[str, Any]:
-    d = snap.to_dict()
-    for name, keyf in _COLLECTIONS.items():
-        if name in d:
-            d[name] = sorted(d[name], key=keyf)
-    return d
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +107,7 @@ class Session:
     acked_version: int = 0
     state: str = "connecting"  # connecting | pending | synced | nacked
     error: str = ""
+    node: NodeState | None = None  # per-item view state (nodes; waypoints diff whole dicts)
 
     def status(self) -> dict[str, Any]:
         return {"kind": self.principal.kind, "name": self.principal.name, "peer": self.peer,
@@ -215,18 +154,37 @@ class PushServer:
         version, items = store.snapshot()
         self.index.load((r.parse() for r in items), version)
         self.sessions: dict[tuple[str, str], Session] = {}
+        self.views = NodeViews(self.index)
+        self._dirty = asyncio.Event()
         self._cache: dict[str, tuple[int, dict[str, Any], str]] = {}
 
     # -- store -> index ----------------------------------------------------------------
 
     async def follow_store(self) -> None:
-        """Apply every store change to the index and wake the sessions (runs forever)."""
-        async for ch in self.store.watch(self.index.version):
-            resource = parse_resource(dict(ch.body)) if ch.body is not None else None
-            self.index.apply(ch.key, resource, ch.version)
-            self._cache.clear()
-            for s in self.sessions.values():
-                s.wake.set()
+        """Apply every store change to the index and update the sessions (runs forever)."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._publish())
+            async for ch in self.store.watch(self.index.version):
+                resource = parse_resource(dict(ch.body)) if ch.body is not None else None
+                self.index.apply(ch.key, resource, ch.version)
+                self._dirty.set()
+
+    async def _publish(self) -> None:
+        """After each burst of changes: fold them into the views once, wake every session."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            self.changed()
+
+    def changed(self) -> None:
+        """Fold index changes into the views and wake every session."""
+        self._cache.clear()
+        self.views.refresh()
+        seqs = [s.node.seq for s in self.sessions.values()
+                if s.node is not None and s.node.seq >= 0]
+        self.views.trim(min(seqs, default=self.views.seq))
+        for s in self.sessions.values():
+            s.wake.set()
 
     def status(self) -> dict[str, Any]:
         return {"proxies": [s.status() for s in sorted(
@@ -241,11 +199,11 @@ class PushServer:
         if cached is not None and cached[0] == self.index.version:
             return cached
         if principal.kind == "node":
-            d = _sorted_dict(self.index.node_snapshot(principal.name))
+            d = sorted_dict(self.index.node_snapshot(principal.name))
         else:
             ns, _, name = principal.name.partition("/")
             snap = self.index.waypoint_snapshot(ns, name)
-            d = _sorted_dict(snap)
+            d = sorted_dict(snap)
             d[L7_RESOURCES] = self._l7_resources(snap)
         out = (self.index.version, d, content_hash(d))
         self._cache[key] = out
@@ -366,15 +324,15 @@ class PushServer:
         self.sessions[_skey(s.principal)] = s
         s.acked_hash = s.sent_hash = str(msg.get("hash", ""))
         s.acked_version = s.sent_version = int(msg.get("version", 0))
+        if s.principal.kind == "node":
+            s.node = NodeState(s.principal.name)
         address = msg.get("address")
         if s.principal.kind == "waypoint" and isinstance(address, str) and address:
             ns, _, name = s.principal.name.partition("/")
             zs.canonical_ip(address)
             if self.index.waypoint_addresses.get((ns, name)) != address:
                 self.index.set_waypoint_address(ns, name, address)
-                self._cache.clear()
-                for other in self.sessions.values():
-                    other.wake.set()
+                self._dirty.set()
         log.info("proxy subscribed", kind=s.principal.kind, name=s.principal.name,
                  version=s.acked_version, peer=s.peer)
         s.state = "pending"
@@ -390,6 +348,8 @@ class PushServer:
         s.state, s.error = "nacked", str(msg.get("error", ""))[:500]
         s.acked_hash = ""  # the proxy may not hold what we think: next update is full
         s.sent = None
+        if s.node is not None:
+            s.node.seq = -1
         log.warning("proxy rejected config", kind=s.principal.kind, name=s.principal.name,
                     version=version, error=s.error)
 
@@ -407,22 +367,49 @@ class PushServer:
             s.wake.clear()
             if s.state == "closed":
                 return
-            version, d, h = self.view(s.principal)
-            if h == s.sent_hash and s.state != "nacked":
-                if s.state == "pending" and h == s.acked_hash:
-                    s.state = "synced"
-                    s.sent_version = s.acked_version = version
-                    await _send(s.writer, {"type": "uptodate", "version": version, "hash": h})
+            msg = self._node_update(s) if s.node is not None else self._waypoint_update(s)
+            if msg is None:
                 continue
-            if s.sent is not None and s.sent_hash == s.acked_hash and s.state != "nacked":
-                msg = {"type": "delta", "from_hash": s.sent_hash, "version": version,
-                       "hash": h, **make_delta(s.sent, d)}
-            else:
-                msg = {"type": "snapshot", "version": version, "hash": h, "snapshot": d}
-            s.sent, s.sent_hash, s.sent_version = d, h, version
-            if s.state != "nacked":
+            s.sent_hash, s.sent_version = msg["hash"], msg["version"]
+            if msg["type"] == "uptodate":
+                s.acked_hash, s.acked_version, s.state = s.sent_hash, s.sent_version, "synced"
+            elif s.state != "nacked":
                 s.state = "pending"
             await _send(s.writer, msg)
+
+    def _node_update(self, s: Session) -> dict[str, Any] | None:
+        st = s.node
+        assert st is not None
+        version = self.views.version
+        if st.seq < 0:  # just subscribed or nacked: does the node hold the current content?
+            body = self.views.full(st)
+            h = self.views.hash_of(st)
+            if h == s.acked_hash:
+                return {"type": "uptodate", "version": version, "hash": h}
+            return {"type": "snapshot", "version": version, "hash": h, "snapshot": body}
+        before = self.views.hash_of(st)
+        res = self.views.update(st)
+        if res is None:
+            return None
+        kind, body = res
+        h = self.views.hash_of(st)
+        if kind == "snapshot":
+            return {"type": "snapshot", "version": version, "hash": h, "snapshot": body}
+        return {"type": "delta", "from_hash": before, "version": version, "hash": h, **body}
+
+    def _waypoint_update(self, s: Session) -> dict[str, Any] | None:
+        version, d, h = self.view(s.principal)
+        if h == s.sent_hash and s.state != "nacked":
+            if s.state == "pending" and h == s.acked_hash:
+                return {"type": "uptodate", "version": version, "hash": h}
+            return None
+        if s.sent is not None and s.state != "nacked":
+            msg = {"type": "delta", "from_hash": s.sent_hash, "version": version,
+                   "hash": h, **make_delta(s.sent, d)}
+        else:
+            msg = {"type": "snapshot", "version": version, "hash": h, "snapshot": d}
+        s.sent = d
+        return msg
 
 
 def _skey(p: NodePrincipal) -> tuple[str, str]:

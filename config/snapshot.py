@@ -18,8 +18,11 @@ objects it touches (see `apply`); `node_snapshot` then assembles a node's view.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -456,3 +459,316 @@ def compute_snapshot(resources: Iterable[Resource], node: str, *, version: int =
         idx.set_waypoint_address(ns, name, addr)
     idx.load(resources, version)
     return idx.node_snapshot(node)
+
+
+# ---------------------------------------------------------------------------
+# content hashes and deltas of snapshot dicts (what the push stream carries)
+# ---------------------------------------------------------------------------
+
+#: extra field of waypoint snapshots: the manifests it enforces itself (routes, L7 policy...)
+L7_RESOURCES = "resources"
+_MASK = (1 << 64) - 1
+
+
+def _uid_key(d: Mapping[str, Any]) -> str:
+    return str(d["uid"])
+
+
+def _ns_name_key(d: Mapping[str, Any]) -> str:
+    return f"{d['namespace']}/{d['name']}"
+
+
+#: keyed collections of a snapshot dict and the key of each item
+COLLECTIONS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "workloads": _uid_key,
+    "services": _ns_name_key,
+    "waypoints": _ns_name_key,
+    "authorization_policies": _ns_name_key,
+    "peer_authentications": _ns_name_key,
+}
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def item_digest(collection: str, item: Mapping[str, Any]) -> int:
+    """64-bit digest of one collection item (salted with the collection name)."""
+    h = hashlib.sha256(collection.encode() + b"\0" + _canonical(item)).digest()
+    return int.from_bytes(h[:8], "big")
+
+
+def scalars_digest(snap: Mapping[str, Any]) -> int:
+    """Digest of the fields that are not collections (version excluded)."""
+    rest = {k: v for k, v in snap.items() if k not in COLLECTIONS and k != "version"}
+    return int.from_bytes(hashlib.sha256(_canonical(rest)).digest()[:8], "big")
+
+
+def content_hash(snap: Mapping[str, Any]) -> str:
+    """Order-independent hash of a snapshot dict's content, version excluded.
+
+    The sum of per-item digests plus the digest of the other fields (mod 2**64), so a
+    server can keep it up to date item by item.
+    """
+    total = scalars_digest(snap)
+    for name in COLLECTIONS:
+        for item in snap.get(name, []):
+            total += item_digest(name, item)
+    return f"{total & _MASK:016x}"
+
+
+def make_delta(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The changes turning snapshot dict `old` into `new` (keyed collections, other fields)."""
+    upsert: dict[str, list[Any]] = {}
+    remove: dict[str, list[str]] = {}
+    for name, keyf in COLLECTIONS.items():
+        before = {keyf(x): x for x in old.get(name, [])}
+        after = {keyf(x): x for x in new.get(name, [])}
+        ups = [x for k, x in after.items() if before.get(k) != x]
+        gone = [k for k in before if k not in after]
+        if ups:
+            upsert[name] = ups
+        if gone:
+            remove[name] = gone
+    scalars = {k: v for k, v in new.items() if k not in COLLECTIONS and old.get(k) != v}
+    return {"set": scalars, "upsert": upsert, "remove": remove}
+
+
+def apply_delta(old: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    """`old` with `delta` applied (inverse of make_delta); collections sorted by key."""
+    out = {k: v for k, v in old.items() if k not in COLLECTIONS}
+    out.update(delta.get("set", {}))
+    for name, keyf in COLLECTIONS.items():
+        items = {keyf(x): x for x in old.get(name, [])}
+        for k in delta.get("remove", {}).get(name, []):
+            items.pop(k, None)
+        for x in delta.get("upsert", {}).get(name, []):
+            items[keyf(x)] = x
+        out[name] = sorted(items.values(), key=keyf)
+    return out
+
+
+def sorted_dict(snap: zs.Snapshot) -> dict[str, Any]:
+    """`snap.to_dict()` with every collection sorted by key."""
+    d = snap.to_dict()
+    for name, keyf in COLLECTIONS.items():
+        if name in d:
+            d[name] = sorted(d[name], key=keyf)
+    return d
+
+
+# ---------------------------------------------------------------------------
+# per-node views kept up to date item by item (fan-out to many nodes)
+# ---------------------------------------------------------------------------
+
+ItemKey = tuple[str, str]  # (collection, key)
+
+
+@dataclass
+class _Item:
+    obj: object
+    data: dict[str, Any]
+    digest: int
+    namespace: str
+    node: str = ""  # workloads only
+
+
+@dataclass
+class NodeState:
+    """What the server believes one node holds (after the last update sent to it)."""
+
+    node: str
+    sent: dict[ItemKey, int] = field(default_factory=dict)
+    total: int = 0  # sum of the digests in `sent`
+    scalars: dict[str, Any] = field(default_factory=dict)
+    local_ns: frozenset[str] = frozenset()
+    seq: int = -1  # last change set folded in (-1: nothing sent yet)
+
+
+class NodeViews:
+    """Item digests of the whole mesh plus per-node membership, for cheap per-node deltas.
+
+    `refresh()` folds the index's current state in and records which items changed;
+    `update(state)` then returns the message that brings one node from what it holds
+    to the current view (a full snapshot the first time), touching only changed items.
+    """
+
+    def __init__(self, index: MeshIndex) -> None:
+        self.index = index
+        self.items: dict[ItemKey, _Item] = {}
+        self.seq = 0
+        self._log: list[tuple[int, set[ItemKey]]] = []
+        self._ns_seen: dict[str, tuple[object, object, object, object]] = {}
+        self._ns_keys: dict[str, set[ItemKey]] = {}
+        self._endpoints: dict[str, set[str]] = {}  # ns -> uids backing a service
+        self._nodes_in_ns: dict[str, set[str]] = {}
+        self._global_seen: object = None
+        self.version = 0  # the index version the items reflect
+        self.refresh()
+
+    # -- folding the index in ----------------------------------------------------------
+
+    def refresh(self) -> set[ItemKey]:
+        """Re-read what changed in the index; returns the changed item keys."""
+        idx = self.index
+        self.version = idx.version
+        changed: set[ItemKey] = set()
+        namespaces = set(idx.namespaces())
+        for ns in list(self._ns_seen):
+            if ns not in namespaces:
+                for k in self._ns_keys.pop(ns, set()):
+                    self.items.pop(k, None)
+                    changed.add(k)
+                del self._ns_seen[ns]
+                self._endpoints.pop(ns, None)
+                self._nodes_in_ns.pop(ns, None)
+        for ns in namespaces:
+            wls = idx.workloads_in(ns)
+            svcs = idx.services_in(ns)
+            pols = idx.policies_in(ns)
+            pas = idx.peer_authentications_in(ns)
+            seen = self._ns_seen.get(ns)
+            if seen is not None and all(a is b for a, b in zip(seen, (wls, svcs, pols, pas),
+                                                                 strict=True)):
+                continue
+            self._ns_seen[ns] = (wls, svcs, pols, pas)
+            fresh: dict[ItemKey, tuple[object, str]] = {}
+            for uid, w in wls.items():
+                fresh[("workloads", uid)] = (w, w.node)
+            for s in svcs.values():
+                fresh[("services", f"{ns}/{s.name}")] = (s, "")
+            for p in pols:
+                fresh[("authorization_policies", f"{ns}/{p.name}")] = (p, "")
+            for pa in pas:
+                fresh[("peer_authentications", f"{ns}/{pa.name}")] = (pa, "")
+            old_keys = self._ns_keys.get(ns, set())
+            for k in old_keys - fresh.keys():
+                self.items.pop(k, None)
+                changed.add(k)
+            for k, (obj, node) in fresh.items():
+                cur = self.items.get(k)
+                if cur is not None and (cur.obj is obj or cur.obj == obj):
+                    cur.obj = obj
+                    continue
+                data = zs._dump(obj)
+                self.items[k] = _Item(obj, data, item_digest(k[0], data), ns, node)
+                changed.add(k)
+            self._ns_keys[ns] = set(fresh)
+            self._endpoints[ns] = {ep.workload_uid for s in svcs.values() for ep in s.endpoints}
+            self._nodes_in_ns[ns] = {w.node for w in wls.values()}
+        wps = idx.waypoints()
+        if wps is not self._global_seen:
+            self._global_seen = wps
+            fresh_wp = {("waypoints", f"{ns}/{name}"): wp for (ns, name), wp in wps.items()}
+            for k in [k for k in self.items if k[0] == "waypoints" and k not in fresh_wp]:
+                del self.items[k]
+                changed.add(k)
+            for k, wp in fresh_wp.items():
+                cur = self.items.get(k)
+                if cur is not None and cur.obj == wp:
+                    continue
+                data = zs._dump(wp)
+                self.items[k] = _Item(wp, data, item_digest("waypoints", data), wp.namespace)
+                changed.add(k)
+        if changed:
+            self.seq += 1
+            self._log.append((self.seq, changed))
+        return changed
+
+    def trim(self, keep_from: int) -> None:
+        """Forget change sets older than `keep_from` (the oldest seq a node still needs)."""
+        self._log = [e for e in self._log if e[0] >= keep_from]
+
+    # -- membership ----------------------------------------------------------------------
+
+    def local_namespaces(self, node: str) -> frozenset[str]:
+        return frozenset(ns for ns, nodes in self._nodes_in_ns.items() if node in nodes)
+
+    def _member(self, k: ItemKey, item: _Item, node: str, local_ns: frozenset[str]) -> bool:
+        coll = k[0]
+        if coll in ("services", "waypoints"):
+            return True
+        if coll == "workloads":
+            return (item.node == node or item.namespace in local_ns
+                    or k[1] in self._endpoints.get(item.namespace, ()))
+        return item.namespace == self.index.root_namespace or item.namespace in local_ns
+
+    def _scalars(self, node: str) -> dict[str, Any]:
+        idx = self.index
+        return {"version": self.version, "node": node, "trust_domain": idx.trust_domain,
+                "root_namespace": idx.root_namespace, "dns_domain": idx.dns_domain,
+                "trust_bundle_pem": idx.trust_bundle_pem}
+
+    def full(self, state: NodeState) -> dict[str, Any]:
+        """The node's whole snapshot dict; resets `state` to it."""
+        local_ns = self.local_namespaces(state.node)
+        snap: dict[str, Any] = self._scalars(state.node)
+        for name in COLLECTIONS:
+            snap[name] = []
+        sent: dict[ItemKey, int] = {}
+        total = 0
+        for k in sorted(self.items):
+            item = self.items[k]
+            if self._member(k, item, state.node, local_ns):
+                snap[k[0]].append(item.data)
+                sent[k] = item.digest
+                total += item.digest
+        state.sent, state.total, state.local_ns = sent, total, local_ns
+        state.scalars = {k: v for k, v in snap.items() if k not in COLLECTIONS}
+        state.seq = self.seq
+        return snap
+
+    def hash_of(self, state: NodeState) -> str:
+        return f"{(state.total + scalars_digest(state.scalars)) & _MASK:016x}"
+
+    def update(self, state: NodeState) -> tuple[str, dict[str, Any]] | None:
+        """("snapshot"|"delta", body) bringing `state` up to date, or None if it already is.
+
+        `body` for a delta has set/upsert/remove; for a snapshot it is the whole dict.
+        """
+        if state.seq < 0 or (self._log and state.seq < self._log[0][0] - 1):
+            return "snapshot", self.full(state)
+        local_ns = self.local_namespaces(state.node)
+        if local_ns != state.local_ns:
+            old = {k: v for k, v in state.sent.items()}
+            full = self.full(state)
+            delta = self._diff_maps(old, state.sent)
+            delta["set"] = {k: v for k, v in full.items() if k not in COLLECTIONS}
+            return "delta", delta
+        keys: set[ItemKey] = set()
+        for seq, ch in self._log:
+            if seq > state.seq:
+                keys |= ch
+        upsert: dict[str, list[Any]] = {}
+        remove: dict[str, list[str]] = {}
+        for k in sorted(keys):
+            item = self.items.get(k)
+            have = state.sent.get(k)
+            if item is not None and self._member(k, item, state.node, local_ns):
+                if have != item.digest:
+                    upsert.setdefault(k[0], []).append(item.data)
+                    state.total += item.digest - (have or 0)
+                    state.sent[k] = item.digest
+            elif have is not None:
+                remove.setdefault(k[0], []).append(k[1])
+                state.total -= have
+                del state.sent[k]
+        scalars = {k: v for k, v in self._scalars(state.node).items()}
+        set_ = {k: v for k, v in scalars.items() if state.scalars.get(k) != v}
+        state.scalars = scalars
+        state.seq = self.seq
+        if not upsert and not remove and set(set_) <= {"version"}:
+            return None
+        return "delta", {"set": set_, "upsert": upsert, "remove": remove}
+
+    def _diff_maps(self, old: Mapping[ItemKey, int],
+                   new: Mapping[ItemKey, int]) -> dict[str, Any]:
+        upsert: dict[str, list[Any]] = {}
+        remove: dict[str, list[str]] = {}
+        for k, d in new.items():
+            if old.get(k) != d:
+                upsert.setdefault(k[0], []).append(self.items[k].data)
+        for k in old:
+            if k not in new:
+                remove.setdefault(k[0], []).append(k[1])
+        return {"upsert": upsert, "remove": remove}

@@ -245,7 +245,8 @@ def test_snapshot_round_trips_through_json() -> None:
 
 
 def test_deltas_turn_one_snapshot_into_the_next() -> None:
-    from config.push import _sorted_dict, apply_delta, content_hash, make_delta
+    from config.snapshot import apply_delta, content_hash, make_delta
+    from config.snapshot import sorted_dict as _sorted_dict
 
     before = _sorted_dict(compute_snapshot(resources(), "node-a", version=1))
     changed = MESH.replace("address: 10.1.0.12", "address: 10.1.0.14").replace(
@@ -263,3 +264,64 @@ def test_deltas_turn_one_snapshot_into_the_next() -> None:
     assert back["remove"]["workloads"] == ["legacy/WorkloadEntry/cron-1"]
     assert back["remove"]["waypoints"] == ["shop/wp"]
     assert apply_delta(after, back) == before
+
+
+def test_node_views_deltas_track_full_snapshots_through_random_changes() -> None:
+    import random
+
+    from config.snapshot import NodeState, NodeViews, apply_delta, content_hash, sorted_dict
+
+    rng = random.Random(7)
+    idx = MeshIndex()
+    version = 1
+    idx.load(resources(MESH + WAYPOINT), version)
+    idx.set_waypoint_address("shop", "wp", "10.1.0.99")
+    views = NodeViews(idx)
+    nodes = ["node-a", "node-b", "node-c"]
+    states = {n: NodeState(n) for n in nodes}
+    held: dict[str, dict[str, object]] = {}
+    for n in nodes:
+        kind, body = views.update(states[n]) or ("", {})
+        assert kind == "snapshot"
+        held[n] = body
+    for _step in range(60):
+        version += 1
+        i = rng.randrange(8)
+        ns = rng.choice(["shop", "legacy"])
+        node = rng.choice(nodes)
+        app = rng.choice(["web", "db", "other"])
+        choice = rng.randrange(4)
+        if choice == 0:
+            text = (f"apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+                    f"metadata: {{name: w{i}, namespace: {ns}, annotations: "
+                    f"{{ambit.dev/node: {node}}}}}\n"
+                    f"spec: {{address: 10.5.{i}.{1 if ns == 'shop' else 2}, "
+                    f"labels: {{app: {app}}}}}\n")
+        elif choice == 1:
+            text = (f"apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: {ns}}}\n"
+                    f"spec: {{clusterIP: 10.97.{i}.{1 if ns == 'shop' else 2}, "
+                    f"selector: {{app: {app}}}, ports: [{{port: 80}}]}}\n")
+        elif choice == 2:
+            text = (f"apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+                    f"metadata: {{name: p{i}, namespace: {ns}}}\nspec: {{action: DENY}}\n")
+        else:
+            text = ""
+        if text:
+            r = parse_resource(yaml.safe_load(text))
+            idx.apply(r.key, r, version)
+        else:  # delete something that may exist
+            kind = rng.choice(["WorkloadEntry", "Service", "AuthorizationPolicy"])
+            prefix = {"WorkloadEntry": "w", "Service": "s", "AuthorizationPolicy": "p"}[kind]
+            from config.resources import ResourceKey
+
+            idx.apply(ResourceKey(kind, ns, f"{prefix}{i}"), None, version)
+        views.refresh()
+        for n in nodes:
+            res = views.update(states[n])
+            if res is not None:
+                kind, body = res
+                held[n] = body if kind == "snapshot" else apply_delta(held[n], body)
+            want = sorted_dict(idx.node_snapshot(n))
+            got = {**held[n], "version": want["version"]}
+            assert got == want, f"step {_step}: node {n} diverged"
+            assert views.hash_of(states[n]) == content_hash(want)
