@@ -92,7 +92,9 @@ __all__ = [
     "MirrorPlan",
     "RequestPlan",
     "build_chain",
+    "declared_protocol",
     "plan_request",
+    "port_protocol",
 ]
 
 #: DestinationRule annotation selecting a balancer Istio's API has no name for
@@ -265,7 +267,7 @@ class RequestPlan:
     first: Attempt
     retry: RetryPolicy
     timeouts: Timeouts
-    started: float
+    started: float  # when the timeouts started: `now` plus any fault delay
     route: str | None = None  # `namespace/name` of the matched HTTPRoute
     rule_index: int | None = None
     fault_delay: float = 0.0
@@ -310,7 +312,7 @@ class RequestPlan:
             self.timeouts.attempt_deadline(self.started, now + d.backoff),
             d.backoff,
         )
-        self.cluster.started(ep, now)
+        self.cluster.started(ep, now + d.backoff)
         lease.in_flight = nxt
         return nxt
 
@@ -590,13 +592,56 @@ def build_chain(config: WaypointConfig, state: ChainState | None = None) -> Chai
     return Chain(config, state, services, gateway_policies)
 
 
+# ----------------------------------------------------------------------------- protocol
+
+_APP_PROTOCOLS = {
+    "http": "http",
+    "http2": "http2",
+    "grpc": "grpc",
+    "grpc-web": "http",
+    "tcp": "tcp",
+    "kubernetes.io/h2c": "http2",
+    "kubernetes.io/ws": "http",
+    "kubernetes.io/wss": "tcp",
+    "https": "tcp",
+    "tls": "tcp",
+}
+
+
+def declared_protocol(port: zs.ServicePort) -> str:
+    """`http`, `http2`, `grpc`, `tcp`, or "" (undeclared) for a service port.
+
+    `appProtocol` first, else the port name (`http`, `http-web`, `grpc-api`...), as
+    Istio reads them. Encrypted protocols (https, tls) are proxied as TCP.
+    """
+    ap = port.app_protocol.lower()
+    if ap:
+        return _APP_PROTOCOLS.get(ap, "tcp")
+    prefix = port.name.lower().split("-", 1)[0]
+    return _APP_PROTOCOLS.get(prefix, "")
+
+
+def port_protocol(chain: Chain, dest_ip: str, dest_port: int) -> str:
+    """The declared protocol of the service port a client dialled (VIP, port).
+
+    "" when the port declares none or the destination is not a service port: the
+    runtime then detects HTTP (request line or HTTP/2 preface) or proxies TCP.
+    """
+    svc = chain.config.snapshot.service_by_vip(dest_ip)
+    if svc is None:
+        return ""
+    sp = svc.port(dest_port)
+    return declared_protocol(sp) if sp is not None else ""
+
+
 # ----------------------------------------------------------------------------- per request
 
 
 def _local(status: int, flags: str, details: str, body: bytes = b"") -> LocalResponse:
+    """A local answer; `details` (for the access log) stays out of the body."""
     return LocalResponse(
         status,
-        body or details.encode(),
+        body,
         (("content-type", "text/plain"),),
         flags=flags,
         details=details,
@@ -678,8 +723,9 @@ def _start(
     if overflow is not None:
         return LocalResponse(overflow.status, overflow.body, overflow.headers, overflow.flags,
                              f"{overflow.details} for {target.key}")
-    first = Attempt(1, ep, now + delay, timeouts.attempt_deadline(now, now + delay))
-    cluster.started(ep, now + delay)
+    begin = now + delay  # timeouts run from the end of a fault delay, as in Envoy
+    first = Attempt(1, ep, begin, timeouts.attempt_deadline(begin, begin))
+    cluster.started(ep, begin)
     return RequestPlan(
         request=request,
         original=original,
@@ -688,7 +734,7 @@ def _start(
         first=first,
         retry=retry,
         timeouts=timeouts,
-        started=now,
+        started=begin,
         route=route,
         rule_index=rule_index,
         fault_delay=delay,

@@ -34,6 +34,7 @@ from waypoint.model import LocalResponse
 
 __all__ = [
     "GATEWAY_ERRORS",
+    "UNLIMITED",
     "ConnVerdict",
     "FaultDecision",
     "FaultPolicy",
@@ -46,6 +47,9 @@ __all__ = [
     "TokenBucket",
     "overflow_response",
 ]
+
+#: an unset connection-pool limit
+UNLIMITED = 2**32 - 1
 
 #: statuses Envoy counts as gateway errors (plus local connect failures and timeouts)
 GATEWAY_ERRORS = frozenset({502, 503, 504})
@@ -289,17 +293,17 @@ def overflow_response(what: str) -> LocalResponse:
 class PoolLimits:
     """DestinationRule `connectionPool` accounting for one backend (all endpoints).
 
-    Defaults are Envoy's circuit-breaker defaults (1024 each, so effectively off
-    for small meshes). The runtime calls `start_request`/`end_request` around every
-    request, `connection_verdict` before opening a connection and
-    `connection_opened`/`connection_closed`/`dequeued` as things happen.
+    Unset limits are unlimited (`UNLIMITED`), as Istio configures Envoy. The
+    runtime calls `start_request`/`end_request` around every request,
+    `connection_verdict` before opening a connection and `connection_opened` /
+    `connection_closed` / `dequeued` as things happen.
     """
 
-    max_connections: int = 1024
-    max_pending: int = 1024
-    max_requests: int = 1024
+    max_connections: int = UNLIMITED
+    max_pending: int = UNLIMITED
+    max_requests: int = UNLIMITED
     max_requests_per_connection: int = 0  # 0 = unlimited
-    max_retries: int = 1024
+    max_retries: int = UNLIMITED
     connections: int = 0
     pending: int = 0
     active: int = 0
@@ -310,11 +314,11 @@ class PoolLimits:
         if cp is None:
             return cls()
         return cls(
-            max_connections=cp.max_connections or 1024,
-            max_pending=cp.http1_max_pending_requests or 1024,
-            max_requests=cp.http2_max_requests or 1024,
+            max_connections=cp.max_connections or UNLIMITED,
+            max_pending=cp.http1_max_pending_requests or UNLIMITED,
+            max_requests=cp.http2_max_requests or UNLIMITED,
             max_requests_per_connection=cp.max_requests_per_connection or 0,
-            max_retries=cp.max_retries if cp.max_retries is not None else 1024,
+            max_retries=cp.max_retries if cp.max_retries is not None else UNLIMITED,
         )
 
     def same_limits(self, other: PoolLimits) -> bool:
@@ -413,10 +417,8 @@ class OutlierDetector:
         if od is None:
             return None
         c5 = od.consecutive_5xx_errors
-        if c5 is None and od.consecutive_gateway_errors is None:
-            c5 = 5
         return cls(
-            consecutive_5xx=c5 or None,
+            consecutive_5xx=5 if c5 is None else (c5 or None),  # Istio: default 5, 0 = off
             consecutive_gateway=od.consecutive_gateway_errors or None,
             base_ejection_time=od.base_ejection_time,
             max_ejection_percent=od.max_ejection_percent,

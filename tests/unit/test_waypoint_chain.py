@@ -6,15 +6,25 @@ import random
 from collections import Counter
 from typing import Any
 
+import pytest
 import yaml
 
 from config.resources import Resource, parse_resource
 from config.snapshot import compute_snapshot
-from tests.unit.test_waypoint_routes import NODE, _base, build, prefix, req, route, rule
-from waypoint.chain import LB_ANNOTATION, ChainState, RequestPlan, build_chain, plan_request
+from tests.unit.test_waypoint_routes import NODE, _base, build, exact, prefix, req, route, rule
+from waypoint.chain import (
+    LB_ANNOTATION,
+    ChainState,
+    RequestPlan,
+    build_chain,
+    declared_protocol,
+    plan_request,
+    port_protocol,
+)
 from waypoint.lb import PeakEwma, RoundRobin
 from waypoint.model import LocalResponse, WaypointConfig
 from waypoint.resilience import Outcome
+from ztunnel import snapshot as zs
 
 
 def plan(chain: Any, path: str = "/", seed: int = 1, now: float = 0.0,
@@ -346,3 +356,47 @@ def test_release_while_an_attempt_is_in_flight_clears_lb_state() -> None:
     assert sum(p.cluster.balancer.active.values()) == 1  # type: ignore[attr-defined]
     p.release(1.0)
     assert sum(p.cluster.balancer.active.values()) == 0  # type: ignore[attr-defined]
+
+
+def test_timeouts_start_after_a_fault_delay() -> None:
+    rules = [{"backendRefs": [{"name": "front", "port": 80}],
+              "timeouts": {"request": "2s"}}]
+    c = build([route(rules), fault({"delay": {"fixedDelay": "5s"}}, target=SVC)])
+    p = plan(c, now=0.0)
+    assert isinstance(p, RequestPlan)
+    assert p.fault_delay == 5.0 and p.first.deadline == 7.0
+    p.release(7.0)
+
+
+def test_local_answers_keep_configuration_details_out_of_the_body() -> None:
+    p = plan(build([route([rule("a", exact("/only"))])]), "/other")
+    assert isinstance(p, LocalResponse) and p.status == 404
+    assert p.body == b"" and "front" in p.details
+
+
+@pytest.mark.parametrize(
+    ("name", "app", "want"),
+    [("http", "", "http"), ("http-web", "", "http"), ("grpc-api", "", "grpc"),
+     ("http2", "", "http2"), ("tcp-db", "", "tcp"), ("web", "", ""), ("", "", ""),
+     ("web", "kubernetes.io/h2c", "http2"), ("http", "tcp", "tcp"), ("x", "https", "tcp"),
+     ("x", "HTTP", "http")],
+)
+def test_declared_protocol(name: str, app: str, want: str) -> None:
+    assert declared_protocol(zs.ServicePort(port=80, name=name, app_protocol=app)) == want
+
+
+def test_port_protocol_of_a_dialled_vip() -> None:
+    extra = yaml.safe_load("""
+apiVersion: v1
+kind: Service
+metadata: {name: multi, namespace: app}
+spec:
+  selector: {app: a}
+  clusterIP: 10.96.1.2
+  ports: [{name: grpc-api, port: 9000}, {name: db, port: 5432, appProtocol: tcp}]
+""")
+    c = build([extra])
+    assert port_protocol(c, "10.96.1.2", 9000) == "grpc"
+    assert port_protocol(c, "10.96.1.2", 5432) == "tcp"
+    assert port_protocol(c, "10.96.1.2", 1) == ""
+    assert port_protocol(c, "10.9.9.9", 80) == ""
