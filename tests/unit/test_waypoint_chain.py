@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from config.resources import Resource, parse_resource
-from config.snapshot import compute_snapshot
+from config.snapshot import MeshIndex, compute_snapshot
 from tests.unit.test_waypoint_routes import NODE, _base, build, exact, prefix, req, route, rule
 from waypoint.chain import (
     LB_ANNOTATION,
@@ -400,3 +400,22 @@ spec:
     assert port_protocol(c, "10.96.1.2", 5432) == "tcp"
     assert port_protocol(c, "10.96.1.2", 1) == ""
     assert port_protocol(c, "10.9.9.9", 80) == ""
+
+
+def test_chain_from_the_waypoint_snapshot_the_control_plane_pushes() -> None:
+    docs = [parse_resource(d) for d in [*_base(("a", "b")), route([
+        {"backendRefs": [{"name": "a", "port": 80, "weight": 1},
+                         {"name": "b", "port": 80, "weight": 1}]}])]]
+    idx = MeshIndex()
+    idx.set_waypoint_address("app", "wp", "10.0.0.250")
+    idx.load(docs, 7)
+    snap = idx.waypoint_snapshot("app", "wp")
+    chain = build_chain(WaypointConfig.from_resources(snap, docs, gateway=("app", "wp")))
+    assert chain.version == 7
+    seen = set()
+    for seed in range(20):
+        p = plan(chain, seed=seed)
+        assert isinstance(p, RequestPlan)
+        seen.add((p.backend.name, p.first.endpoint.address))
+        p.release(0.0)
+    assert seen == {("a", "10.0.1.10"), ("b", "10.0.2.10")}
