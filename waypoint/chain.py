@@ -69,6 +69,7 @@ from waypoint.model import (
     Response,
     UpstreamEndpoint,
     WaypointConfig,
+    normalize_path,
 )
 from waypoint.resilience import (
     FaultPolicy,
@@ -184,9 +185,11 @@ class ChainState:
 
     clusters: dict[str, Cluster] = field(default_factory=dict)
     buckets: dict[str, tuple[tuple[int, int, float], TokenBucket]] = field(default_factory=dict)
+    _used_buckets: set[str] = field(default_factory=set, repr=False)
 
     def bucket(self, key: str, max_tokens: int, per_fill: int, interval: float) -> TokenBucket:
         """The bucket for `key`, reused while its settings stay the same."""
+        self._used_buckets.add(key)
         settings = (max_tokens, per_fill, interval)
         cur = self.buckets.get(key)
         if cur is not None and cur[0] == settings:
@@ -549,6 +552,7 @@ def _rule_plan(
 def build_chain(config: WaypointConfig, state: ChainState | None = None) -> Chain:
     """Compile `config` into a chain; pass the previous chain's `state` to keep it."""
     state = state if state is not None else ChainState()
+    state._used_buckets.clear()
     gw = (config.gateway_namespace, config.gateway_name)
     root = config.snapshot.root_namespace
     clusters: dict[tuple[str, str, int], Cluster] = {}
@@ -586,6 +590,8 @@ def build_chain(config: WaypointConfig, state: ChainState | None = None) -> Chai
     live = {c.target.key for c in clusters.values()}
     for gone in [ck for ck in state.clusters if ck not in live]:
         del state.clusters[gone]
+    for gone in [bk for bk in state.buckets if bk not in state._used_buckets]:
+        del state.buckets[gone]
     gateway_policies = l7authz.applicable_policies(
         config.policies, gateway=gw, service=None, root_namespace=root
     )
@@ -749,7 +755,16 @@ def _start(
 def plan_request(
     chain: Chain, request: Request, now: float, rng: Random
 ) -> RequestPlan | LocalResponse:
-    """Run the chain for one request: a plan to send it upstream, or a local answer."""
+    """Run the chain for one request: a plan to send it upstream, or a local answer.
+
+    The path is normalized first (`model.normalize_path`); the upstream gets the
+    normalized path, as Envoy forwards it.
+    """
+    raw = request.path
+    if "%" in raw or "/." in raw:
+        normalized = normalize_path(raw)
+        if normalized != raw:
+            request = request.with_(path=normalized)
     svc = chain.config.service_for(request)
     if svc is None:
         return _workload_plan(chain, request, now, rng)

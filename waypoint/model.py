@@ -36,6 +36,7 @@ __all__ = [
     "UpstreamEndpoint",
     "WaypointConfig",
     "header_value",
+    "normalize_path",
     "set_header",
 ]
 
@@ -59,6 +60,59 @@ def set_header(headers: Headers, name: str, value: str) -> Headers:
     out = [(k, v) for k, v in headers if k != name]
     out.append((name, value))
     return tuple(out)
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = "0123456789abcdefABCDEF"
+
+
+def _decode_unreserved(path: str) -> str:
+    out: list[str] = []
+    i = 0
+    n = len(path)
+    while i < n:
+        c = path[i]
+        if c == "%" and i + 2 < n and path[i + 1] in _HEX and path[i + 2] in _HEX:
+            ch = chr(int(path[i + 1 : i + 3], 16))
+            out.append(ch if ch in _UNRESERVED else "%" + path[i + 1 : i + 3].upper())
+            i += 3
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def normalize_path(target: str) -> str:
+    """RFC 3986 normalization of a request target's path (Istio's default `BASE`).
+
+    Percent-encoded unreserved characters are decoded (other escapes, such as
+    `%2F`, are kept, upper-cased), `.` and `..` segments removed (never above the
+    root); the query is left as is. Route matching and authorization both see
+    the normalized path, so `/a/../admin` or `/%61dmin` cannot slip past a rule
+    on `/admin`.
+    """
+    path, sep, query = target.partition("?")
+    if not path.startswith("/"):
+        return target
+    if "%" in path:
+        path = _decode_unreserved(path)
+    if "/." in path:
+        out: list[str] = []
+        segments = path.split("/")[1:]
+        for i, seg in enumerate(segments):
+            last = i == len(segments) - 1
+            if seg == ".":
+                if last:
+                    out.append("")
+            elif seg == "..":
+                if out:
+                    out.pop()
+                if last:
+                    out.append("")
+            else:
+                out.append(seg)
+        path = "/" + "/".join(out)
+    return path + sep + query
 
 
 @dataclass(frozen=True, slots=True)
