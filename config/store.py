@@ -151,12 +151,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # reads use their own connection: in WAL mode they never wait for a writer
+        self._rlock = threading.Lock()
+        self._rdb = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._ensure_builtin_namespaces()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._rlock:
+            self._rdb.close()
             self._db.close()
 
     def __enter__(self) -> Store:
@@ -178,17 +182,17 @@ class Store:
 
     @property
     def version(self) -> int:
-        with self._lock:
-            return self._meta_int("version", 0)
+        with self._rlock:
+            return self._meta_int("version", 0, self._rdb)
 
     @property
     def history_floor(self) -> int:
         """The oldest version `changes_since` can resume from."""
-        with self._lock:
-            return self._meta_int("floor", 0)
+        with self._rlock:
+            return self._meta_int("floor", 0, self._rdb)
 
-    def _meta_int(self, key: str, default: int) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    def _meta_int(self, key: str, default: int, db: sqlite3.Connection | None = None) -> int:
+        row = (db or self._db).execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return int(row[0]) if row else default
 
     def _set_meta(self, key: str, value: object) -> None:
@@ -196,8 +200,8 @@ class Store:
                          "SET value=excluded.value", (key, str(value)))
 
     def get(self, kind: str, namespace: str, name: str) -> StoredResource | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._rlock:
+            row = self._rdb.execute(
                 "SELECT kind, namespace, name, version, created, body FROM resources "
                 "WHERE kind=? AND namespace=? AND name=?", (kind, namespace, name)).fetchone()
         return _row(row) if row else None
@@ -217,38 +221,38 @@ class Store:
         if cond:
             q += " WHERE " + " AND ".join(cond)
         q += " ORDER BY kind, namespace, name"
-        with self._lock:
-            rows = self._db.execute(q, args).fetchall()
+        with self._rlock:
+            rows = self._rdb.execute(q, args).fetchall()
         return [_row(r) for r in rows]
 
     def snapshot(self) -> tuple[int, list[StoredResource]]:
         """Every resource and the version they are consistent with (for a full compute)."""
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._rlock:
+            self._rdb.execute("BEGIN")
             try:
-                v = self._meta_int("version", 0)
-                rows = self._db.execute("SELECT kind, namespace, name, version, created, body "
+                v = self._meta_int("version", 0, self._rdb)
+                rows = self._rdb.execute("SELECT kind, namespace, name, version, created, body "
                                         "FROM resources ORDER BY kind, namespace, name"
                                         ).fetchall()
             finally:
-                self._db.execute("COMMIT")
+                self._rdb.execute("COMMIT")
         return v, [_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT kind, count(*) FROM resources GROUP BY kind"
+        with self._rlock:
+            rows = self._rdb.execute("SELECT kind, count(*) FROM resources GROUP BY kind"
                                     ).fetchall()
         return {str(k): int(n) for k, n in rows}
 
     def changes_since(self, version: int, limit: int = 10_000) -> list[Change]:
         """Changes with a version above `version`, oldest first; HistoryCompacted if too old."""
-        with self._lock:
-            floor = self._meta_int("floor", 0)
+        with self._rlock:
+            floor = self._meta_int("floor", 0, self._rdb)
             if version < floor:
                 raise HistoryCompacted(
                     f"version {version} is older than the kept history (from {floor}): "
                     "relist everything and watch from the current version")
-            rows = self._db.execute(
+            rows = self._rdb.execute(
                 "SELECT version, op, kind, namespace, name, body FROM changes WHERE version>? "
                 "ORDER BY version LIMIT ?", (version, limit)).fetchall()
         return [Change(int(v), str(op), ResourceKey(k, ns, n),
