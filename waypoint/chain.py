@@ -558,9 +558,9 @@ def build_chain(config: WaypointConfig, state: ChainState | None = None) -> Chai
     clusters: dict[tuple[str, str, int], Cluster] = {}
     services: dict[tuple[str, str, int], _ServiceChain] = {}
     for svc in config.snapshot.services:
-        ports = [sp.port for sp in svc.ports]
-        for port in ports:
-            table = build_route_table(config.routes, svc.namespace, svc.name, port)
+        for sp in svc.ports:
+            port = sp.port
+            table = build_route_table(config.routes, svc.namespace, svc.name, port, sp.name)
             rules: dict[tuple[str, int], _RulePlan] = {}
             for ms in (table.producer, *(m for _ns, m in table.consumers)):
                 for m in ms:

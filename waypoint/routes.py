@@ -175,20 +175,30 @@ class RouteTable:
         return self.producer
 
 
-def _attaches(route: Named[HTTPRouteSpec], namespace: str, name: str, port: int) -> bool:
+def _attaches(
+    route: Named[HTTPRouteSpec], namespace: str, name: str, port: int, port_name: str
+) -> bool:
     for p in route.spec.parent_refs:
         if p.kind != "Service" or p.name != name or p.namespace != namespace:
             continue
-        if p.port is None or p.port == port:
-            return True
+        if p.port is not None and p.port != port:
+            continue
+        if p.section_name and p.section_name != port_name:
+            continue
+        return True
     return False
 
 
 def routes_for_service(
-    routes: Iterable[Named[HTTPRouteSpec]], namespace: str, name: str, port: int
+    routes: Iterable[Named[HTTPRouteSpec]],
+    namespace: str,
+    name: str,
+    port: int,
+    port_name: str = "",
 ) -> list[Named[HTTPRouteSpec]]:
-    """The routes whose `parentRefs` name Service `namespace/name` (and `port`)."""
-    return [r for r in routes if _attaches(r, namespace, name, port)]
+    """The routes whose `parentRefs` name Service `namespace/name` (and its port, by
+    number or by name as `sectionName`)."""
+    return [r for r in routes if _attaches(r, namespace, name, port, port_name)]
 
 
 def _compile_all(routes: Iterable[Named[HTTPRouteSpec]]) -> tuple[CompiledMatch, ...]:
@@ -203,10 +213,14 @@ def _compile_all(routes: Iterable[Named[HTTPRouteSpec]]) -> tuple[CompiledMatch,
 
 
 def build_route_table(
-    routes: Iterable[Named[HTTPRouteSpec]], namespace: str, name: str, port: int
+    routes: Iterable[Named[HTTPRouteSpec]],
+    namespace: str,
+    name: str,
+    port: int,
+    port_name: str = "",
 ) -> RouteTable:
     """Compile the routes attached to Service `namespace/name` port `port`."""
-    attached = routes_for_service(routes, namespace, name, port)
+    attached = routes_for_service(routes, namespace, name, port, port_name)
     producer = [r for r in attached if r.namespace == namespace]
     by_ns: dict[str, list[Named[HTTPRouteSpec]]] = {}
     for r in attached:

@@ -421,3 +421,19 @@ def test_rule_without_backends_is_500() -> None:
 )
 def test_path_prefix_semantics(pfx: str, path: str, ok: bool) -> None:
     assert path_prefix_matches(pfx, path) is ok
+
+
+def test_route_attaches_by_port_name_as_section_name() -> None:
+    extra = yaml.safe_load("""
+apiVersion: v1
+kind: Service
+metadata: {name: multi, namespace: app}
+spec:
+  selector: {app: front}
+  clusterIP: 10.96.1.3
+  ports: [{name: http-web, port: 80}, {name: http-admin, port: 81}]
+""")
+    parent = {"group": "", "kind": "Service", "name": "multi", "sectionName": "http-admin"}
+    c = build([extra, route([rule("a")], parent=parent)])
+    assert backend(c, req("/", vip="10.96.1.3", port=81)) == "a"
+    assert backend(c, req("/", vip="10.96.1.3", port=80)) == "multi"
