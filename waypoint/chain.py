@@ -33,15 +33,32 @@ Public API (what the runtime calls)::
     finally:
         plan.release(now)                        # always: pool and LB accounting
 
-`plan.request` is the request to send upstream (after header modifiers and URL
-rewrite); `plan.flags` carries response flags already known (`DI` after a fault
-delay); `plan.backend` names the chosen backend service. `Attempt.endpoint`
-tells where: `endpoint.hbone` -> HBONE to `endpoint.address:15008` with
-`:authority endpoint.address:endpoint.port` and peer identity `endpoint.identity`,
-else plain TCP to `endpoint.address:endpoint.port`.
+`request` is a `model.Request`: method, target, authority, headers (lower-case
+names), the original destination (`dest_ip`/`dest_port` from the HBONE CONNECT
+authority: the service VIP and port) and the client's SPIFFE ID from its peer
+certificate. `now` is a monotonic clock in seconds (`loop.time()`), `rng` a
+`random.Random` the runtime owns.
+
+`plan.request` is the request to send upstream (path normalized, after header
+modifiers and URL rewrite); `plan.flags` carries response flags already known
+(`DI` after a fault delay); `plan.backend` names the chosen backend service, and
+`plan.route` / `plan.policy` the matched route and the allowing policy for logs.
+`Attempt.endpoint` tells where: `endpoint.hbone` -> HBONE to
+`endpoint.address:15008` with `:authority endpoint.address:endpoint.port` and peer
+identity `endpoint.identity`, else plain TCP to `endpoint.address:endpoint.port`.
+Retry only when the request body can be replayed (buffered or empty); otherwise
+treat `after_attempt`'s answer as final but still call it (it records the result
+for outlier detection and the balancer). `LocalResponse.flags` / `details` are for
+metrics (`response_flags`) and the access log.
 
 Connection-pool limits on new upstream connections: `plan.cluster.pool`
 (`resilience.PoolLimits`: `connection_verdict`, `connection_opened`, ...).
+`port_protocol(chain, vip, port)` gives the service port's declared protocol
+(`http`, `http2`, `grpc`, `tcp`, or "" to detect).
+
+Swapping snapshots: `build_chain(new_config, state)` with the same `ChainState`
+keeps balancer, outlier, pool and rate-limit state of unchanged backends; plans in
+flight keep using the chain they came from.
 """
 
 from __future__ import annotations
