@@ -53,6 +53,7 @@ from netsetup.rules import (
     SetMark,
     SocketTransparent,
     Statement,
+    TcpSyn,
     Tproxy,
     Verdict,
 )
@@ -77,7 +78,11 @@ _NFT_FIB_RESULT_ADDRTYPE = 3
 _NFTA_FIB_F_DADDR = 1 << 1
 _PAYLOAD_NETWORK = 1
 _PAYLOAD_TRANSPORT = 2
+_CT_STATE = 0
+_TCP_SYN = 0x02
+_TCP_FSRA = 0x17  # fin | syn | rst | ack
 _CT_DIRECTION = 1
+_CT_STATE_BITS = {"invalid": 1, "established": 2, "related": 4, "new": 8, "untracked": 64}
 _CT_MARK = 3
 _NFNL_MSG_BATCH_BEGIN = 0x10
 _NFNL_MSG_BATCH_END = 0x11
@@ -436,6 +441,13 @@ def _encode_statement(
         if s.key == "mark":
             assert isinstance(s.value, int)
             return [_ex("ct", dreg=1, key=_CT_MARK), _cmp(_u32(s.value))]
+        if s.key == "state":
+            bit = _CT_STATE_BITS[str(s.value)]
+            return [
+                _ex("ct", dreg=1, key=_CT_STATE),
+                _ex("bitwise", sreg=1, dreg=1, len=4, mask=_data(_u32(bit)), xor=_data(_u32(0))),
+                _cmp(_u32(0), "!="),
+            ]
         direction = {"original": 0, "reply": 1}[str(s.value)]
         return [_ex("ct", dreg=1, key=_CT_DIRECTION), _cmp(bytes([direction]))]
     if isinstance(s, CtSetMark):
@@ -443,6 +455,14 @@ def _encode_statement(
             _ex("immediate", dreg=1, data=_data(_u32(s.mark))),
             _ex("ct", key=_CT_MARK, sreg=1),
         ]
+    if isinstance(s, TcpSyn):
+        need_l4("tcp")
+        return [
+            _ex("payload", dreg=1, base=_PAYLOAD_TRANSPORT, offset=13, len=1),
+            _ex("bitwise", sreg=1, dreg=1, len=1, mask=_data(bytes([_TCP_FSRA])),
+                xor=_data(b"\x00")),
+            _cmp(bytes([_TCP_SYN])),
+        ]  # fmt: skip
     if isinstance(s, SocketTransparent):
         return [_ex("socket", key=0, dreg=1), _cmp(b"\x01")]
     if isinstance(s, FibDaddrLocal):

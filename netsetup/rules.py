@@ -127,10 +127,10 @@ class PortMatch:
 
 @dataclass(frozen=True)
 class CtMatch:
-    """`ct direction reply|original` or `ct mark MARK` (conntrack of the packet)."""
+    """`ct direction reply|original`, `ct state new` or `ct mark MARK` (packet's conntrack)."""
 
-    key: Literal["direction", "mark"]
-    value: int | str  # direction: "original"/"reply"; mark: int
+    key: Literal["direction", "state", "mark"]
+    value: int | str  # direction: "original"/"reply"; state: "new"; mark: int
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,11 @@ class CtSetMark:
     """`ct mark set MARK`: remember something about the whole connection."""
 
     mark: int
+
+
+@dataclass(frozen=True)
+class TcpSyn:
+    """`tcp flags syn / fin,syn,rst,ack`: the first packet of a TCP connection."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,7 @@ Statement = (
     | CtMatch
     | CtSetMark
     | PortMatch
+    | TcpSyn
     | SocketTransparent
     | FibDaddrLocal
     | SetMark
@@ -271,15 +277,17 @@ def render_ruleset(spec: CaptureSpec) -> Ruleset:
     """The capture rules for one workload netns (see DESIGN section 3 and the capture notes).
 
     Outbound (chain capture_out, on the route-type output hook): everything the proxy's own
-    sockets send (mark proxy_mark; their connections get ct mark proxy_mark), packets of
+    sockets send (mark proxy_mark; connections they open get ct mark proxy_mark), packets of
     transparent sockets (replies of captured inbound connections), loopback and local
     destinations (replies of transparent sockets to local clients) pass. Replies within a
     connection the proxy opened (its onward connection to the local app, made with the
     client's address as source) get capture_mark so they come back to the proxy's socket;
-    other replies (connections that came in uncaptured, e.g. to the HBONE port) pass. New
-    TCP and DNS over UDP get capture_mark, which the policy route (`ip rule fwmark
-    capture_mark lookup route_table` + `local default dev lo`) turns into a detour over lo,
-    where capture_pre hands them to the proxy with TPROXY.
+    other replies (connections that came in uncaptured, e.g. to the HBONE port) pass. A TCP
+    connection whose SYN leaves after enrollment gets ct mark capture_mark and all its packets
+    get capture_mark (connections open before enrollment keep flowing untouched), as does DNS
+    over UDP; the policy route (`ip rule fwmark capture_mark lookup route_table` + `local
+    default dev lo`) turns the mark into a detour over lo, where capture_pre hands the
+    packets to the proxy with TPROXY.
 
     Inbound (chain capture_pre, prerouting): packets of established transparent sockets are
     delivered to them; marked packets arriving on lo go to 15053 (DNS, UDP and TCP port 53) or
@@ -295,7 +303,11 @@ def render_ruleset(spec: CaptureSpec) -> Ruleset:
 
     pm = spec.proxy_mark
     out_rules: list[Rule] = [
-        Rule((MetaMatch("mark", pm), CtSetMark(pm), Verdict("return")), "proxy sockets"),
+        Rule(
+            (MetaMatch("mark", pm), CtMatch("state", "new"), CtSetMark(pm), Verdict("return")),
+            "new proxy connections",
+        ),
+        Rule((MetaMatch("mark", pm), Verdict("return")), "proxy sockets"),
         Rule((SocketTransparent(), Verdict("return")), "transparent sockets"),
         Rule((AddrMatch(4, "127.0.0.0/8"), Verdict("return")), "loopback"),
     ]
@@ -308,7 +320,8 @@ def render_ruleset(spec: CaptureSpec) -> Ruleset:
             "replies to proxy connections",
         ),
         Rule((CtMatch("direction", "reply"), Verdict("return")), "replies"),
-        Rule((MetaMatch("l4proto", "tcp"), SetMark(cap)), "outbound tcp"),
+        Rule((TcpSyn(), CtSetMark(cap)), "new outbound tcp"),
+        Rule((MetaMatch("l4proto", "tcp"), CtMatch("mark", cap), SetMark(cap)), "outbound tcp"),
         Rule((PortMatch("udp", 53), SetMark(cap)), "outbound dns"),
     ]
 
@@ -412,9 +425,11 @@ def _statement_text(s: Statement) -> str:
         if s.key == "mark":
             assert isinstance(s.value, int)
             return f"ct mark 0x{s.value:08x}"
-        return f"ct direction {s.value}"
+        return f"ct {s.key} {s.value}"
     if isinstance(s, CtSetMark):
         return f"ct mark set 0x{s.mark:08x}"
+    if isinstance(s, TcpSyn):
+        return "tcp flags syn / fin,syn,rst,ack"
     if isinstance(s, SocketTransparent):
         return "socket transparent 1"
     if isinstance(s, FibDaddrLocal):

@@ -361,3 +361,28 @@ def test_proxy_onward_connection_with_client_source_gets_replies(
             assert conn.getpeername()[0] == cip
             conn.sendall(b"reply")
             assert onward.recv(10) == b"reply"
+
+
+def test_connections_open_before_enroll_keep_flowing_new_ones_are_captured(
+    sandbox: Sandbox,  # noqa: F811
+) -> None:
+    a, b = sandbox.workload("w1-1"), sandbox.workload("w2-1")
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(listener(a.netns, "127.0.0.1", 15001))
+        app_b = stack.enter_context(listener(b.netns, b.ip, 80, transparent=False))
+        old = stack.enter_context(connect_from(a.netns, b.ip, 80))
+        got = accept_one(proxy, app_b)
+        assert got is not None and got[0] is app_b
+        server_side = stack.enter_context(got[1])
+        enroll(workload(a))
+        # the connection from before keeps working, both ways, without the proxy
+        old.sendall(b"still here")
+        assert server_side.recv(100) == b"still here"
+        server_side.sendall(b"me too")
+        assert old.recv(100) == b"me too"
+        assert nothing_pending(proxy)
+        # a new one is captured
+        with connect_from(a.netns, b.ip, 80):
+            got = accept_one(proxy, app_b)
+            assert got is not None and got[0] is proxy
+            got[1].close()

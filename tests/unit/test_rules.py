@@ -76,7 +76,7 @@ def test_ruleset_content_follows_the_spec() -> None:
         inbound_hbone_port=25008, dns_port=25053, proxy_mark=0x77, capture_mark=0x4,
     )  # fmt: skip
     text = render_nft_text(render_ruleset(spec))
-    assert "meta mark 0x00000077 ct mark set 0x00000077 return" in text
+    assert "meta mark 0x00000077 ct state new ct mark set 0x00000077 return" in text
     assert 'iifname "veth7" ip daddr 10.1.2.3 tcp dport != 25008 tproxy ip to :25006' in text
     assert "tproxy ip to 127.0.0.1:25001" in text
     assert "udp dport 53 tproxy ip to 127.0.0.1:25053" in text
