@@ -369,6 +369,10 @@ class PushServer:
                 return
             msg = self._node_update(s) if s.node is not None else self._waypoint_update(s)
             if msg is None:
+                if s.state == "synced" and s.sent_hash == s.acked_hash:
+                    # nothing this proxy sees changed: it is current at the new version too
+                    version = self.views.version if s.node is not None else self.index.version
+                    s.sent_version = s.acked_version = version
                 continue
             s.sent_hash, s.sent_version = msg["hash"], msg["version"]
             if msg["type"] == "uptodate":

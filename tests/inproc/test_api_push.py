@@ -288,3 +288,23 @@ async def test_waypoint_registers_its_address_and_services_bind_to_it(tmp_path: 
             assert manifests[-1] == ["Gateway/wp", "HTTPRoute/api-split", "Service/api"]
             t1.cancel()
             t2.cancel()
+
+
+async def test_unrelated_changes_send_nothing_but_advance_the_version(tmp_path: Path) -> None:
+    async with plane(tmp_path) as p:
+        await apply(p, MESH)
+        rec = Recorder()
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(p.client("node-a").follow(rec))
+            await rec.wait_for(lambda s: True)
+            await wait_state(p, "node-a", "synced")
+            # a namespace and a workload in it on another node: nothing node-a can see
+            await apply(p, "apiVersion: v1\nkind: Namespace\nmetadata: {name: far}\n---\n"
+                           + WE.format(name="far-1", ip="10.2.9.1").replace("shop", "far"))
+            async with asyncio.timeout(5):
+                while True:
+                    if p.push.status()["proxies"][0]["version"] == p.store.version:
+                        break
+                    await asyncio.sleep(0.01)
+            assert len(rec.snapshots) == 1
+            task.cancel()
