@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from config.resources import Resource, parse_resource
 from config.snapshot import compute_snapshot
@@ -437,3 +440,92 @@ spec:
     c = build([extra, route([rule("a")], parent=parent)])
     assert backend(c, req("/", vip="10.96.1.3", port=81)) == "a"
     assert backend(c, req("/", vip="10.96.1.3", port=80)) == "multi"
+
+
+# ----------------------------------------------------------------------------- property
+
+_PATHS = ["/", "/a", "/a/b", "/a/b/c", "/ab", "/b"]
+_match = st.fixed_dictionaries(
+    {"path": st.fixed_dictionaries({
+        "type": st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
+        "value": st.sampled_from(["/", "/a", "/a/b", "/a/.*", "/.*"])})},
+    optional={
+        "method": st.sampled_from(["GET", "POST"]),
+        "headers": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["x", "y"]),
+                                                   "value": st.sampled_from(["1", "2"])}),
+                            max_size=2, unique_by=lambda h: h["name"]),
+        "queryParams": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["q", "r"]),
+                                                       "value": st.sampled_from(["1", "2"])}),
+                                max_size=2, unique_by=lambda h: h["name"]),
+    })
+
+
+def _accepts(m: dict[str, Any], path: str, method: str, headers: dict[str, str],
+             query: dict[str, str]) -> bool:
+    p = m["path"]
+    if p["type"] == "Exact" and path != p["value"]:
+        return False
+    if p["type"] == "PathPrefix" and not (
+            p["value"] == "/" or path == p["value"] or path.startswith(p["value"] + "/")):
+        return False
+    if p["type"] == "RegularExpression" and re.fullmatch(p["value"], path) is None:
+        return False
+    if m.get("method", method) != method:
+        return False
+    if any(headers.get(h["name"]) != h["value"] for h in m.get("headers", [])):
+        return False
+    return all(query.get(q["name"]) == q["value"] for q in m.get("queryParams", []))
+
+
+def _better(a: tuple[int, int, dict[str, Any]], b: tuple[int, int, dict[str, Any]]) -> bool:
+    """Whether candidate a (route index, rule index, match) beats b, rule by rule."""
+    (ra, ia, ma), (rb, ib, mb) = a, b
+    order = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}
+    ta, tb = order[ma["path"]["type"]], order[mb["path"]["type"]]
+    if ta != tb:
+        return ta < tb
+    la, lb = len(ma["path"]["value"]), len(mb["path"]["value"])
+    if la != lb:
+        return la > lb
+    if ("method" in ma) != ("method" in mb):
+        return "method" in ma
+    for key in ("headers", "queryParams"):
+        na, nb = len(ma.get(key, [])), len(mb.get(key, []))
+        if na != nb:
+            return na > nb
+    return (ra, ia) < (rb, ib)  # routes are named r0, r1... in age order
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    routes=st.lists(st.lists(_match, min_size=1, max_size=2), min_size=1, max_size=4),
+    path=st.sampled_from(_PATHS),
+    method=st.sampled_from(["GET", "POST"]),
+    headers=st.dictionaries(st.sampled_from(["x", "y"]), st.sampled_from(["1", "2"])),
+    query=st.dictionaries(st.sampled_from(["q", "r"]), st.sampled_from(["1", "2"])),
+)
+def test_precedence_agrees_with_a_reference(
+    routes: list[list[dict[str, Any]]], path: str, method: str,
+    headers: dict[str, str], query: dict[str, str],
+) -> None:
+    names = [f"b{i}" for i in range(8)]
+    manifests = []
+    cands: list[tuple[int, int, dict[str, Any]]] = []
+    for ri, rule_matches in enumerate(routes):
+        rules = [{"matches": [m], "backendRefs": [{"name": names[ri * 2 + mi], "port": 80}]}
+                 for mi, m in enumerate(rule_matches)]
+        manifests.append(route(rules, name=f"r{ri}"))
+        cands += [(ri, mi, m) for mi, m in enumerate(rule_matches)
+                  if _accepts(m, path, method, headers, query)]
+    c = build(manifests, backends=names, created={f"r{i}": i for i in range(4)})
+    qs = "&".join(f"{k}={v}" for k, v in query.items())
+    got = backend(c, req(path + ("?" + qs if qs else ""), method, list(headers.items())))
+    if not cands:
+        assert got == "404 NR"
+        return
+    best = cands[0]
+    for cand in cands[1:]:
+        if _better(cand, best):
+            best = cand
+    assert got == names[best[0] * 2 + best[1]]
+
