@@ -445,19 +445,23 @@ spec:
 # ----------------------------------------------------------------------------- property
 
 _PATHS = ["/", "/a", "/a/b", "/a/b/c", "/ab", "/b"]
-_match = st.fixed_dictionaries(
-    {"path": st.fixed_dictionaries({
-        "type": st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
-        "value": st.sampled_from(["/", "/a", "/a/b", "/a/.*", "/.*"])})},
-    optional={
-        "method": st.sampled_from(["GET", "POST"]),
-        "headers": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["x", "y"]),
-                                                   "value": st.sampled_from(["1", "2"])}),
-                            max_size=2, unique_by=lambda h: h["name"]),
-        "queryParams": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["q", "r"]),
-                                                       "value": st.sampled_from(["1", "2"])}),
-                                max_size=2, unique_by=lambda h: h["name"]),
-    })
+_NAME_VALUE = {"name": st.sampled_from(["x", "y"]), "value": st.sampled_from(["1", "2"])}
+_QUERY = {"name": st.sampled_from(["q", "r"]), "value": st.sampled_from(["1", "2"])}
+
+
+def _by_name(h: dict[str, str]) -> str:
+    return h["name"]
+
+
+_OPTIONAL: dict[str, st.SearchStrategy[Any]] = {
+    "method": st.sampled_from(["GET", "POST"]),
+    "headers": st.lists(st.fixed_dictionaries(_NAME_VALUE), max_size=2, unique_by=_by_name),
+    "queryParams": st.lists(st.fixed_dictionaries(_QUERY), max_size=2, unique_by=_by_name),
+}
+_PATH: dict[str, st.SearchStrategy[Any]] = {"path": st.fixed_dictionaries({
+    "type": st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
+    "value": st.sampled_from(["/", "/a", "/a/b", "/a/.*", "/.*"])})}
+_match: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(_PATH, optional=_OPTIONAL)
 
 
 def _accepts(m: dict[str, Any], path: str, method: str, headers: dict[str, str],
