@@ -20,6 +20,7 @@ from config.resources import (
     Resource,
     ResourceKey,
     ServiceSpec,
+    WorkloadEntrySpec,
     check_label_key,
     check_label_value,
     parse_resource,
@@ -110,6 +111,9 @@ CREATE TABLE IF NOT EXISTS changes(
 CREATE TABLE IF NOT EXISTS vips(
     ip TEXT PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL,
     UNIQUE(namespace, name));
+CREATE TABLE IF NOT EXISTS addresses(
+    ip TEXT PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    UNIQUE(namespace, name));
 """
 
 
@@ -154,6 +158,7 @@ class Store:
         # reads use their own connection: in WAL mode they never wait for a writer
         self._rlock = threading.Lock()
         self._rdb = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._backfill_addresses()
         self._ensure_builtin_namespaces()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -168,6 +173,23 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _backfill_addresses(self) -> None:
+        """Index WorkloadEntry addresses of a database written before they were indexed."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM addresses LIMIT 1").fetchone() is not None:
+                return
+            rows = self._db.execute("SELECT namespace, name, body FROM resources WHERE "
+                                    "kind='WorkloadEntry'").fetchall()
+            if not rows:
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            for ns, name, body in rows:
+                addr = json.loads(body).get("spec", {}).get("address")
+                if addr:
+                    self._db.execute("INSERT OR IGNORE INTO addresses(ip, namespace, name) "
+                                     "VALUES(?,?,?)", (addr, ns, name))
+            self._db.execute("COMMIT")
 
     def _ensure_builtin_namespaces(self) -> None:
         docs = []
@@ -315,9 +337,16 @@ class Store:
         for doc, res in parsed:
             key = res.key
             body: dict[str, Any] = copy.deepcopy(dict(res.body))
+            if isinstance(res.spec, WorkloadEntrySpec):
+                err = self._assign_address(key, res.spec.address)
+                if err:
+                    problems.append(Problem(doc.source, doc.index, str(key), "spec.address",
+                                            err))
+                    continue
             if isinstance(res.spec, ServiceSpec):
                 if used_vips is None:
-                    used_vips = {r[0] for r in self._db.execute("SELECT ip FROM vips")}
+                    used_vips = {r[0] for r in self._db.execute(
+                        "SELECT ip FROM vips UNION SELECT ip FROM addresses")}
                 vip, err = self._assign_vip(key, res.spec.cluster_ip, used_vips)
                 if err:
                     problems.append(Problem(doc.source, doc.index, str(key), "spec.clusterIP",
@@ -350,6 +379,23 @@ class Store:
         self._finish_tx(version)
         return results
 
+    def _assign_address(self, key: ResourceKey, address: str) -> str:
+        """Claim `address` for a WorkloadEntry; an error text when another object has it."""
+        owner = self._db.execute("SELECT namespace, name FROM addresses WHERE ip=?",
+                                 (address,)).fetchone()
+        if owner is not None and (owner[0], owner[1]) != (key.namespace, key.name):
+            return (f"{address} is already the address of WorkloadEntry {owner[0]}/{owner[1]}: "
+                    "every workload needs its own address")
+        vip = self._db.execute("SELECT namespace, name FROM vips WHERE ip=?",
+                               (address,)).fetchone()
+        if vip is not None:
+            return f"{address} is the VIP of Service {vip[0]}/{vip[1]}: use another address"
+        self._db.execute("DELETE FROM addresses WHERE namespace=? AND name=?",
+                         (key.namespace, key.name))
+        self._db.execute("INSERT INTO addresses(ip, namespace, name) VALUES(?,?,?)",
+                         (address, key.namespace, key.name))
+        return ""
+
     def _assign_vip(self, key: ResourceKey, explicit: str,
                     used: set[str]) -> tuple[str, str]:
         cur = self._db.execute("SELECT ip FROM vips WHERE namespace=? AND name=?",
@@ -362,6 +408,11 @@ class Store:
                                      (explicit,)).fetchone()
             if owner is not None:
                 return "", (f"{explicit} is already the VIP of Service {owner[0]}/{owner[1]}: "
+                            "choose another address or omit clusterIP to get one allocated")
+            wl = self._db.execute("SELECT namespace, name FROM addresses WHERE ip=?",
+                                  (explicit,)).fetchone()
+            if wl is not None:
+                return "", (f"{explicit} is the address of WorkloadEntry {wl[0]}/{wl[1]}: "
                             "choose another address or omit clusterIP to get one allocated")
             vip = explicit
         elif current:
@@ -429,6 +480,9 @@ class Store:
                              (k.kind, k.namespace, k.name))
             if k.kind == "Service":
                 self._db.execute("DELETE FROM vips WHERE namespace=? AND name=?",
+                                 (k.namespace, k.name))
+            if k.kind == "WorkloadEntry":
+                self._db.execute("DELETE FROM addresses WHERE namespace=? AND name=?",
                                  (k.namespace, k.name))
             self._db.execute("INSERT INTO changes(version, op, kind, namespace, name, body) "
                              "VALUES(?, 'delete', ?, ?, ?, NULL)",

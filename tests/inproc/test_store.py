@@ -252,3 +252,31 @@ def test_sigkill_in_the_middle_of_an_apply_leaves_nothing(tmp_path: Path) -> Non
         assert s.version == before + 401
         vips = {r.body["spec"]["clusterIP"] for r in s.list_resources("Service", "big")}
         assert len(vips) == 400
+
+
+def we(name: str, address: str, ns: str = "shop") -> str:
+    return (f"apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+            f"metadata: {{name: {name}, namespace: {ns}}}\nspec: {{address: {address}}}\n")
+
+
+def test_workload_addresses_are_unique_and_never_a_vip(tmp_path: Path) -> None:
+    with Store(str(tmp_path), service_cidr="10.70.0.0/24") as s:
+        s.apply(docs(NS, we("a", "10.70.0.1"), we("b", "10.1.0.2")))
+        with pytest.raises(ValidationFailed) as info:
+            s.apply(docs(we("c", "10.1.0.2")))
+        assert str(info.value) == (
+            "m.yaml: document 1 (WorkloadEntry shop/c): spec.address: 10.1.0.2 is already the "
+            "address of WorkloadEntry shop/b: every workload needs its own address")
+        # an allocated VIP skips workload addresses; an explicit one may not take them
+        s.apply(docs(svc("web")))
+        web = s.get("Service", "shop", "web")
+        assert web is not None and web.body["spec"]["clusterIP"] == "10.70.0.2"
+        with pytest.raises(ValidationFailed, match=r"10\.1\.0\.2 is the address of WorkloadEntry"):
+            s.apply(docs(svc("db", cluster_ip="10.1.0.2")))
+        with pytest.raises(ValidationFailed, match=r"10\.70\.0\.2 is the VIP of Service shop/web"):
+            s.apply(docs(we("d", "10.70.0.2")))
+        # moving a workload frees its old address; deleting frees it too
+        s.apply(docs(we("b", "10.1.0.3")))
+        s.apply(docs(we("c", "10.1.0.2")))
+        s.delete([ResourceKey("WorkloadEntry", "shop", "c")])
+        s.apply(docs(we("e", "10.1.0.2")))
