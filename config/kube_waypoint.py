@@ -1,0 +1,223 @@
+"""The Kubernetes objects the control plane creates for each waypoint Gateway (pure renderer).
+
+For a `Gateway` of class `istio-waypoint` named NAME in namespace NS:
+
+- ServiceAccount NS/NAME: the waypoint's identity is
+  `spiffe://<trust-domain>/ns/NS/sa/NAME`, as in Istio;
+- Deployment NS/NAME running `waypoint --gateway NS/NAME`, with a projected
+  ServiceAccount token (audience `ambit`) as its credential for the control plane, a
+  readiness probe on 15021, no capabilities, read-only root filesystem, and a rolling
+  update that brings the new pod up before the old one drains (maxUnavailable 0);
+- Service NS/NAME with one port per Gateway listener (15008 HBONE) and the status port:
+  its ClusterIP is the waypoint address ztunnels send to;
+- a PodDisruptionBudget when more than one replica runs.
+
+Every object carries the label `gateway.networking.k8s.io/gateway-name`, the Gateway's
+`spec.infrastructure` labels and annotations, and an owner reference to the Gateway
+(when it has a uid) so deleting the Gateway deletes them.
+
+    objs = render_waypoint(gateway_manifest, WaypointSettings(image="ambit/ambit:0.1.0"))
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from config.resources import FieldError, GatewaySpec, parse_resource
+
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+MANAGED_BY = "ambit-control-plane"
+TOKEN_AUDIENCE = "ambit"
+TOKEN_DIR = "/var/run/secrets/ambit"
+STATUS_PORT = 15021
+METRICS_PORT = 15020
+_APP_PROTOCOL = {"HBONE": "all", "HTTP": "http", "TCP": "tcp"}
+
+
+@dataclass(frozen=True)
+class WaypointSettings:
+    """What the operator configures once for every waypoint the control plane creates."""
+
+    image: str = "ambit/ambit:0.1.0"
+    control_plane: str = "ambit-control-plane.ambit-system.svc:15012"
+    replicas: int = 1
+    cpu_request: str = "100m"
+    memory_request: str = "128Mi"
+    memory_limit: str = "1Gi"
+    termination_grace_seconds: int = 45
+
+
+_IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?!-))*$")
+_RESERVED_PORT_NAMES = ("http-metrics", "status-port")
+
+
+def port_name(listener: str, port: int) -> str:
+    """A container/Service port name for a listener: its own name when it is a valid
+    IANA service name (at most 15 characters), else `l<port>`."""
+    name = listener.lower()
+    if (len(name) <= 15 and _IANA_SVC_NAME.match(name) and not name.endswith("-")
+            and name not in _RESERVED_PORT_NAMES):
+        return name
+    return f"l{port}"
+
+
+def _labels(name: str, extra: Mapping[str, str]) -> dict[str, str]:
+    return {
+        **extra,
+        GATEWAY_NAME_LABEL: name,
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/component": "waypoint",
+        "app.kubernetes.io/part-of": "ambit",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def render_waypoint(gateway: Mapping[str, Any],
+                    settings: WaypointSettings = WaypointSettings()) -> list[dict[str, Any]]:
+    """ServiceAccount, Deployment, Service (and PodDisruptionBudget) for one waypoint Gateway.
+
+    Raises config.resources.FieldError when `gateway` is not a valid waypoint Gateway.
+    """
+    res = parse_resource(dict(gateway))
+    spec = res.spec
+    if not isinstance(spec, GatewaySpec):
+        raise FieldError("kind", f"expected a Gateway, got {res.kind}")
+    name, ns = res.meta.name, res.meta.namespace
+    raw_spec = gateway.get("spec") or {}
+    infra = raw_spec.get("infrastructure") or {}
+    infra_labels = {str(k): str(v) for k, v in (infra.get("labels") or {}).items()}
+    infra_annotations = {str(k): str(v) for k, v in (infra.get("annotations") or {}).items()}
+    labels = _labels(name, infra_labels)
+    selector = {GATEWAY_NAME_LABEL: name}
+
+    def meta() -> dict[str, Any]:
+        m: dict[str, Any] = {"name": name, "namespace": ns, "labels": dict(labels)}
+        if infra_annotations:
+            m["annotations"] = dict(infra_annotations)
+        uid = (gateway.get("metadata") or {}).get("uid")
+        if uid:
+            m["ownerReferences"] = [{
+                "apiVersion": res.api_version, "kind": "Gateway", "name": name, "uid": uid,
+                "controller": True, "blockOwnerDeletion": True}]
+        return m
+
+    service_account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta()}
+
+    listener_ports = [{"name": port_name(lst.name, lst.port), "containerPort": lst.port,
+                       "protocol": "TCP"} for lst in spec.listeners]
+    container: dict[str, Any] = {
+        "name": "waypoint",
+        "image": settings.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["waypoint"],
+        "args": [f"--gateway={ns}/{name}", f"--control-plane={settings.control_plane}",
+                 f"--token-file={TOKEN_DIR}/token"],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ],
+        "ports": [*listener_ports,
+                  {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                  {"name": "status-port", "containerPort": STATUS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": STATUS_PORT},
+                           "periodSeconds": 2, "failureThreshold": 2},
+        "resources": {"requests": {"cpu": settings.cpu_request,
+                                   "memory": settings.memory_request},
+                      "limits": {"memory": settings.memory_limit}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_labels = {**labels, "istio.io/dataplane-mode": "none"}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(),
+        "spec": {
+            "replicas": settings.replicas,
+            "selector": {"matchLabels": dict(selector)},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {**infra_annotations, "prometheus.io/scrape": "true",
+                                    "prometheus.io/port": str(METRICS_PORT),
+                                    "prometheus.io/path": "/metrics"},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+                    "securityContext": {"runAsNonRoot": True,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "token", "projected": {"sources": [{"serviceAccountToken": {
+                            "path": "token", "audience": TOKEN_AUDIENCE,
+                            "expirationSeconds": 3600}}]}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+    service_ports = [{"name": p["name"], "port": lst.port, "targetPort": lst.port,
+                      "protocol": "TCP", "appProtocol": _APP_PROTOCOL.get(lst.protocol, "tcp")}
+                     for p, lst in zip(listener_ports, spec.listeners, strict=True)]
+    service_ports.append({"name": "status-port", "port": STATUS_PORT, "targetPort": STATUS_PORT,
+                          "protocol": "TCP"})
+    service: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(),
+        "spec": {"type": "ClusterIP", "selector": dict(selector), "ports": service_ports},
+    }
+    if spec.addresses:
+        service["spec"]["clusterIP"] = spec.addresses[0]
+    out: list[dict[str, Any]] = [service_account, deployment, service]
+    if settings.replicas > 1:
+        out.append({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                    "metadata": meta(),
+                    "spec": {"minAvailable": 1, "selector": {"matchLabels": dict(selector)}}})
+    return out
+
+
+def render_yaml(gateway: Mapping[str, Any],
+                settings: WaypointSettings = WaypointSettings()) -> str:
+    return yaml.safe_dump_all(render_waypoint(gateway, settings), sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m config.kube_waypoint GATEWAY.yaml`: print what the control plane creates."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m config.kube_waypoint GATEWAY.yaml", file=sys.stderr)
+        return 2
+    try:
+        with open(args[0], encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict)
+                    and d.get("kind") == "Gateway"]
+        if not docs:
+            print(f"{args[0]}: no Gateway in the file", file=sys.stderr)
+            return 1
+        sys.stdout.write("---\n".join(render_yaml(d) for d in docs))
+    except (OSError, yaml.YAMLError) as e:
+        print(f"{args[0]}: {e}", file=sys.stderr)
+        return 1
+    except FieldError as e:
+        print(f"{args[0]}: {e.path}: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
