@@ -211,14 +211,16 @@ _CHILD = textwrap.dedent("""
     def hook(n):
         print(n, flush=True)
         time.sleep(0.002)
-    s.after_write_hook = hook
+    if sys.argv[2] == "slow":
+        s.after_write_hook = hook
     s.apply(docs)
     print("committed", flush=True)
 """)
 
 
 def _run_child(data_dir: Path, kill_after: int | None) -> str:
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(data_dir)],
+    speed = "slow" if kill_after is not None else "fast"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(data_dir), speed],
                             stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     assert proc.stdout is not None
     last = ""
