@@ -6,10 +6,12 @@ All balancers share one small interface, with the clock and randomness injected:
     lb.started(ep.key, now)                 # request sent to ep
     lb.finished(ep.key, now, rtt)           # response head came back after `rtt` s
 
-* `RoundRobin`: endpoints in turn (weights ignored).
+* `RoundRobin`: endpoints in turn (smooth weighted round robin when endpoint
+  weights differ).
 * `RandomLB`: random, weighted by each endpoint's `weight`.
 * `LeastRequest`: power of two choices: two distinct random endpoints, the one
-  with fewer requests in flight wins (Envoy's default for LEAST_REQUEST).
+  with fewer requests in flight wins (Envoy's default for LEAST_REQUEST); with
+  unequal weights, random by `weight / (in flight + 1)` as Envoy does.
 * `PeakEwma`: power of two choices on cost = RTT estimate x (in-flight + 1), the
   estimate being a peak-sensitive EWMA as in Linkerd/tower: a slower sample
   replaces the estimate at once, faster samples pull it down with weight
@@ -68,17 +70,41 @@ class _InFlight:
             self.active[key] = n
 
 
+def _uniform(endpoints: Sequence[UpstreamEndpoint]) -> bool:
+    w = endpoints[0].weight
+    return all(e.weight == w for e in endpoints)
+
+
 @dataclass
 class RoundRobin(_InFlight):
+    """Endpoints in turn; unequal weights use smooth weighted round robin."""
+
     name: str = "ROUND_ROBIN"
     next_index: int = 0
+    current: dict[str, int] = field(default_factory=dict)
 
     def pick(
         self, endpoints: Sequence[UpstreamEndpoint], now: float, rng: Random
     ) -> UpstreamEndpoint:
-        ep = endpoints[self.next_index % len(endpoints)]
-        self.next_index = (self.next_index + 1) % (1 << 30)
-        return ep
+        if _uniform(endpoints):
+            ep = endpoints[self.next_index % len(endpoints)]
+            self.next_index = (self.next_index + 1) % (1 << 30)
+            return ep
+        total = 0
+        best: UpstreamEndpoint | None = None
+        best_cw = 0
+        for e in endpoints:
+            cw = self.current.get(e.key, 0) + e.weight
+            self.current[e.key] = cw
+            total += e.weight
+            if best is None or cw > best_cw:
+                best, best_cw = e, cw
+        assert best is not None
+        self.current[best.key] = best_cw - total
+        if len(self.current) > 4 * len(endpoints):  # endpoints came and went
+            keep = {e.key for e in endpoints}
+            self.current = {k: v for k, v in self.current.items() if k in keep}
+        return best
 
 
 @dataclass
@@ -107,6 +133,9 @@ def _two(n: int, rng: Random) -> tuple[int, int]:
 
 @dataclass
 class LeastRequest(_InFlight):
+    """Power of two choices on requests in flight; with unequal weights, Envoy's
+    weighted variant: random by effective weight `weight / (in flight + 1)`."""
+
     name: str = "LEAST_REQUEST"
 
     def pick(
@@ -114,6 +143,14 @@ class LeastRequest(_InFlight):
     ) -> UpstreamEndpoint:
         if len(endpoints) == 1:
             return endpoints[0]
+        if not _uniform(endpoints):
+            eff = [e.weight / (self.active.get(e.key, 0) + 1) for e in endpoints]
+            x = rng.random() * sum(eff)
+            for e, w in zip(endpoints, eff, strict=True):
+                x -= w
+                if x < 0:
+                    return e
+            return endpoints[-1]
         a, b = _two(len(endpoints), rng)
         ea, eb = endpoints[a], endpoints[b]
         if self.active.get(eb.key, 0) < self.active.get(ea.key, 0):

@@ -131,3 +131,24 @@ def test_peak_ewma_weighs_latency_against_load() -> None:
     # idle decay keeps the ratio of the estimates (both decay toward zero)
     assert lb.cost(e[0].key, 5.0) / lb.cost(e[0].key, 0.1) == pytest.approx(
         lb.cost(e[1].key, 5.0) / lb.cost(e[1].key, 0.1))
+
+
+def test_round_robin_with_weights_is_smooth() -> None:
+    lb = RoundRobin()
+    e = eps(3, [5, 1, 1])
+    rng = random.Random(1)
+    picks = [lb.pick(e, 0.0, rng).workload_uid for _ in range(14)]
+    assert Counter(picks) == {"w0": 10, "w1": 2, "w2": 2}
+    assert picks[:7] == ["w0", "w0", "w1", "w0", "w2", "w0", "w0"]  # nginx's sequence
+
+
+def test_least_request_with_weights_prefers_heavier_and_idle() -> None:
+    lb = LeastRequest()
+    e = eps(2, [3, 1])
+    rng = random.Random(6)
+    c = Counter(lb.pick(e, 0.0, rng).workload_uid for _ in range(4000))
+    assert abs(c["w0"] / 40 - 75) <= 5
+    for _ in range(5):  # w0 busy: effective weights 3/6 vs 1/1
+        lb.started(e[0].key, 0.0)
+    c = Counter(lb.pick(e, 0.0, rng).workload_uid for _ in range(4000))
+    assert abs(c["w0"] / 40 - 100 / 3) <= 5
