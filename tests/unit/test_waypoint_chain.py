@@ -419,3 +419,21 @@ def test_chain_from_the_waypoint_snapshot_the_control_plane_pushes() -> None:
         seen.add((p.backend.name, p.first.endpoint.address))
         p.release(0.0)
     assert seen == {("a", "10.0.1.10"), ("b", "10.0.2.10")}
+
+
+def test_extension_ref_rate_limit_limits_its_rule_only() -> None:
+    limited = {"matches": [prefix("/api")],
+               "filters": [{"type": "ExtensionRef",
+                            "extensionRef": {"group": "ambit.dev", "kind": "RateLimit",
+                                             "name": "rl"}}],
+               "backendRefs": [{"name": "a", "port": 80}]}
+    c = build([route([limited, rule("b")]), ratelimit(1, "1m")])
+    first = plan(c, "/api/x")
+    assert isinstance(first, RequestPlan)
+    first.release(0.0)
+    second = plan(c, "/api/y")
+    assert isinstance(second, LocalResponse) and second.status == 429
+    for _ in range(3):
+        other = plan(c, "/web")
+        assert isinstance(other, RequestPlan) and other.backend.name == "b"
+        other.release(0.0)
