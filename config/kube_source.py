@@ -648,8 +648,10 @@ class KubeSource:
                 rejected[str(key)] = f"{e.path}: {e.message}" if e.path else e.message
         puts = [k for k, body in valid.items() if self._written.get(k) != body]
         gone = [k for k in self._written if k not in desired.manifests]
+        # deletes first (a new pod may reuse the address of one just gone), namespaces last
+        deleted = self._delete([k for k in gone if k.kind != "Namespace"], rejected)
         written = self._put(puts, valid, rejected)
-        deleted = self._delete(gone, rejected)
+        deleted += self._delete([k for k in gone if k.kind == "Namespace"], rejected)
         for k, why in rejected.items():
             if self._logged_rejections.get(k) != why:
                 log.warning("Kubernetes object refused by the resource model; the last "

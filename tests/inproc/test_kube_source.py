@@ -344,6 +344,20 @@ async def test_server_side_watch_timeout_is_resumed(tmp_path: Path) -> None:
             assert api.lists(PODS) == 1
 
 
+async def test_a_new_pod_may_reuse_the_address_of_a_deleted_one(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        with Store(str(tmp_path / "cp")) as store:
+            # a long debounce puts the delete and the create into one reconcile
+            async with running(store, api, debounce=0.3) as src:
+                api.delete(PODS, "shop", "web-1")
+                api.put(PODS, pod("shop", "web-1-new", "10.244.1.5"))
+                await until(lambda: store.get("WorkloadEntry", "shop", "web-1-new") is not None,
+                            "the new pod")
+                assert store.get("WorkloadEntry", "shop", "web-1") is None
+                assert src.rejected == {}
+
+
 async def test_only_owned_resources_are_deleted(tmp_path: Path) -> None:
     with Store(str(tmp_path / "cp")) as store:
         store.apply([Document("t", 1, {"apiVersion": "v1", "kind": "Namespace",
