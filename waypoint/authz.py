@@ -16,6 +16,11 @@ the authority with and without its port, case-insensitive), `methods`, `paths`
 (`requestPrincipals`, `request.auth.*`) never match since the waypoint does no JWT
 authentication, so an ALLOW on them allows nothing and their `not` forms exclude
 nothing.
+
+TCP traffic through the waypoint (`authorize(..., tcp=True)`) follows Istio's rule
+for policies with HTTP attributes on TCP: a DENY rule ignores its HTTP attributes
+(so it denies more, never less) and an ALLOW rule with HTTP attributes never
+matches.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ __all__ = [
     "applicable_policies",
     "authorize",
     "denied_response",
+    "has_http_attributes",
+    "rule_matches",
 ]
 
 DENIED_BODY = b"RBAC: access denied"
@@ -94,6 +101,7 @@ class _Ctx:
     req: Request
     principal: str | None  # "td/ns/x/sa/y"
     namespace: str | None
+    tcp: bool = False  # a TCP connection: HTTP attributes cannot be checked
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -112,7 +120,7 @@ def _source_matches(s: Source, c: _Ctx) -> bool:
         return False
     if s.not_principals and _any_principal(s.not_principals, c.principal):
         return False
-    if s.request_principals:
+    if s.request_principals and not c.tcp:
         return False  # no JWT authentication at the waypoint
     if s.namespaces and not _any(s.namespaces, c.namespace):
         return False
@@ -131,13 +139,15 @@ def _source_matches(s: Source, c: _Ctx) -> bool:
 
 def _operation_matches(o: Operation, c: _Ctx) -> bool:
     r = c.req
-    if o.hosts and not _host_match(o.hosts, c):
-        return False
-    if o.not_hosts and _host_match(o.not_hosts, c):
-        return False
     if o.ports and r.dest_port not in o.ports:
         return False
     if o.not_ports and r.dest_port in o.not_ports:
+        return False
+    if c.tcp:
+        return True  # HTTP attributes are ignored (DENY) or the rule skipped (ALLOW)
+    if o.hosts and not _host_match(o.hosts, c):
+        return False
+    if o.not_hosts and _host_match(o.not_hosts, c):
         return False
     if o.methods and not _any(o.methods, r.method):
         return False
@@ -167,6 +177,8 @@ def _condition_values_match(key: str, values: tuple[str, ...], c: _Ctx) -> bool:
 
 
 def _condition_matches(cond: Condition, c: _Ctx) -> bool:
+    if c.tcp and cond.key.startswith("request."):
+        return True
     if cond.values and not _condition_values_match(cond.key, cond.values, c):
         return False
     return not (cond.not_values and _condition_values_match(cond.key, cond.not_values, c))
@@ -185,17 +197,33 @@ def _rule_matches(rule: Rule, c: _Ctx) -> bool:
     return all(_condition_matches(w, c) for w in rule.when)
 
 
-def _ctx(request: Request) -> _Ctx:
+def _ctx(request: Request, tcp: bool = False) -> _Ctx:
     p = request.source_principal
     principal = p.removeprefix("spiffe://") if p else None
-    return _Ctx(request, principal, request.source_namespace)
+    return _Ctx(request, principal, request.source_namespace, tcp)
+
+
+def has_http_attributes(rule: Rule) -> bool:
+    """Whether a rule uses attributes only an HTTP request has."""
+    if any(s.request_principals or s.not_request_principals for s in rule.sources):
+        return True
+    if any(o.hosts or o.not_hosts or o.methods or o.not_methods or o.paths or o.not_paths
+           for o in rule.operations):
+        return True
+    return any(w.key.startswith("request.") for w in rule.when)
 
 
 def authorize(
-    policies: Iterable[Named[AuthorizationPolicySpec]], request: Request
+    policies: Iterable[Named[AuthorizationPolicySpec]], request: Request, *, tcp: bool = False
 ) -> L7Decision:
-    """Evaluate `request` against the policies that apply to it."""
-    c = _ctx(request)
+    """Evaluate `request` against the policies that apply to it.
+
+    `tcp=True` evaluates a TCP connection (the request carries only addresses,
+    port and peer identity) as Istio does: DENY rules ignore their HTTP
+    attributes (denying more, never less) and ALLOW rules with HTTP attributes
+    never match.
+    """
+    c = _ctx(request, tcp)
     allow: list[Named[AuthorizationPolicySpec]] = []
     for p in policies:
         if p.spec.action == "DENY":
@@ -203,20 +231,26 @@ def authorize(
                 return L7Decision(
                     False,
                     p.key,
-                    f"denied by DENY policy {p.key}: {request.method} {request.path_only}",
+                    f"denied by DENY policy {p.key}: "
+                    f"{'TCP connection' if tcp else request.method + ' ' + request.path_only}",
                 )
         else:
             allow.append(p)
     if not allow:
         return L7Decision(True, None, "allowed: no ALLOW policy applies")
     for p in allow:
-        if any(_rule_matches(rule, c) for rule in p.spec.rules):
+        if any(
+            _rule_matches(rule, c)
+            for rule in p.spec.rules
+            if not (tcp and has_http_attributes(rule))
+        ):
             return L7Decision(True, p.key, f"allowed by ALLOW policy {p.key}")
     names = ", ".join(p.key for p in allow)
     return L7Decision(
         False,
         None,
-        f"denied: no ALLOW policy matched {request.method} {request.path_only} "
+        f"denied: no ALLOW policy matched "
+        f"{'a TCP connection' if tcp else request.method + ' ' + request.path_only} "
         f"from {request.source_principal or 'an unauthenticated client'} "
         f"(ALLOW policies: {names})",
     )

@@ -54,7 +54,10 @@ metrics (`response_flags`) and the access log.
 Connection-pool limits on new upstream connections: `plan.cluster.pool`
 (`resilience.PoolLimits`: `connection_verdict`, `connection_opened`, ...).
 `port_protocol(chain, vip, port)` gives the service port's declared protocol
-(`http`, `http2`, `grpc`, `tcp`, or "" to detect).
+(`http`, `http2`, `grpc`, `tcp`, or "" to detect); for TCP traffic use
+`plan_tcp(chain, dest_ip=..., dest_port=..., source_ip=..., source_principal=...,
+now=..., rng=...)`, which returns the same `RequestPlan` (endpoint, attempts,
+release) or a `LocalResponse` meaning "close the connection".
 
 Swapping snapshots: `build_chain(new_config, state)` with the same `ChainState`
 keeps balancer, outlier, pool and rate-limit state of unchanged backends; plans in
@@ -112,6 +115,7 @@ __all__ = [
     "build_chain",
     "declared_protocol",
     "plan_request",
+    "plan_tcp",
     "port_protocol",
 ]
 
@@ -698,7 +702,7 @@ def _run_guards(
 
 
 def _workload_plan(
-    chain: Chain, request: Request, now: float, rng: Random
+    chain: Chain, request: Request, now: float, rng: Random, *, tcp: bool = False
 ) -> RequestPlan | LocalResponse:
     """Traffic addressed to a workload IP (waypoint-for workload): no routes."""
     snap = chain.config.snapshot
@@ -710,7 +714,7 @@ def _workload_plan(
             f"no service or workload at {request.dest_ip}:{request.dest_port} "
             f"(host {request.authority!r}) in configuration version {snap.version}",
         )
-    dec = l7authz.authorize(chain.gateway_policies, request)
+    dec = l7authz.authorize(chain.gateway_policies, request, tcp=tcp)
     if not dec.allowed:
         return l7authz.denied_response(dec)
     ep = UpstreamEndpoint(w.uid, w.ip, request.dest_port, w.identity, w.enrolled, w.weight)
@@ -864,3 +868,40 @@ def plan_request(
         delay=delay, mirrors=tuple(mirrors), response_modifiers=rp.response_modifiers,
         policy=dec.policy,
     )
+
+
+#: TCP: only connect failures are retried (a connection cannot be replayed)
+_TCP_RETRY = RetryPolicy(attempts=2, codes=frozenset())
+
+
+def plan_tcp(
+    chain: Chain,
+    *,
+    dest_ip: str,
+    dest_port: int,
+    source_ip: str,
+    source_principal: str | None,
+    now: float,
+    rng: Random,
+) -> RequestPlan | LocalResponse:
+    """A plan for a TCP connection through the waypoint (a port that is not HTTP).
+
+    Authorization runs with TCP semantics (`authz.authorize(..., tcp=True)`); no
+    routes, faults or rate limits apply; the endpoint comes from the service's
+    balancer, outlier detector and pool like HTTP traffic. A `LocalResponse` means:
+    close the connection (its status says why: 403 denied, 404 unknown
+    destination, 503 no endpoint or pool overflow). Retry (`after_attempt`) only
+    connect failures. Release the plan when the connection ends.
+    """
+    request = Request("", "", "", (), "tcp", dest_ip, dest_port, source_ip, source_principal)
+    svc = chain.config.snapshot.service_by_vip(dest_ip)
+    if svc is None:
+        return _workload_plan(chain, request, now, rng, tcp=True)
+    sc = chain.services.get((svc.namespace, svc.name, dest_port))
+    if sc is None:
+        return _local(404, "NR", f"service {svc.key} has no port {dest_port}")
+    dec = l7authz.authorize(sc.policies, request, tcp=True)
+    if not dec.allowed:
+        return l7authz.denied_response(dec)
+    return _start(chain, request, request, sc.default.target, cluster=sc.default,
+                  retry=_TCP_RETRY, timeouts=Timeouts(), now=now, rng=rng, policy=dec.policy)

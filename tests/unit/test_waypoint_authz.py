@@ -10,8 +10,9 @@ import pytest
 from config.resources import AuthorizationPolicySpec, parse_resource
 from tests.unit.test_waypoint_routes import CLIENT, backend, build, req
 from waypoint.authz import DENIED_BODY, applicable_policies, authorize
-from waypoint.chain import plan_request
+from waypoint.chain import RequestPlan, plan_request, plan_tcp
 from waypoint.model import LocalResponse, Named, Request
+from waypoint.resilience import Outcome
 
 
 def policy(spec: dict[str, Any], name: str = "p", ns: str = "app") -> dict[str, Any]:
@@ -179,3 +180,51 @@ def test_chain_policy_on_another_service_does_not_apply() -> None:
     c = build([policy({"targetRefs": [{"kind": "Service", "group": "", "name": "b"}]})])
     assert backend(c, req("/")) == "front"
     assert backend(c, req("/", vip="10.96.0.12")) == "403"
+
+
+# ----------------------------------------------------------------------------- TCP
+
+
+def _tcp(spec: dict[str, Any], **kw: Any) -> bool:
+    return authorize([named(spec)], r(**kw), tcp=True).allowed
+
+
+def test_tcp_deny_ignores_http_attributes() -> None:
+    spec = {**TARGET, "action": "DENY",
+            "rules": [{"to": [{"operation": {"paths": ["/admin"], "ports": ["80"]}}]}]}
+    assert not _tcp(spec)  # denies the whole connection on port 80
+    assert _tcp(spec, port=81)
+    assert allowed(spec, r("/shop"))  # over HTTP only /admin is denied
+
+
+def test_tcp_allow_with_http_attributes_never_matches() -> None:
+    spec = {**TARGET, "rules": [{"to": [{"operation": {"methods": ["GET"]}}]},
+                                {"from": [{"source": {"namespaces": ["other"]}}]}]}
+    assert not _tcp(spec)
+    plain = {**TARGET, "rules": [{"from": [{"source": {"namespaces": ["app"]}}],
+                                  "when": [{"key": "destination.port", "values": ["80"]}]}]}
+    assert _tcp(plain)
+    assert not _tcp(plain, principal="spiffe://cluster.local/ns/x/sa/y")
+
+
+def test_plan_tcp_picks_an_endpoint_or_denies() -> None:
+    deny = policy({**TARGET, "action": "DENY",
+                   "rules": [{"from": [{"source": {"notNamespaces": ["app"]}}]}]})
+    c = build([deny])
+    p = plan_tcp(c, dest_ip="10.96.0.10", dest_port=80, source_ip="10.0.9.9",
+                 source_principal=CLIENT, now=0.0, rng=random.Random(1))
+    assert isinstance(p, RequestPlan)
+    assert p.first.endpoint.port == 8080 and p.backend.name == "front"
+    assert p.after_attempt(p.first, Outcome.CONNECT_FAILURE, 0.1, random.Random(1)) is not None
+    p.release(0.2)
+    q = plan_tcp(c, dest_ip="10.96.0.10", dest_port=80, source_ip="10.0.9.9",
+                 source_principal="spiffe://cluster.local/ns/evil/sa/x", now=0.0,
+                 rng=random.Random(1))
+    assert isinstance(q, LocalResponse) and q.status == 403
+    w = plan_tcp(c, dest_ip="10.0.1.10", dest_port=5432, source_ip="10.0.9.9",
+                 source_principal=CLIENT, now=0.0, rng=random.Random(1))
+    assert isinstance(w, RequestPlan) and w.first.endpoint.key == "10.0.1.10:5432"
+    w.release(0.0)
+    gone = plan_tcp(c, dest_ip="10.96.0.10", dest_port=81, source_ip="10.0.9.9",
+                    source_principal=CLIENT, now=0.0, rng=random.Random(1))
+    assert isinstance(gone, LocalResponse) and gone.status == 404
