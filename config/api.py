@@ -181,7 +181,11 @@ class ApiServer:
             log.info("api request", method=method, path=url.path, caller=caller.identity,
                      status=200)
             return 200, result
-        except ApiError as e:
+        except Exception as e:  # a bug must not take the connection down silently
+            if not isinstance(e, ApiError):
+                log.exception("api request failed", method=method, path=url.path)
+                e = ApiError(500, f"internal error: {type(e).__name__}: {e} (see the control "
+                             "plane's log)")
             log.info("api request", method=method, path=url.path, caller=caller.identity,
                      status=e.status, error=e.message)
             out: dict[str, Any] = {"error": e.message}

@@ -65,7 +65,6 @@ class StoredResource:
         out = copy.deepcopy(dict(self.body))
         md = out.setdefault("metadata", {})
         md["resourceVersion"] = str(self.version)
-        md["generation"] = self.created
         return out
 
 
