@@ -120,10 +120,12 @@ class Request:
     """One HTTP request as the waypoint sees it.
 
     `path` is the request target (path and optional `?query`); `authority` is the
-    Host / `:authority`. `dest_ip`/`dest_port` are the original destination the
-    client dialled (a service VIP or a workload IP, from the HBONE `CONNECT`
-    authority). `source_principal` is the client's SPIFFE ID from the verified
-    peer certificate (`spiffe://td/ns/x/sa/y`), None when unknown.
+    Host / `:authority` (headers never hold pseudo-headers; an HTTP/1.1 `host`
+    header may stay in them, `authority` is what counts). `dest_ip`/`dest_port`
+    are the original destination the client dialled (a service VIP or a workload
+    IP, from the HBONE `CONNECT` authority). `source_principal` is the client's
+    SPIFFE ID from the verified peer certificate (`spiffe://td/ns/x/sa/y`), None
+    when unknown.
     """
 
     method: str

@@ -108,7 +108,11 @@ class CompiledMatch:
         if self.method and request.method != self.method:
             return False
         for h in self.headers:
-            if not h.accepts(header_value(request.headers, h.name)):
+            if h.name in ("host", ":authority"):
+                value: str | None = request.authority or header_value(request.headers, "host")
+            else:
+                value = header_value(request.headers, h.name)
+            if not h.accepts(value):
                 return False
         for q in self.query:
             first = next((v for k, v in params if k == q.name), None)

@@ -533,3 +533,9 @@ def test_precedence_agrees_with_a_reference(
             best = cand
     assert got == names[best[0] * 2 + best[1]]
 
+
+
+def test_host_header_match_uses_the_authority() -> None:
+    c = build([route([rule("a", prefix("/", headers=[hdr("Host", "front.app.svc.cluster.local")])),
+                      rule("c")])])
+    assert backend(c, req("/")) == "a"  # no host header (HTTP/2): the authority counts
