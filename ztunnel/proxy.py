@@ -220,7 +220,11 @@ class Ztunnel:
     async def _connect_hbone(self, key: PoolKey) -> Any:
         """HBONE connections leave from the source workload's netns, marked 0x539."""
         assert self.ctx is not None
-        netns = self.ctx.netns_by_ip.get(key.src_ip or "")
+        if key.src_ip not in self.ctx.netns_by_ip:
+            raise OSError(
+                f"no netns known for source {key.src_ip}: the workload is not enrolled here"
+            )
+        netns = self.ctx.netns_by_ip[key.src_ip]
         sock = onward_socket(netns, key.dst[0])
         await connect(sock, key.dst, self.ctx.limits.connect_timeout)
         return sock

@@ -218,6 +218,9 @@ class WorkloadManager:
             self._fail(w, f"cannot find the netns of {w.namespace}/{w.name}: {exc}")
             return
         proxy = WorkloadProxy(self.ctx, w, netns, self.ports)
+        # Known before the first connection arrives: HBONE leaves from this netns.
+        for ip in w.addresses:
+            self.ctx.netns_by_ip[ip] = netns
         try:
             await proxy.open()
         except Exception as exc:
@@ -232,8 +235,6 @@ class WorkloadManager:
                 await proxy.drain(0)
                 self._fail(w, f"cannot install capture rules for {w.namespace}/{w.name}: {exc}")
                 return
-        for ip in w.addresses:
-            self.ctx.netns_by_ip[ip] = netns
         self.proxies[w.uid] = proxy
         self.errors.pop(w.uid, None)
         self.ctx.metrics.workloads.set(len(self.proxies))
