@@ -324,3 +324,16 @@ def test_any_valid_spec_renders_encodes_and_plans(spec: CaptureSpec) -> None:
     assert render_ruleset(spec).digest == rs.digest
     plan = plan_apply(None, rs)
     assert not plan.noop and check_state(_state_from(rs, plan.slot), rs) == ()
+
+
+def test_cached_messages_encode_to_the_same_bytes_as_pyroute2() -> None:
+    plan = plan_apply(None, render_ruleset(DUAL))
+    for seq, step in enumerate(plan.steps, start=1000):
+        fresh = nft._messages(step, "ambit")
+        again = nft._prepared(step, "ambit")
+        assert len(fresh) == len(again) == 1
+        for m in (fresh[0], again[0]):
+            m["header"]["sequence_number"] = seq
+            m["header"]["pid"] = 4242
+            m.encode()
+        assert bytes(again[0].data) == bytes(fresh[0].data), step
