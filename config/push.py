@@ -40,6 +40,7 @@ from typing import Any
 
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from config.ca import CertificateAuthority, CsrRejected
 from config.nodeauth import (
@@ -70,6 +71,7 @@ from ztunnel.identity import (
     make_csr,
     node_identity,
     private_key_pem,
+    spiffe_id_of,
 )
 
 log = structlog.get_logger("ambit.push")
@@ -279,6 +281,8 @@ class PushServer:
                     typ = msg.get("type")
                     if typ == "csr":
                         await self._csr(writer, principal, msg)
+                    elif typ == "renew":
+                        await self._renew(writer, principal, msg)
                     elif typ == "subscribe" and session is None:
                         session = Session(principal, peer, expiry, writer)
                         self._subscribe(session, msg)
@@ -314,6 +318,20 @@ class PushServer:
             raise Refused("csr", e.reason) from None
         await _send(writer, {"type": "certificate", "id": msg.get("id"),
                              "chain": [c.decode() for c in chain]})
+
+    async def _renew(self, writer: asyncio.StreamWriter, principal: NodePrincipal,
+                     msg: Mapping[str, Any]) -> None:
+        """A proxy renews its own node/waypoint certificate with the one it still holds."""
+        identity = principal.identity(self.ca.trust_domain)
+        try:
+            chain = self.ca.sign_csr(str(msg.get("csr", "")).encode(), identity,
+                                     subject_common_name=principal.common_name)
+        except CsrRejected as e:
+            raise Refused("csr", e.reason) from None
+        log.info("proxy certificate renewed", kind=principal.kind, name=principal.name)
+        await _send(writer, {"type": "certificate", "id": msg.get("id"),
+                             "chain": [c.decode() for c in chain],
+                             "trust_bundle": self.index.trust_bundle_pem})
 
     def _subscribe(self, s: Session, msg: Mapping[str, Any]) -> None:
         old = self.sessions.get(_skey(s.principal))
@@ -517,6 +535,12 @@ class PushClient:
             return None
         return zs.Snapshot.from_dict({k: v for k, v in data.items() if k != L7_RESOURCES})
 
+    def _refresh_trust(self, pem: str) -> None:
+        """Follow trust bundle changes (root rotation) for future connections."""
+        path = self.data_dir / TRUST
+        if pem and (not path.exists() or path.read_text() != pem):
+            _write_private(path, pem.encode())
+
     def _save_snapshot(self, d: Mapping[str, Any]) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".snapshot")
@@ -558,11 +582,25 @@ class PushClient:
             raise ConnectionError(f"cannot reach the control plane at {self.address}: "
                                   f"{e.strerror or e}") from None
         try:
+            if with_cert:
+                self._check_server(writer)
             yield reader, writer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
+
+    def _check_server(self, writer: asyncio.StreamWriter) -> None:
+        ssl_obj = writer.get_extra_info("ssl_object")
+        der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+        want = control_plane_identity(self.trust_domain)
+        try:
+            got = spiffe_id_of(x509.load_der_x509_certificate(der)) if der else None
+        except ValueError:
+            got = None
+        if got != want:
+            raise ConnectionError(f"the server at {self.address} is not the control plane: "
+                                  f"it presented {got or 'no SPIFFE identity'}, expected {want}")
 
     async def join(self) -> Certificate:
         """Exchange the join token for this proxy's certificate (kept in data_dir)."""
@@ -577,18 +615,41 @@ class PushClient:
             await _send(writer, {"type": "join", "subject": self.subject, "token": self.token,
                                  "csr": csr.decode()})
             reply = await _expect(reader, "certificate")
-        chain = [c.encode() for c in reply["chain"]]
-        cert = Certificate.from_pem(chain, private_key_pem(key))
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_private(self.data_dir / NODE_KEY, private_key_pem(key))
-        _write_private(self.data_dir / NODE_CERT, b"".join(chain))
-        _write_private(self.data_dir / TRUST, str(reply["trust_bundle"]).encode())
+        cert = self._store_credentials(reply, key)
         log.info("joined the mesh", subject=self.subject, identity=str(cert.identity))
         return cert
 
     async def ensure_joined(self) -> None:
-        if self.node_certificate() is None:
+        """Join when there is no valid node certificate; renew it past its half-life."""
+        cert = self.node_certificate()
+        if cert is None:
             await self.join()
+        elif time.time() >= cert.renewal_time():
+            try:
+                await self.renew()
+            except (ConnectionError, PushError, ValueError, ssl.SSLError) as e:
+                log.warning("node certificate renewal failed; keeping the current one",
+                            reason=str(e), expires=cert.not_after)
+
+    async def renew(self) -> Certificate:
+        """Replace the node certificate using the current (still valid) one."""
+        key = generate_key()
+        csr = make_csr(self._identity(), key)
+        async with self._connect(with_cert=True) as (reader, writer):
+            await _send(writer, {"type": "renew", "csr": csr.decode()})
+            reply = await _expect(reader, "certificate")
+        return self._store_credentials(reply, key)
+
+    def _store_credentials(self, reply: Mapping[str, Any],
+                           key: ec.EllipticCurvePrivateKey) -> Certificate:
+        chain = [str(c).encode() for c in reply["chain"]]
+        cert = Certificate.from_pem(chain, private_key_pem(key))
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_private(self.data_dir / NODE_KEY, private_key_pem(key))
+        _write_private(self.data_dir / NODE_CERT, b"".join(chain))
+        if reply.get("trust_bundle"):
+            _write_private(self.data_dir / TRUST, str(reply["trust_bundle"]).encode())
+        return cert
 
     async def fetch_certificate(self, identity: SpiffeId, csr_pem: bytes) -> list[bytes]:
         """Have the control plane sign a workload CSR (an IdentityManager fetcher)."""
@@ -669,6 +730,7 @@ class PushClient:
                             continue
                         current, current_dict = snap, new
                         self._save_snapshot(new)
+                        self._refresh_trust(snap.trust_bundle_pem)
                         await _send(writer, {"type": "ack", "version": version})
             except PushError as e:
                 log.error("control plane refused this proxy", rule=e.rule, reason=e.message)

@@ -308,3 +308,24 @@ async def test_unrelated_changes_send_nothing_but_advance_the_version(tmp_path: 
                     await asyncio.sleep(0.01)
             assert len(rec.snapshots) == 1
             task.cancel()
+
+
+async def test_node_renews_its_certificate_with_the_current_one(tmp_path: Path) -> None:
+    async with plane(tmp_path) as p:
+        await apply(p, MESH)
+        client = p.client("node-a")
+        first = await client.join()
+        renewed = await client.renew()
+        assert renewed.identity == first.identity
+        assert renewed.cert_pem != first.cert_pem
+        current = client.node_certificate()
+        assert current is not None and current.cert_pem == renewed.cert_pem
+        # the renewed certificate works on the stream; the join token stays spent
+        rec = Recorder()
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(client.follow(rec))
+            snap = await rec.wait_for(lambda s: True)
+            task.cancel()
+        assert snap.node == "node-a"
+        with pytest.raises(PushError, match="join token was already used"):
+            await client.join()
