@@ -22,6 +22,7 @@ from tests.netns.fixtures import sandbox, sandbox6, sandbox_factory  # noqa: F40
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
 PROXY_MARK = 0x539
 TIMEOUT = 5.0
 
@@ -320,6 +321,18 @@ def test_dual_stack_capture_outbound_and_inbound_over_ipv6(
             assert conn.getsockname()[:2] == (b.ip6, 8080)
             assert conn.recv(100) == b"hello\n"
         p.wait(timeout=TIMEOUT)
+        # DNS over IPv6 to an outside resolver lands on [::1]:15053
+        udp6 = stack.enter_context(listener(a.netns, "::1", 15053, kind=socket.SOCK_DGRAM))
+        udp6.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        resolver6 = "fd00:244:2::53"
+        sender = stack.enter_context(socket_in_netns(a.netns, socket.AF_INET6, socket.SOCK_DGRAM))
+        sender.sendto(b"query", (resolver6, 53))
+        ready, _, _ = select.select([udp6], [], [], TIMEOUT)
+        assert ready, "the IPv6 DNS query was not captured to [::1]:15053"
+        data, anc, _flags, _src = udp6.recvmsg(512, socket.CMSG_SPACE(28))
+        assert data == b"query"
+        orig = [d for lvl, typ, d in anc if typ == IPV6_RECVORIGDSTADDR]
+        assert orig and socket.inet_ntop(socket.AF_INET6, orig[0][8:24]) == resolver6
     # IPv4 keeps working next to it
     with contextlib.ExitStack() as stack:
         proxy4 = stack.enter_context(listener(a.netns, "127.0.0.1", 15001))
