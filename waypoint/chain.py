@@ -123,6 +123,9 @@ __all__ = [
 #: (`PEAK_EWMA`); it overrides `trafficPolicy.loadBalancer.simple`.
 LB_ANNOTATION = "ambit.dev/load-balancer"
 
+_DEFAULT_RETRY = RetryPolicy()  # a service without routes: Istio's default retries
+_NO_TIMEOUTS = Timeouts()
+
 
 # ----------------------------------------------------------------------------- clusters
 
@@ -400,6 +403,7 @@ class _Guards:
 @dataclass(frozen=True, slots=True)
 class _RulePlan:
     backends: tuple[tuple[BackendRef, Cluster | None], ...]
+    refs: tuple[BackendRef, ...]
     guards: _Guards
     filters: tuple[tuple[str, object], ...]  # (type, payload) in listed order
     mirrors: tuple[tuple[Cluster, float], ...]
@@ -561,6 +565,7 @@ def _rule_plan(
     )
     return _RulePlan(
         backends=backends,
+        refs=tuple(b for b, _c in backends),
         guards=guards,
         filters=tuple(filters),
         mirrors=tuple(mirrors),
@@ -804,21 +809,25 @@ def plan_request(
     original = request
 
     # 1. authorization
-    dec = l7authz.authorize(sc.policies, request)
-    if not dec.allowed:
-        return l7authz.denied_response(dec)
+    policy: str | None = None
+    if sc.policies:
+        dec = l7authz.authorize(sc.policies, request)
+        if not dec.allowed:
+            return l7authz.denied_response(dec)
+        policy = dec.policy
 
     # 2. service-level rate limits and faults
-    answer, delay = _run_guards(sc.guards, now, rng)
-    if answer is not None:
-        return answer
+    delay = 0.0
+    if sc.guards.faults or sc.guards.rate_limits:
+        answer, delay = _run_guards(sc.guards, now, rng)
+        if answer is not None:
+            return answer
 
     # 3. route match
-    target = BackendTarget(svc.namespace, svc.name, port, svc.hostname)
     if sc.table.empty:
-        return _start(chain, original, request, target, cluster=sc.default,
-                      retry=RetryPolicy(), timeouts=Timeouts(), now=now, rng=rng, delay=delay,
-                      policy=dec.policy)
+        return _start(chain, original, request, sc.default.target, cluster=sc.default,
+                      retry=_DEFAULT_RETRY, timeouts=_NO_TIMEOUTS, now=now, rng=rng,
+                      delay=delay, policy=policy)
     m: CompiledMatch | None = match_route(sc.table, request)
     if m is None:
         return _local(404, "NR", f"no HTTPRoute rule of {svc.key}:{port} matches "
@@ -826,10 +835,11 @@ def plan_request(
     rp = sc.rules[(m.route_key, m.rule_index)]
 
     # 4. route/rule-level limits and faults, then filters in listed order
-    answer, more = _run_guards(rp.guards, now, rng)
-    delay += more
-    if answer is not None:
-        return answer
+    if rp.guards.faults or rp.guards.rate_limits:
+        answer, more = _run_guards(rp.guards, now, rng)
+        delay += more
+        if answer is not None:
+            return answer
     prefix = m.path_value if m.path_type == "PathPrefix" else None
     for typ, payload in rp.filters:
         if typ == "RequestHeaderModifier":
@@ -846,7 +856,7 @@ def plan_request(
     if not rp.backends:
         return _local(500, "NR", f"HTTPRoute {m.route_key} rule {m.rule_index} has no "
                       "backendRefs: add one, or a RequestRedirect filter")
-    ref = pick_weighted([b for b, _c in rp.backends], rng)
+    ref = pick_weighted(rp.refs, rng)
     if ref is None:
         return _local(500, "NR", f"HTTPRoute {m.route_key} rule {m.rule_index}: every "
                       "backendRef has weight 0")
@@ -866,7 +876,7 @@ def plan_request(
         chain, original, request, cluster.target, cluster=cluster, retry=rp.retry,
         timeouts=rp.timeouts, now=now, rng=rng, route=m.route_key, rule_index=m.rule_index,
         delay=delay, mirrors=tuple(mirrors), response_modifiers=rp.response_modifiers,
-        policy=dec.policy,
+        policy=policy,
     )
 
 

@@ -223,13 +223,12 @@ class UpstreamEndpoint:
     identity: str
     hbone: bool = True
     weight: int = 1
+    #: `address:port` (`[v6]:port`), the key for LB and outlier state; derived
+    key: str = field(default="", compare=False)
 
-    @property
-    def key(self) -> str:
-        """`address:port`, the key for LB and outlier state."""
-        if ":" in self.address:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        a = f"[{self.address}]" if ":" in self.address else self.address
+        object.__setattr__(self, "key", f"{a}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)
