@@ -286,6 +286,19 @@ def test_dns_to_an_outside_resolver_is_captured_on_15053(sandbox: Sandbox) -> No
         assert orig, "no original destination on the captured datagram"
         port = int.from_bytes(orig[0][2:4], "big")
         assert (socket.inet_ntoa(orig[0][4:8]), port) == (resolver, 53)
+        # the proxy answers as the resolver (transparent socket bound to its address); the
+        # answer reaches the client, whose socket sees it come from the resolver
+        client = stack.enter_context(socket_in_netns(a.netns, socket.AF_INET, socket.SOCK_DGRAM))
+        client.settimeout(TIMEOUT)
+        client.sendto(b"q2", (resolver, 53))
+        ready, _, _ = select.select([udp], [], [], TIMEOUT)
+        assert ready
+        data, _anc, _flags, src = udp.recvmsg(512, socket.CMSG_SPACE(16))
+        assert data == b"q2"
+        answer = stack.enter_context(listener(a.netns, resolver, 53, kind=socket.SOCK_DGRAM))
+        answer.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+        answer.sendto(b"a2", src)
+        assert client.recvfrom(100) == (b"a2", (resolver, 53))
         # DNS over TCP goes to the same port
         with connect_from(a.netns, resolver, 53):
             got = accept_one(tcp)
