@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from netsetup.capture import Workload, enroll, inspect, is_enrolled, unenroll
-from netsetup.netns import socket_in_netns
+from netsetup.netns import run_in_netns, socket_in_netns
 from netsetup.sandbox import Sandbox, SandboxWorkload, unique_prefix
 from tests.conftest import require_root_and_tools
 from tests.netns.fixtures import sandbox, sandbox6, sandbox_factory  # noqa: F401
@@ -150,10 +150,12 @@ def test_stock_client_outbound_lands_on_15001_with_original_destination(
     sandbox: Sandbox,  # noqa: F811
 ) -> None:
     a, b = sandbox.workload("w1-1"), sandbox.workload("w2-1")
+    node1 = sandbox.node(a.node).netns
     enroll(workload(a))
     assert is_enrolled(workload(a))
     with contextlib.ExitStack() as stack:
-        proxy = stack.enter_context(listener(a.netns, "127.0.0.1", 15001))
+        # like ztunnel: code running in node 1's netns creates the listener inside A's netns
+        proxy = stack.enter_context(run_in_netns(node1, listener, a.netns, "127.0.0.1", 15001))
         app_b = stack.enter_context(listener(b.netns, b.ip, 80, transparent=False))
         p = nc(sandbox, a.netns, b.ip, 80)
         got = accept_one(proxy, app_b)
