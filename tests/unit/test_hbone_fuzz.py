@@ -108,7 +108,7 @@ def _check_server(chunks: list[bytes]) -> None:
                 server.respond(ev.stream_id, [(":status", "200")])
                 server.send_data(ev.stream_id, b"r" * 100)
         # Bounded memory: buffered input never exceeds one maximal frame (+ preface).
-        assert server._buffered <= MAX_FRAME + 9 + len(PREFACE)
+        assert len(server._partial) <= MAX_FRAME + 9
         assert server.open_streams <= MAX_STREAMS
         assert len(server._reset_sent) <= 1025
         # Output stays proportional to input (no amplification).

@@ -296,9 +296,10 @@ class H2Connection:
         self._hblock_limit = max(65536, 4 * max_header_list_size)
 
         self._out: list[bytes | memoryview] = []
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._need = 0 if client else len(PREFACE)
+        self._partial = bytearray()  # an incomplete frame (never a DATA payload)
+        self._data_left = 0  # payload bytes of the current DATA frame still to come
+        self._data_sid = 0  # its stream (0: discard the payload)
+        self._data_end = False  # its END_STREAM flag
         self._preface_pending = not client
         self._settings_seen = False
         self._events: list[Event] = []
@@ -443,6 +444,33 @@ class H2Connection:
             s.end_after_pending = True
         self._flush_stream(s)
 
+    def prepare_data_frame(self, stream_id: int, frame: bytearray | memoryview, n: int) -> bool:
+        """Zero-copy send for relays: `frame[9:9 + n]` already holds the payload.
+
+        If nothing else is queued (call `data_to_send()` first), nothing is queued on the
+        stream and the windows allow it, the DATA header is written into `frame[:9]`,
+        the windows are charged and True is returned: the caller then writes
+        `frame[:9 + n]` to the wire itself, right away. Otherwise nothing happens and
+        False is returned: use `send_data`.
+        """
+        s = self._streams.get(stream_id)
+        if (
+            self._out
+            or s is None
+            or s.pending_len
+            or s.end_after_pending
+            or s.local_closed
+            or n > self._send_frame
+            or n > s.send_window
+            or n > self._conn_send_window
+            or n <= 0
+        ):
+            return False
+        _HDR.pack_into(frame, 0, n << 8 | DATA, 0, stream_id)
+        s.send_window -= n
+        self._conn_send_window -= n
+        return True
+
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (END_STREAM after whatever is still queued)."""
         self.send_data(stream_id, b"", end_stream=True)
@@ -565,72 +593,101 @@ class H2Connection:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive(self, data: bytes) -> list[Event]:
-        """Feed bytes from the wire; returns the events they caused (never raises)."""
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the wire; returns the events they caused (never raises).
+
+        `DataReceived.data` may be a view into `data`: consume it (or copy it) before
+        the buffer behind `data` is reused. The core itself keeps no reference to `data`.
+        """
         if self.terminated:
             return []
         self._activity = True
-        if data:
-            self._chunks.append(data)
-            self._buffered += len(data)
-        if self._buffered < self._need:
-            return []
-        chunks = self._chunks
-        buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         events = self._events = []
-        pos = 0
         try:
-            pos = self._parse(buf)
+            self._parse(data if type(data) is memoryview else memoryview(data))
         except _ConnError as e:
             self._connection_error(e.code, e.reason)
         except (hpack.HPACKError, ValueError, IndexError, struct.error) as e:
             self._connection_error(ErrorCode.PROTOCOL_ERROR, f"malformed frame: {e}")
         if self.terminated:
-            self._chunks = []
-            self._buffered = 0
-        elif pos < len(buf):
-            rest = buf[pos:]
-            self._chunks = [rest]
-            self._buffered = len(rest)
-        else:
-            self._chunks = []
-            self._buffered = 0
+            self._partial.clear()
+            self._data_left = 0
         self._events = []
         return events
 
-    def _parse(self, buf: bytes) -> int:
+    def _parse(self, mv: memoryview) -> None:
+        """Frame parser. DATA payloads are streamed: each read hands out what it holds
+        (no reassembly, no copy); other frames are reassembled in `_partial` if split."""
         pos = 0
-        end = len(buf)
+        end = len(mv)
+        partial = self._partial
         if self._preface_pending:
-            if buf[: len(PREFACE)] != PREFACE:
+            need = len(PREFACE) - len(partial)
+            partial += mv[:need]
+            pos = min(need, end)
+            if len(partial) < len(PREFACE):
+                if not PREFACE.startswith(bytes(partial)):
+                    raise _ConnError(ErrorCode.PROTOCOL_ERROR, "invalid connection preface")
+                return
+            if partial != PREFACE:
                 raise _ConnError(ErrorCode.PROTOCOL_ERROR, "invalid connection preface")
+            partial.clear()
             self._preface_pending = False
-            pos = len(PREFACE)
-        mv = memoryview(buf)
         max_frame = self.local_max_frame
-        while not self.terminated:
-            avail = end - pos
-            if avail < 9:
-                self._need = 9 - avail
-                return pos
-            first, flags, sid = _unpack_hdr(buf, pos)
+        while pos < end and not self.terminated:
+            if self._data_left:
+                take = min(self._data_left, end - pos)
+                self._data_piece(mv[pos : pos + take])
+                pos += take
+                continue
+            if partial:
+                if len(partial) < 9:
+                    take = min(9 - len(partial), end - pos)
+                    partial += mv[pos : pos + take]
+                    pos += take
+                    if len(partial) < 9:
+                        return
+                first, flags, sid = _unpack_hdr(partial, 0)
+                length = first >> 8
+                ftype = first & 0xFF
+                sid &= 0x7FFFFFFF
+                if length > max_frame:
+                    raise _ConnError(
+                        ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {max_frame}"
+                    )
+                if len(partial) == 9 and ftype == DATA and not flags & FLAG_PADDED:
+                    partial.clear()
+                    self._start_data(flags, sid, length)
+                    continue
+                take = min(9 + length - len(partial), end - pos)
+                partial += mv[pos : pos + take]
+                pos += take
+                if len(partial) < 9 + length:
+                    return
+                frame = memoryview(bytes(partial))
+                partial.clear()
+                self._on_frame(ftype, flags, sid, frame[9:])
+                continue
+            if end - pos < 9:
+                partial += mv[pos:end]
+                return
+            first, flags, sid = _unpack_hdr(mv, pos)
             length = first >> 8
+            ftype = first & 0xFF
+            sid &= 0x7FFFFFFF
             if length > max_frame:
                 raise _ConnError(
                     ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {max_frame}"
                 )
-            if avail < 9 + length:
-                self._need = 9 + length - avail
-                return pos
-            ftype = first & 0xFF
-            sid &= 0x7FFFFFFF
-            start = pos + 9
-            pos = start + length
-            if ftype == DATA and not self._hstream:
-                self._on_data(flags, sid, mv[start:pos], length)
-            else:
-                self._on_frame(ftype, flags, sid, mv[start:pos])
-        return pos
+            if ftype == DATA and not flags & FLAG_PADDED:
+                pos += 9
+                self._start_data(flags, sid, length)
+                continue
+            if end - pos - 9 < length:
+                partial += mv[pos:end]
+                return
+            self._on_frame(ftype, flags, sid, mv[pos + 9 : pos + 9 + length])
+            pos += 9 + length
 
     def _connection_error(self, code: int, reason: str) -> None:
         if self.terminated:
@@ -656,7 +713,12 @@ class H2Connection:
             return sid >= self._next_stream_id
         return sid > self._highest_remote
 
-    def _on_data(self, flags: int, sid: int, payload: memoryview, length: int) -> None:
+    def _data_accounting(self, sid: int, length: int) -> _Stream | None:
+        """Flow control and state checks of a DATA frame; the stream if it may deliver."""
+        if self._hstream:
+            raise _ConnError(ErrorCode.PROTOCOL_ERROR, "DATA inside a header block")
+        if not self._settings_seen:
+            raise _ConnError(ErrorCode.PROTOCOL_ERROR, "first frame from peer was not SETTINGS")
         if sid == 0:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         if length > self._conn_recv_window:
@@ -675,25 +737,59 @@ class H2Connection:
                 raise _ConnError(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             if sid not in self._reset_sent:
                 self._stream_error(sid, ErrorCode.STREAM_CLOSED)
-            return
+            return None
         if length > s.recv_window:
             self._stream_error(sid, ErrorCode.FLOW_CONTROL_ERROR)
-            return
+            return None
         if self.client and not s.response_seen:
             self._stream_error(sid, ErrorCode.PROTOCOL_ERROR)
-            return
+            return None
         s.recv_window -= length
-        data: bytes | memoryview = payload
-        if flags & FLAG_PADDED:
-            if length < 1 or payload[0] >= length:
-                raise _ConnError(ErrorCode.PROTOCOL_ERROR, "DATA padding exceeds frame")
-            data = payload[1 : length - payload[0]]
-            # Padding is consumed right away: only the payload waits for the application.
-            s.recv_unacked += length - len(data)
+        return s
+
+    def _start_data(self, flags: int, sid: int, length: int) -> None:
+        """A DATA frame header: its payload follows as pieces (`_data_piece`)."""
+        s = self._data_accounting(sid, length)
+        end = bool(flags & FLAG_END_STREAM)
+        if length:
+            self._data_left = length
+            self._data_sid = sid if s is not None else 0
+            self._data_end = end
+        elif s is not None and end:
+            s.remote_closed = True
+            self._events.append(DataReceived(sid, b"", True, 0))
+            self._maybe_close(s)
+
+    def _data_piece(self, piece: memoryview) -> None:
+        n = len(piece)
+        self._data_left -= n
+        sid = self._data_sid
+        if not sid:
+            return  # the frame's stream is gone: payload discarded (already credited)
+        s = self._streams.get(sid)
+        if s is None:
+            return
+        end = self._data_end and not self._data_left
+        if end:
+            s.remote_closed = True
+        self._events.append(DataReceived(sid, piece, end, n))
+        if end:
+            self._maybe_close(s)
+
+    def _on_padded_data(self, flags: int, sid: int, payload: memoryview) -> None:
+        length = len(payload)
+        s = self._data_accounting(sid, length)
+        if length < 1 or payload[0] >= length:
+            raise _ConnError(ErrorCode.PROTOCOL_ERROR, "DATA padding exceeds frame")
+        if s is None:
+            return
+        data = payload[1 : length - payload[0]]
+        # Padding is consumed right away: only the payload waits for the application.
+        s.recv_unacked += length - len(data)
         end = bool(flags & FLAG_END_STREAM)
         if end:
             s.remote_closed = True
-        self._events.append(DataReceived(sid, data, end, len(data)))
+        self._events.append(DataReceived(sid, bytes(data), end, len(data)))
         if end:
             self._maybe_close(s)
 
@@ -730,8 +826,8 @@ class H2Connection:
                 self._stream_error(sid, ErrorCode.FRAME_SIZE_ERROR)
         elif ftype == PUSH_PROMISE:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE received: push is disabled")
-        elif ftype == DATA:  # only reached inside a header block: handled above
-            raise _ConnError(ErrorCode.PROTOCOL_ERROR, "DATA inside a header block")
+        elif ftype == DATA:  # padded (unpadded DATA is streamed by `_parse`)
+            self._on_padded_data(flags, sid, payload)
         # Unknown frame types are ignored (RFC 9113 section 4.1).
 
     def _on_settings(self, flags: int, sid: int, payload: memoryview) -> None:

@@ -56,6 +56,12 @@ LOW_WATER = 1 << 18
 TLS_HIGH_WATER = 4 << 20
 TLS_LOW_WATER = 1 << 20
 ABUSE_LIMIT = 64 << 20  # TLS write buffer beyond this: the peer does not read at all
+# Reads go into a reused buffer (BufferedProtocol) and are relayed without copies.
+# Plain Protocols make asyncio/uvloop allocate a fresh 256 KiB object per TLS read;
+# that malloc/free churn (mmap, brk, page faults) cost more than the crypto.
+READ_SIZE = 256 * 1024
+# Each TCP read becomes one DATA frame and one TLS write (see tuning.tune_allocator).
+TCP_READ_SIZE = 256 * 1024
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -73,11 +79,12 @@ def _reset_transport(transport: asyncio.BaseTransport) -> None:
         transport.close()
 
 
-class _TcpSplice(asyncio.Protocol):
-    """The TCP side of `HboneStream.splice_socket`."""
+class _TcpSplice(asyncio.BufferedProtocol):
+    """The TCP side of `HboneStream.splice_socket` (reads into a reused buffer)."""
 
     def __init__(self, stream: HboneStream) -> None:
         self.stream = stream
+        self.renew_buffer()
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.eof_in = False  # TCP FIN received (forwarded as END_STREAM)
@@ -92,8 +99,20 @@ class _TcpSplice(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
-    def data_received(self, data: bytes) -> None:
-        self.stream._send_from_tcp(data)
+    def renew_buffer(self) -> None:
+        """A fresh read buffer (the old one may still be referenced by a transport).
+
+        9 spare bytes in front: the DATA frame header is written there, so a read
+        goes out as one frame without any copy or join.
+        """
+        self.frame = memoryview(bytearray(9 + TCP_READ_SIZE))
+        self._rbuf = self.frame[9:]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.stream._send_from_tcp(self, nbytes)
 
     def eof_received(self) -> bool:
         self.eof_in = True
@@ -357,6 +376,8 @@ class HboneStream:
             assert transport is not None
             if n:
                 transport.write(data)
+                if transport.get_write_buffer_size():
+                    self._conn._retained = True  # the view is queued: keep its buffer
                 if sink.write_paused:
                     self._held += n
                 else:
@@ -369,7 +390,7 @@ class HboneStream:
                 self._check_splice_done()
             return
         if n:
-            self._buf.append(data)
+            self._buf.append(bytes(data))  # data may be a view of a reused buffer
             self._buf_len += n
         if end:
             self._eof = True
@@ -404,20 +425,29 @@ class HboneStream:
         if self._reading_paused:
             self._maybe_resume_reading()
 
-    def _send_from_tcp(self, data: bytes) -> None:
+    def _send_from_tcp(self, sink: _TcpSplice, n: int) -> None:
         if self._reset_code is not None or self._local_closed:
             return
-        self.bytes_sent += len(data)
+        self.bytes_sent += n
         conn = self._conn
         core = conn.core
-        core.send_data(self.stream_id, data)
-        conn._flush()
-        if core.pending(self.stream_id) > HIGH_WATER or conn.write_paused:
-            sink = self._sink
-            if sink is not None and sink.transport is not None and not self._reading_paused:
-                self._reading_paused = True
-                sink.transport.pause_reading()
-                conn._paused_sources.add(self)
+        conn._flush()  # queued control frames first: frames must stay in order
+        frame = sink.frame
+        t = conn.transport
+        sid = self.stream_id
+        if t is not None and not t.is_closing() and core.prepare_data_frame(sid, frame, n):
+            t.write(frame[: 9 + n])
+            if t.get_write_buffer_size():  # the transport kept a reference: don't reuse
+                sink.renew_buffer()
+        else:
+            core.send_data(self.stream_id, frame[9 : 9 + n].tobytes())
+            conn._flush()
+        source = sink.transport
+        full = core.pending(sid) > HIGH_WATER or conn.write_paused
+        if full and source is not None and not self._reading_paused:
+            self._reading_paused = True
+            source.pause_reading()
+            conn._paused_sources.add(self)
 
     def _maybe_resume_reading(self) -> None:
         conn = self._conn
@@ -449,7 +479,7 @@ class HboneStream:
 RequestCallback = Callable[["HboneConnection", HboneStream], None]
 
 
-class HboneConnection(asyncio.Protocol):
+class HboneConnection(asyncio.BufferedProtocol):
     """One HBONE (HTTP/2 over TLS) connection, either role. See the module docstring.
 
     Client: `await conn.open_stream(headers)` -> HboneStream (raises HboneError when
@@ -494,6 +524,8 @@ class HboneConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.idle_since = self._loop.time()
+        self._rbuf = memoryview(bytearray(READ_SIZE))
+        self._retained = False
 
     # ------------------------------------------------------------------ state
 
@@ -556,7 +588,18 @@ class HboneConnection(asyncio.Protocol):
             self.ready.set_result(None)
         self._schedule_keepalive()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # DATA payloads are handed on as views of the read buffer (no copy); if a
+        # transport kept one, the next read goes into a fresh buffer.
+        self.data_received(self._rbuf[:nbytes])
+        if self._retained:
+            self._retained = False
+            self._rbuf = memoryview(bytearray(READ_SIZE))
+
+    def data_received(self, data: bytes | memoryview) -> None:
         events = self.core.receive(data)
         streams = self.streams
         for ev in events:
