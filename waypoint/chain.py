@@ -583,10 +583,15 @@ def build_chain(config: WaypointConfig, state: ChainState | None = None) -> Chai
     root = config.snapshot.root_namespace
     clusters: dict[tuple[str, str, int], Cluster] = {}
     services: dict[tuple[str, str, int], _ServiceChain] = {}
+    by_parent: dict[tuple[str, str], list[Named[HTTPRouteSpec]]] = {}
+    for r in config.routes:
+        for parent in {(p.namespace, p.name) for p in r.spec.parent_refs if p.kind == "Service"}:
+            by_parent.setdefault(parent, []).append(r)
     for svc in config.snapshot.services:
+        attached = by_parent.get((svc.namespace, svc.name), [])
         for sp in svc.ports:
             port = sp.port
-            table = build_route_table(config.routes, svc.namespace, svc.name, port, sp.name)
+            table = build_route_table(attached, svc.namespace, svc.name, port, sp.name)
             rules: dict[tuple[str, int], _RulePlan] = {}
             for ms in (table.producer, *(m for _ns, m in table.consumers)):
                 for m in ms:
