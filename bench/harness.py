@@ -70,6 +70,7 @@ class PathResult:
     cpu_s_per_gb_multi: float | None = None
     relay_rss_mib: float | None = None
     samples: int = 0
+    runs: list[dict[str, float | None]] = field(default_factory=list)
     failed_runs: int = 0
     error: str | None = None
     profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
@@ -333,6 +334,17 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
         cpu_s_per_gb_multi=per_gb([x.cpu_multi for x in samples], [x.multi for x in samples]),
         relay_rss_mib=_median([x.rss_bytes / 2**20 for x in samples]) if has_relays else None,
         samples=len(samples),
+        runs=[
+            {
+                "gbps_single": x.single.bits_per_second / 1e9,
+                "gbps_multi": x.multi.bits_per_second / 1e9,
+                "rtt_median_us": x.latency.median_us,
+                "rtt_p99_us": x.latency.p99_us,
+                "cpu_s_per_gb_single": per_gb([x.cpu_single], [x.single]),
+                "cpu_s_per_gb_multi": per_gb([x.cpu_multi], [x.multi]),
+            }
+            for x in samples
+        ],
     )
 
 

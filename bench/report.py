@@ -52,7 +52,7 @@ def _first_line(cmd: Sequence[str]) -> str:
     proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=10, check=False)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     for ln in lines:
-        if cmd[0].startswith("stunnel") and not ln.startswith("stunnel"):
+        if Path(cmd[0]).name.startswith("stunnel") and not ln.startswith("stunnel"):
             continue
         return ln.strip()
     return "unknown"
@@ -159,6 +159,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _spread(r: PathResult, key: str, spec: str) -> str:
+    """`median (min-max)` over the runs of `r`, or just the median for one run."""
+    median = getattr(r, key)
+    values = [v for run in r.runs if (v := run.get(key)) is not None]
+    if median is None:
+        return "n/a"
+    if len(values) < 2:
+        return format(median, spec)
+    return f"{median:{spec}} ({min(values):{spec}}-{max(values):{spec}})"
+
+
 def ratio_rows(results: Sequence[PathResult]) -> list[tuple[str, str, str, str, str]]:
     """HBONE's figures relative to each baseline: (baseline, x1, x8, rtt diff, cpu ratio)."""
     ok = _by_name(results)
@@ -233,6 +244,8 @@ def render_markdown(
         "",
         "## Results",
         "",
+        "Each cell: median over the runs, and (when there are several) the lowest and highest run.",
+        "",
         "| path | 1 stream Gbit/s | 8 streams Gbit/s | RTT median us | RTT p99 us "
         "| relay CPU-s/GB (1 / 8 streams) | relay RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -242,9 +255,10 @@ def render_markdown(
             out.append(f"| {r.label} | failed: {r.error} | | | | | |")
             continue
         out.append(
-            f"| {r.label} | {r.gbps_single:.2f} | {r.gbps_multi:.2f} | {r.rtt_median_us:.1f} "
-            f"| {r.rtt_p99_us:.1f} | {_fmt(r.cpu_s_per_gb_single, '.2f')} / "
-            f"{_fmt(r.cpu_s_per_gb_multi, '.2f')} | {_fmt(r.relay_rss_mib, '.1f')} |"
+            f"| {r.label} | {_spread(r, 'gbps_single', '.2f')} "
+            f"| {_spread(r, 'gbps_multi', '.2f')} | {_spread(r, 'rtt_median_us', '.1f')} "
+            f"| {_spread(r, 'rtt_p99_us', '.0f')} | {_spread(r, 'cpu_s_per_gb_single', '.2f')} / "
+            f"{_spread(r, 'cpu_s_per_gb_multi', '.2f')} | {_fmt(r.relay_rss_mib, '.1f')} |"
         )
     out += [
         "",
@@ -306,8 +320,20 @@ def results_json(results: Sequence[PathResult], machine: Machine, settings: Sett
     return json.dumps(doc, indent=2) + "\n"
 
 
+def _errors(rs: Sequence[PathResult], key: str) -> tuple[list[float], list[float]]:
+    """Distances from the median down to the lowest run and up to the highest."""
+    lo, hi = [], []
+    for r in rs:
+        median = getattr(r, key) or 0.0
+        values = [v for run in r.runs if (v := run.get(key)) is not None] or [median]
+        lo.append(max(median - min(values), 0.0))
+        hi.append(max(max(values) - median, 0.0))
+    return lo, hi
+
+
 def plot(results: Sequence[PathResult], path: Path) -> None:
-    """Three bar charts (throughput, round trip, CPU per GB) as one PNG."""
+    """Three bar charts (throughput, round trip, CPU per GB) as one PNG; whiskers span the
+    lowest to the highest run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,26 +343,31 @@ def plot(results: Sequence[PathResult], path: Path) -> None:
     labels = [r.label.split(" ", 1)[0] + "\n" + r.name for r in ok]
     xs = list(range(len(ok)))
     w = 0.38
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4.2))
-    ax1.bar([x - w / 2 for x in xs], [r.gbps_single for r in ok], w, label="1 stream")
-    ax1.bar([x + w / 2 for x in xs], [r.gbps_multi for r in ok], w, label="8 streams")
-    ax1.set_title("iperf3 throughput (Gbit/s)")
-    ax1.legend()
-    ax2.bar([x - w / 2 for x in xs], [r.rtt_median_us for r in ok], w, label="median")
-    ax2.bar([x + w / 2 for x in xs], [r.rtt_p99_us for r in ok], w, label="p99")
-    ax2.set_title("1-byte round trip (us)")
-    ax2.legend()
-    ax3.bar(
-        [x - w / 2 for x in xs], [r.cpu_s_per_gb_single or 0.0 for r in ok], w, label="1 stream"
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    charts = (
+        ("iperf3 throughput (Gbit/s)", ("gbps_single", "1 stream"), ("gbps_multi", "8 streams")),
+        ("1-byte round trip (us, log scale)", ("rtt_median_us", "median"), ("rtt_p99_us", "p99")),
+        (
+            "relay CPU seconds per GB",
+            ("cpu_s_per_gb_single", "1 stream"),
+            ("cpu_s_per_gb_multi", "8 streams"),
+        ),
     )
-    ax3.bar(
-        [x + w / 2 for x in xs], [r.cpu_s_per_gb_multi or 0.0 for r in ok], w, label="8 streams"
-    )
-    ax3.set_title("relay CPU seconds per GB")
-    ax3.legend()
-    for ax in (ax1, ax2, ax3):
+    for ax, (title, *series) in zip(axes, charts, strict=True):
+        for offset, (key, label) in zip((-w / 2, w / 2), series, strict=True):
+            ax.bar(
+                [x + offset for x in xs],
+                [getattr(r, key) or 0.0 for r in ok],
+                w,
+                yerr=_errors(ok, key),
+                capsize=3,
+                label=label,
+            )
+        ax.set_title(title)
+        ax.legend()
         ax.set_xticks(xs, labels)
         ax.grid(axis="y", alpha=0.3)
+    axes[1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

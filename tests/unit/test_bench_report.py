@@ -123,7 +123,7 @@ def test_markdown_has_command_machine_table_goals_and_plot() -> None:
     )
     assert "```\npython -m bench\n```" in md
     assert "2 CPUs (Test CPU)" in md
-    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200.0 |" in md
+    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200 |" in md
     assert "| (c) s | failed: boom |" in md
     assert "## Goals" in md and "Hand-written notes." in md
     assert "![" in md and "(results.png)" in md
@@ -138,6 +138,15 @@ def test_summarise_takes_medians_and_cpu_per_gb() -> None:
     assert r.gbps_single == 4.0 and r.rtt_median_us == 80.0 and r.samples == 3
     assert r.cpu_s_per_gb_single == pytest.approx(1.0)  # 2.5 s for 2.5 GB
     assert r.relay_rss_mib == 50.0
+    assert [run["gbps_single"] for run in r.runs] == [4.0, 5.0, 3.0]
+    md = render_markdown(
+        [r],
+        MACHINE,
+        Settings(),
+        command="python -m bench",
+        plot_name=None,
+    )
+    assert "| 4.00 (3.00-5.00) |" in md and "| 80.0 (70.0-90.0) |" in md
     assert summarise("direct", [sample(30.0, 18.0, 0.0)]).cpu_s_per_gb_single is None
 
 
