@@ -1,7 +1,7 @@
 """Kubernetes source for the control plane: list+watch the cluster and mirror it into the Store.
 
 The control plane keeps one resource model whatever feeds it. In a cluster this source
-lists and watches Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes and
+lists and watches Namespaces, Nodes, Pods, Services, EndpointSlices, Gateways, HTTPRoutes and
 the Istio kinds (AuthorizationPolicy, PeerAuthentication, DestinationRule,
 WorkloadEntry, plus the ambit.dev kinds) and writes what they mean into the same
 `config.store.Store` that `ambit apply` writes to; snapshot computation and push then
@@ -11,7 +11,8 @@ Translation (pure, `desired_state`):
 
 - a Pod becomes a `WorkloadEntry` of the same name: `status.podIP` as address,
   `spec.nodeName` as the `ambit.dev/node` annotation, the pod's labels and service
-  account, its named container ports; weight 0 (not an endpoint) when the pod is not
+  account, its named container ports, the locality of its node (topology labels, or
+  the pod label `istio-locality`); weight 0 (not an endpoint) when the pod is not
   ready according to the EndpointSlices that list it (or its Ready condition when none
   does). Pods without an IP yet, finished pods and host-network pods are left out.
 - a Service keeps selector, ports and clusterIP; headless and ExternalName Services are
@@ -85,6 +86,7 @@ class WatchedKind:
 
 WATCHED: tuple[WatchedKind, ...] = (
     WatchedKind("Namespace", "/api/v1/namespaces"),
+    WatchedKind("Node", "/api/v1/nodes"),
     WatchedKind("Pod", "/api/v1/pods"),
     WatchedKind("Service", "/api/v1/services"),
     WatchedKind("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
@@ -157,8 +159,28 @@ def pod_readiness(slices: Iterable[Mapping[str, Any]]) -> dict[ObjKey, bool]:
     return out
 
 
-def translate_pod(pod: Mapping[str, Any], ready: bool | None) -> tuple[dict[str, Any] | None, str]:
-    """A Pod -> a WorkloadEntry manifest, or (None, why it is left out)."""
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SUBZONE_LABEL = "topology.istio.io/subzone"
+LOCALITY_LABEL = "istio-locality"  # Istio's per-pod override: region.zone.subzone
+
+
+def node_locality(node: Mapping[str, Any] | None) -> str:
+    """region/zone/subzone from a Node's well-known topology labels ("" when unlabelled)."""
+    labels = ((node or {}).get("metadata") or {}).get("labels") or {}
+    parts = [str(labels.get(k, "")) for k in (REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL)]
+    while parts and not parts[-1]:
+        parts.pop()
+    return "/".join(parts)
+
+
+def translate_pod(pod: Mapping[str, Any], ready: bool | None, locality: str = ""
+                  ) -> tuple[dict[str, Any] | None, str]:
+    """A Pod -> a WorkloadEntry manifest, or (None, why it is left out).
+
+    `locality` is the pod's node's region/zone/subzone; the pod label `istio-locality`
+    (`region.zone.subzone`, as in Istio) overrides it.
+    """
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
     if spec.get("hostNetwork"):
@@ -186,6 +208,11 @@ def translate_pod(pod: Mapping[str, Any], ready: bool | None) -> tuple[dict[str,
     }
     if ports:
         we_spec["ports"] = ports
+    override = ((pod.get("metadata") or {}).get("labels") or {}).get(LOCALITY_LABEL)
+    if override:
+        locality = "/".join(str(override).split(".")[:3])
+    if locality:
+        we_spec["locality"] = locality
     return {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": md,
             "spec": we_spec}, ""
 
@@ -287,8 +314,10 @@ def desired_state(cache: Cache) -> Desired:
         put({"apiVersion": "v1", "kind": "Namespace", "metadata": md})
     slices = cache.get("EndpointSlice", {})
     readiness = pod_readiness(slices.values())
+    nodes = cache.get("Node", {})
     for key, obj in cache.get("Pod", {}).items():
-        m, why = translate_pod(obj, readiness.get(key))
+        node = nodes.get(("", str((obj.get("spec") or {}).get("nodeName") or "")))
+        m, why = translate_pod(obj, readiness.get(key), node_locality(node))
         if m is None:
             skip("Pod", key, why)
         else:
@@ -728,6 +757,7 @@ __all__ = [
     "WatchedKind",
     "desired_state",
     "load_configuration",
+    "node_locality",
     "pod_readiness",
     "translate_pod",
     "translate_service",

@@ -31,6 +31,7 @@ from config.validate import Document
 from tests.kubeapi import KubeApiServer
 
 NS = "/api/v1/namespaces"
+NODES = "/api/v1/nodes"
 PODS = "/api/v1/pods"
 SVCS = "/api/v1/services"
 SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
@@ -40,7 +41,8 @@ APS = "/apis/security.istio.io/v1/authorizationpolicies"
 PAS = "/apis/security.istio.io/v1/peerauthentications"
 
 API_VERSIONS = {
-    "Namespace": "v1", "Pod": "v1", "Service": "v1", "EndpointSlice": "discovery.k8s.io/v1",
+    "Namespace": "v1", "Node": "v1", "Pod": "v1", "Service": "v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
     "Gateway": "gateway.networking.k8s.io/v1", "HTTPRoute": "gateway.networking.k8s.io/v1",
     "AuthorizationPolicy": "security.istio.io/v1", "PeerAuthentication": "security.istio.io/v1",
     "DestinationRule": "networking.istio.io/v1", "WorkloadEntry": "networking.istio.io/v1",
@@ -356,6 +358,32 @@ async def test_a_new_pod_may_reuse_the_address_of_a_deleted_one(tmp_path: Path) 
                             "the new pod")
                 assert store.get("WorkloadEntry", "shop", "web-1") is None
                 assert src.rejected == {}
+
+
+async def test_workload_locality_comes_from_its_node(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        api.put(NODES, {"metadata": {"name": "node-a", "labels": {
+            "topology.kubernetes.io/region": "eu-west",
+            "topology.kubernetes.io/zone": "eu-west-1a"}}})
+        override = pod("shop", "pinned", "10.244.1.60")
+        override["metadata"]["labels"]["istio-locality"] = "us-east.us-east-1b.rack7"
+        api.put(PODS, override)
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api):
+                assert body(store, "WorkloadEntry", "shop", "web-1")["spec"]["locality"] == (
+                    "eu-west/eu-west-1a")
+                assert "locality" not in body(store, "WorkloadEntry", "shop", "web-2")["spec"]
+                assert body(store, "WorkloadEntry", "shop", "pinned")["spec"]["locality"] == (
+                    "us-east/us-east-1b/rack7")
+                wl = {w.name: w for w in snapshot_for(store, "node-a").workloads}
+                assert (wl["web-1"].locality.region, wl["web-1"].locality.zone) == (
+                    "eu-west", "eu-west-1a")
+                # a node relabelled later moves its workloads
+                api.put(NODES, {"metadata": {"name": "node-a", "labels": {
+                    "topology.kubernetes.io/region": "eu-central"}}})
+                await until(lambda: body(store, "WorkloadEntry", "shop", "web-1")["spec"].get(
+                    "locality") == "eu-central", "the new locality")
 
 
 async def test_only_owned_resources_are_deleted(tmp_path: Path) -> None:
