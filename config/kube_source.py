@@ -21,7 +21,8 @@ Translation (pure, `desired_state`):
   becomes a (not enrolled) WorkloadEntry carrying that label, so manually managed
   endpoints work too.
 - Gateways whose class is not `istio-waypoint` are ignored (ingress gateways of other
-  implementations share the API).
+  implementations share the API). A waypoint Gateway without `spec.addresses` gets the
+  ClusterIP of its Service (the one `config.kube_waypoint` renders) as its address.
 - everything else is passed through (metadata trimmed, `status` dropped).
 
 Everything written carries the annotation `ambit.dev/source: kubernetes`; the source
@@ -52,6 +53,7 @@ import aiohttp
 import structlog
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from config.kube_waypoint import GATEWAY_NAME_LABEL
 from config.resources import (
     DATAPLANE_MODE_LABEL,
     KINDS,
@@ -288,6 +290,24 @@ def translate_passthrough(kind: str, obj: Mapping[str, Any]) -> tuple[dict[str, 
     return out, ""
 
 
+def waypoint_address(gateway: Mapping[str, Any],
+                     services: Mapping[ObjKey, Mapping[str, Any]]) -> str:
+    """The address ztunnels send a waypoint's traffic to, when the Gateway names none:
+    the ClusterIP of the Service created for it (same name, labelled with the gateway
+    name, as Istio does), else an IPAddress from the Gateway's status."""
+    ns, name = obj_key(gateway)
+    svc = services.get((ns, name))
+    if svc is not None:
+        labels = (svc.get("metadata") or {}).get("labels") or {}
+        ip = str((svc.get("spec") or {}).get("clusterIP") or "")
+        if labels.get(GATEWAY_NAME_LABEL) == name and ip and ip != "None":
+            return ip
+    for a in (gateway.get("status") or {}).get("addresses") or ():
+        if a.get("type", "IPAddress") == "IPAddress" and a.get("value"):
+            return str(a["value"])
+    return ""
+
+
 @dataclass
 class Desired:
     """What the cluster means in the store's terms, and what was left out and why."""
@@ -343,8 +363,12 @@ def desired_state(cache: Cache) -> Desired:
             m, why = translate_passthrough(kind, obj)
             if m is None:
                 skip(kind, key, why)
-            else:
-                put(m)
+                continue
+            if kind == "Gateway" and not (m.get("spec") or {}).get("addresses"):
+                addr = waypoint_address(obj, cache.get("Service", {}))
+                if addr:
+                    m["spec"]["addresses"] = [{"type": "IPAddress", "value": addr}]
+            put(m)
     # objects of a namespace not (yet) seen cannot be stored
     known = {name for _, name in namespaces}
     for rkey in [k for k in d.manifests if k.namespace and k.namespace not in known]:

@@ -386,6 +386,31 @@ async def test_workload_locality_comes_from_its_node(tmp_path: Path) -> None:
                     "locality") == "eu-central", "the new locality")
 
 
+async def test_waypoint_gateway_gets_the_address_of_its_service(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        api.put(NS, namespace("shop", {"istio.io/dataplane-mode": "ambient",
+                                       "istio.io/use-waypoint": "waypoint"}))
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api):
+                assert "addresses" not in body(store, "Gateway", "shop", "waypoint")["spec"]
+                web = next(s for s in snapshot_for(store, "node-a").services if s.name == "web")
+                assert web.waypoint is None  # no address yet: the binding waits
+                # the Service the control plane renders for the Gateway gets its ClusterIP
+                svc = service("shop", "waypoint", "10.96.0.99",
+                              {"gateway.networking.k8s.io/gateway-name": "waypoint"})
+                svc["metadata"]["labels"] = {"gateway.networking.k8s.io/gateway-name":
+                                             "waypoint"}
+                api.put(SVCS, svc)
+                await until(lambda: body(store, "Gateway", "shop", "waypoint")["spec"].get(
+                    "addresses") == [{"type": "IPAddress", "value": "10.96.0.99"}],
+                    "the waypoint address")
+                web = next(s for s in snapshot_for(store, "node-a").services if s.name == "web")
+                assert web.waypoint is not None
+                assert web.waypoint.address == "10.96.0.99"
+                assert web.waypoint.identity.endswith("/ns/shop/sa/waypoint")
+
+
 async def test_only_owned_resources_are_deleted(tmp_path: Path) -> None:
     with Store(str(tmp_path / "cp")) as store:
         store.apply([Document("t", 1, {"apiVersion": "v1", "kind": "Namespace",
