@@ -21,8 +21,9 @@ untouched, never marked without being delivered. A failure during build or switc
 what the apply built. Removal is a single transaction (delete the table) that unhooks
 everything at once.
 
-`inspect` reads the table back (raw netlink: pyroute2 decodes tproxy/socket rules only
-partially, so rules are recognised by chain comment digest, rule comments and jump targets).
+`read_table` reads the table back (raw netlink: pyroute2 decodes tproxy/socket rules only
+partially, so rules are recognised by the chain's comment (a digest of its rules), each
+rule's comment and expression count, and the base chains' jump targets).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class RuleState:
     handle: int
     comment: str | None
     jump: str | None  # target when the rule is a single `jump CHAIN`
-    n_exprs: int
+    #: expression names and constants (compared values, immediates, masks), in order
+    fingerprint: tuple[str | bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,15 +168,39 @@ def check_state(current: TableState | None, desired: Ruleset) -> tuple[str, ...]
             problems.append(
                 f"chain {chain.name} holds ruleset {have.comment}, want {chain.comment}"
             )
-        comments = [r.comment for r in have.rules]
-        if comments != [r.comment for r in chain.rules]:
+        got = [(r.comment, r.fingerprint) for r in have.rules]
+        if got != [(r.comment, fingerprint(encode_rule(r))) for r in chain.rules]:
             problems.append(
-                f"chain {chain.name} has {len(have.rules)} rules, want {len(chain.rules)}"
+                f"chain {chain.name} has {len(have.rules)} rules, want {len(chain.rules)} "
+                "(or they were changed)"
             )
     for have in current.chains:
         if have.name not in wanted_names:
             problems.append(f"stray chain {have.name}")
     return tuple(problems)
+
+
+def fingerprint(exprs: Sequence[Any]) -> tuple[str | bytes, ...]:
+    """Expression names and data constants of a rule, from our encoding or from a kernel
+    dump decoded by pyroute2 (both are nested `{"attrs": [(name, value), ...]}`)."""
+    out: list[str | bytes] = []
+
+    def walk(node: Any) -> None:
+        attrs = node.get("attrs") if hasattr(node, "get") else None
+        if not attrs:
+            return
+        for item in attrs:
+            name, value = item[0], item[1]
+            if name == "NFTA_EXPR_NAME":
+                out.append(str(value))
+            elif name == "NFTA_DATA_VALUE":
+                out.append(value.encode() if isinstance(value, str) else bytes(value))
+            else:
+                walk(value)
+
+    for expr in exprs:
+        walk(expr)
+    return tuple(out)
 
 
 def _jump_target(rule: Rule) -> str | None:
@@ -738,7 +764,7 @@ def _read(nft: Any, table: str) -> TableState | None:
                 handle=int(r.get_attr("NFTA_RULE_HANDLE")),
                 comment=_comment(r, "NFTA_RULE_USERDATA"),
                 jump=jump,
-                n_exprs=len(exprs),
+                fingerprint=fingerprint(exprs),
             )
         )
     chains = []

@@ -122,6 +122,23 @@ def test_a_rule_deleted_behind_our_back_is_repaired() -> None:
         assert nft_json(ns) == compiled(ruleset, "b")
 
 
+def test_a_rule_changed_behind_our_back_is_detected_and_repaired() -> None:
+    ruleset = render_ruleset(V4)
+    with bare_netns("nftapply") as ns:
+        apply_ruleset(ns, ruleset)
+        js = nft_json(ns, handles=True)
+        assert js is not None
+        rule = next(r for r in js["rules"]["capture_out_a"] if r.get("comment") == "outbound tcp")
+        # same comment, weaker match: only port 80 would still be captured
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "replace", "rule", "inet", "ambit",
+                        "capture_out_a", "handle", str(rule["handle"]), "tcp", "dport", "80",
+                        "meta", "mark", "set", "1", "comment", '"outbound tcp"'],
+                       check=True)  # fmt: skip
+        assert check_state(read_table(ns), ruleset), "a changed rule went unnoticed"
+        apply_ruleset(ns, ruleset)
+        assert nft_json(ns) == compiled(ruleset, "b")
+
+
 def test_an_unhooked_base_chain_is_repaired() -> None:
     ruleset = render_ruleset(V4)
     with bare_netns("nftapply") as ns:

@@ -176,7 +176,7 @@ def _state_from(ruleset: Ruleset, slot: str, drop_rules: int = 0) -> TableState:
     chains = []
     for c in rs.chains:
         rules = tuple(
-            RuleState(next(handle), r.comment, nft._jump_target(r), len(encode_rule(r)))
+            RuleState(next(handle), r.comment, nft._jump_target(r), nft.fingerprint(encode_rule(r)))
             for r in c.rules
         )
         if c.hook is None and drop_rules:
@@ -276,7 +276,7 @@ def test_mixed_slots_after_crash_mid_switch_use_the_third_slot() -> None:
 def test_base_chain_with_extra_rules_gets_jump_inserted_before_the_rest_is_deleted() -> None:
     desired = render_ruleset(V4)
     current = _state_from(desired, "a")
-    extra = RuleState(999, None, None, 3)
+    extra = RuleState(999, None, None)
     chains = tuple(
         ChainState(c.name, c.hook, c.comment, (*c.rules, extra)) if c.name == "output" else c
         for c in current.chains
