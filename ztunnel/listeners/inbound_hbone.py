@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import socket
 import time
 from dataclasses import replace
@@ -18,6 +21,7 @@ from ztunnel.listeners._base import (
     addr_str,
     connect,
     listener_socket,
+    log,
     onward_socket,
 )
 from ztunnel.plan import InboundReject, plan_inbound
@@ -25,6 +29,7 @@ from ztunnel.snapshot import Workload
 from ztunnel.tls import server_context
 
 INBOUND_HBONE_PORT = 15008
+CERT_CHECK_INTERVAL = 30.0
 
 
 class InboundHboneListener:
@@ -49,6 +54,7 @@ class InboundHboneListener:
             sock = listener_socket(netns, host, port, transparent=False)
         self.sock = sock
         trust = ctx.require_trust()
+        self.cert = cert
         self._ssl = server_context(cert, trust)
         self.server = HboneServer(
             sock, self._ssl, trust, self._handle,
@@ -56,11 +62,48 @@ class InboundHboneListener:
         )
         self.address: tuple[str, int] = self.server.address
 
+    def refresh_certificate(self) -> bool:
+        """Serve the identity manager's current certificate (after renewal) to new clients.
+
+        The TLS context is updated in place (the listening server keeps its context
+        object); established connections keep the certificate they negotiated.
+        """
+        cert = self.ctx.identities.cached(self.cert.identity)
+        if cert is None or cert == self.cert:
+            return False
+        fd_cert = os.memfd_create("ambit-cert", os.MFD_CLOEXEC)
+        fd_key = os.memfd_create("ambit-key", os.MFD_CLOEXEC)
+        try:
+            os.write(fd_cert, cert.full_chain_pem)
+            os.write(fd_key, cert.key_pem)
+            self._ssl.load_cert_chain(f"/proc/self/fd/{fd_cert}", f"/proc/self/fd/{fd_key}")
+        finally:
+            os.close(fd_cert)
+            os.close(fd_key)
+        self.cert = cert
+        log.info("serving renewed certificate", identity=str(cert.identity),
+                 not_after=cert.not_after)
+        return True
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL)
+            try:
+                self.refresh_certificate()
+            except (OSError, ValueError) as exc:
+                log.warning("cannot load the renewed certificate", error=str(exc))
+
     def _current(self) -> Workload:
         return self.ctx.snapshot.workload_by_uid(self.workload_uid) or self._workload
 
     async def run(self) -> None:
-        await self.server.run()
+        refresher = asyncio.ensure_future(self._refresh_loop())
+        try:
+            await self.server.run()
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - listener contract
         await self.server.drain(timeout)
