@@ -53,6 +53,7 @@ from config.nodeauth import (
 from config.resources import Resource, parse_resource
 from config.snapshot import (
     L7_RESOURCES,
+    UNKNOWN_NODE,
     MeshIndex,
     NodeState,
     NodeViews,
@@ -189,8 +190,14 @@ class PushServer:
             s.wake.set()
 
     def status(self) -> dict[str, Any]:
-        return {"proxies": [s.status() for s in sorted(
-            self.sessions.values(), key=lambda s: (s.principal.kind, s.principal.name))]}
+        """Connected proxies, plus nodes that run workloads but are not connected."""
+        out = [s.status() for s in self.sessions.values()]
+        connected = {(s.principal.kind, s.principal.name) for s in self.sessions.values()}
+        for node in sorted(self.index.nodes() - {UNKNOWN_NODE}):
+            if ("node", node) not in connected:
+                out.append({"kind": "node", "name": node, "version": "-",
+                            "state": "disconnected", "cert_expiry": "-"})
+        return {"proxies": sorted(out, key=lambda p: (p["kind"], p["name"]))}
 
     # -- per principal view ------------------------------------------------------------
 

@@ -329,3 +329,17 @@ async def test_node_renews_its_certificate_with_the_current_one(tmp_path: Path) 
         assert snap.node == "node-a"
         with pytest.raises(PushError, match="join token was already used"):
             await client.join()
+
+
+async def test_status_lists_nodes_with_workloads_that_are_not_connected(tmp_path: Path) -> None:
+    async with plane(tmp_path) as p:
+        await apply(p, MESH)
+        p.push.changed()
+        assert [(x["name"], x["state"]) for x in p.push.status()["proxies"]] == [
+            ("node-a", "disconnected"), ("node-b", "disconnected")]
+        rec = Recorder()
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(p.client("node-b").follow(rec))
+            await wait_state(p, "node-b", "synced")
+            task.cancel()
+        assert [x["name"] for x in p.push.status()["proxies"]] == ["node-a", "node-b"]
