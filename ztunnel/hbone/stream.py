@@ -752,6 +752,10 @@ class HboneConnection(asyncio.BufferedProtocol):
         if not self.ready.done():
             await self.ready
         self.ready.result()
+        if self.closed.done() or self.transport is None or self.transport.is_closing():
+            raise HboneError(
+                f"connection to {self._peer()} is closed: {self.error or 'closed'}", refused=True
+            )
         try:
             sid = self.core.open_stream(headers)
         except StreamError as e:
