@@ -326,6 +326,23 @@ def test_underlay_carries_tls_not_plaintext(mesh: Mesh) -> None:
     assert b"\x17\x03\x03" in data
 
 
+def test_iperf3_across_nodes_through_the_mesh(mesh: Mesh) -> None:
+    server = mesh.sb.popen(mesh.ns("s2"), ["iperf3", "-s", "-p", "5201"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(mesh.sb, mesh.node_ns("n2"), mesh.ip("s2"), 5201)
+    r = mesh.sb.exec(mesh.ns("a"), ["iperf3", "-c", mesh.ip("s2"), "-p", "5201", "-t", "2",
+                                    "-J"], timeout=30)
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=10)
+    assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-1000:]
+    result = json.loads(r.stdout)
+    bps = result["end"]["sum_received"]["bits_per_second"]
+    print(f"iperf3 a -> s2 through the mesh: {bps / 1e9:.2f} Gbit/s")
+    assert bps > 50e6
+    mesh.wait_log("n2", direction="inbound", dst_addr=f"{mesh.ip('s2')}:5201",
+                  connection_security_policy="mutual_tls")
+
+
 def test_non_mesh_destination_passes_through_in_plain_tcp(mesh: Mesh) -> None:
     ext = mesh.ip("ext")
     assert mesh.echo("a", ext, line="legacy") == f"{mesh.ip('a')} legacy"
