@@ -26,34 +26,44 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _client_options() -> _Parser:
+def _client_options(defaults: bool) -> _Parser:
+    """Options that say how to reach the control plane.
+
+    They are accepted before and after the subcommand; after it they leave the values
+    given before it alone unless repeated (their defaults there are suppressed).
+    """
     p = _Parser(add_help=False)
     g = p.add_argument_group("reaching the control plane")
-    g.add_argument("--socket", default=os.environ.get("AMBIT_SOCKET", DEFAULT_SOCKET),
+
+    def dflt(value: str) -> str:
+        return value if defaults else argparse.SUPPRESS
+
+    g.add_argument("--socket", default=dflt(os.environ.get("AMBIT_SOCKET", DEFAULT_SOCKET)),
                    help=f"local unix socket (default $AMBIT_SOCKET or {DEFAULT_SOCKET})")
-    g.add_argument("--server", default=os.environ.get("AMBIT_SERVER", ""),
+    g.add_argument("--server", default=dflt(os.environ.get("AMBIT_SERVER", "")),
                    metavar="HOST:PORT", help="TLS address of the API (default $AMBIT_SERVER); "
                    "needs the admin credential")
-    g.add_argument("--cert", default=os.environ.get("AMBIT_CERT",
-                                                    f"{DEFAULT_DATA_DIR}/admin.pem"),
+    g.add_argument("--cert", default=dflt(os.environ.get("AMBIT_CERT",
+                                                         f"{DEFAULT_DATA_DIR}/admin.pem")),
                    help="admin client certificate (default $AMBIT_CERT or DATA_DIR/admin.pem)")
-    g.add_argument("--key", default=os.environ.get("AMBIT_KEY",
-                                                   f"{DEFAULT_DATA_DIR}/admin-key.pem"),
+    g.add_argument("--key", default=dflt(os.environ.get("AMBIT_KEY",
+                                                        f"{DEFAULT_DATA_DIR}/admin-key.pem")),
                    help="admin client key (default $AMBIT_KEY or DATA_DIR/admin-key.pem)")
-    g.add_argument("--cacert", default=os.environ.get("AMBIT_CACERT",
-                                                      f"{DEFAULT_DATA_DIR}/api-ca.pem"),
+    g.add_argument("--cacert", default=dflt(os.environ.get("AMBIT_CACERT",
+                                                           f"{DEFAULT_DATA_DIR}/api-ca.pem")),
                    help="CA of the API (default $AMBIT_CACERT or DATA_DIR/api-ca.pem)")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ambit", description="Ambit service mesh control.")
+    p = _Parser(prog="ambit", description="Ambit service mesh control.",
+                parents=[_client_options(True)])
     p.add_argument("--log-level", default="warning",
                    choices=("debug", "info", "warning", "error"), help="log level")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("demo", help="build a sandbox mesh, drive traffic, show what it did")
     sub.add_parser("check", help="preflight checks for this host")
-    client = _client_options()
+    client = _client_options(False)
 
     cp = sub.add_parser("control-plane", help="run the control plane")
     cp.add_argument("--data-dir", default=DEFAULT_DATA_DIR,

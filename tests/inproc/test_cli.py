@@ -186,10 +186,11 @@ def test_tls_with_the_admin_credential_and_restart_keeps_state(tmp_path: Path) -
 def test_unreachable_control_plane(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
     sock = str(tmp_path / "none.sock")
-    p = ambit("status", "--socket", sock, env=env)
-    assert p.returncode == 1
-    assert error_of(p) == (f"cannot reach the control plane at {sock}: is `ambit "
-                           "control-plane` running?")
+    for argv in (["status", "--socket", sock], ["--socket", sock, "status"]):
+        p = ambit(*argv, env=env)
+        assert p.returncode == 1
+        assert error_of(p) == (f"cannot reach the control plane at {sock}: is `ambit "
+                               "control-plane` running?")
 
 
 @pytest.mark.parametrize("argv", [
