@@ -53,7 +53,7 @@ import aiohttp
 import structlog
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from config.kube_waypoint import GATEWAY_NAME_LABEL
+from config.kube_waypoint import GATEWAY_NAME_LABEL, WaypointDeployer
 from config.resources import (
     DATAPLANE_MODE_LABEL,
     KINDS,
@@ -482,6 +482,7 @@ class KubeSource:
         missing_retry: float = 30.0,
         debounce: float = 0.05,
         backoff_max: float = 30.0,
+        waypoints: WaypointDeployer | None = None,
     ) -> None:
         self.store = store
         self.configuration = configuration
@@ -491,6 +492,7 @@ class KubeSource:
         self.missing_retry = missing_retry
         self.debounce = debounce
         self.backoff_max = backoff_max
+        self.waypoints = waypoints
         self.kind_status: dict[str, KindStatus] = {k.kind: KindStatus() for k in self.kinds}
         self.rejected: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
@@ -519,6 +521,7 @@ class KubeSource:
             "kinds": {k: vars(s).copy() for k, s in self.kind_status.items()},
             "rejected": dict(self.rejected),
             "skipped": len(self.skipped),
+            "waypoint_errors": dict(self.waypoints.errors) if self.waypoints else {},
         }
 
     async def run(self) -> None:
@@ -526,7 +529,7 @@ class KubeSource:
         async with ApiClient(self.configuration) as api, asyncio.TaskGroup() as tg:
             for wk in self.kinds:
                 tg.create_task(self._follow(api, wk), name=f"kube-watch-{wk.kind}")
-            tg.create_task(self._reconciler(), name="kube-reconcile")
+            tg.create_task(self._reconciler(api), name="kube-reconcile")
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -675,7 +678,7 @@ class KubeSource:
 
     # -- writing the store -------------------------------------------------------------
 
-    async def _reconciler(self) -> None:
+    async def _reconciler(self, api: ApiClient) -> None:
         await self._all_listed.wait()
         while True:
             await self._dirty.wait()
@@ -685,6 +688,11 @@ class KubeSource:
             cache = {k: dict(v) for k, v in self._cache.items()}
             await asyncio.to_thread(self.reconcile, cache)
             self._synced.set()
+            if self.waypoints is not None:
+                # create/update each waypoint Gateway's Deployment, Service, ServiceAccount
+                await self.waypoints.sync(api, cache.get("Gateway", {}).values())
+                if self.waypoints.errors:  # retry refused applies even without new events
+                    asyncio.get_running_loop().call_later(self.backoff_max, self._dirty.set)
 
     def reconcile(self, cache: Cache) -> ReconcileResult:
         """Bring the store in line with `cache` (blocking; runs in a worker thread)."""

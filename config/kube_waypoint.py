@@ -21,15 +21,20 @@ Every object carries the label `gateway.networking.k8s.io/gateway-name`, the Gat
 
 from __future__ import annotations
 
+import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import structlog
 import yaml
 
 from config.resources import FieldError, GatewaySpec, parse_resource
+
+log = structlog.get_logger("ambit.waypoints")
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 MANAGED_BY = "ambit-control-plane"
@@ -217,6 +222,109 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args[0]}: {e.path}: {e.message}", file=sys.stderr)
         return 1
     return 0
+
+
+
+# ---------------------------------------------------------------------------------------
+# applying to the cluster
+# ---------------------------------------------------------------------------------------
+
+FIELD_MANAGER = "ambit-control-plane"
+OBJECT_PATHS = {
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts/{name}",
+    "Service": "/api/v1/namespaces/{ns}/services/{name}",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
+    "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{name}",
+}
+
+
+def object_path(obj: Mapping[str, Any]) -> str:
+    md = obj["metadata"]
+    return OBJECT_PATHS[obj["kind"]].format(ns=md["namespace"], name=md["name"])
+
+
+def is_waypoint_gateway(obj: Mapping[str, Any]) -> bool:
+    return bool((obj.get("spec") or {}).get("gatewayClassName") == "istio-waypoint")
+
+
+class WaypointDeployer:
+    """Server-side applies the rendered objects of every waypoint Gateway.
+
+    `sync(api, gateways)` applies what changed since the last successful apply (by
+    content), as field manager `ambit-control-plane` with `force=true` (the control plane
+    owns these objects). Objects of deleted Gateways are removed by Kubernetes' garbage
+    collector through their owner reference. A Gateway that fails to apply is retried on
+    the next sync and listed in `errors`.
+    """
+
+    def __init__(self, settings: WaypointSettings = WaypointSettings()) -> None:
+        self.settings = settings
+        self.applied: dict[tuple[str, str], str] = {}  # gateway -> digest of what was applied
+        self.errors: dict[str, str] = {}
+        self.applies = 0
+
+    async def sync(self, api: Any, gateways: Iterable[Mapping[str, Any]]) -> None:
+        seen: set[tuple[str, str]] = set()
+        for gw in gateways:
+            if not is_waypoint_gateway(gw):
+                continue
+            md = gw.get("metadata") or {}
+            key = (str(md.get("namespace") or ""), str(md.get("name") or ""))
+            seen.add(key)
+            label = f"{key[0]}/{key[1]}"
+            try:
+                objs = render_waypoint(gw, self.settings)
+            except FieldError as e:
+                self.errors[label] = f"{e.path}: {e.message}"
+                continue
+            digest = json.dumps(objs, sort_keys=True)
+            if self.applied.get(key) == digest:
+                continue
+            try:
+                for obj in objs:
+                    await self._apply(api, obj)
+            except WaypointApplyError as e:
+                self.errors[label] = str(e)
+                self.applied.pop(key, None)
+                log.warning("waypoint objects not applied, retrying on the next change",
+                            gateway=label, error=str(e))
+                continue
+            self.errors.pop(label, None)
+            self.applied[key] = digest
+            log.info("waypoint objects applied", gateway=label,
+                     objects=[f"{o['kind']}/{o['metadata']['name']}" for o in objs])
+        for key in set(self.applied) - seen:
+            del self.applied[key]
+
+    async def _apply(self, api: Any, obj: Mapping[str, Any]) -> None:
+        path = object_path(obj)
+        try:
+            resp = await api.call_api(
+                path, "PATCH",
+                query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                header_params={"Content-Type": "application/apply-patch+yaml",
+                               "Accept": "application/json"},
+                body=dict(obj), auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=30))
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise WaypointApplyError(f"PATCH {path}: {type(e).__name__}: {e}") from None
+        try:
+            text = await resp.read()
+        finally:
+            resp.release()
+        self.applies += 1
+        if not 200 <= resp.status < 300:
+            try:
+                msg = str(json.loads(text).get("message", ""))
+            except (ValueError, AttributeError):
+                msg = text[:200].decode(errors="replace")
+            hint = (": check that the ClusterRole ambit-control-plane may patch "
+                    f"{obj['kind']} objects" if resp.status in (401, 403) else "")
+            raise WaypointApplyError(f"PATCH {path} answered {resp.status} {msg}{hint}")
+
+
+class WaypointApplyError(Exception):
+    """The API server refused or could not be reached for a waypoint object."""
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ controller relies on:
   change after N and then live ones; N older than the kept history: HTTP 200 then an
   ERROR event with a 410 `Expired` Status, as the real server does; `timeoutSeconds`
   ends the stream cleanly; BOOKMARK events only with `allowWatchBookmarks=true`;
+- server-side apply (PATCH `application/apply-patch+yaml` with `fieldManager`) of
+  namespaced objects: created or updated (a no-op apply changes nothing), server-set
+  fields kept (uid, a Service's allocated ClusterIP), invalid objects refused with 422
+  after checking them against the Kubernetes schemas;
 - bearer-token authentication (401), unknown collections (404, like a CRD not installed),
   503 while `unavailable`.
 
@@ -26,14 +30,18 @@ import base64
 import contextlib
 import copy
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import kubernetes_validate  # type: ignore[import-untyped]
+import yaml
 from aiohttp import web
 
 Key = tuple[str, str]
+_OBJECT_PATH = re.compile(r"^/(api/v1|apis/[^/]+/[^/]+)/namespaces/([^/]+)/([^/]+)/([^/]+)$")
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
@@ -76,6 +84,9 @@ class KubeApiServer:
         self.unavailable = False  # answer 503 to everything (an API server restart)
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.open_watches = 0
+        self.validate = True  # check applied objects against the Kubernetes schemas (422)
+        self.applied: list[tuple[str, str]] = []  # (field manager, object path)
+        self._next_ip = 1
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -84,6 +95,7 @@ class KubeApiServer:
     async def __aenter__(self) -> KubeApiServer:
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._handle)
+        app.router.add_route("PATCH", "/{tail:.*}", self._apply)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -176,6 +188,57 @@ class KubeApiServer:
         if query.get("watch") in ("1", "true"):
             return await self._watch(request, c, query)
         return self._list(c, query)
+
+    async def _apply(self, request: web.Request) -> web.Response:
+        self.requests.append((request.path, dict(request.query)))
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+        m = _OBJECT_PATH.match(request.path)
+        coll = f"/{m.group(1)}/{m.group(3)}" if m else ""
+        c = self.collections.get(coll)
+        if m is None or c is None or coll in self.unserved:
+            return web.json_response(_status(404, "NotFound", "the server could not find the "
+                                             "requested resource"), status=404)
+        if request.content_type != "application/apply-patch+yaml":
+            return web.json_response(_status(415, "UnsupportedMediaType",
+                                             f"unsupported {request.content_type}"), status=415)
+        manager = request.query.get("fieldManager", "")
+        if not manager:
+            return web.json_response(_status(400, "BadRequest", "PATCH with apply requires "
+                                             "fieldManager"), status=400)
+        obj = yaml.safe_load(await request.text())
+        ns, name = m.group(2), m.group(4)
+        md = obj.get("metadata") or {}
+        if (obj.get("kind"), obj.get("apiVersion")) != (c.kind, c.api_version) or (
+                md.get("name"), md.get("namespace", ns)) != (name, ns):
+            return web.json_response(_status(400, "BadRequest", "the object does not match "
+                                             "the request path"), status=400)
+        if self.validate:
+            try:
+                kubernetes_validate.validate(obj, kubernetes_validate.utils.latest_version(),
+                                             strict=True)
+            except kubernetes_validate.ValidationError as e:
+                return web.json_response(_status(422, "Invalid", f"{c.kind} {name!r} is "
+                                                 f"invalid: {e.message}"), status=422)
+        self.applied.append((manager, request.path))
+        prev = c.objects.get((ns, name))
+        new = copy.deepcopy(obj)
+        new["metadata"]["namespace"] = ns
+        if c.kind == "Service":
+            spec = new.setdefault("spec", {})
+            ip = (prev or {}).get("spec", {}).get("clusterIP") or spec.get("clusterIP")
+            if not ip:
+                ip = f"10.96.200.{self._next_ip}"
+                self._next_ip += 1
+            spec["clusterIP"], spec["clusterIPs"] = ip, [ip]
+        if prev is not None:
+            same = copy.deepcopy(prev)
+            for k in ("resourceVersion", "uid", "creationTimestamp"):
+                same["metadata"].pop(k, None)
+            if same == new:
+                return web.json_response(prev)
+        stored = self.put(coll, new)
+        return web.json_response(stored, status=200 if prev else 201)
 
     def _state_at(self, c: _Collection, rv: int) -> dict[Key, dict[str, Any]]:
         state = dict(c.objects)

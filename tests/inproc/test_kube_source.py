@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from config.kube_source import (
     LineSplitter,
     desired_state,
 )
+from config.kube_waypoint import WaypointDeployer, WaypointSettings
 from config.snapshot import compute_snapshot
 from config.store import Store
 from config.validate import Document
@@ -49,6 +51,11 @@ API_VERSIONS = {
     "HTTPFault": "ambit.dev/v1alpha1", "RateLimit": "ambit.dev/v1alpha1",
 }
 COLLECTIONS = {wk.path: (wk.kind, API_VERSIONS[wk.kind]) for wk in WATCHED}
+DEPLOYMENTS = "/apis/apps/v1/deployments"
+# what the waypoint deployer writes (not watched by the source)
+WRITABLE = {**COLLECTIONS, DEPLOYMENTS: ("Deployment", "apps/v1"),
+            "/api/v1/serviceaccounts": ("ServiceAccount", "v1"),
+            "/apis/policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", "policy/v1")}
 
 
 # -- objects as the API server returns them ----------------------------------------------
@@ -409,6 +416,47 @@ async def test_waypoint_gateway_gets_the_address_of_its_service(tmp_path: Path) 
                 assert web.waypoint is not None
                 assert web.waypoint.address == "10.96.0.99"
                 assert web.waypoint.identity.endswith("/ns/shop/sa/waypoint")
+
+
+async def test_waypoint_gateways_get_their_deployment_and_service(tmp_path: Path) -> None:
+    async with KubeApiServer(WRITABLE) as api:
+        populate(api)
+        api.unserved = {DEPLOYMENTS}  # the first attempt fails, the next one succeeds
+        deployer = WaypointDeployer(WaypointSettings(image="ambit/ambit:test"))
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api, waypoints=deployer) as src:
+                await until(lambda: "shop/waypoint" in src.status()["waypoint_errors"],
+                            "the refused apply")
+                assert "404" in deployer.errors["shop/waypoint"]
+                api.unserved = set()
+                await until(lambda: not deployer.errors, "the retried apply")
+                applied = {path for manager, path in api.applied
+                           if manager == "ambit-control-plane"}
+                assert applied >= {"/api/v1/namespaces/shop/serviceaccounts/waypoint",
+                                   "/apis/apps/v1/namespaces/shop/deployments/waypoint",
+                                   "/api/v1/namespaces/shop/services/waypoint"}
+                dep = api.collections[DEPLOYMENTS].objects[("shop", "waypoint")]
+                gw = api.collections[GWS].objects[("shop", "waypoint")]
+                assert dep["metadata"]["ownerReferences"][0]["uid"] == gw["metadata"]["uid"]
+                assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == (
+                    "ambit/ambit:test")
+                assert ("shop", "ingress") not in deployer.applied  # not a waypoint class
+                # the Service's allocated ClusterIP becomes the waypoint's address
+                svc_ip = api.collections[SVCS].objects[("shop", "waypoint")]["spec"]["clusterIP"]
+                await until(lambda: body(store, "Gateway", "shop", "waypoint")["spec"].get(
+                    "addresses") == [{"type": "IPAddress", "value": svc_ip}],
+                    "the waypoint address")
+                # nothing changed: no new applies; the Gateway changed: applied again
+                n = deployer.applies
+                api.put(PODS, pod("shop", "unrelated", "10.244.1.70"))
+                await until(lambda: store.get("WorkloadEntry", "shop", "unrelated") is not None,
+                            "an unrelated change")
+                assert deployer.applies == n
+                changed = copy.deepcopy(gw)
+                changed["spec"]["infrastructure"] = {"labels": {"team": "shop"}}
+                api.put(GWS, changed)
+                await until(lambda: api.collections[DEPLOYMENTS].objects[("shop", "waypoint")][
+                    "metadata"]["labels"].get("team") == "shop", "the re-applied Deployment")
 
 
 async def test_only_owned_resources_are_deleted(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import yaml
 from config.kube_source import WATCHED
 from config.kube_waypoint import (
     GATEWAY_NAME_LABEL,
+    OBJECT_PATHS,
     WaypointSettings,
     port_name,
     render_waypoint,
@@ -234,6 +235,17 @@ def test_every_watched_kind_has_a_crd_or_is_builtin_and_rbac_allows_watching_it(
             assert crd["spec"]["names"]["plural"] == plural
             version = parts[2]
             assert any(v["name"] == version and v["served"] for v in crd["spec"]["versions"])
+
+
+def test_rbac_allows_the_waypoint_deployer_to_apply_what_it_renders() -> None:
+    role = next(d for _, d in _all_docs() if d["kind"] == "ClusterRole")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    for kind, template in OBJECT_PATHS.items():
+        parts = template.strip("/").split("/")
+        group = "" if parts[0] == "api" else parts[1]
+        plural = parts[-2]
+        assert (group, plural, "patch") in granted, f"ClusterRole cannot apply {kind}"
 
 
 def test_ztunnel_daemonset_has_what_capture_needs_and_nothing_more() -> None:
