@@ -151,6 +151,18 @@ async def scripted_server(
         srv.close()
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected non-blocking TCP sockets on loopback (a reset is a real RST)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        far = socket.create_connection(listener.getsockname())
+        near, _ = listener.accept()
+    near.setblocking(False)
+    far.setblocking(False)
+    return near, far
+
+
 def pattern(n: int, seed: int) -> bytes:
     block = hashlib.sha256(seed.to_bytes(4, "big")).digest() * 2048  # 64 KiB
     reps, rest = divmod(n, len(block))
@@ -601,3 +613,24 @@ async def test_asyncio_streams_splice() -> None:
         s.write_eof()
         assert await read_all(s) == data
         conn.close()
+
+
+async def test_lost_connection_resets_the_spliced_tcp_side() -> None:
+    """The HBONE connection dies mid-stream: the local TCP peer sees a reset, not a FIN."""
+    async with echo_server() as port, hbone_env() as env:
+        conn = await env.connect()
+        stream = await env.stream(conn, port)
+        near, far = tcp_pair()
+        loop = asyncio.get_running_loop()
+        splice = loop.create_task(stream.splice_socket(near))
+        await loop.sock_sendall(far, b"ping")
+        assert await loop.sock_recv(far, 4) == b"ping"
+        for server_conn in list(env.server.connections):
+            server_conn.abort()
+        sent, received = await asyncio.wait_for(splice, 5)
+        assert (sent, received) == (4, 4)
+        with pytest.raises(ConnectionResetError):
+            while await loop.sock_recv(far, 100):
+                pass
+        far.close()
+        assert conn.error is not None

@@ -374,6 +374,9 @@ class HboneStream:
         if sink is not None:
             transport = sink.transport
             assert transport is not None
+            if sink.lost:  # the TCP side is gone (it reset the stream): drop the bytes
+                self._conn.core.acknowledge(self.stream_id, n)
+                return
             if n:
                 transport.write(data)
                 if transport.get_write_buffer_size():
@@ -526,6 +529,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.idle_since = self._loop.time()
         self._rbuf = memoryview(bytearray(READ_SIZE))
         self._retained = False
+        self._local_close = False  # close() / abort() / drained: not the peer's doing
 
     # ------------------------------------------------------------------ state
 
@@ -660,6 +664,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             self._timer = None
         if exc is not None and self.error is None:
             self.error = f"connection to {self._peer()} lost: {exc}"
+        elif self.error is None and not self._local_close:
+            self.error = f"peer {self._peer()} closed the connection"
         reason = self.error or f"connection to {self._peer()} closed"
         streams = list(self.streams.values())
         self.streams.clear()
@@ -719,6 +725,7 @@ class HboneConnection(asyncio.BufferedProtocol):
             self.idle_since = self._loop.time()
             if (self.core.goaway_sent or self.core.goaway_received) and self.transport:
                 self._flush()
+                self._local_close = True
                 self.transport.close()
 
     def _schedule_keepalive(self) -> None:
@@ -817,11 +824,14 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         """GOAWAY and close now (open streams are reset)."""
+        self._local_close = True
         if self.transport is not None and not self.transport.is_closing():
             self.core.goaway()
             self._flush()
             self.transport.close()
 
     def abort(self) -> None:
+        """Drop the connection at once (no GOAWAY)."""
+        self._local_close = True
         if self.transport is not None:
             self.transport.abort()
