@@ -45,7 +45,7 @@ import asyncio
 import copy
 import json
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ import aiohttp
 import structlog
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from config.kube_waypoint import GATEWAY_NAME_LABEL, WaypointDeployer
+from config.kube_waypoint import GATEWAY_NAME_LABEL, WaypointDeployer, WaypointSettings
 from config.resources import (
     DATAPLANE_MODE_LABEL,
     KINDS,
@@ -776,6 +776,38 @@ class KubeSource:
         return n
 
 
+async def run_source(
+    store: Store,
+    *,
+    kubeconfig: str | None = None,
+    waypoints: WaypointSettings | None = None,
+    on_synced: Callable[[KubeSource], None] | None = None,
+    **options: Any,
+) -> None:
+    """Run the Kubernetes source for the control plane until cancelled.
+
+    Credentials: the pod's ServiceAccount when in a cluster, else `kubeconfig` (or
+    KUBECONFIG / ~/.kube/config). With `waypoints`, also create each waypoint Gateway's
+    Deployment and Service. `on_synced(source)` is called once the store holds the whole
+    cluster (the moment to report ready, e.g. ztunnel.sdnotify.ready()). `options` go to
+    KubeSource (watch_timeout, page_size, ...).
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(run_source(store, waypoints=WaypointSettings(image=...),
+                                      on_synced=lambda s: sdnotify.ready()))
+    """
+    cfg = await load_configuration(kubeconfig)
+    source = KubeSource(store, cfg, waypoints=WaypointDeployer(waypoints) if waypoints else None,
+                        **options)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(source.run(), name="kube-source")
+        await source.synced()
+        log.info("Kubernetes source synced", objects={k: s.objects for k, s in
+                                                      source.kind_status.items()})
+        if on_synced is not None:
+            on_synced(source)
+
+
 __all__ = [
     "ENDPOINTS_LABEL",
     "MIRRORED_KINDS",
@@ -791,6 +823,7 @@ __all__ = [
     "load_configuration",
     "node_locality",
     "pod_readiness",
+    "run_source",
     "translate_pod",
     "translate_service",
 ]

@@ -22,9 +22,11 @@ from config.kube_source import (
     ENDPOINTS_LABEL,
     OWNER_ANNOTATION,
     WATCHED,
+    KubeApiError,
     KubeSource,
     LineSplitter,
     desired_state,
+    run_source,
 )
 from config.kube_waypoint import WaypointDeployer, WaypointSettings
 from config.snapshot import compute_snapshot
@@ -541,6 +543,35 @@ async def test_wrong_credentials_say_what_to_check(tmp_path: Path) -> None:
                 await until(lambda: "ClusterRole" in src.kind_status["Pod"].last_error,
                             "the refusal")
                 assert not src.is_synced
+
+
+async def test_run_source_with_a_kubeconfig_reports_when_synced(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: test, cluster: {{server: "{api.url}"}}}}]
+users: [{{name: test, user: {{token: {api.token}}}}}]
+contexts: [{{name: test, context: {{cluster: test, user: test}}}}]
+current-context: test
+""")
+        synced = asyncio.Event()
+        with Store(str(tmp_path / "cp")) as store:
+            async with asyncio.TaskGroup() as tg:
+                task = tg.create_task(run_source(store, kubeconfig=str(kubeconfig),
+                                                 on_synced=lambda s: synced.set(),
+                                                 debounce=0))
+                await asyncio.wait_for(synced.wait(), 10)
+                assert store.get("WorkloadEntry", "shop", "web-1") is not None
+                task.cancel()
+
+
+async def test_no_credentials_is_a_clear_error(tmp_path: Path) -> None:
+    with Store(str(tmp_path / "cp")) as store, pytest.raises(
+            KubeApiError, match="no Kubernetes credentials"):
+        await run_source(store, kubeconfig=str(tmp_path / "absent"))
 
 
 def test_line_splitter_joins_partial_chunks() -> None:
