@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     source: ConfigSource
     if args.local_config:
-        source = LocalFileSource(args.local_config, args.data_dir)
+        source = LocalFileSource(args.local_config, args.data_dir, node=args.node)
     else:
         source = ControlPlaneSource(args.control_plane, args.node, args.data_dir, args.token)
     options = ZtunnelOptions(

@@ -13,19 +13,35 @@ from typing import Any, Protocol
 
 import structlog
 
+from ztunnel import sdnotify
 from ztunnel.hbone.pool import HboneConnectionPool, PoolKey
 from ztunnel.identity import Fetcher, IdentityManager, SpiffeId, TrustBundle
 from ztunnel.listeners._base import Limits, ProxyContext, connect, onward_socket
 from ztunnel.listeners.admin import AdminListener
 from ztunnel.listeners.metrics import MetricsListener, ZtunnelMetrics
 from ztunnel.listeners.ready import Readiness, ReadyListener
-from ztunnel.localconfig import ConfigError, LocalCA, LocalConfig, parse_local_document
+from ztunnel.localconfig import (
+    ConfigError,
+    LocalCA,
+    LocalConfig,
+    LocalDocument,
+    parse_local_document,
+)
 from ztunnel.snapshot import Snapshot
 from ztunnel.workloads import WorkloadManager, WorkloadPorts
 
 log = structlog.get_logger("ztunnel")
 
 Apply = Callable[[Snapshot], Awaitable[None]]
+
+
+def _sd(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call an sd_notify helper; a broken notify socket is logged, never fatal."""
+    try:
+        return fn(*args)
+    except sdnotify.NotifyError as exc:
+        log.warning("systemd notification failed", error=str(exc))
+        return None
 
 
 class ConfigSource(Protocol):
@@ -51,9 +67,19 @@ class ConfigSource(Protocol):
 class LocalFileSource:
     """`--local-config FILE`: a snapshot file (reloaded on change) and an optional local CA."""
 
-    def __init__(self, path: str, data_dir: str | None, poll_interval: float = 0.2) -> None:
-        self.config = LocalConfig(path, parse_local_document, data_dir=data_dir,
-                                  poll_interval=poll_interval)
+    def __init__(self, path: str, data_dir: str | None, poll_interval: float = 0.2, *,
+                 node: str | None = None) -> None:
+        def parse(doc: dict[str, Any], base_dir: str) -> LocalDocument:
+            parsed = parse_local_document(doc, base_dir)
+            if node is not None and parsed.snapshot.node != node:
+                raise ConfigError(
+                    f"{path} is the snapshot of node {parsed.snapshot.node!r}, not of this "
+                    f"node {node!r}: fix its `node` field or --node"
+                )
+            return parsed
+
+        # Only documents that pass these checks are applied and persisted as last good.
+        self.config = LocalConfig(path, parse, data_dir=data_dir, poll_interval=poll_interval)
         self.ca: LocalCA | None = None
 
     async def initial(self) -> Snapshot:
@@ -294,6 +320,7 @@ class Ztunnel:
             await self._stop.wait()
             log.info("draining", timeout=opts.limits.drain_timeout)
             self.ready_listener.draining = True
+            _sd(sdnotify.stopping, "draining connections")
             for t in background:
                 t.cancel()
             await self.manager.drain(opts.limits.drain_timeout)
@@ -307,7 +334,19 @@ class Ztunnel:
         log.info("ztunnel stopped")
 
     async def _track_readiness(self) -> None:
+        """Keep /healthz/ready current; tell systemd (Type=notify) once ready, ping its
+        watchdog when one is configured."""
         assert self.manager is not None
+        notified = False
+        interval = _sd(sdnotify.watchdog_interval)
+        last_ping = 0.0
         while True:
             self.readiness.mark("workloads", self.manager.ready)
+            if self.readiness.ready and not notified:
+                notified = True
+                _sd(sdnotify.ready, f"serving {len(self.manager.proxies)} workloads")
+            now = time.monotonic()
+            if interval and now - last_ping >= interval:
+                last_ping = now
+                _sd(sdnotify.watchdog)
             await asyncio.sleep(0.1)
