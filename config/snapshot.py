@@ -147,6 +147,14 @@ class MeshIndex:
         self._pol: dict[str, tuple[zs.AuthorizationPolicy, ...]] = {}
         self._pa: dict[str, tuple[zs.PeerAuthentication, ...]] = {}
         self._waypoints: dict[tuple[str, str], zs.Waypoint] | None = None
+        # per-object translations, reused while their resource and context are unchanged
+        self._ns_gen: dict[str, int] = {}
+        self._gw_gen = 0
+        self._wl_memo: dict[str, tuple[Resource, tuple[int, int], zs.Workload | None]] = {}
+        self._svc_memo: dict[tuple[str, str], tuple[Resource, tuple[int, int],
+                                                     tuple[zs.Endpoint, ...],
+                                                     zs.Service | None]] = {}
+        self._ep_memo: dict[tuple[str, tuple[tuple[int, int], ...]], zs.Endpoint] = {}
 
     # -- updates -------------------------------------------------------------------
 
@@ -188,6 +196,7 @@ class MeshIndex:
         self._wl.clear()
         self._svc.clear()
         self._waypoints = None
+        self._gw_gen += 1
 
     def _invalidate(self, r: Resource, old: Resource | None) -> None:
         ns = r.meta.namespace
@@ -196,13 +205,20 @@ class MeshIndex:
                 self._ns_labels[r.meta.name] = r.meta.labels
             else:
                 self._ns_labels.pop(r.meta.name, None)
+            self._ns_gen[r.meta.name] = self._ns_gen.get(r.meta.name, 0) + 1
             self._wl.pop(r.meta.name, None)
             self._svc.pop(r.meta.name, None)
         elif r.kind == "WorkloadEntry":
             self._wl.pop(ns, None)
             self._svc.pop(ns, None)
+            if r.key not in self.resources:
+                self._wl_memo.pop(workload_uid(ns, r.meta.name), None)
+                if len(self._ep_memo) > 2 * len(self._wl_memo) + 1024:
+                    self._ep_memo.clear()  # drop endpoints of deleted workloads
         elif r.kind == "Service":
             self._svc.pop(ns, None)
+            if r.key not in self.resources:
+                self._svc_memo.pop((ns, r.meta.name), None)
         elif r.kind == "Gateway":
             self._invalidate_all()
         elif r.kind == "AuthorizationPolicy":
@@ -253,25 +269,36 @@ class MeshIndex:
         wp = self.waypoints().get((ns, name))
         return wp.ref() if wp is not None else None
 
+    def _ctx(self, ns: str) -> tuple[int, int]:
+        """Generation of what a namespace's translations depend on besides their resource."""
+        return (self._ns_gen.get(ns, 0), self._gw_gen)
+
     def workloads_in(self, ns: str) -> dict[str, zs.Workload]:
+        """Translated workloads of `ns` by uid; unchanged entries reuse their translation."""
         cached = self._wl.get(ns)
         if cached is not None:
             return cached
+        ctx = self._ctx(ns)
         ns_labels = self._ns_labels.get(ns, {})
         ns_ambient = ns_labels.get(DATAPLANE_MODE_LABEL) == "ambient"
         out: dict[str, zs.Workload] = {}
-        for r in self._items("WorkloadEntry", ns):
+        for r in sorted(self._items("WorkloadEntry", ns), key=lambda r: r.meta.name):
+            uid = workload_uid(ns, r.meta.name)
+            memo = self._wl_memo.get(uid)
+            if memo is not None and memo[0] is r and memo[1] == ctx:
+                if memo[2] is not None:
+                    out[uid] = memo[2]
+                continue
             spec = r.spec
             assert isinstance(spec, WorkloadEntrySpec)
             labels = {**r.meta.labels, **spec.labels}
             enrolled = ns_ambient and labels.get(DATAPLANE_MODE_LABEL) != "none"
             wp = self._waypoint_ref(ns, _waypoint_name(labels, ns_labels), "workload")
             canonical = next((labels[k] for k in CANONICAL_NAME_LABELS if k in labels), "")
-            uid = workload_uid(ns, r.meta.name)
-            ip, ip6 = spec.address, None
+            w: zs.Workload | None
             try:
                 w = zs.Workload(
-                    uid=uid, name=r.meta.name, namespace=ns, ip=ip, ip6=ip6,
+                    uid=uid, name=r.meta.name, namespace=ns, ip=spec.address, ip6=None,
                     node=spec.node or UNKNOWN_NODE,
                     service_account=spec.service_account or "default",
                     netns=spec.netns or None, labels=zs.FrozenMap(labels),
@@ -281,57 +308,83 @@ class MeshIndex:
             except zs.SnapshotError as e:
                 log.warning("workload left out of snapshots", workload=f"{ns}/{r.meta.name}",
                             reason=str(e))
-                continue
-            out[uid] = w
+                w = None
+            self._wl_memo[uid] = (r, ctx, w)
+            if w is not None:
+                out[uid] = w
         self._wl[ns] = out
         return out
 
     def services_in(self, ns: str) -> dict[str, zs.Service]:
+        """Translated services of `ns` by name; endpoints found through a label index."""
         cached = self._svc.get(ns)
         if cached is not None:
             return cached
+        ctx = self._ctx(ns)
         ns_labels = self._ns_labels.get(ns, {})
         workloads = self.workloads_in(ns)
-        entries = {workload_uid(ns, r.meta.name): r for r in self._items("WorkloadEntry", ns)}
+        entries: dict[str, WorkloadEntrySpec] = {}
+        by_label: dict[tuple[str, str], list[str]] = {}
+        for r in self._items("WorkloadEntry", ns):
+            uid = workload_uid(ns, r.meta.name)
+            spec = r.spec
+            assert isinstance(spec, WorkloadEntrySpec)
+            w = workloads.get(uid)
+            if w is None or spec.weight == 0:
+                continue
+            entries[uid] = spec
+            for kv in w.labels.items():
+                by_label.setdefault(kv, []).append(uid)
         out: dict[str, zs.Service] = {}
-        for r in self._items("Service", ns):
+        for r in sorted(self._items("Service", ns), key=lambda r: r.meta.name):
             spec = r.spec
             assert isinstance(spec, ServiceSpec)
+            named = [(p.port, p.target_port) for p in spec.ports
+                     if p.protocol == "TCP" and isinstance(p.target_port, str)]
+            uids: list[str] = []
+            if spec.selector:
+                lists = [by_label.get(kv, []) for kv in spec.selector.items()]
+                smallest = min(lists, key=len)
+                uids = sorted(u for u in smallest
+                              if zs.selector_matches(spec.selector, workloads[u].labels))
+            endpoints = []
+            for uid in uids:
+                overrides = tuple((port, entries[uid].ports[str(name)]) for port, name in named
+                                  if str(name) in entries[uid].ports)
+                ep = self._ep_memo.get((uid, overrides))
+                if ep is None:
+                    ep = zs.Endpoint(workload_uid=uid, ports=zs.FrozenMap(overrides))
+                    self._ep_memo[(uid, overrides)] = ep
+                endpoints.append(ep)
+            eps = tuple(endpoints)
+            key = (ns, r.meta.name)
+            memo = self._svc_memo.get(key)
+            if memo is not None and memo[0] is r and memo[1] == ctx and memo[2] == eps:
+                if memo[3] is not None:
+                    out[r.meta.name] = memo[3]
+                continue
             ports = []
-            named: list[tuple[int, str]] = []
             for p in spec.ports:
                 if p.protocol != "TCP":
                     continue
-                if isinstance(p.target_port, str):
-                    named.append((p.port, p.target_port))
-                    ports.append(zs.ServicePort(port=p.port, target_port=p.port, name=p.name,
-                                                app_protocol=p.app_protocol))
-                else:
-                    ports.append(zs.ServicePort(port=p.port, target_port=p.target_port,
-                                                name=p.name, app_protocol=p.app_protocol))
-            endpoints = []
-            if spec.selector:
-                for uid, w in workloads.items():
-                    entry = entries[uid].spec
-                    assert isinstance(entry, WorkloadEntrySpec)
-                    if entry.weight == 0 or not zs.selector_matches(spec.selector, w.labels):
-                        continue
-                    overrides = {port: entry.ports[name] for port, name in named
-                                 if name in entry.ports}
-                    endpoints.append(zs.Endpoint(workload_uid=uid,
-                                                 ports=zs.FrozenMap(overrides)))
+                target = p.port if isinstance(p.target_port, str) else p.target_port
+                ports.append(zs.ServicePort(port=p.port, target_port=target, name=p.name,
+                                            app_protocol=p.app_protocol))
             wp = self._waypoint_ref(ns, _waypoint_name(r.meta.labels, ns_labels), "service")
+            svc: zs.Service | None
             try:
                 svc = zs.Service(name=r.meta.name, namespace=ns,
                                  vips=(spec.cluster_ip,) if spec.cluster_ip else (),
-                                 ports=tuple(ports), endpoints=tuple(endpoints),
+                                 ports=tuple(ports), endpoints=eps,
                                  hostname=f"{r.meta.name}.{ns}.svc.{self.dns_domain}",
                                  waypoint=wp)
             except zs.SnapshotError as e:
                 log.warning("service left out of snapshots", service=f"{ns}/{r.meta.name}",
                             reason=str(e))
-                continue
-            out[r.meta.name] = svc
+                svc = None
+            self._svc_memo[key] = (r, ctx, eps, svc)
+            if svc is not None:
+                out[r.meta.name] = svc
         self._svc[ns] = out
         return out
 
