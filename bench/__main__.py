@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=int, help="iperf3 duration per run (default 5, quick 1)")
     p.add_argument("--rtt-count", type=int, help="round trips per run (default 20000, quick 2000)")
     p.add_argument(
+        "--conn-count", type=int, help="connections per run for the rate (default 1000, quick 200)"
+    )
+    p.add_argument(
         "--repeat", type=int, help="runs per path, medians reported (default 3, quick 1)"
     )
     p.add_argument("--profile", action="store_true", help="also sample relays with py-spy")
@@ -58,6 +61,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         seconds=args.seconds if args.seconds is not None else (1 if quick else 5),
         rtt_count=args.rtt_count if args.rtt_count is not None else (2000 if quick else 20_000),
+        conn_count=args.conn_count if args.conn_count is not None else (200 if quick else 1000),
         repeat=args.repeat if args.repeat is not None else (1 if quick else 3),
         paths=tuple(n for n in PATHS if not args.only or n in args.only),
         profile=bool(args.profile),
@@ -78,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     settings = settings_from_args(args)
-    if settings.seconds < 1 or settings.rtt_count < 1 or settings.repeat < 1:
-        print("bench: --seconds, --rtt-count and --repeat must be >= 1", file=sys.stderr)
+    if min(settings.seconds, settings.rtt_count, settings.conn_count, settings.repeat) < 1:
+        print(
+            "bench: --seconds, --rtt-count, --conn-count and --repeat must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     now = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(
                 f"{r.name:8s} {r.gbps_single:6.2f} Gbit/s x1 {r.gbps_multi:6.2f} Gbit/s x8 "
-                f"rtt {r.rtt_median_us:7.1f} us p99 {r.rtt_p99_us:7.1f} us"
+                f"rtt {r.rtt_median_us:7.1f} us p99 {r.rtt_p99_us:7.1f} us "
+                f"{r.conn_per_s:6.0f} conn/s"
             )
     print(f"wrote {out / 'RESULTS.md'}")
     return 1 if any(r.error is not None for r in results) else 0

@@ -38,6 +38,7 @@ class Settings:
 
     seconds: int = 5
     rtt_count: int = 20_000
+    conn_count: int = 1000
     repeat: int = 3
     paths: tuple[str, ...] = tuple(PATHS)
     profile: bool = False
@@ -51,6 +52,7 @@ class Sample:
     single: measure.Throughput
     multi: measure.Throughput
     latency: measure.Latency
+    conn_per_s: float
     cpu_single: float
     cpu_multi: float
     rss_bytes: int
@@ -66,6 +68,7 @@ class PathResult:
     gbps_multi: float = 0.0
     rtt_median_us: float = 0.0
     rtt_p99_us: float = 0.0
+    conn_per_s: float = 0.0
     cpu_s_per_gb_single: float | None = None
     cpu_s_per_gb_multi: float | None = None
     relay_rss_mib: float | None = None
@@ -307,7 +310,8 @@ def measure_once(name: str, pki: BenchPKI, workdir: Path, *, echo_port: int, s: 
     with Processes(workdir) as procs:
         chain = start(procs, pki, echo_port)
         latency = measure.ping_pong(chain.entry_port, count=s.rtt_count)
-    return Sample(single, multi, latency, cpu1 - cpu0, cpu2 - cpu1, rss)
+        conn_per_s = measure.connection_rate(chain.entry_port, count=s.conn_count)
+    return Sample(single, multi, latency, conn_per_s, cpu1 - cpu0, cpu2 - cpu1, rss)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -330,6 +334,7 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
         gbps_multi=_median([x.multi.bits_per_second / 1e9 for x in samples]),
         rtt_median_us=_median([x.latency.median_us for x in samples]),
         rtt_p99_us=_median([x.latency.p99_us for x in samples]),
+        conn_per_s=_median([x.conn_per_s for x in samples]),
         cpu_s_per_gb_single=per_gb([x.cpu_single for x in samples], [x.single for x in samples]),
         cpu_s_per_gb_multi=per_gb([x.cpu_multi for x in samples], [x.multi for x in samples]),
         relay_rss_mib=_median([x.rss_bytes / 2**20 for x in samples]) if has_relays else None,
@@ -340,6 +345,7 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
                 "gbps_multi": x.multi.bits_per_second / 1e9,
                 "rtt_median_us": x.latency.median_us,
                 "rtt_p99_us": x.latency.p99_us,
+                "conn_per_s": x.conn_per_s,
                 "cpu_s_per_gb_single": per_gb([x.cpu_single], [x.single]),
                 "cpu_s_per_gb_multi": per_gb([x.cpu_multi], [x.multi]),
             }
@@ -384,12 +390,15 @@ def _profile_workload(
             ]
             spies.append((role, raw, procs.start(cmd, f"py-spy-{role}")))
         time.sleep(0.5)
+        deadline = time.monotonic() + s.profile_seconds
         if workload == "throughput":
             measure.run_iperf3(chain.entry_port, seconds=s.profile_seconds, streams=1)
-        else:
-            deadline = time.monotonic() + s.profile_seconds
+        elif workload == "round trips":
             while time.monotonic() < deadline:
                 measure.ping_pong(chain.entry_port, count=2000, warmup=0)
+        else:
+            while time.monotonic() < deadline:
+                measure.connection_rate(chain.entry_port, count=50)
         for (role, raw, spy_proc), pid in zip(spies, chain.relay_pids, strict=True):
             spy_proc.wait(timeout=s.profile_seconds + 30)
             resolve = library_resolver(pid)
@@ -398,8 +407,8 @@ def _profile_workload(
                 out[f"{workload}, {role} side, self"] = top_frames(
                     text, inclusive=False, resolve=resolve
                 )
-                out[f"{workload}, {role} side, inclusive"] = top_frames(
-                    text, inclusive=True, resolve=resolve
+                out[f"{workload}, {role} side, inclusive, Python functions only"] = top_frames(
+                    text, inclusive=True, resolve=resolve, python_only=True
                 )
     return out
 
@@ -407,10 +416,12 @@ def _profile_workload(
 def profile_path(
     name: str, pki: BenchPKI, workdir: Path, *, echo_port: int, s: Settings
 ) -> dict[str, list[tuple[str, float]]]:
-    """Sample both relays with py-spy during a single-stream iperf3 run and during 1-byte
-    ping-pongs. These runs are not measured: native sampling pauses the process."""
-    out = _profile_workload(name, pki, workdir, echo_port=echo_port, workload="throughput", s=s)
-    out |= _profile_workload(name, pki, workdir, echo_port=echo_port, workload="round trips", s=s)
+    """Sample both relays with py-spy during a single-stream iperf3 run, during 1-byte
+    ping-pongs and while connections are opened one after another. These runs are not
+    measured: native sampling pauses the process."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    for workload in ("throughput", "round trips", "new connections"):
+        out |= _profile_workload(name, pki, workdir, echo_port=echo_port, workload=workload, s=s)
     return out
 
 
@@ -440,7 +451,8 @@ def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
                     log(
                         f"    {x.single.bits_per_second / 1e9:.2f} Gbit/s x1, "
                         f"{x.multi.bits_per_second / 1e9:.2f} Gbit/s x8, "
-                        f"rtt median {x.latency.median_us:.1f} us p99 {x.latency.p99_us:.1f} us"
+                        f"rtt median {x.latency.median_us:.1f} us p99 {x.latency.p99_us:.1f} us, "
+                        f"{x.conn_per_s:.0f} new connections/s"
                     )
             if s.profile:
                 for name in s.paths:

@@ -113,6 +113,22 @@ def ping_pong(port: int, *, count: int, warmup: int = 200, host: str = "127.0.0.
     return latency_stats(samples)
 
 
+def connection_rate(port: int, *, count: int, host: str = "127.0.0.1") -> float:
+    """New connections per second, one after another: connect, one 1-byte round trip
+    (so the whole path is set up, TLS handshakes and CONNECT included), close."""
+    start = time.perf_counter()
+    for i in range(count):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(b"x")
+            if not sock.recv(1):
+                raise RuntimeError(
+                    f"echo through {host}:{port} closed connection {i} before answering: "
+                    "check the relays' stderr"
+                )
+    return count / (time.perf_counter() - start)
+
+
 def parse_proc_stat(text: str) -> float:
     """utime+stime in seconds from the text of /proc/PID/stat."""
     # the command name (field 2) may contain spaces and parentheses: split after the last ')'

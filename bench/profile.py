@@ -75,13 +75,16 @@ def top_frames(
     inclusive: bool,
     limit: int = 12,
     resolve: Callable[[str], str] | None = None,
+    python_only: bool = False,
 ) -> list[tuple[str, float]]:
     """Top frames of py-spy `--format raw` output, with their share of samples in percent.
 
     `inclusive=False` counts only the innermost frame of each sample (where time is spent);
     `inclusive=True` counts every frame on the stack once per sample (what it calls costs),
     leaving out the frames present in (nearly) every sample: the interpreter and event loop
-    roots. `resolve` renames frames (e.g. native addresses to their library).
+    roots. `resolve` renames frames (e.g. native addresses to their library);
+    `python_only` keeps only frames of Python source files (a per-Python-function view of a
+    `--native` profile).
     """
     counts: Counter[str] = Counter()
     total = 0
@@ -94,6 +97,8 @@ def top_frames(
         frames = [_short(f) for f in stack.split(";") if f]
         if resolve is not None:
             frames = [resolve(f) for f in frames]
+        if python_only:
+            frames = [f for f in frames if ".py)" in f]
         if not frames:
             continue
         if inclusive:

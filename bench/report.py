@@ -170,13 +170,13 @@ def _spread(r: PathResult, key: str, spec: str) -> str:
     return f"{median:{spec}} ({min(values):{spec}}-{max(values):{spec}})"
 
 
-def ratio_rows(results: Sequence[PathResult]) -> list[tuple[str, str, str, str, str]]:
-    """HBONE's figures relative to each baseline: (baseline, x1, x8, rtt diff, cpu ratio)."""
+def ratio_rows(results: Sequence[PathResult]) -> list[tuple[str, ...]]:
+    """HBONE relative to each baseline: (baseline, x1, x8, rtt diff, conn/s, cpu ratio)."""
     ok = _by_name(results)
     if "hbone" not in ok:
         return []
     h = ok["hbone"]
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name in ("tls", "stunnel", "direct"):
         if name not in ok:
             continue
@@ -192,6 +192,7 @@ def ratio_rows(results: Sequence[PathResult]) -> list[tuple[str, str, str, str, 
                 f"{h.gbps_single / b.gbps_single:.0%}" if b.gbps_single else "n/a",
                 f"{h.gbps_multi / b.gbps_multi:.0%}" if b.gbps_multi else "n/a",
                 f"{h.rtt_median_us - b.rtt_median_us:+.1f} us",
+                f"{h.conn_per_s / b.conn_per_s:.0%}" if b.conn_per_s else "n/a",
                 cpu,
             )
         )
@@ -228,7 +229,8 @@ def render_markdown(
         + "/".join(f"{x:.2f}" for x in machine.load_after)
         + " (anything above 0 besides this run is other work sharing the CPUs)",
         f"- settings: iperf3 {settings.seconds:g} s per run (1 stream, then `-P 8`), "
-        f"{settings.rtt_count} 1-byte round trips (TCP_NODELAY), {settings.repeat} repeat(s)",
+        f"{settings.rtt_count} 1-byte round trips (TCP_NODELAY), {settings.conn_count} new "
+        f"connections, {settings.repeat} repeat(s)",
         "- all processes on 127.0.0.1; TLS 1.3 with TLS_AES_256_GCM_SHA384, ECDSA P-256 "
         "SPIFFE certificates, client certificates required on every TLS hop",
         "",
@@ -247,23 +249,27 @@ def render_markdown(
         "Each cell: median over the runs, and (when there are several) the lowest and highest run.",
         "",
         "| path | 1 stream Gbit/s | 8 streams Gbit/s | RTT median us | RTT p99 us "
-        "| relay CPU-s/GB (1 / 8 streams) | relay RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| new connections/s | relay CPU-s/GB (1 / 8 streams) | relay RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error is not None:
-            out.append(f"| {r.label} | failed: {r.error} | | | | | |")
+            out.append(f"| {r.label} | failed: {r.error} | | | | | | |")
             continue
         out.append(
             f"| {r.label} | {_spread(r, 'gbps_single', '.2f')} "
             f"| {_spread(r, 'gbps_multi', '.2f')} | {_spread(r, 'rtt_median_us', '.1f')} "
-            f"| {_spread(r, 'rtt_p99_us', '.0f')} | {_spread(r, 'cpu_s_per_gb_single', '.2f')} / "
+            f"| {_spread(r, 'rtt_p99_us', '.0f')} | {_spread(r, 'conn_per_s', '.0f')} "
+            f"| {_spread(r, 'cpu_s_per_gb_single', '.2f')} / "
             f"{_spread(r, 'cpu_s_per_gb_multi', '.2f')} | {_fmt(r.relay_rss_mib, '.1f')} |"
         )
     out += [
         "",
         "CPU-s/GB: user+system CPU seconds of both relay processes (from /proc/PID/stat) "
-        "per 10^9 bytes received by iperf3.",
+        "per 10^9 bytes received by iperf3. New connections/s: one client opening "
+        "connections one after another (connect, one 1-byte round trip, close); for (b) and "
+        "(c) each is a new TLS handshake, for (a) a new stream on the pooled HBONE "
+        "connection.",
         "",
     ]
     failed = [r for r in results if r.error is None and r.failed_runs]
@@ -280,8 +286,9 @@ def render_markdown(
         out += [
             "## HBONE relative to each baseline",
             "",
-            "| baseline | throughput, 1 stream | throughput, 8 streams | median RTT | CPU per GB |",
-            "|---|---:|---:|---:|---:|",
+            "| baseline | throughput, 1 stream | throughput, 8 streams | median RTT "
+            "| new connections/s | CPU per GB |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         out += [f"| {' | '.join(row)} |" for row in rows]
         out.append("")
@@ -294,7 +301,7 @@ def render_markdown(
     if profiled:
         out += [
             "## Profile (py-spy --native; separate, unmeasured runs: "
-            "single-stream iperf3, then 1-byte ping-pongs)",
+            "single-stream iperf3, 1-byte ping-pongs, new connections)",
             "",
         ]
         for r in profiled:

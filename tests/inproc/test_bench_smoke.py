@@ -24,6 +24,8 @@ def test_bench_produces_numbers_for_every_path(tmp_path: Path) -> None:
             "1",
             "--rtt-count",
             "300",
+            "--conn-count",
+            "50",
             "--repeat",
             "1",
             "--out",
@@ -45,6 +47,7 @@ def test_bench_produces_numbers_for_every_path(tmp_path: Path) -> None:
         assert r["error"] is None, (name, r["error"])
         assert r["gbps_single"] > 0 and r["gbps_multi"] > 0, r
         assert 0 < r["rtt_median_us"] <= r["rtt_p99_us"], r
+        assert r["conn_per_s"] > 0, r
         if name == "direct":
             assert r["cpu_s_per_gb_single"] is None
         else:

@@ -109,7 +109,7 @@ def test_goals_not_measured_when_a_path_failed() -> None:
 
 def test_ratio_rows_against_each_baseline() -> None:
     rows = ratio_rows([result("hbone", 2.0, 4.0, 100.0), result("tls", 4.0, 4.0, 80.0)])
-    assert rows == [("(b) TLS", "50%", "100%", "+20.0 us", "1.00x")]
+    assert rows == [("(b) TLS", "50%", "100%", "+20.0 us", "n/a", "1.00x")]
 
 
 def test_markdown_has_command_machine_table_goals_and_plot() -> None:
@@ -123,7 +123,7 @@ def test_markdown_has_command_machine_table_goals_and_plot() -> None:
     )
     assert "```\npython -m bench\n```" in md
     assert "2 CPUs (Test CPU)" in md
-    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200 |" in md
+    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200 | 0 |" in md
     assert "| (c) s | failed: boom |" in md
     assert "## Goals" in md and "Hand-written notes." in md
     assert "![" in md and "(results.png)" in md
@@ -132,7 +132,7 @@ def test_markdown_has_command_machine_table_goals_and_plot() -> None:
 def test_summarise_takes_medians_and_cpu_per_gb() -> None:
     def sample(gbps: float, rtt: float, cpu: float) -> Sample:
         t = Throughput(1, gbps * 1e9, int(gbps * 1e9 / 8 * 5), 5.0)
-        return Sample(t, t, Latency(100, rtt, rtt * 2, rtt), cpu, cpu, 50 * 2**20)
+        return Sample(t, t, Latency(100, rtt, rtt * 2, rtt), 500.0, cpu, cpu, 50 * 2**20)
 
     r = summarise("tls", [sample(4.0, 80.0, 2.5), sample(5.0, 90.0, 2.5), sample(3.0, 70.0, 2.5)])
     assert r.gbps_single == 4.0 and r.rtt_median_us == 80.0 and r.samples == 3
@@ -161,6 +161,8 @@ def test_top_frames_self_and_inclusive() -> None:
     inclusive = dict(top_frames(raw, inclusive=True))
     assert "main (bench/hbone.py)" not in inclusive  # in every sample: a root, left out
     assert inclusive["send (hbone/h2core.py)"] == 40.0
+    py = dict(top_frames(raw + "\nroot;memcpy (libc) 10", inclusive=True, python_only=True))
+    assert "memcpy (libc)" not in py and py["send (hbone/h2core.py)"] == 20.0
     renamed = top_frames("root;0x7f00 1", inclusive=False, resolve=lambda f: f"[{f}]")
     assert renamed == [("[0x7f00]", 100.0)]
 
