@@ -284,6 +284,7 @@ class H2Connection:
         self._conn_send_window = DEFAULT_WINDOW
         self._conn_recv_window = connection_window
         self._conn_recv_unacked = 0
+        self._conn_update_at = connection_window >> 2  # batch connection WINDOW_UPDATEs
         self._blocked: dict[int, None] = {}  # streams with data waiting for window
 
         self._encoder = hpack.Encoder()
@@ -681,6 +682,28 @@ class H2Connection:
                 )
             if ftype == DATA and not flags & FLAG_PADDED:
                 pos += 9
+                # Hot path: a whole DATA frame on an open stream, within both windows.
+                s = self._streams.get(sid) if 0 < length <= end - pos else None
+                if (
+                    s is not None
+                    and not s.remote_closed
+                    and length <= s.recv_window
+                    and length <= self._conn_recv_window
+                    and not self._hstream
+                    and (s.response_seen or not self.client)
+                ):
+                    self._conn_recv_window -= length
+                    self._conn_recv_unacked += length
+                    if self._conn_recv_unacked >= self._conn_update_at:
+                        self._update_connection_window()
+                    s.recv_window -= length
+                    fin = bool(flags & FLAG_END_STREAM)
+                    self._events.append(DataReceived(sid, mv[pos : pos + length], fin, length))
+                    if fin:
+                        s.remote_closed = True
+                        self._maybe_close(s)
+                    pos += length
+                    continue
                 self._start_data(flags, sid, length)
                 continue
             if end - pos - 9 < length:
@@ -725,12 +748,8 @@ class H2Connection:
             raise _ConnError(ErrorCode.FLOW_CONTROL_ERROR, "peer overran the connection window")
         self._conn_recv_window -= length
         self._conn_recv_unacked += length
-        if self._conn_recv_unacked >= self.local_connection_window >> 2:
-            inc = self._conn_recv_unacked
-            self._conn_recv_unacked = 0
-            self._conn_recv_window += inc
-            self._out.append(_pack_hdr(4 << 8 | WINDOW_UPDATE, 0, 0))
-            self._out.append(_U32.pack(inc))
+        if self._conn_recv_unacked >= self._conn_update_at:
+            self._update_connection_window()
         s = self._streams.get(sid)
         if s is None or s.remote_closed:
             if self._is_idle(sid):
@@ -746,6 +765,13 @@ class H2Connection:
             return None
         s.recv_window -= length
         return s
+
+    def _update_connection_window(self) -> None:
+        inc = self._conn_recv_unacked
+        self._conn_recv_unacked = 0
+        self._conn_recv_window += inc
+        self._out.append(_pack_hdr(4 << 8 | WINDOW_UPDATE, 0, 0))
+        self._out.append(_U32.pack(inc))
 
     def _start_data(self, flags: int, sid: int, length: int) -> None:
         """A DATA frame header: its payload follows as pieces (`_data_piece`)."""

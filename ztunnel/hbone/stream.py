@@ -37,6 +37,7 @@ from ztunnel.hbone.h2core import (
     ConnectionTerminated,
     DataReceived,
     ErrorCode,
+    Event,
     GoAwayReceived,
     H2Connection,
     Headers,
@@ -373,8 +374,7 @@ class HboneStream:
         sink = self._sink
         if sink is not None:
             transport = sink.transport
-            assert transport is not None
-            if sink.lost:  # the TCP side is gone (it reset the stream): drop the bytes
+            if transport is None or sink.lost:  # the TCP side is gone: drop the bytes
                 self._conn.core.acknowledge(self.stream_id, n)
                 return
             if n:
@@ -598,13 +598,15 @@ class HboneConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         # DATA payloads are handed on as views of the read buffer (no copy); if a
         # transport kept one, the next read goes into a fresh buffer.
-        self.data_received(self._rbuf[:nbytes])
+        self._dispatch(self.core.receive(self._rbuf[:nbytes]))
         if self._retained:
             self._retained = False
             self._rbuf = memoryview(bytearray(READ_SIZE))
 
     def data_received(self, data: bytes | memoryview) -> None:
-        events = self.core.receive(data)
+        self._dispatch(self.core.receive(data))
+
+    def _dispatch(self, events: list[Event]) -> None:
         streams = self.streams
         for ev in events:
             if type(ev) is DataReceived:
