@@ -374,25 +374,68 @@ def test_service_vip_spreads_connections_over_three_endpoints(mesh: Mesh) -> Non
         assert 0.20 * 600 <= c <= 0.45 * 600, f"{n} got {c} of 600: {counts}"
 
 
-def test_service_hostname_resolves_through_dns_proxy(mesh: Mesh) -> None:
-    # The client asks a resolver address (the node's bridge); capture sends the query to
-    # ztunnel's DNS proxy in the client's netns, which answers service names itself.
+UPSTREAM_DNS = r"""
+import socket, struct, sys, threading
+from ztunnel.dns import CLASS_IN, TYPE_A, ResourceRecord, make_response, parse_message
+ip = sys.argv[1]
+def answer(data):
+    m = parse_message(data)
+    q = m.questions[0]
+    rr = ResourceRecord(q.name, TYPE_A, CLASS_IN, 30, socket.inet_aton("192.0.2.7"))
+    return make_response(m, answers=[rr])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, 53))
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind((ip, 53)); t.listen(16)
+def tcp():
+    while True:
+        c, _ = t.accept()
+        n = struct.unpack("!H", c.recv(2))[0]; q = b""
+        while len(q) < n: q += c.recv(n - len(q))
+        r = answer(q); c.sendall(struct.pack("!H", len(r)) + r); c.close()
+threading.Thread(target=tcp, daemon=True).start()
+print("up", flush=True)
+while True:
+    d, a = u.recvfrom(4096); u.sendto(answer(d), a)
+"""
+
+DNS_CLIENT = r"""
+import socket, struct, sys
+from ztunnel.dns import encode_query, parse_message
+resolver, name, proto = sys.argv[1], sys.argv[2], sys.argv[3]
+q = encode_query(name, 1, msg_id=7)
+if proto == "udp":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+    s.sendto(q, (resolver, 53)); data, addr = s.recvfrom(4096); src = addr[0]
+else:
+    s = socket.create_connection((resolver, 53), timeout=3)
+    s.sendall(struct.pack("!H", len(q)) + q)
+    n = struct.unpack("!H", s.recv(2))[0]; data = b""
+    while len(data) < n: data += s.recv(n - len(data))
+    src = s.getpeername()[0]
+m = parse_message(data)
+print(src, socket.inet_ntoa(m.answers[0].rdata))
+"""
+
+
+def test_dns_proxy_answers_mesh_names_and_forwards_the_rest(mesh: Mesh) -> None:
     resolver = mesh.sb.node("n1").bridge_ip
-    script = (
-        "import socket,struct,sys\n"
-        "from ztunnel.dns import encode_query, parse_message\n"
-        "q=encode_query('web.default.svc.cluster.local',1,msg_id=7)\n"
-        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(3)\n"
-        f"s.sendto(q,('{resolver}',53)); data,addr=s.recvfrom(4096)\n"
-        "m=parse_message(data)\n"
-        "print(addr[0], socket.inet_ntoa(m.answers[0].rdata))\n"
-    )
-    r = mesh.sb.exec(mesh.ns("a"), [PY, "-c", script], cwd=str(Path(__file__).parents[2]))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == [resolver, VIP]
-    # and the name is reachable: curl resolves it via --resolve-free path (VIP from DNS)
-    got = mesh.curl("a", f"http://{VIP}:80/")
-    assert got.stdout == "200"
+    upstream = mesh.sb.popen(mesh.node_ns("n1"), [PY, "-c", UPSTREAM_DNS, resolver],
+                             stdout=subprocess.PIPE, cwd=str(Path(__file__).parents[2]))
+    try:
+        assert upstream.stdout is not None and upstream.stdout.readline().strip() == b"up"
+        root = str(Path(__file__).parents[2])
+        for proto in ("udp", "tcp"):
+            r = mesh.sb.exec(mesh.ns("a"), [PY, "-c", DNS_CLIENT, resolver,
+                                            "web.default.svc.cluster.local", proto], cwd=root)
+            assert r.stdout.split() == [resolver, VIP], (proto, r.stderr[-1500:])
+            r = mesh.sb.exec(mesh.ns("a"), [PY, "-c", DNS_CLIENT, resolver, "example.test",
+                                            proto], cwd=root)
+            assert r.stdout.split() == [resolver, "192.0.2.7"], (proto, r.stderr[-1500:])
+        # the name's VIP is reachable through the mesh
+        assert mesh.curl("a", f"http://{VIP}:80/").stdout == "200"
+    finally:
+        os.killpg(upstream.pid, signal.SIGTERM)
+        upstream.wait(timeout=5)
 
 
 def test_deny_policy_fails_connection_is_counted_and_removal_restores(mesh: Mesh) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 from ztunnel.accesslog import ConnectionRecord, log_connection
@@ -25,10 +26,6 @@ from ztunnel.relay import relay
 from ztunnel.snapshot import Workload
 
 OUTBOUND_PORT = 15001
-
-
-def _unknown(value: str | None) -> str:
-    return value or "unknown"
 
 
 class OutboundListener(TcpAcceptor):
@@ -73,21 +70,20 @@ class OutboundListener(TcpAcceptor):
         )
         if isinstance(plan, Reject):
             reset_close(client)
-            rec = base.__class__(**{**base.__dict__, "error": plan.reason, "denied": True})
+            rec = replace(base, error=plan.reason, denied=True)
             ctx.metrics.connection_denied(rec)
             log_connection(rec)
             return
         dest = plan.destination
         svc = plan.service
-        rec_fields: dict[str, Any] = dict(base.__dict__)
+        rec = base
         if dest is not None:
-            rec_fields.update(dst_workload=dest.display_name, dst_namespace=dest.namespace)
+            rec = replace(rec, dst_workload=dest.display_name, dst_namespace=dest.namespace)
         if svc is not None:
-            rec_fields["dst_service"] = svc.hostname
+            rec = replace(rec, dst_service=svc.hostname)
         if isinstance(plan, Passthrough):
-            rec_fields.update(hop=f"passthrough {addr_str(plan.address)}", security="none")
-            opened = ConnectionRecord(**rec_fields)
-            ctx.metrics.connection_opened(opened)
+            rec = replace(rec, hop=f"passthrough {addr_str(plan.address)}", security="none")
+            ctx.metrics.connection_opened(rec)
             error: str | None = None
             sent = received = 0
             try:
@@ -99,17 +95,17 @@ class OutboundListener(TcpAcceptor):
             else:
                 result = await relay(client, up, idle_timeout=ctx.limits.idle_timeout)
                 sent, received, error = result.sent, result.received, result.error
-            self._finish(ConnectionRecord(**rec_fields), start, sent, received, error)
+            self._finish(rec, start, sent, received, error)
             return
         assert isinstance(plan, Hbone | HboneViaWaypoint)
-        rec_fields.update(
+        rec = replace(
+            rec,
             dst_identity=plan.identity,
             hop=f"hbone {addr_str(plan.address)}"
             + (" (waypoint)" if isinstance(plan, HboneViaWaypoint) else ""),
             security="mutual_tls",
         )
-        opened = ConnectionRecord(**rec_fields)
-        ctx.metrics.connection_opened(opened)
+        ctx.metrics.connection_opened(rec)
         error = None
         sent = received = 0
         try:
@@ -138,19 +134,12 @@ class OutboundListener(TcpAcceptor):
                 sent, received = await stream.splice_socket(client)
             except HboneError as exc:
                 error = str(exc)
-        self._finish(ConnectionRecord(**rec_fields), start, sent, received, error)
+        self._finish(rec, start, sent, received, error)
 
     def _finish(
         self, rec: ConnectionRecord, start: float, sent: int, received: int, error: str | None
     ) -> None:
-        done = ConnectionRecord(
-            **{
-                **rec.__dict__,
-                "sent": sent,
-                "received": received,
-                "duration_ms": (time.monotonic() - start) * 1000,
-                "error": error,
-            }
-        )
+        done = replace(rec, sent=sent, received=received, error=error,
+                       duration_ms=(time.monotonic() - start) * 1000)
         self.ctx.metrics.connection_closed(done)
         log_connection(done)
