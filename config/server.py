@@ -27,6 +27,7 @@ from config.push import PUSH_PORT, PushServer, push_server_context
 from config.store import DEFAULT_SERVICE_CIDR, Store
 from config.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
 from config.tokens import TokenStore, validate_subject
+from ztunnel import sdnotify
 
 log = structlog.get_logger("ambit.control-plane")
 
@@ -181,6 +182,14 @@ class ControlPlaneConfig:
 TOKENS_DB = "tokens.db"
 
 
+def _sd_notify(fn: Callable[[str], bool], text: str) -> None:
+    """Tell systemd (Type=notify units); a broken notify socket is logged, never fatal."""
+    try:
+        fn(text)
+    except sdnotify.NotifyError as e:
+        log.warning("systemd notification failed", error=str(e))
+
+
 def token_issuer(store: Store, tokens: TokenStore, ttl: float = DEFAULT_TOKEN_TTL,
                  ) -> Callable[[str, str], Mapping[str, Any]]:
     """Join tokens for `ambit token create`: any node name; waypoints must be declared."""
@@ -240,10 +249,12 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
             log.info("proxy config stream listening", address=f"{bound[0]}:{bound[1]}")
         log.info("control plane ready", data_dir=cfg.data_dir, version=store.version)
         print(ready, file=sys.stdout, flush=True)
+        _sd_notify(sdnotify.ready, f"config version {store.version}; {ready[6:]}")
         async with asyncio.TaskGroup() as tg:
             follower = tg.create_task(push.follow_store())
             await stop.wait()
             log.info("control plane stopping")
+            _sd_notify(sdnotify.stopping, "closing listeners")
             follower.cancel()
             for s in servers:
                 s.close()

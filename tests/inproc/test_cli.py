@@ -49,7 +49,8 @@ class ControlPlane:
 
 
 @contextmanager
-def control_plane(tmp_path: Path, data: Path | None = None) -> Iterator[ControlPlane]:
+def control_plane(tmp_path: Path, data: Path | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[ControlPlane]:
     data = data or tmp_path / "data"
     sock = str(tmp_path / "run" / "control.sock")
     err = tmp_path / f"cp-{os.getpid()}-{len(list(tmp_path.glob('cp-*')))}.log"
@@ -57,7 +58,7 @@ def control_plane(tmp_path: Path, data: Path | None = None) -> Iterator[ControlP
         proc = subprocess.Popen(
             [sys.executable, "-m", "config", "control-plane", "--data-dir", str(data),
              "--socket", sock, "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE, stderr=errf, text=True)
+            stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -298,3 +299,20 @@ async def test_status_lists_connected_nodes_their_version_and_cert_expiry(
         _kind, _name, version, latest, _state, expiry = node[0]
         assert version == latest
         assert expiry.endswith("Z") and expiry[:2] == "20"
+
+
+def test_control_plane_tells_systemd_when_it_is_ready(tmp_path: Path) -> None:
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sd:
+        sd.bind(path)
+        sd.settimeout(10)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
+        env["NOTIFY_SOCKET"] = path
+        with control_plane(tmp_path, env=env) as cp:
+            msg = sd.recv(4096).decode()
+            assert "READY=1" in msg.splitlines()
+            assert f"MAINPID={cp.proc.pid}" in msg.splitlines()
+            cp.proc.send_signal(signal.SIGTERM)
+            assert "STOPPING=1" in sd.recv(4096).decode().splitlines()
