@@ -50,7 +50,7 @@ from config.nodeauth import (
     issue_node_certificate,
     principal_of,
 )
-from config.resources import Resource, parse_resource
+from config.resources import FieldError, Resource, parse_resource
 from config.snapshot import (
     L7_RESOURCES,
     UNKNOWN_NODE,
@@ -155,7 +155,14 @@ class PushServer:
         self.index = MeshIndex(trust_domain=ca.trust_domain, root_namespace=root_namespace)
         self.index.trust_bundle_pem = ca.trust_bundle().roots_pem.decode()
         version, items = store.snapshot()
-        self.index.load((r.parse() for r in items), version)
+        parsed = []
+        for item in items:
+            try:
+                parsed.append(item.parse())
+            except FieldError as e:
+                log.error("stored resource no longer valid; leaving it out",
+                          resource=str(item.key), reason=str(e))
+        self.index.load(parsed, version)
         self.sessions: dict[tuple[str, str], Session] = {}
         self.views = NodeViews(self.index)
         self._dirty = asyncio.Event()
@@ -168,7 +175,12 @@ class PushServer:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._publish())
             async for ch in self.store.watch(self.index.version):
-                resource = parse_resource(dict(ch.body)) if ch.body is not None else None
+                try:
+                    resource = parse_resource(dict(ch.body)) if ch.body is not None else None
+                except FieldError as e:  # stored by an older version with other rules
+                    log.error("stored resource no longer valid; treating it as deleted",
+                              resource=str(ch.key), reason=str(e))
+                    resource = None
                 self.index.apply(ch.key, resource, ch.version)
                 self._dirty.set()
 
