@@ -47,6 +47,7 @@ import json
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -316,9 +317,50 @@ class Desired:
     skipped: dict[str, str] = field(default_factory=dict)  # "Kind ns/name" -> reason
 
 
-def desired_state(cache: Cache) -> Desired:
-    """Translate every cached Kubernetes object (pure; see the module docstring)."""
+class TranslationMemo:
+    """Reuses the translation of objects whose resourceVersion and inputs did not change.
+
+    A reconcile then costs in proportion to what changed, not to the cluster's size;
+    entries not used in a round are dropped by `rotate()`.
+    """
+
+    def __init__(self) -> None:
+        self._old: dict[tuple[Any, ...], Any] = {}
+        self._new: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, key: tuple[Any, ...] | None, fn: Callable[[], Any]) -> Any:
+        if key is None:
+            return fn()
+        try:
+            out = self._old[key]
+        except KeyError:
+            out = fn()
+        self._new[key] = out
+        return out
+
+    def rotate(self) -> None:
+        self._old, self._new = self._new, {}
+
+    def __len__(self) -> int:
+        return len(self._old)
+
+
+def _rv(obj: Mapping[str, Any]) -> str | None:
+    rv = (obj.get("metadata") or {}).get("resourceVersion")
+    return str(rv) if rv else None
+
+
+def desired_state(cache: Cache, memo: TranslationMemo | None = None) -> Desired:
+    """Translate every cached Kubernetes object (pure; see the module docstring).
+
+    With `memo`, objects whose resourceVersion and inputs are unchanged since the last
+    call reuse their previous translation (the same manifest objects).
+    """
     d = Desired()
+    m_ = memo if memo is not None else TranslationMemo()
+
+    def key_of(*parts: Any) -> tuple[Any, ...] | None:
+        return None if memo is None or parts[-1] is None else parts
 
     def put(m: dict[str, Any]) -> None:
         md = m["metadata"]
@@ -327,24 +369,30 @@ def desired_state(cache: Cache) -> Desired:
     def skip(kind: str, key: ObjKey, why: str) -> None:
         d.skipped[f"{kind} {key[0]}/{key[1]}" if key[0] else f"{kind} {key[1]}"] = why
 
-    namespaces = cache.get("Namespace", {})
-    for obj in namespaces.values():
+    def namespace_manifest(obj: Mapping[str, Any]) -> dict[str, Any]:
         md = _metadata(obj)
         md.pop("namespace", None)
-        put({"apiVersion": "v1", "kind": "Namespace", "metadata": md})
+        return {"apiVersion": "v1", "kind": "Namespace", "metadata": md}
+
+    namespaces = cache.get("Namespace", {})
+    for key, obj in namespaces.items():
+        put(m_.get(key_of("Namespace", key, _rv(obj)), partial(namespace_manifest, obj)))
     slices = cache.get("EndpointSlice", {})
     readiness = pod_readiness(slices.values())
     nodes = cache.get("Node", {})
     for key, obj in cache.get("Pod", {}).items():
         node = nodes.get(("", str((obj.get("spec") or {}).get("nodeName") or "")))
-        m, why = translate_pod(obj, readiness.get(key), node_locality(node))
+        ready, locality = readiness.get(key), node_locality(node)
+        m, why = m_.get(key_of("Pod", key, ready, locality, _rv(obj)),
+                        partial(translate_pod, obj, ready, locality))
         if m is None:
             skip("Pod", key, why)
         else:
             put(m)
     selectorless: set[ObjKey] = set()
-    for key, obj in cache.get("Service", {}).items():
-        m, why = translate_service(obj)
+    services = cache.get("Service", {})
+    for key, obj in services.items():
+        m, why = m_.get(key_of("Service", key, _rv(obj)), partial(translate_service, obj))
         if m is None:
             skip("Service", key, why)
             continue
@@ -354,26 +402,37 @@ def desired_state(cache: Cache) -> Desired:
     for key, slc in slices.items():
         svc = str(((slc.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL, ""))
         if svc and (key[0], svc) in selectorless:
-            for m in translate_slice_endpoints(svc, slc):
+            for m in m_.get(key_of("Slice", key, svc, _rv(slc)),
+                            partial(translate_slice_endpoints, svc, slc)):
                 put(m)
+
+    def passthrough(kind: str, obj: Mapping[str, Any], addr: str
+                    ) -> tuple[dict[str, Any] | None, str]:
+        m, why = translate_passthrough(kind, obj)
+        if m is not None and addr:
+            m["spec"]["addresses"] = [{"type": "IPAddress", "value": addr}]
+        return m, why
+
     for kind in sorted(KINDS):
         if kind in ("Namespace", "Service"):
             continue
         for key, obj in cache.get(kind, {}).items():
-            m, why = translate_passthrough(kind, obj)
+            addr = ""
+            if kind == "Gateway" and not (obj.get("spec") or {}).get("addresses"):
+                addr = waypoint_address(obj, services)
+            m, why = m_.get(key_of(kind, key, addr, _rv(obj)),
+                            partial(passthrough, kind, obj, addr))
             if m is None:
                 skip(kind, key, why)
                 continue
-            if kind == "Gateway" and not (m.get("spec") or {}).get("addresses"):
-                addr = waypoint_address(obj, cache.get("Service", {}))
-                if addr:
-                    m["spec"]["addresses"] = [{"type": "IPAddress", "value": addr}]
             put(m)
     # objects of a namespace not (yet) seen cannot be stored
     known = {name for _, name in namespaces}
     for rkey in [k for k in d.manifests if k.namespace and k.namespace not in known]:
         d.manifests.pop(rkey)
         d.skipped[str(rkey)] = f"namespace {rkey.namespace!r} is not known yet"
+    if memo is not None:
+        memo.rotate()
     return d
 
 
@@ -503,6 +562,8 @@ class KubeSource:
         self._synced = asyncio.Event()
         self._written: dict[ResourceKey, Mapping[str, Any]] | None = None
         self._logged_rejections: dict[str, str] = {}
+        self._memo = TranslationMemo()
+        self._parsed: dict[ResourceKey, tuple[Mapping[str, Any], Mapping[str, Any] | str]] = {}
 
     # -- public ------------------------------------------------------------------------
 
@@ -696,18 +757,31 @@ class KubeSource:
 
     def reconcile(self, cache: Cache) -> ReconcileResult:
         """Bring the store in line with `cache` (blocking; runs in a worker thread)."""
-        desired = desired_state(cache)
+        desired = desired_state(cache, self._memo)
         self.skipped = desired.skipped
         if self._written is None:
             self._written = self._load_owned()
         rejected: dict[str, str] = {}
         valid: dict[ResourceKey, Mapping[str, Any]] = {}
+        parsed: dict[ResourceKey, tuple[Mapping[str, Any], Mapping[str, Any] | str]] = {}
         for key, m in desired.manifests.items():
-            try:
-                valid[key] = parse_resource(m).body
-            except FieldError as e:
-                rejected[str(key)] = f"{e.path}: {e.message}" if e.path else e.message
-        puts = [k for k, body in valid.items() if self._written.get(k) != body]
+            prev = self._parsed.get(key)
+            if prev is not None and prev[0] is m:  # an unchanged translation: same result
+                result = prev[1]
+            else:
+                try:
+                    result = parse_resource(m).body
+                except FieldError as e:
+                    result = f"{e.path}: {e.message}" if e.path else e.message
+            parsed[key] = (m, result)
+            if isinstance(result, str):
+                rejected[str(key)] = result
+            else:
+                valid[key] = result
+        self._parsed = parsed
+        written_now = self._written
+        puts = [k for k, body in valid.items()
+                if written_now.get(k) is not body and written_now.get(k) != body]
         gone = [k for k in self._written if k not in desired.manifests]
         # deletes first (a new pod may reuse the address of one just gone), namespaces last
         deleted = self._delete([k for k in gone if k.kind != "Namespace"], rejected)

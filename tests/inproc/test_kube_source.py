@@ -25,10 +25,12 @@ from config.kube_source import (
     KubeApiError,
     KubeSource,
     LineSplitter,
+    TranslationMemo,
     desired_state,
     run_source,
 )
 from config.kube_waypoint import WaypointDeployer, WaypointSettings
+from config.resources import ResourceKey
 from config.snapshot import compute_snapshot
 from config.store import Store
 from config.validate import Document
@@ -572,6 +574,25 @@ async def test_no_credentials_is_a_clear_error(tmp_path: Path) -> None:
     with Store(str(tmp_path / "cp")) as store, pytest.raises(
             KubeApiError, match="no Kubernetes credentials"):
         await run_source(store, kubeconfig=str(tmp_path / "absent"))
+
+
+def test_unchanged_objects_reuse_their_translation() -> None:
+    memo = TranslationMemo()
+    ns = namespace("shop")
+    ns["metadata"]["resourceVersion"] = "1"
+    p1, p2 = pod("shop", "a", "10.0.0.1"), pod("shop", "b", "10.0.0.2")
+    p1["metadata"]["resourceVersion"], p2["metadata"]["resourceVersion"] = "2", "3"
+    cache: dict[str, Any] = {"Namespace": {("", "shop"): ns},
+                             "Pod": {("shop", "a"): p1, ("shop", "b"): p2}}
+    first = desired_state(cache, memo).manifests
+    changed = pod("shop", "b", "10.0.0.2", app="other")
+    changed["metadata"]["resourceVersion"] = "4"
+    cache["Pod"] = {("shop", "a"): p1, ("shop", "b"): changed}
+    second = desired_state(cache, memo).manifests
+    a, b = ResourceKey("WorkloadEntry", "shop", "a"), ResourceKey("WorkloadEntry", "shop", "b")
+    assert second[a] is first[a]
+    assert second[b] is not first[b] and second[b]["metadata"]["labels"] == {"app": "other"}
+    assert len(memo) == 3  # entries of replaced versions are dropped
 
 
 def test_line_splitter_joins_partial_chunks() -> None:
