@@ -49,9 +49,16 @@ spec:
 """)
     assert r.key.namespace == "shop" and r.key.name == "web-1"
     assert r.spec == WorkloadEntrySpec(
-        address="10.0.1.5", labels={"app": "web", "version": "v1"}, service_account="web",
-        locality="eu/zone-a", weight=3, ports={"http": 8080}, network="", node="node-a",
-        netns="web1")
+        address="10.0.1.5",
+        labels={"app": "web", "version": "v1"},
+        service_account="web",
+        locality="eu/zone-a",
+        weight=3,
+        ports={"http": 8080},
+        network="",
+        node="node-a",
+        netns="web1",
+    )
 
 
 def test_service_defaults_namespace_target_port_and_protocol() -> None:
@@ -69,7 +76,10 @@ spec:
     assert r.key.namespace == "default"
     assert isinstance(r.spec, ServiceSpec)
     assert [(p.port, p.target_port, p.protocol, p.app_protocol) for p in r.spec.ports] == [
-        (80, 8080, "TCP", "http"), (9090, "grpc-port", "TCP", ""), (53, 53, "UDP", "")]
+        (80, 8080, "TCP", "http"),
+        (9090, "grpc-port", "TCP", ""),
+        (53, 53, "UDP", ""),
+    ]
     assert r.spec.cluster_ip == ""
 
 
@@ -106,10 +116,13 @@ spec:
 
 
 def test_empty_authorization_policy_is_allow_nothing() -> None:
-    r = _one("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
-             "metadata: {name: deny-all, namespace: istio-system}\nspec: {}\n")
-    assert r.spec == AuthorizationPolicySpec(selector=None, target_refs=(), action="ALLOW",
-                                             rules=())
+    r = _one(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-all, namespace: istio-system}\nspec: {}\n"
+    )
+    assert r.spec == AuthorizationPolicySpec(
+        selector=None, target_refs=(), action="ALLOW", rules=()
+    )
 
 
 def test_peer_authentication_port_level() -> None:
@@ -126,7 +139,8 @@ spec:
 
 
 def test_waypoint_gateway_and_route_to_service() -> None:
-    docs = load_text("""
+    docs = load_text(
+        """
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: waypoint, labels: {istio.io/waypoint-for: all}}
@@ -154,7 +168,9 @@ spec:
     timeouts: {request: 2s, backendRequest: 500ms}
     retry: {attempts: 3, codes: [503], backoff: 100ms}
   - backendRefs: [{name: reviews-v1, port: 9080}]
-""", "r.yaml")
+""",
+        "r.yaml",
+    )
     gw = parse_resource(docs[0].obj)
     route = parse_resource(docs[1].obj)
     assert isinstance(gw.spec, GatewaySpec) and gw.spec.waypoint_for == "all"
@@ -166,8 +182,7 @@ spec:
     m = r0.matches[0]
     assert (m.path.type, m.path.value, m.method) == ("PathPrefix", "/api", "GET")
     assert m.headers[0].type == "Exact" and m.query_params[0].type == "RegularExpression"
-    assert [(b.name, b.weight) for b in r0.backend_refs] == [("reviews-v1", 90),
-                                                             ("reviews-v2", 10)]
+    assert [(b.name, b.weight) for b in r0.backend_refs] == [("reviews-v1", 90), ("reviews-v2", 10)]
     assert r0.request_timeout == 2.0 and r0.backend_request_timeout == 0.5
     assert r0.retry is not None and r0.retry.attempts == 3 and r0.retry.backoff == 0.1
     hm = r0.filters[0].request_header_modifier
@@ -216,7 +231,11 @@ spec:
 """)
     assert isinstance(f.spec, HTTPFaultSpec)
     assert (f.spec.delay, f.spec.delay_percent, f.spec.abort_status, f.spec.abort_percent) == (
-        1.5, 25.0, 503, 10.5)
+        1.5,
+        25.0,
+        503,
+        10.5,
+    )
     rl = _one("""
 apiVersion: ambit.dev/v1alpha1
 kind: RateLimit
@@ -239,17 +258,29 @@ metadata:
   resourceVersion: "99"
 status: {phase: Active}
 """)
-    assert r.body == {"apiVersion": "v1", "kind": "Namespace",
-                      "metadata": {"name": "shop",
-                                   "labels": {"istio.io/dataplane-mode": "ambient"}}}
+    assert r.body == {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}},
+    }
 
 
-@pytest.mark.parametrize(("alias", "kind"), [
-    ("svc", "Service"), ("services", "Service"), ("ns", "Namespace"),
-    ("ap", "AuthorizationPolicy"), ("PeerAuthentication", "PeerAuthentication"),
-    ("we", "WorkloadEntry"), ("httproutes", "HTTPRoute"), ("dr", "DestinationRule"),
-    ("gtw", "Gateway"), ("httpfaults", "HTTPFault"), ("ratelimit", "RateLimit"),
-])
+@pytest.mark.parametrize(
+    ("alias", "kind"),
+    [
+        ("svc", "Service"),
+        ("services", "Service"),
+        ("ns", "Namespace"),
+        ("ap", "AuthorizationPolicy"),
+        ("PeerAuthentication", "PeerAuthentication"),
+        ("we", "WorkloadEntry"),
+        ("httproutes", "HTTPRoute"),
+        ("dr", "DestinationRule"),
+        ("gtw", "Gateway"),
+        ("httpfaults", "HTTPFault"),
+        ("ratelimit", "RateLimit"),
+    ],
+)
 def test_kind_aliases(alias: str, kind: str) -> None:
     assert resolve_kind(alias).kind == kind
 
@@ -259,10 +290,17 @@ def test_unknown_kind_alias_lists_the_known_ones() -> None:
         resolve_kind("pods")
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("1s", 1.0), ("250ms", 0.25), ("1m30s", 90.0), ("2h", 7200.0), ("0.5s", 0.5),
-    ("100us", 1e-4),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("250ms", 0.25),
+        ("1m30s", 90.0),
+        ("2h", 7200.0),
+        ("0.5s", 0.5),
+        ("100us", 1e-4),
+    ],
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text, "x") == pytest.approx(seconds)
 
@@ -275,25 +313,78 @@ def test_bad_durations(text: str) -> None:
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-10, 70000) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-        st.sampled_from(["spec", "ports", "port", "rules", "from", "source", "name",
-                         "metadata", "selector", "address", "listeners", "matches", "path"]),
-        inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "spec",
+                    "ports",
+                    "port",
+                    "rules",
+                    "from",
+                    "source",
+                    "name",
+                    "metadata",
+                    "selector",
+                    "address",
+                    "listeners",
+                    "matches",
+                    "path",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(kind=st.sampled_from(["Service", "WorkloadEntry", "AuthorizationPolicy", "HTTPRoute",
-                             "Gateway", "DestinationRule", "PeerAuthentication", "HTTPFault",
-                             "RateLimit", "Namespace"]),
-       spec=_json)
+@given(
+    kind=st.sampled_from(
+        [
+            "Service",
+            "WorkloadEntry",
+            "AuthorizationPolicy",
+            "HTTPRoute",
+            "Gateway",
+            "DestinationRule",
+            "PeerAuthentication",
+            "HTTPFault",
+            "RateLimit",
+            "Namespace",
+        ]
+    ),
+    spec=_json,
+)
 def test_arbitrary_specs_either_parse_or_raise_field_error(kind: str, spec: Any) -> None:
     from config.resources import KINDS
 
-    obj = {"apiVersion": KINDS[kind].api_versions[0], "kind": kind,
-           "metadata": {"name": "x"}, "spec": spec}
+    obj = {
+        "apiVersion": KINDS[kind].api_versions[0],
+        "kind": kind,
+        "metadata": {"name": "x"},
+        "spec": spec,
+    }
     try:
         parse_resource(obj)
     except FieldError as e:
         assert e.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("abc:-{}[]#\n '\"0123456789.,/&*!|>")),
+                    max_size=120))
+def test_any_text_loads_or_fails_with_a_located_problem(text: str) -> None:
+    from config.resources import ResourceKey
+    from config.validate import ValidationFailed, validate_batch
+
+    try:
+        docs = load_text(text, "fuzz.yaml")
+        if docs:
+            validate_batch(docs, lambda k: k == ResourceKey("Namespace", "", "default"))
+    except ValidationFailed as e:
+        assert e.problems
+        assert all(p.source == "fuzz.yaml" and p.index >= 1 for p in e.problems)
