@@ -161,6 +161,10 @@ def test_apply_from_directory_and_stdin(tmp_path: Path) -> None:
         assert p.stdout.strip() == "authorizationpolicy/deny-all -n shop created", p.stderr
         p = ambit("get", "ap", "-n", "shop", env=cp.env())
         assert p.stdout.splitlines()[1].split() == ["deny-all", "ALLOW", "0", "6"]
+        # what `get -o yaml` prints applies back as it is, changing nothing
+        dump = ambit("get", "svc", "-A", "-o", "yaml", env=cp.env()).stdout
+        p = ambit("apply", "-f", "-", env=cp.env(), stdin=dump)
+        assert p.stdout.strip() == "service/web -n shop unchanged", p.stderr
 
 
 def test_tls_with_the_admin_credential_and_restart_keeps_state(tmp_path: Path) -> None:
