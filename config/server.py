@@ -182,6 +182,13 @@ class ControlPlaneConfig:
 TOKENS_DB = "tokens.db"
 
 
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Route asyncio's own reports (e.g. failed TLS handshakes) to the JSON log."""
+    exc = context.get("exception")
+    log.warning("connection error", message=context.get("message", ""),
+                error=f"{type(exc).__name__}: {exc}" if exc is not None else "")
+
+
 def _sd_notify(fn: Callable[[str], bool], text: str) -> None:
     """Tell systemd (Type=notify units); a broken notify socket is logged, never fatal."""
     try:
@@ -218,6 +225,7 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.set_exception_handler(_loop_exception)
     ca = CertificateAuthority.load_or_create(Path(cfg.data_dir), cfg.trust_domain)
     store = Store(cfg.data_dir, service_cidr=cfg.service_cidr,
                   root_namespace=cfg.root_namespace)

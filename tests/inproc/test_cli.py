@@ -232,8 +232,17 @@ def test_bad_input_exits_non_zero_with_one_line(argv: list[str], message: str,
 
 
 def test_control_plane_logs_json_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import socket
+    import time
+
     with control_plane(tmp_path) as cp:
         ambit("status", env=cp.env())
+        for addr in (cp.tls, cp.proxies):  # not TLS at all: refused, and logged as JSON
+            host, _, port = addr.rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=5) as junk:
+                junk.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                junk.recv(100)
+        time.sleep(0.2)
         cp.proc.send_signal(signal.SIGTERM)
         assert cp.proc.wait(timeout=10) == 0
         events = [json.loads(ln) for ln in cp.stderr.read_text().splitlines() if ln.strip()]
