@@ -36,7 +36,10 @@ log = structlog.get_logger("ztunnel.hbone")
 
 
 class HboneServer:
-    """One HBONE listener on an already bound (and possibly listening) socket."""
+    """One HBONE listener on an already bound (and possibly listening) socket.
+
+    The server owns the socket once `run()` starts: it is closed when the server stops.
+    """
 
     def __init__(
         self,
