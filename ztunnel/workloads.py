@@ -24,6 +24,8 @@ from ztunnel.snapshot import Snapshot, Workload
 log = structlog.get_logger("ztunnel.workloads")
 
 RETRY_DELAY = 1.0
+
+Listener = OutboundListener | InboundPlainListener | InboundHboneListener | DnsListener
 ENROLLED_FILE = "enrolled-netns.json"
 
 
@@ -45,7 +47,7 @@ def _enable_request_migration() -> None:
 
 
 class WorkloadProxy:
-    """The four listeners of one workload, all created inside its netns."""
+    """The listeners of one workload (per address family), all created inside its netns."""
 
     def __init__(self, ctx: ProxyContext, workload: Workload, netns: str | None,
                  ports: WorkloadPorts) -> None:
@@ -53,10 +55,8 @@ class WorkloadProxy:
         self.workload = workload
         self.netns = netns
         self.ports = ports
-        self.outbound: OutboundListener | None = None
-        self.inbound_plain: InboundPlainListener | None = None
-        self.inbound_hbone: InboundHboneListener | None = None
-        self.dns: DnsListener | None = None
+        self.listeners: list[Listener] = []
+        self.hbone: list[InboundHboneListener] = []
         self.task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -64,42 +64,39 @@ class WorkloadProxy:
         w = self.workload
         async with asyncio.timeout(10):
             cert = await self.ctx.identities.get(SpiffeId.parse(w.identity))
-        opened: list[object] = []
+        if self.netns is not None:
+            await asyncio.to_thread(run_in_netns, self.netns, _enable_request_migration)
+        families = [("127.0.0.1", "0.0.0.0")]
+        if w.ip6:
+            families.append(("::1", "::"))
         try:
-            if self.netns is not None:
-                await asyncio.to_thread(run_in_netns, self.netns, _enable_request_migration)
-            self.outbound = OutboundListener(self.ctx, w, self.netns, port=self.ports.outbound)
-            opened.append(self.outbound)
-            self.inbound_plain = InboundPlainListener(
-                self.ctx, w, self.netns, port=self.ports.inbound_plain
-            )
-            opened.append(self.inbound_plain)
-            self.inbound_hbone = InboundHboneListener(
-                self.ctx, w, self.netns, cert, port=self.ports.inbound_hbone
-            )
-            opened.append(self.inbound_hbone)
-            self.dns = DnsListener(self.ctx, w, self.netns, port=self.ports.dns)
+            for loopback, anyaddr in families:
+                self.listeners.append(
+                    OutboundListener(self.ctx, w, self.netns, host=loopback,
+                                     port=self.ports.outbound))
+                self.listeners.append(
+                    InboundPlainListener(self.ctx, w, self.netns, host=anyaddr,
+                                         port=self.ports.inbound_plain))
+                hbone = InboundHboneListener(self.ctx, w, self.netns, cert, host=anyaddr,
+                                             port=self.ports.inbound_hbone)
+                self.hbone.append(hbone)
+                self.listeners.append(hbone)
+                self.listeners.append(
+                    DnsListener(self.ctx, w, self.netns, host=loopback, port=self.ports.dns))
         except BaseException:
-            for lst in (self.outbound, self.inbound_plain):
-                if lst is not None:
-                    lst.sock.close()
-            if self.inbound_hbone is not None:
-                self.inbound_hbone.sock.close()
+            for lst in self.listeners:
+                lst.close()
+            self.listeners.clear()
             raise
 
     async def run(self) -> None:
-        assert self.outbound and self.inbound_plain and self.inbound_hbone and self.dns
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.outbound.run())
-            tg.create_task(self.inbound_plain.run())
-            tg.create_task(self.inbound_hbone.run())
-            tg.create_task(self.dns.run())
+            for lst in self.listeners:
+                tg.create_task(lst.run())
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - listener contract
-        listeners = [x for x in (self.outbound, self.inbound_plain, self.inbound_hbone, self.dns)
-                     if x is not None]
         async with asyncio.TaskGroup() as tg:
-            for lst in listeners:
+            for lst in self.listeners:
                 tg.create_task(lst.drain(timeout))
         if self.task is not None and not self.task.done():
             self.task.cancel()
@@ -113,14 +110,11 @@ class WorkloadProxy:
             "name": w.name,
             "namespace": w.namespace,
             "ip": w.ip,
+            "ip6": w.ip6,
             "identity": w.identity,
             "netns": self.netns,
-            "listeners": {
-                "outbound": self.outbound.address if self.outbound else None,
-                "inbound_plain": self.inbound_plain.address if self.inbound_plain else None,
-                "inbound_hbone": self.inbound_hbone.address if self.inbound_hbone else None,
-                "dns": self.dns.address if self.dns else None,
-            },
+            "listeners": [f"{type(lst).__name__} {lst.address[0]}:{lst.address[1]}"
+                          for lst in self.listeners],
         }
 
 

@@ -25,9 +25,12 @@ log = structlog.get_logger("ztunnel")
 
 PROXY_MARK = 0x539
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75  # linux/in6.h
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
 IP_ORIGDSTADDR = IP_RECVORIGDSTADDR
+IPV6_RECVORIGDSTADDR = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
+IPV6_ORIGDSTADDR = IPV6_RECVORIGDSTADDR
 # Accept errors that mean "out of resources right now": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -106,8 +109,12 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _ip_level(family: int) -> int:
-    return socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+def set_transparent(sock: socket.socket, family: int) -> None:
+    """IP_TRANSPARENT / IPV6_TRANSPARENT: accept TPROXY'd traffic, bind foreign addresses."""
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
 def listener_socket(
@@ -132,9 +139,15 @@ def listener_socket(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
         if transparent:
-            sock.setsockopt(_ip_level(family), IP_TRANSPARENT, 1)
-        if kind == socket.SOCK_DGRAM and family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            set_transparent(sock, family)
+        if family == socket.AF_INET6:
+            # IPv4 has its own listener: keep the two address families apart.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_DGRAM:
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -172,7 +185,7 @@ def onward_socket(
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
-            sock.setsockopt(_ip_level(family), IP_TRANSPARENT, 1)
+            set_transparent(sock, family)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((source_ip, 0))
         sock.setblocking(False)
@@ -294,6 +307,10 @@ class TcpAcceptor:
                 reset_close(conn)
         finally:
             self.ctx.active -= 1
+
+    def close(self) -> None:
+        """Release the socket of a listener that never ran."""
+        self.sock.close()
 
     def stop_accepting(self) -> None:
         """Stop accepting; `run()` closes the listening socket and waits for open ones."""

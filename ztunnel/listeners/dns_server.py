@@ -19,7 +19,7 @@ from typing import Any
 from ztunnel.dns import DnsFormatError, Forward, LocalAnswer, TcpFramer, answer, frame_tcp
 from ztunnel.listeners._base import (
     IP_ORIGDSTADDR,
-    IP_TRANSPARENT,
+    IPV6_ORIGDSTADDR,
     PROXY_MARK,
     SO_MARK,
     ProxyContext,
@@ -28,6 +28,7 @@ from ztunnel.listeners._base import (
     listener_socket,
     log,
     onward_socket,
+    set_transparent,
 )
 from ztunnel.snapshot import Workload
 
@@ -41,6 +42,10 @@ def _orig_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
         if level == socket.IPPROTO_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
             port = struct.unpack("!H", data[2:4])[0]
             return socket.inet_ntoa(data[4:8]), port
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:
+            # struct sockaddr_in6: family, port, flowinfo, 16-byte address
+            port = struct.unpack("!H", data[2:4])[0]
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), port
     return None
 
 
@@ -72,6 +77,11 @@ class DnsListener:
         self._inflight: set[asyncio.Task[None]] = set()
         self.answered = 0
         self.forwarded = 0
+
+    def close(self) -> None:
+        """Release the sockets of a listener that never ran."""
+        self.udp.close()
+        self.tcp.close()
 
     def _client(self) -> Workload:
         return self.ctx.snapshot.workload_by_uid(self.workload_uid) or self._workload
@@ -160,14 +170,16 @@ class DnsListener:
         # Reply from the address the client asked, or its resolver drops the answer.
         from netsetup.netns import socket_in_netns
 
+        v6 = ":" in orig[0]
+        family = socket.AF_INET6 if v6 else socket.AF_INET
         try:
-            sock = socket_in_netns(self.netns, socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket_in_netns(self.netns, family, socket.SOCK_DGRAM)
         except OSError:
             return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
-            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            set_transparent(sock, family)
             sock.bind(orig)
             sock.sendto(reply, client)
         except OSError as exc:

@@ -62,6 +62,10 @@ class InboundHboneListener:
         )
         self.address: tuple[str, int] = self.server.address
 
+    def close(self) -> None:
+        """Release the socket of a listener that never ran."""
+        self.sock.close()
+
     def refresh_certificate(self) -> bool:
         """Serve the identity manager's current certificate (after renewal) to new clients.
 
