@@ -84,6 +84,7 @@ class KubeApiServer:
         self.unavailable = False  # answer 503 to everything (an API server restart)
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.open_watches = 0
+        self.compact_after_first_page = False  # expire the list's continue token once
         self.validate = True  # check applied objects against the Kubernetes schemas (422)
         self.applied: list[tuple[str, str]] = []  # (field manager, object path)
         self._next_ip = 1
@@ -271,6 +272,10 @@ class KubeApiServer:
             keys = sorted(state)
         page = keys[:limit] if limit else keys
         meta: dict[str, Any] = {"resourceVersion": str(list_rv)}
+        if not cont and limit and len(keys) > limit and self.compact_after_first_page:
+            self.compact_after_first_page = False
+            self.rv += 1  # an unrelated write, then compaction: the token is now too old
+            self.compact()
         if limit and len(keys) > limit:
             meta["continue"] = base64.b64encode(json.dumps(
                 {"rv": list_rv, "start": list(page[-1])}).encode()).decode()

@@ -253,6 +253,21 @@ async def test_paginated_list_sees_every_object(tmp_path: Path) -> None:
         assert len(pages) == 3 and all(q["limit"] == "3" for q in pages)
 
 
+async def test_expired_continue_token_restarts_the_list(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        api.put(NS, namespace("shop"))
+        for i in range(5):
+            api.put(PODS, pod("shop", f"p{i}", f"10.244.0.{i + 10}"))
+        api.compact_after_first_page = True
+        with Store(str(tmp_path / "cp")) as store:
+            async with running(store, api, page_size=2):
+                names = {r.key.name for r in store.list_resources("WorkloadEntry", "shop")}
+                assert names == {f"p{i}" for i in range(5)}
+        expired = [q for p, q in api.requests if p == PODS and q.get("continue")]
+        assert expired, "the list never used a continue token"
+        assert api.lists(PODS) >= 2  # started over after the 410
+
+
 async def test_watch_events_update_the_store(tmp_path: Path) -> None:
     async with KubeApiServer(COLLECTIONS) as api:
         populate(api)
