@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,15 +15,15 @@ UNIT_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = ("ambit-control-plane.service", "ztunnel.service", "waypoint@.service")
 # Highest acceptable `systemd-analyze security` exposure (0 = locked down, 10 = unsafe).
 # ztunnel holds three capabilities and must see the host's network namespaces.
-EXPOSURE = {"ambit-control-plane.service": 2.0, "ztunnel.service": 3.5,
-            "waypoint@.service": 2.0}
+EXPOSURE = {"ambit-control-plane.service": 2.0, "ztunnel.service": 3.5, "waypoint@.service": 2.0}
 
 
 def _analyze() -> str:
     tool = shutil.which("systemd-analyze")
     if tool is None:
-        pytest.fail("systemd-analyze is missing: install the Debian package `systemd` "
-                    "(`make deps` does)")
+        pytest.fail(
+            "systemd-analyze is missing: install the Debian package `systemd` (`make deps` does)"
+        )
     return tool
 
 
@@ -63,11 +64,13 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     tool = _analyze()
     staged = _staged(tmp_path)
     for name, path in staged.items():
-        r = subprocess.run([tool, "verify", str(path)], capture_output=True, text=True,
-                           timeout=60, check=False)
+        r = subprocess.run(
+            [tool, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
         # verify only warns about unknown keys and bad values: any output is a failure
         assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), (
-            f"{name}: systemd-analyze verify said:\n{r.stdout}{r.stderr}")
+            f"{name}: systemd-analyze verify said:\n{r.stdout}{r.stderr}"
+        )
 
 
 def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
@@ -76,8 +79,9 @@ def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     text = (UNIT_DIR / "ztunnel.service").read_text()
     bad = tmp_path / "ztunnel.service"
     bad.write_text(text.replace("/usr/local/bin/", str(tmp_path / "nowhere") + "/"))
-    r = subprocess.run([tool, "verify", str(bad)], capture_output=True, text=True, timeout=60,
-                       check=False)
+    r = subprocess.run(
+        [tool, "verify", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert r.returncode != 0
     assert "not executable" in r.stderr
 
@@ -87,8 +91,13 @@ def test_exposure_stays_low(tmp_path: Path, name: str) -> None:
     tool = _analyze()
     path = _staged(tmp_path)[name]
     threshold = f"--threshold={EXPOSURE[name] * 10:.0f}"  # the tool counts in tenths
-    r = subprocess.run([tool, "security", "--offline=true", threshold, "--no-pager", str(path)],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [tool, "security", "--offline=true", threshold, "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     summary = [ln for ln in r.stdout.splitlines() if "Overall exposure level" in ln]
     assert r.returncode == 0, f"{name}: exposure above {EXPOSURE[name]}: {summary}"
 
@@ -109,13 +118,15 @@ def test_ztunnel_capabilities_are_exactly_what_capture_and_setns_need() -> None:
     unit = _parse((UNIT_DIR / "ztunnel.service").read_text())
     svc = unit["Service"]
     assert set(svc["CapabilityBoundingSet"][0].split()) == {
-        "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"}
+        "CAP_NET_ADMIN",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+    }
     assert svc["RestrictNamespaces"] == ["net"]
     assert "AF_NETLINK" in svc["RestrictAddressFamilies"][0].split()
     for forbidden in ("PrivateNetwork", "ProtectProc", "PrivateUsers", "DynamicUser"):
         assert forbidden not in svc, f"{forbidden}= would hide the host's network namespaces"
-    assert set(svc["ReadWritePaths"][0].split()) == {"/var/lib/ambit/ztunnel",
-                                                     "/run/ambit/ztunnel"}
+    assert set(svc["ReadWritePaths"][0].split()) == {"/var/lib/ambit/ztunnel", "/run/ambit/ztunnel"}
     assert unit["Unit"]["StartLimitIntervalSec"] == ["0"]
 
 
@@ -124,3 +135,43 @@ def test_control_plane_and_waypoint_hold_no_capabilities(name: str) -> None:
     svc = _parse((UNIT_DIR / name).read_text())["Service"]
     assert svc["CapabilityBoundingSet"] == [""]
     assert svc["DynamicUser"] == ["yes"]
+
+
+def _exec_argv(name: str, env: dict[str, str]) -> tuple[str, list[str]]:
+    """ExecStart= of a unit with ${VAR}/$VAR expanded from `env` and %I/%i filled in."""
+    line = _parse((UNIT_DIR / name).read_text())["Service"]["ExecStart"][0]
+    line = line.replace("%I", "shop/waypoint").replace("%i", "shop-waypoint")
+    argv: list[str] = []
+    for word in shlex.split(line):
+        if word.startswith("$") and not word.startswith("${"):
+            argv.extend(env.get(word[1:], "").split())  # $VAR: split into words, as systemd
+            continue
+        for k, v in env.items():
+            word = word.replace("${" + k + "}", v)
+        argv.append(word)
+    return os.path.basename(argv[0]), argv[1:]
+
+
+def test_exec_start_lines_parse_with_the_real_command_lines() -> None:
+    """The units call the console scripts with options they really have."""
+    from config.cli import build_parser as ambit_parser
+    from waypoint.cli import build_parser as waypoint_parser
+    from ztunnel.cli import build_parser as ztunnel_parser
+
+    env = {"AMBIT_NODE": "node-1", "AMBIT_CONTROL_PLANE": "cp.example.org:15012",
+           "AMBIT_TOKEN": "tok", "AMBIT_CP_ARGS": "--listen 0.0.0.0:15443"}
+    prog, args = _exec_argv("ambit-control-plane.service", env)
+    assert prog == "ambit"
+    cp = ambit_parser().parse_args(args)
+    assert cp.data_dir == "/var/lib/ambit/control-plane" and cp.listen == "0.0.0.0:15443"
+    prog, args = _exec_argv("ztunnel.service", env)
+    assert prog == "ztunnel"
+    zt = ztunnel_parser().parse_args(args)
+    assert (zt.node, zt.control_plane, zt.token) == ("node-1", "cp.example.org:15012", "tok")
+    # after the node has joined the token may be removed from the environment file
+    _, args = _exec_argv("ztunnel.service", {**env, "AMBIT_TOKEN": ""})
+    assert ztunnel_parser().parse_args(args).token == ""
+    prog, args = _exec_argv("waypoint@.service", env)
+    assert prog == "waypoint"
+    wp = waypoint_parser().parse_args(args)
+    assert wp.gateway == "shop/waypoint"
