@@ -60,6 +60,7 @@ class Mesh:
     sb: Sandbox
     tmp: Path
     base: dict[str, Any]
+    pki: TestPKI | None = None
     ztunnels: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
 
@@ -212,7 +213,7 @@ def mesh() -> Iterator[Mesh]:
             serialization.NoEncryption()))
         os.chmod(tmp / "ca-key.pem", 0o600)
         base = _base_config(sb, tmp)
-        m = Mesh(sb, tmp, base)
+        m = Mesh(sb, tmp, base, pki)
         for name in ("s1", "s2", "s3", "ext"):
             sb.popen(sb.workload(name).netns, [PY, "-m", "http.server", "-b", "0.0.0.0",
                                                str(APP_PORT)],
@@ -436,6 +437,67 @@ def test_dns_proxy_answers_mesh_names_and_forwards_the_rest(mesh: Mesh) -> None:
     finally:
         os.killpg(upstream.pid, signal.SIGTERM)
         upstream.wait(timeout=5)
+
+
+FAKE_WAYPOINT = r"""
+import asyncio, socket, sys
+from ztunnel.hbone.request import Accept
+from ztunnel.hbone.server import HboneServer
+from ztunnel.identity import Certificate, TrustBundle
+from ztunnel.tls import server_context
+
+async def main():
+    cert = Certificate.from_pem([open(sys.argv[2], "rb").read()], open(sys.argv[3], "rb").read())
+    trust = TrustBundle("cluster.local", open(sys.argv[4], "rb").read())
+    async def handler(req):
+        async def serve(stream):
+            stream.write(f"{req.authority} {req.peer_identity}\n".encode())
+        return Accept(serve=serve)
+    sock = socket.socket(); sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((sys.argv[1], 15008)); sock.listen(64)
+    server = HboneServer(sock, server_context(cert, trust), trust, handler)
+    print("up", flush=True)
+    await server.run()
+
+asyncio.run(main())
+"""
+
+
+def test_service_with_a_waypoint_is_sent_to_the_waypoint(mesh: Mesh) -> None:
+    # A stand-in waypoint (an HBONE server with the waypoint's identity) in the
+    # non-mesh workload's netns; the service's traffic must reach it over HBONE with
+    # the original VIP:port as :authority and the client's identity.
+    assert mesh.pki is not None
+    wp_ip = mesh.ip("plain")
+    wp_cert = mesh.pki.issue("default", "waypoint")
+    (mesh.tmp / "wp.pem").write_bytes(wp_cert.full_chain_pem)
+    (mesh.tmp / "wp-key.pem").write_bytes(wp_cert.key_pem)
+    wp = mesh.sb.popen(mesh.ns("plain"), [PY, "-c", FAKE_WAYPOINT, wp_ip,
+                                          str(mesh.tmp / "wp.pem"), str(mesh.tmp / "wp-key.pem"),
+                                          str(mesh.tmp / "ca.pem")],
+                       stdout=subprocess.PIPE, cwd=str(Path(__file__).parents[2]))
+    try:
+        assert wp.stdout is not None and wp.stdout.readline().strip() == b"up"
+        doc = copy.deepcopy(mesh.base)
+        ref = {"address": wp_ip, "identity": f"spiffe://{TD}/ns/default/sa/waypoint"}
+        doc["waypoints"] = [{"name": "waypoint", "namespace": "default", **ref}]
+        doc["services"].append({
+            "name": "routed", "namespace": "default", "vips": ["10.96.0.20"],
+            "ports": [{"port": 80, "target_port": APP_PORT}], "waypoint": ref,
+            "endpoints": [{"workload_uid": "default/s2"}],
+        })
+        mesh.write_config(doc)
+        time.sleep(0.6)
+        r = mesh.sb.exec(mesh.ns("a"), ["nc", "-w", "3", "10.96.0.20", "80"], input="",
+                         timeout=10)
+        assert r.stdout.split() == ["10.96.0.20:80", f"spiffe://{TD}/ns/default/sa/client"], (
+            r.stdout, r.stderr)
+        hop = mesh.wait_log("n1", direction="outbound", dst_addr="10.96.0.20:80")
+        assert hop["dst_hbone_addr"] == f"hbone {wp_ip}:15008 (waypoint)"
+    finally:
+        os.killpg(wp.pid, signal.SIGTERM)
+        wp.wait(timeout=5)
+        _restore(mesh)
 
 
 def test_deny_policy_fails_connection_is_counted_and_removal_restores(mesh: Mesh) -> None:
