@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning",
                    choices=("debug", "info", "warning", "error"), help="log level")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("demo", help="build a sandbox mesh, drive traffic, show what it did")
+    demo = sub.add_parser("demo", help="build a sandbox mesh, drive traffic, show what it did")
+    from config.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     sub.add_parser("check", help="preflight checks for this host")
     client = _client_options(False)
 
@@ -138,8 +141,9 @@ def _fail(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        print("ambit demo: not yet (the demo lands with the operations issue)")
-        return 0
+        from config.demo.runner import run_from_args
+
+        return run_from_args(args)
     if args.command == "check":
         import importlib
 
