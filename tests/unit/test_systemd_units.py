@@ -146,9 +146,10 @@ def _exec_argv(name: str, env: dict[str, str]) -> tuple[str, list[str]]:
         if word.startswith("$") and not word.startswith("${"):
             argv.extend(env.get(word[1:], "").split())  # $VAR: split into words, as systemd
             continue
+        expanded = word
         for k, v in env.items():
-            word = word.replace("${" + k + "}", v)
-        argv.append(word)
+            expanded = expanded.replace("${" + k + "}", v)
+        argv.append(expanded)
     return os.path.basename(argv[0]), argv[1:]
 
 
