@@ -40,6 +40,7 @@ from typing import Any
 
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from config.ca import CertificateAuthority, CsrRejected
@@ -275,6 +276,9 @@ class PushServer:
                         peer: str) -> None:
         msg = await _recv(reader)
         if msg is None:
+            return
+        if msg.get("type") == "bundle":  # public: lets a joining proxy check its pin
+            await _send(writer, {"type": "bundle", "trust_bundle": self.index.trust_bundle_pem})
             return
         if msg.get("type") == "join":
             chain = issue_node_certificate(self.ca, self.tokens, str(msg.get("token", "")),
@@ -513,7 +517,10 @@ class PushClient:
         self.subject = subject
         self.data_dir = Path(data_dir)
         self.trust_domain = trust_domain
-        self.token = token
+        # a token may carry the CA's root fingerprint: `<token>#sha256:<hex>`
+        secret, _, pin = token.partition("#")
+        self.token = secret
+        self.ca_pin = pin.removeprefix("sha256:").lower() if pin else ""
         self.waypoint_address = waypoint_address
         self.timeout = timeout
         self._ids = 0
@@ -571,12 +578,15 @@ class PushClient:
 
     # -- connections ---------------------------------------------------------------
 
-    def _context(self, with_cert: bool) -> ssl.SSLContext:
+    def _context(self, with_cert: bool, pinned_root: str = "") -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False
         trust = self.data_dir / TRUST
-        if with_cert and trust.exists():
+        if pinned_root:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=pinned_root)
+        elif with_cert and trust.exists():
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(str(trust))
             ctx.load_cert_chain(str(self.data_dir / NODE_CERT), str(self.data_dir / NODE_KEY))
@@ -585,12 +595,13 @@ class PushClient:
         return ctx
 
     @contextlib.asynccontextmanager
-    async def _connect(self, with_cert: bool) -> AsyncIterator[
+    async def _connect(self, with_cert: bool, pinned_root: str = "") -> AsyncIterator[
             tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self._context(with_cert), limit=MAX_MESSAGE)
+                    self.host, self.port, ssl=self._context(with_cert, pinned_root),
+                    limit=MAX_MESSAGE)
         except TimeoutError:
             raise ConnectionError(f"connection to the control plane at {self.address} timed "
                                   f"out: is port {self.port} reachable?") from None
@@ -601,7 +612,7 @@ class PushClient:
             raise ConnectionError(f"cannot reach the control plane at {self.address}: "
                                   f"{e.strerror or e}") from None
         try:
-            if with_cert:
+            if with_cert or pinned_root:
                 self._check_server(writer)
             yield reader, writer
         finally:
@@ -630,13 +641,30 @@ class PushClient:
                             f"{self.subject}`")
         key = generate_key()
         csr = make_csr(self._identity(), key)
-        async with self._connect(with_cert=False) as (reader, writer):
+        pinned = await self._pinned_root() if self.ca_pin else ""
+        async with self._connect(with_cert=False, pinned_root=pinned) as (reader, writer):
             await _send(writer, {"type": "join", "subject": self.subject, "token": self.token,
                                  "csr": csr.decode()})
             reply = await _expect(reader, "certificate")
         cert = self._store_credentials(reply, key)
         log.info("joined the mesh", subject=self.subject, identity=str(cert.identity))
         return cert
+
+    async def _pinned_root(self) -> str:
+        """The root whose fingerprint the token carries, from the server's public bundle.
+
+        The join itself then runs over TLS verified against that root, so the token is
+        never sent to a server that is not this mesh's control plane.
+        """
+        async with self._connect(with_cert=False) as (reader, writer):
+            await _send(writer, {"type": "bundle"})
+            reply = await _expect(reader, "bundle")
+        for root in x509.load_pem_x509_certificates(str(reply["trust_bundle"]).encode()):
+            if root.fingerprint(hashes.SHA256()).hex() == self.ca_pin:
+                return root.public_bytes(serialization.Encoding.PEM).decode()
+        raise PushError("join-token", f"the server at {self.address} does not hold the CA "
+                        f"the token names (sha256:{self.ca_pin[:16]}...): is this the right "
+                        "control plane?")
 
     async def ensure_joined(self) -> None:
         """Join when there is no valid node certificate; renew it past its half-life."""

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from config.api import ApiError, ApiServer, admin_uri
-from config.ca import CertificateAuthority
+from config.ca import CertificateAuthority, fingerprint
 from config.push import PUSH_PORT, PushServer, push_server_context
 from config.store import DEFAULT_SERVICE_CIDR, Store
 from config.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
@@ -198,8 +198,13 @@ def _sd_notify(fn: Callable[[str], bool], text: str) -> None:
 
 
 def token_issuer(store: Store, tokens: TokenStore, ttl: float = DEFAULT_TOKEN_TTL,
+                 ca: CertificateAuthority | None = None,
                  ) -> Callable[[str, str], Mapping[str, Any]]:
-    """Join tokens for `ambit token create`: any node name; waypoints must be declared."""
+    """Join tokens for `ambit token create`: any node name; waypoints must be declared.
+
+    With `ca`, the printed token ends in `#sha256:<root fingerprint>`: the proxy checks the
+    control plane holds that root before it sends the secret part.
+    """
 
     def issue(kind: str, name: str) -> Mapping[str, Any]:
         validate_subject(name)
@@ -213,6 +218,8 @@ def token_issuer(store: Store, tokens: TokenStore, ttl: float = DEFAULT_TOKEN_TT
         elif "/" in name:
             raise ApiError(400, f"bad node name {name!r}: use --waypoint NS/NAME for waypoints")
         token = tokens.create(name, ttl)
+        if ca is not None:
+            token += f"#sha256:{fingerprint(ca.signing_root)}"
         log.info("join token created", kind=kind, subject=name, ttl=ttl)
         return {"token": token, "subject": name, "kind": kind, "ttl": ttl}
 
@@ -234,7 +241,8 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
     try:
         push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace)
         api = ApiServer(store, trust_domain=cfg.trust_domain,
-                        token_issuer=token_issuer(store, tokens), status_provider=push.status)
+                        token_issuer=token_issuer(store, tokens, ca=ca),
+                        status_provider=push.status)
         servers.append(await api.start_unix(cfg.socket))
         ready = f"ready socket={cfg.socket}"
         log.info("admin API listening", socket=cfg.socket)

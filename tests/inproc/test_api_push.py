@@ -343,3 +343,23 @@ async def test_status_lists_nodes_with_workloads_that_are_not_connected(tmp_path
             await wait_state(p, "node-b", "synced")
             task.cancel()
         assert [x["name"] for x in p.push.status()["proxies"]] == ["node-a", "node-b"]
+
+
+async def test_a_pinned_token_joins_only_the_control_plane_it_names(tmp_path: Path) -> None:
+    from config.ca import fingerprint
+
+    async with plane(tmp_path) as p:
+        good = fingerprint(p.ca.signing_root)
+        ok = PushClient(p.address, "node-a", tmp_path / "a", timeout=5,
+                        token=p.tokens.create("node-a") + f"#sha256:{good}")
+        cert = await ok.join()
+        assert cert.identity.service_account == "ztunnel"
+        other = "0" * 64
+        token = p.tokens.create("node-b")
+        bad = PushClient(p.address, "node-b", tmp_path / "b", timeout=5,
+                         token=f"{token}#sha256:{other}")
+        with pytest.raises(PushError, match="does not hold the CA the token names"):
+            await bad.join()
+        # the secret was never sent: the same token still joins
+        again = PushClient(p.address, "node-b", tmp_path / "b2", timeout=5, token=token)
+        await again.join()

@@ -263,8 +263,14 @@ def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
         env = cp.env()
         p = ambit("token", "create", "--node", "node-a", env=env)
         assert p.returncode == 0, p.stderr
-        node_token = p.stdout.strip()
+        node_token, _, pin = p.stdout.strip().partition("#")
         assert node_token.startswith("ambit-join.")
+        root = (cp.data / "ca" / "root-cert.pem").read_bytes()
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        fp = x509.load_pem_x509_certificate(root).fingerprint(hashes.SHA256()).hex()
+        assert pin == f"sha256:{fp}"
         p = ambit("token", "create", "--waypoint", "shop/waypoint", env=env)
         assert p.returncode == 1
         assert error_of(p) == ("Gateway shop/waypoint not found: apply the waypoint's Gateway "
@@ -274,9 +280,10 @@ def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
         assert p.returncode == 0, p.stderr
         with TokenStore(cp.data / "tokens.db") as tokens:
             tokens.redeem(node_token, "node-a")
+            wp_token = p.stdout.strip().partition("#")[0]
             with pytest.raises(TokenError, match="bound to waypoint shop/waypoint, not node"):
-                tokens.redeem(p.stdout.strip(), "node-a")
-            tokens.redeem(p.stdout.strip(), "shop/waypoint")
+                tokens.redeem(wp_token, "node-a")
+            tokens.redeem(wp_token, "shop/waypoint")
 
 
 async def test_status_lists_connected_nodes_their_version_and_cert_expiry(
