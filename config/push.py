@@ -4,11 +4,15 @@ Wire format: TLS 1.3, then newline-delimited JSON messages both ways.
 
 Client -> control plane, first message of a connection:
 
+* ``{"type": "bundle"}`` -> ``{"type": "bundle", "trust_bundle": PEM}`` (public; a proxy
+  whose token carries ``#sha256:<root fingerprint>`` checks it, then joins over TLS
+  verified against that root)
 * ``{"type": "join", "subject": NODE | "NS/NAME", "token": T, "csr": PEM}`` (no client
   certificate needed) -> ``{"type": "certificate", "chain": [PEM...], "trust_bundle": PEM}``
 * with a node (or waypoint) certificate, any number of:
   ``{"type": "csr", "id": N, "identity": SPIFFE, "csr": PEM}`` ->
-  ``{"type": "certificate", "id": N, "chain": [...]}``
+  ``{"type": "certificate", "id": N, "chain": [...]}``;
+  ``{"type": "renew", "csr": PEM}`` renews the proxy's own node/waypoint certificate
 * ``{"type": "subscribe", "version": V, "hash": H[, "address": IP]}``: the last snapshot the
   proxy holds (0/"" for none; waypoints register their address). The control plane then
   sends ``{"type": "snapshot", "version", "hash", "snapshot": {...}}`` (full),
