@@ -13,6 +13,7 @@ netns.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import os
 import re
@@ -578,12 +579,14 @@ def test_workload_enrolled_within_a_second_and_unenrolled(mesh: Mesh) -> None:
     plain = mesh.sb.workload("plain")
     doc = copy.deepcopy(mesh.base)
     _workload(doc, "plain", "n1", "default", ip=plain.ip, netns=plain.netns, sa="plain")
-    t0 = time.monotonic()
+    t0 = time.time()
     mesh.write_config(doc)
     try:
-        mesh.wait_log("n1", event="workload enrolled", workload="default/plain", timeout=3)
-        enrolled_at = time.monotonic()
-        assert enrolled_at - t0 < 1.5, f"enrolled after {enrolled_at - t0:.2f}s"
+        line = mesh.wait_log("n1", event="workload enrolled", workload="default/plain",
+                             timeout=3)
+        enrolled_at = dt.datetime.fromisoformat(line["timestamp"]).timestamp()
+        print(f"enrolled {enrolled_at - t0:.2f}s after the config changed")
+        assert enrolled_at - t0 < 1.0, f"enrolled after {enrolled_at - t0:.2f}s"
         # now its traffic is captured: s1 sees an mTLS inbound from the plain workload
         assert mesh.echo("plain", mesh.ip("s2"), line="now-mesh") == (
             f"{plain.ip} now-mesh")
