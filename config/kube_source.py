@@ -436,6 +436,19 @@ def desired_state(cache: Cache, memo: TranslationMemo | None = None) -> Desired:
     return d
 
 
+def trim(obj: dict[str, Any]) -> dict[str, Any]:
+    """Drop what the mesh never reads and that can dominate an object's size (managedFields,
+    the last-applied annotation) before it is cached. Mutates and returns `obj`."""
+    md = obj.get("metadata")
+    if isinstance(md, dict):
+        md.pop("managedFields", None)
+        ann = md.get("annotations")
+        if isinstance(ann, dict):
+            for k in _DROPPED_ANNOTATIONS:
+                ann.pop(k, None)
+    return obj
+
+
 # ---------------------------------------------------------------------------------------
 # the watch stream (sans-IO)
 # ---------------------------------------------------------------------------------------
@@ -623,7 +636,7 @@ class KubeSource:
             self._raise_for_status(wk, resp.status, body)
             doc = json.loads(body)
             for obj in doc.get("items") or ():
-                items[obj_key(obj)] = obj
+                items[obj_key(obj)] = trim(obj)
             meta = doc.get("metadata") or {}
             cont = str(meta.get("continue") or "")
             if not cont:
@@ -678,7 +691,7 @@ class KubeSource:
             return
         cache = self._cache[wk.kind]
         if typ in ("ADDED", "MODIFIED"):
-            cache[obj_key(obj)] = obj
+            cache[obj_key(obj)] = trim(obj)
         elif typ == "DELETED":
             cache.pop(obj_key(obj), None)
         else:

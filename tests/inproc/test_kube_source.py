@@ -28,6 +28,7 @@ from config.kube_source import (
     TranslationMemo,
     desired_state,
     run_source,
+    trim,
 )
 from config.kube_waypoint import WaypointDeployer, WaypointSettings
 from config.resources import ResourceKey
@@ -608,6 +609,15 @@ def test_unchanged_objects_reuse_their_translation() -> None:
     assert second[a] is first[a]
     assert second[b] is not first[b] and second[b]["metadata"]["labels"] == {"app": "other"}
     assert len(memo) == 3  # entries of replaced versions are dropped
+
+
+def test_cached_objects_are_trimmed() -> None:
+    p = pod("shop", "a", "10.0.0.1")
+    assert "managedFields" in p["metadata"]
+    t = trim(p)
+    assert "managedFields" not in t["metadata"]
+    assert "kubectl.kubernetes.io/last-applied-configuration" not in t["metadata"]["annotations"]
+    assert t["status"]["podIP"] == "10.0.0.1"
 
 
 def test_line_splitter_joins_partial_chunks() -> None:
