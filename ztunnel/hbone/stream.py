@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -57,7 +58,7 @@ LOW_WATER = 1 << 18
 TLS_HIGH_WATER = 4 << 20
 TLS_LOW_WATER = 1 << 20
 ABUSE_LIMIT = 64 << 20  # TLS write buffer beyond this: the peer does not read at all
-# Reads go into a reused buffer (BufferedProtocol) and are relayed without copies.
+# Reads go into shared reused buffers (BufferedProtocol) and are relayed without copies.
 # Plain Protocols make asyncio/uvloop allocate a fresh 256 KiB object per TLS read;
 # that malloc/free churn (mmap, brk, page faults) cost more than the crypto.
 READ_SIZE = 256 * 1024
@@ -65,6 +66,24 @@ READ_SIZE = 256 * 1024
 TCP_READ_SIZE = 256 * 1024
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class _ReadBuffers(threading.local):
+    """Read buffers shared by every connection of a thread's event loop.
+
+    A buffer is only used between `get_buffer` and `buffer_updated`, which run back to
+    back for one connection at a time, and its bytes are relayed before the callback
+    returns; so one buffer per direction serves all connections (no 256 KiB per idle
+    connection). If a transport keeps a view of the buffer (it could not send at once),
+    the owner replaces the shared buffer with a fresh one and leaves the old to it.
+    """
+
+    def __init__(self) -> None:
+        self.tcp = memoryview(bytearray(9 + TCP_READ_SIZE))  # 9 bytes for a frame header
+        self.tls = memoryview(bytearray(READ_SIZE))
+
+
+_buffers = _ReadBuffers()
 
 
 def _reset_transport(transport: asyncio.BaseTransport) -> None:
@@ -85,7 +104,7 @@ class _TcpSplice(asyncio.BufferedProtocol):
 
     def __init__(self, stream: HboneStream) -> None:
         self.stream = stream
-        self.renew_buffer()
+        self.frame = _buffers.tcp
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.eof_in = False  # TCP FIN received (forwarded as END_STREAM)
@@ -101,16 +120,14 @@ class _TcpSplice(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
     def renew_buffer(self) -> None:
-        """A fresh read buffer (the old one may still be referenced by a transport).
-
-        9 spare bytes in front: the DATA frame header is written there, so a read
-        goes out as one frame without any copy or join.
-        """
-        self.frame = memoryview(bytearray(9 + TCP_READ_SIZE))
-        self._rbuf = self.frame[9:]
+        """The transport kept a view of the shared buffer: use a fresh one from now on."""
+        _buffers.tcp = memoryview(bytearray(9 + TCP_READ_SIZE))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rbuf
+        # 9 spare bytes in front: the DATA frame header is written there, so a read
+        # goes out as one frame without any copy or join.
+        self.frame = frame = _buffers.tcp
+        return frame[9:]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.stream._send_from_tcp(self, nbytes)
@@ -527,7 +544,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.idle_since = self._loop.time()
-        self._rbuf = memoryview(bytearray(READ_SIZE))
+        self._rbuf = _buffers.tls
         self._retained = False
         self._local_close = False  # close() / abort() / drained: not the peer's doing
 
@@ -593,7 +610,8 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._schedule_keepalive()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rbuf
+        self._rbuf = buf = _buffers.tls
+        return buf
 
     def buffer_updated(self, nbytes: int) -> None:
         # DATA payloads are handed on as views of the read buffer (no copy); if a
@@ -601,7 +619,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._dispatch(self.core.receive(self._rbuf[:nbytes]))
         if self._retained:
             self._retained = False
-            self._rbuf = memoryview(bytearray(READ_SIZE))
+            _buffers.tls = memoryview(bytearray(READ_SIZE))
 
     def data_received(self, data: bytes | memoryview) -> None:
         self._dispatch(self.core.receive(data))
