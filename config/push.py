@@ -55,7 +55,7 @@ from config.nodeauth import (
     issue_node_certificate,
     principal_of,
 )
-from config.resources import FieldError, Resource, parse_resource
+from config.resources import FieldError, Resource, ResourceKey, parse_resource
 from config.snapshot import (
     L7_RESOURCES,
     UNKNOWN_NODE,
@@ -67,7 +67,7 @@ from config.snapshot import (
     make_delta,
     sorted_dict,
 )
-from config.store import Store
+from config.store import HistoryCompacted, Store
 from config.tokens import TokenStore
 from ztunnel import snapshot as zs
 from ztunnel.identity import (
@@ -160,13 +160,7 @@ class PushServer:
         self.index = MeshIndex(trust_domain=ca.trust_domain, root_namespace=root_namespace)
         self.index.trust_bundle_pem = ca.trust_bundle().roots_pem.decode()
         version, items = store.snapshot()
-        parsed = []
-        for item in items:
-            try:
-                parsed.append(item.parse())
-            except FieldError as e:
-                log.error("stored resource no longer valid; leaving it out",
-                          resource=str(item.key), reason=str(e))
+        parsed = [r for r in (_parse_stored(i.key, i.body) for i in items) if r is not None]
         self.index.load(parsed, version)
         self.sessions: dict[tuple[str, str], Session] = {}
         self.views = NodeViews(self.index)
@@ -179,15 +173,29 @@ class PushServer:
         """Apply every store change to the index and update the sessions (runs forever)."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._publish())
-            async for ch in self.store.watch(self.index.version):
+            while True:
                 try:
-                    resource = parse_resource(dict(ch.body)) if ch.body is not None else None
-                except FieldError as e:  # stored by an older version with other rules
-                    log.error("stored resource no longer valid; treating it as deleted",
-                              resource=str(ch.key), reason=str(e))
-                    resource = None
-                self.index.apply(ch.key, resource, ch.version)
-                self._dirty.set()
+                    async for ch in self.store.watch(self.index.version):
+                        self.index.apply(ch.key, _parse_stored(ch.key, ch.body), ch.version)
+                        self._dirty.set()
+                except HistoryCompacted as e:
+                    log.warning("change history moved past this watcher; relisting",
+                                reason=str(e))
+                    self._relist()
+                    self._dirty.set()
+
+    def _relist(self) -> None:
+        """Bring the index to the store's current state without the change history."""
+        version, items = self.store.snapshot()
+        present = {item.key for item in items}
+        for key in [k for k in self.index.resources if k not in present]:
+            self.index.apply(key, None, version)
+        for item in items:
+            cur = self.index.resources.get(item.key)
+            if cur is not None and dict(cur.body) == {k: v for k, v in item.body.items()}:
+                continue
+            self.index.apply(item.key, _parse_stored(item.key, item.body), version)
+        self.index.version = version
 
     async def _publish(self) -> None:
         """After each burst of changes: fold them into the views once, wake every session."""
@@ -459,6 +467,18 @@ class PushServer:
             msg = {"type": "snapshot", "version": version, "hash": h, "snapshot": d}
         s.sent = d
         return msg
+
+
+def _parse_stored(key: ResourceKey, body: Mapping[str, Any] | None) -> Resource | None:
+    """A stored manifest parsed (None for a delete, or if it no longer validates)."""
+    if body is None:
+        return None
+    try:
+        return parse_resource(dict(body))
+    except FieldError as e:  # stored by an older version with other rules
+        log.error("stored resource no longer valid; leaving it out", resource=str(key),
+                  reason=str(e))
+        return None
 
 
 def _skey(p: NodePrincipal) -> tuple[str, str]:

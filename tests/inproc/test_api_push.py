@@ -80,11 +80,12 @@ class Plane:
 
 
 @asynccontextmanager
-async def plane(tmp_path: Path, data: Path | None = None) -> AsyncIterator[Plane]:
+async def plane(tmp_path: Path, data: Path | None = None,
+                history_limit: int = 100_000) -> AsyncIterator[Plane]:
     data = data or tmp_path / "cp"
     data.mkdir(exist_ok=True)
     ca = CertificateAuthority.load_or_create(data, "cluster.local")
-    store = Store(str(data))
+    store = Store(str(data), history_limit=history_limit)
     tokens = TokenStore(data / "tokens.db")
     push = PushServer(store, ca, tokens)
     server = await push.start("127.0.0.1", 0, push_server_context(ca, data))
@@ -363,3 +364,22 @@ async def test_a_pinned_token_joins_only_the_control_plane_it_names(tmp_path: Pa
         # the secret was never sent: the same token still joins
         again = PushClient(p.address, "node-b", tmp_path / "b2", timeout=5, token=token)
         await again.join()
+
+
+async def test_follower_relists_when_history_moved_past_it(tmp_path: Path) -> None:
+    async with plane(tmp_path, history_limit=3) as p:
+        await apply(p, MESH)
+        rec = Recorder()
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(p.client("node-a").follow(rec))
+            await rec.wait_for(lambda s: True)
+            # one apply of more changes than the history keeps
+            batch = "---\n".join(WE.format(name=f"bulk-{i}", ip=f"10.2.5.{i + 1}")
+                                 for i in range(8))
+            await apply(p, batch)
+            snap = await rec.wait_for(lambda s: s.workload_by_ip("10.2.5.8") is not None)
+            assert {w.name for w in snap.workloads if w.name.startswith("bulk-")} == {
+                f"bulk-{i}" for i in range(8)}
+            st = await wait_state(p, "node-a", "synced")
+            assert st["version"] == p.store.version
+            task.cancel()
