@@ -423,6 +423,11 @@ def _status(args: argparse.Namespace) -> int:
     counts = data.get("resources", {})
     if counts:
         print("resources: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    ca = data.get("ca")
+    if isinstance(ca, dict):
+        print(f"CA: trust domain {ca.get('trust_domain')}, root sha256:"
+              f"{str(ca.get('root_fingerprint'))[:16]}... expires {ca.get('root_expiry')}"
+              + (f", {ca.get('roots')} roots trusted" if ca.get("roots", 1) != 1 else ""))
     proxies = data.get("proxies")
     if proxies is None:
         return 0

@@ -222,7 +222,12 @@ class PushServer:
             if ("node", node) not in connected:
                 out.append({"kind": "node", "name": node, "version": "-",
                             "state": "disconnected", "cert_expiry": "-"})
-        return {"proxies": sorted(out, key=lambda p: (p["kind"], p["name"]))}
+        root = self.ca.signing_root
+        ca = {"trust_domain": self.ca.trust_domain,
+              "root_fingerprint": root.fingerprint(hashes.SHA256()).hex(),
+              "root_expiry": root.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "roots": len(self.ca.roots())}
+        return {"proxies": sorted(out, key=lambda p: (p["kind"], p["name"])), "ca": ca}
 
     # -- per principal view ------------------------------------------------------------
 

@@ -122,6 +122,7 @@ def test_apply_get_label_delete_status(tmp_path: Path) -> None:
         p = ambit("status", env=env)
         assert p.returncode == 0, p.stderr
         assert "resources: Namespace 3, Service 1, WorkloadEntry 1" in p.stdout
+        assert "CA: trust domain cluster.local, root sha256:" in p.stdout
         p = ambit("delete", "-f", str(tmp_path / "svc.yaml"), env=env)
         assert p.stdout.splitlines() == ["service/web -n shop deleted",
                                          "workloadentry/web-1 -n shop deleted"], p.stderr
