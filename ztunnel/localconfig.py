@@ -154,7 +154,8 @@ class LocalCA:
 
     The `--local-config` document may say `"local_ca": {"cert": "ca.pem", "key":
     "ca-key.pem"}` (paths relative to the document); ztunnel then mints its local
-    workloads' certificates itself through the IdentityManager's fetch hook.
+    workloads' certificates itself through the IdentityManager's fetch hook. With
+    `"generate": true` a missing CA is created there first (development only).
     """
 
     def __init__(self, cert_pem: bytes, key_pem: bytes, *, ttl: float = DEFAULT_LEAF_TTL) -> None:
@@ -232,6 +233,68 @@ class LocalCA:
         return [leaf.public_bytes(serialization.Encoding.PEM)]
 
 
+def generate_dev_ca(cert_path: str, key_path: str, trust_domain: str) -> None:
+    """Create a self-signed root CA at the two paths unless both exist (dev setups only).
+
+    Safe when several ztunnels share the paths and start together: the key and the
+    certificate are written to temporary files and linked into place without
+    replacing; whoever links first wins and the others use its files.
+    """
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ambit dev"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"Ambit dev root {trust_domain}")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    # Key first: a certificate never appears without its key.
+    for path, data in ((key_path, key_pem), (cert_path, cert.public_bytes(
+            serialization.Encoding.PEM))):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".ca-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o600)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                if path == key_path:
+                    # Another process is creating the CA: use its files once complete.
+                    import time as _time
+
+                    deadline = _time.monotonic() + 2.0
+                    while not os.path.exists(cert_path) and _time.monotonic() < deadline:
+                        _time.sleep(0.02)
+                    return
+        finally:
+            os.unlink(tmp)
+    _log.warning("generated a development CA: use a real CA in production",
+                 cert=cert_path, key=key_path)
+
+
 @dataclass(frozen=True)
 class LocalDocument:
     """A parsed `--local-config` file: the snapshot plus the optional local CA."""
@@ -250,10 +313,15 @@ def parse_local_document(doc: dict[str, Any], base_dir: str) -> LocalDocument:
     if ca_spec is not None:
         if not isinstance(ca_spec, dict) or not {"cert", "key"} <= set(ca_spec):
             raise ConfigError(f"{LOCAL_CA_KEY} must be a mapping with 'cert' and 'key' paths")
-        ca = LocalCA.from_files(
-            os.path.join(base_dir, str(ca_spec["cert"])),
-            os.path.join(base_dir, str(ca_spec["key"])),
-        )
+        cert_path = os.path.join(base_dir, str(ca_spec["cert"]))
+        key_path = os.path.join(base_dir, str(ca_spec["key"]))
+        if ca_spec.get("generate") is True:
+            td = str(data.get("trust_domain", "cluster.local"))
+            try:
+                generate_dev_ca(cert_path, key_path, td)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the dev CA at {cert_path}: {exc}") from exc
+        ca = LocalCA.from_files(cert_path, key_path)
     try:
         snap = Snapshot.from_dict(data)
     except SnapshotError as exc:

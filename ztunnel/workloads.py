@@ -218,6 +218,7 @@ class WorkloadManager:
         try:
             await proxy.open()
         except Exception as exc:
+            self._forget_addresses(w)
             self._fail(w, f"cannot open listeners for {w.namespace}/{w.name} in {netns}: {exc}")
             return
         assert self._tg is not None
@@ -227,6 +228,7 @@ class WorkloadManager:
                 await capture.aenroll(self._capture_workload(w, netns))
             except capture.CaptureError as exc:
                 await proxy.drain(0)
+                self._forget_addresses(w)
                 self._fail(w, f"cannot install capture rules for {w.namespace}/{w.name}: {exc}")
                 return
         self.proxies[w.uid] = proxy
@@ -234,6 +236,10 @@ class WorkloadManager:
         self.ctx.metrics.workloads.set(len(self.proxies))
         log.info("workload enrolled", workload=f"{w.namespace}/{w.name}", ip=w.ip, netns=netns,
                  identity=w.identity)
+
+    def _forget_addresses(self, w: Workload) -> None:
+        for ip in w.addresses:
+            self.ctx.netns_by_ip.pop(ip, None)
 
     def _fail(self, w: Workload, reason: str) -> None:
         self.errors[w.uid] = reason
@@ -252,8 +258,7 @@ class WorkloadManager:
             except capture.CaptureError as exc:
                 log.warning("cannot remove capture rules", workload=w.name, error=str(exc))
         self.proxies.pop(w.uid, None)
-        for ip in w.addresses:
-            self.ctx.netns_by_ip.pop(ip, None)
+        self._forget_addresses(w)
         await proxy.drain(self.ctx.limits.drain_timeout if not unenroll else 1.0)
         self.ctx.metrics.workloads.set(len(self.proxies))
         log.info("workload unenrolled", workload=f"{w.namespace}/{w.name}", ip=w.ip)

@@ -153,3 +153,47 @@ def test_local_config_errors_say_which_file(tmp_path: Path) -> None:
         assert "version" in str(exc) and "bad.yaml" in str(exc)
     else:
         raise AssertionError("an invalid document must fail")
+
+
+def test_local_ca_generated_for_dev_signs_workload_certs(tmp_path: Path) -> None:
+    import asyncio as _asyncio
+
+    from ztunnel.identity import SpiffeId, generate_key, make_csr
+    from ztunnel.localconfig import parse_local_document
+
+    doc = {"version": 1, "node": "n1",
+           "local_ca": {"cert": "dev/ca.pem", "key": "dev/ca-key.pem", "generate": True}}
+    first = parse_local_document(dict(doc), str(tmp_path))
+    assert first.local_ca is not None
+    assert os.stat(tmp_path / "dev" / "ca-key.pem").st_mode & 0o777 == 0o600
+    again = parse_local_document(dict(doc), str(tmp_path))  # reuses, never regenerates
+    assert again.local_ca is not None and again.local_ca.cert_pem == first.local_ca.cert_pem
+    ident = SpiffeId("cluster.local", "default", "web")
+    csr = make_csr(ident, generate_key())
+    pems = _asyncio.run(first.local_ca.sign(ident, csr))
+    from cryptography import x509
+
+    from ztunnel.identity import spiffe_id_of
+
+    assert spiffe_id_of(x509.load_pem_x509_certificate(pems[0])) == ident
+    try:
+        parse_local_document({"version": 1, "node": "n1",
+                              "local_ca": {"cert": "nope.pem", "key": "nope-key.pem"}},
+                             str(tmp_path))
+    except ConfigError as exc:
+        assert "nope.pem" in str(exc)
+    else:
+        raise AssertionError("a missing CA file must be a config error")
+
+
+def test_dev_example_config_loads(tmp_path: Path) -> None:
+    import json
+
+    from ztunnel.localconfig import parse_local_document
+
+    example = Path(__file__).parents[2] / "ztunnel" / "examples" / "local-config-dev-ca.json"
+    doc = json.loads(example.read_text())
+    assert doc["local_ca"]["generate"] is True
+    doc["local_ca"] = {"cert": "ca.pem", "key": "ca-key.pem", "generate": True}
+    parsed = parse_local_document(doc, str(tmp_path))
+    assert {w.name for w in parsed.snapshot.local_workloads} == {"client", "web"}
