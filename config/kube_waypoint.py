@@ -21,6 +21,7 @@ Every object carries the label `gateway.networking.k8s.io/gateway-name`, the Gat
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import sys
@@ -238,9 +239,46 @@ OBJECT_PATHS = {
 }
 
 
-def object_path(obj: Mapping[str, Any]) -> str:
+def object_path(obj: Mapping[str, Any], *, status: bool = False) -> str:
+    """The API path of a namespaced object (`status=True`: its status subresource)."""
     md = obj["metadata"]
-    return OBJECT_PATHS[obj["kind"]].format(ns=md["namespace"], name=md["name"])
+    if obj["kind"] == "Gateway":
+        version = str(obj.get("apiVersion", "gateway.networking.k8s.io/v1"))
+        path = f"/apis/{version}/namespaces/{md['namespace']}/gateways/{md['name']}"
+    else:
+        path = OBJECT_PATHS[obj["kind"]].format(ns=md["namespace"], name=md["name"])
+    return path + "/status" if status else path
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def gateway_status(gateway: Mapping[str, Any], address: str, now: str) -> dict[str, Any]:
+    """The Gateway status the controller reports (server-side applied to /status):
+    Accepted, and Programmed once its Service has an address (as Istio reports)."""
+    md = gateway.get("metadata") or {}
+    gen = int(md.get("generation") or 0)
+
+    def cond(typ: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        c: dict[str, Any] = {"type": typ, "status": "True" if ok else "False",
+                             "reason": reason, "message": message, "lastTransitionTime": now}
+        if gen:
+            c["observedGeneration"] = gen
+        return c
+
+    status: dict[str, Any] = {"conditions": [
+        cond("Accepted", True, "Accepted", "waypoint managed by " + MANAGED_BY),
+        cond("Programmed", bool(address), "Programmed" if address else "Pending",
+             f"waypoint Service has address {address}" if address
+             else "waypoint Service has no address yet"),
+    ]}
+    if address:
+        status["addresses"] = [{"type": "IPAddress", "value": address}]
+    return {"apiVersion": gateway.get("apiVersion", "gateway.networking.k8s.io/v1"),
+            "kind": "Gateway", "metadata": {"name": md.get("name"),
+                                            "namespace": md.get("namespace")},
+            "status": status}
 
 
 def is_waypoint_gateway(obj: Mapping[str, Any]) -> bool:
@@ -252,7 +290,8 @@ class WaypointDeployer:
 
     `sync(api, gateways)` applies what changed since the last successful apply (by
     content), as field manager `ambit-control-plane` with `force=true` (the control plane
-    owns these objects). Objects of deleted Gateways are removed by Kubernetes' garbage
+    owns these objects), then the Gateway's status (Accepted, Programmed, addresses).
+    Objects of deleted Gateways are removed by Kubernetes' garbage
     collector through their owner reference. A Gateway that fails to apply is retried on
     the next sync and listed in `errors`.
     """
@@ -281,8 +320,13 @@ class WaypointDeployer:
             if self.applied.get(key) == digest:
                 continue
             try:
+                address = ""
                 for obj in objs:
-                    await self._apply(api, obj)
+                    stored = await self._apply(api, object_path(obj), obj)
+                    if obj["kind"] == "Service":
+                        address = str((stored.get("spec") or {}).get("clusterIP") or "")
+                await self._apply(api, object_path(gw, status=True),
+                                  gateway_status(gw, address, _now()))
             except WaypointApplyError as e:
                 self.errors[label] = str(e)
                 self.applied.pop(key, None)
@@ -296,8 +340,7 @@ class WaypointDeployer:
         for key in set(self.applied) - seen:
             del self.applied[key]
 
-    async def _apply(self, api: Any, obj: Mapping[str, Any]) -> None:
-        path = object_path(obj)
+    async def _apply(self, api: Any, path: str, obj: Mapping[str, Any]) -> dict[str, Any]:
         try:
             resp = await api.call_api(
                 path, "PATCH",
@@ -321,6 +364,11 @@ class WaypointDeployer:
             hint = (": check that the ClusterRole ambit-control-plane may patch "
                     f"{obj['kind']} objects" if resp.status in (401, 403) else "")
             raise WaypointApplyError(f"PATCH {path} answered {resp.status} {msg}{hint}")
+        try:
+            out = json.loads(text)
+        except ValueError:
+            return {}
+        return out if isinstance(out, dict) else {}
 
 
 class WaypointApplyError(Exception):

@@ -14,9 +14,10 @@ controller relies on:
   ERROR event with a 410 `Expired` Status, as the real server does; `timeoutSeconds`
   ends the stream cleanly; BOOKMARK events only with `allowWatchBookmarks=true`;
 - server-side apply (PATCH `application/apply-patch+yaml` with `fieldManager`) of
-  namespaced objects: created or updated (a no-op apply changes nothing), server-set
-  fields kept (uid, a Service's allocated ClusterIP), invalid objects refused with 422
-  after checking them against the Kubernetes schemas;
+  namespaced objects and of their `/status` subresource (only status changes): created
+  or updated (a no-op apply changes nothing), server-set fields kept (uid, a Service's
+  allocated ClusterIP), invalid objects refused with 422 after checking them against the
+  Kubernetes schemas;
 - bearer-token authentication (401), unknown collections (404, like a CRD not installed),
   503 while `unavailable`.
 
@@ -41,7 +42,8 @@ import yaml
 from aiohttp import web
 
 Key = tuple[str, str]
-_OBJECT_PATH = re.compile(r"^/(api/v1|apis/[^/]+/[^/]+)/namespaces/([^/]+)/([^/]+)/([^/]+)$")
+_OBJECT_PATH = re.compile(
+    r"^/(api/v1|apis/[^/]+/[^/]+)/namespaces/([^/]+)/([^/]+)/([^/]+)(/status)?$")
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
@@ -214,6 +216,15 @@ class KubeApiServer:
                 md.get("name"), md.get("namespace", ns)) != (name, ns):
             return web.json_response(_status(400, "BadRequest", "the object does not match "
                                              "the request path"), status=400)
+        prev = c.objects.get((ns, name))
+        if m.group(5):  # the status subresource: only status changes
+            if prev is None:
+                return web.json_response(_status(404, "NotFound", f"{c.kind} {name!r} not "
+                                                 "found"), status=404)
+            self.applied.append((manager, request.path))
+            updated = copy.deepcopy(prev)
+            updated["status"] = copy.deepcopy(obj.get("status") or {})
+            return web.json_response(self.put(coll, updated))
         if self.validate:
             try:
                 kubernetes_validate.validate(obj, kubernetes_validate.utils.latest_version(),
@@ -222,7 +233,6 @@ class KubeApiServer:
                 return web.json_response(_status(422, "Invalid", f"{c.kind} {name!r} is "
                                                  f"invalid: {e.message}"), status=422)
         self.applied.append((manager, request.path))
-        prev = c.objects.get((ns, name))
         new = copy.deepcopy(obj)
         new["metadata"]["namespace"] = ns
         if c.kind == "Service":

@@ -466,6 +466,14 @@ async def test_waypoint_gateways_get_their_deployment_and_service(tmp_path: Path
                 await until(lambda: body(store, "Gateway", "shop", "waypoint")["spec"].get(
                     "addresses") == [{"type": "IPAddress", "value": svc_ip}],
                     "the waypoint address")
+                # the Gateway reports what happened (kubectl get gateway shows it)
+                await until(lambda: api.collections[GWS].objects[("shop", "waypoint")].get(
+                    "status", {}).get("addresses") == [{"type": "IPAddress", "value": svc_ip}],
+                    "the Gateway status")
+                status = api.collections[GWS].objects[("shop", "waypoint")]["status"]
+                assert {c["type"]: c["status"] for c in status["conditions"]} == {
+                    "Accepted": "True", "Programmed": "True"}
+                gw = api.collections[GWS].objects[("shop", "waypoint")]
                 # nothing changed: no new applies; the Gateway changed: applied again
                 n = deployer.applies
                 api.put(PODS, pod("shop", "unrelated", "10.244.1.70"))
