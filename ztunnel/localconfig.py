@@ -107,8 +107,10 @@ class LocalConfig(Generic[T]):
         raw, doc = read_document(self.path)
         try:
             snap = self._parse(doc, os.path.dirname(os.path.abspath(self.path)))
-        except ConfigError:
-            raise
+        except ConfigError as exc:
+            if self.path in str(exc):
+                raise
+            raise ConfigError(f"config {self.path}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"config {self.path} is invalid: {exc}") from exc
         self._stamp = st
