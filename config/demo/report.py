@@ -255,14 +255,18 @@ def edges(samples: Iterable[Sample]) -> list[Edge]:
 
 
 def _carried(found: Sequence[Edge], src: str, dst_prefix: str) -> int:
-    """Connections that carried src -> dst*: directly, or via one intermediate (a waypoint)."""
+    """Connections that carried src* -> dst*: directly, or via one intermediate (a waypoint).
+
+    Names are prefixes: ztunnel reports a workload's canonical name (its `app` label), so
+    catalog-v1 and catalog-v2 both show as `catalog`.
+    """
     live = [e for e in found if e.connections > 0]
     direct = sum(e.connections for e in live
-                 if e.source == src and e.destination.startswith(dst_prefix))
+                 if e.source.startswith(src) and e.destination.startswith(dst_prefix))
     if direct:
         return direct
     for hop in live:
-        if hop.source != src or hop.destination.startswith(dst_prefix):
+        if not hop.source.startswith(src) or hop.destination.startswith(dst_prefix):
             continue
         onward = sum(e.connections for e in live
                      if e.source == hop.destination and e.destination.startswith(dst_prefix))

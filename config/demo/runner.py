@@ -252,8 +252,13 @@ class Demo:
         try:
             self.wait_for("the waypoint to be ready", lambda: self.fetch(
                 netns, "http://127.0.0.1:15021/healthz/ready")[0] == 200, 30, ("waypoint",))
-        except DemoError as e:
-            self.waypoint_note = f"the waypoint did not start: {e}"
+        except DemoError:
+            last = (self.tail("waypoint", 1).strip() or "no output")[:200]
+            code = self.procs["waypoint"].poll()
+            self.waypoint_note = ("the waypoint did not become ready ("
+                                  + (f"exit status {code}" if code is not None else "timeout")
+                                  + f", last log line: {last}); `ambit demo --no-waypoint` "
+                                  "shows the L4 part alone")
             proc = self.procs.get("waypoint")
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -408,8 +413,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop the demo like Ctrl-C (so teardown runs)."""
-    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    """SIGINT (also when inherited as ignored), SIGTERM and SIGHUP stop the demo and tear
+    it down."""
+    old = {s: signal.signal(s, _raise_interrupt)
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
