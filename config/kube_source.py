@@ -911,7 +911,7 @@ __all__ = [
     "node_locality",
     "pod_readiness",
     "run_source",
-    "trim",
     "translate_pod",
     "translate_service",
+    "trim",
 ]
