@@ -128,6 +128,7 @@ def test_ztunnel_capabilities_are_exactly_what_capture_and_setns_need() -> None:
         assert forbidden not in svc, f"{forbidden}= would hide the host's network namespaces"
     assert set(svc["ReadWritePaths"][0].split()) == {"/var/lib/ambit/ztunnel", "/run/ambit/ztunnel"}
     assert unit["Unit"]["StartLimitIntervalSec"] == ["0"]
+    assert svc["WatchdogSec"] == ["30s"]  # ztunnel pings it (ztunnel.sdnotify.watchdog)
 
 
 @pytest.mark.parametrize("name", ("ambit-control-plane.service", "waypoint@.service"))
