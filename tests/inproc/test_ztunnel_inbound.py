@@ -13,7 +13,7 @@ from tests.pki import TestPKI
 from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.pool import HboneConnectionPool
 from ztunnel.identity import IdentityManager, SpiffeId
-from ztunnel.listeners._base import ProxyContext
+from ztunnel.listeners._base import Limits, ProxyContext
 from ztunnel.listeners.inbound_hbone import InboundHboneListener
 from ztunnel.listeners.inbound_plain import InboundPlainListener
 from ztunnel.listeners.metrics import ZtunnelMetrics
@@ -55,14 +55,16 @@ async def echo_server() -> tuple[asyncio.Server, int, list[str]]:
 
 
 @contextlib.asynccontextmanager
-async def running(pki: TestPKI, snap: Snapshot) -> AsyncIterator[tuple[ProxyContext, Any, Any]]:
+async def running(pki: TestPKI, snap: Snapshot, limits: Limits | None = None
+                  ) -> AsyncIterator[tuple[ProxyContext, Any, Any]]:
     key_pem = pki.root_key.private_bytes(serialization.Encoding.PEM,
                                          serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
     ca = LocalCA(pki.root_pem, key_pem)
     identities = IdentityManager(ca.sign)
     ctx = ProxyContext(node="n1", snapshot=snap, metrics=ZtunnelMetrics(),
-                       identities=identities, pool=HboneConnectionPool(), trust=pki.bundle)
+                       identities=identities, pool=HboneConnectionPool(), trust=pki.bundle,
+                       limits=limits or Limits())
     wl = snap.workloads[0]
     async with asyncio.TaskGroup() as tg:
         id_task = tg.create_task(identities.run())
@@ -147,3 +149,27 @@ async def test_plaintext_inbound_is_refused_under_strict() -> None:
         text = ctx.metrics.render().decode()
         assert 'response_flags="DENY"' in text
         assert 'connection_security_policy="none"' in text
+
+
+async def test_idle_hbone_stream_is_reset() -> None:
+    pki = TestPKI()
+    server, port, _peers = await echo_server()
+    async with running(pki, snapshot(), Limits(idle_timeout=0.3)) as (ctx, hbone, _plain):
+        stream = await open_hbone(pki, ctx, hbone, port)
+        stream.write(b"ping")
+        assert await stream.readexactly(4) == b"ping"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(stream.read(), 5)
+        except HboneError:
+            pass
+        else:
+            raise AssertionError("an idle stream must be reset")
+        assert 0.25 < loop.time() - start < 2.0
+        for _ in range(50):
+            if len(ctx.tracker) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert len(ctx.tracker) == 0
+    server.close()

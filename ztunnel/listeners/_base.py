@@ -8,6 +8,7 @@ import errno
 import random
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import structlog
 from netsetup.netns import socket_in_netns
 from ztunnel.authz import ConnectionInfo, Decision, denied_connections
 from ztunnel.hbone.pool import HboneConnectionPool
+from ztunnel.hbone.stream import HboneStream
 from ztunnel.identity import IdentityManager, TrustBundle
 from ztunnel.listeners.metrics import ZtunnelMetrics
 from ztunnel.snapshot import Snapshot
@@ -212,6 +214,28 @@ async def connect(sock: socket.socket, address: tuple[str, int], timeout: float)
         raise ConnectionError(
             f"connection to {address[0]}:{address[1]} failed: {exc.strerror or exc}"
         ) from exc
+
+
+async def splice_with_idle_timeout(
+    stream: HboneStream, sock: socket.socket, idle_timeout: float
+) -> tuple[int, int]:
+    """`stream.splice_socket(sock)`, reset when no byte moved either way for `idle_timeout`."""
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(stream.splice_socket(sock))
+        last = (stream.bytes_sent, stream.bytes_received)
+        last_change = time.monotonic()
+        step = max(0.05, min(idle_timeout / 4, 5.0))
+        while not task.done():
+            await asyncio.wait({task}, timeout=step)
+            now_counts = (stream.bytes_sent, stream.bytes_received)
+            now = time.monotonic()
+            if now_counts != last:
+                last, last_change = now_counts, now
+            elif now - last_change >= idle_timeout and not task.done():
+                log.info("closing idle connection", idle_seconds=round(now - last_change, 1))
+                stream.reset()
+                break
+    return task.result()
 
 
 def reset_close(sock: socket.socket) -> None:

@@ -23,6 +23,7 @@ from ztunnel.listeners._base import (
     listener_socket,
     log,
     onward_socket,
+    splice_with_idle_timeout,
 )
 from ztunnel.plan import InboundReject, plan_inbound
 from ztunnel.snapshot import Workload
@@ -161,7 +162,9 @@ class InboundHboneListener:
             error: str | None = None
             sent = received = 0
             try:
-                received, sent = await stream.splice_socket(up)
+                received, sent = await splice_with_idle_timeout(
+                    stream, up, ctx.limits.idle_timeout
+                )
             except HboneError as exc:
                 error = str(exc)
             finally:

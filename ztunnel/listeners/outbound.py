@@ -20,6 +20,7 @@ from ztunnel.listeners._base import (
     listener_socket,
     onward_socket,
     reset_close,
+    splice_with_idle_timeout,
 )
 from ztunnel.plan import Hbone, HboneViaWaypoint, Passthrough, Reject, plan_outbound
 from ztunnel.relay import relay
@@ -131,7 +132,9 @@ class OutboundListener(TcpAcceptor):
             reset_close(client)
         else:
             try:
-                sent, received = await stream.splice_socket(client)
+                sent, received = await splice_with_idle_timeout(
+                    stream, client, ctx.limits.idle_timeout
+                )
             except HboneError as exc:
                 error = str(exc)
         self._finish(rec, start, sent, received, error)
