@@ -110,6 +110,8 @@ class _TcpSplice(asyncio.BufferedProtocol):
         self.eof_in = False  # TCP FIN received (forwarded as END_STREAM)
         self.eof_out = False  # END_STREAM received (forwarded as FIN)
         self.lost = False
+        self.batch: list[bytes | memoryview] = []  # DATA of one read, written at once
+        self.batch_len = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -151,6 +153,31 @@ class _TcpSplice(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.stream._release_held()
+
+    def flush_batch(self) -> None:
+        """Write the DATA payloads gathered from one TLS read (one syscall)."""
+        batch = self.batch
+        if not batch:
+            return
+        n = self.batch_len
+        self.batch = []
+        self.batch_len = 0
+        st = self.stream
+        conn = st._conn
+        t = self.transport
+        if t is None or self.lost:  # the TCP side is gone: drop the bytes
+            conn.core.acknowledge(st.stream_id, n)
+            return
+        if len(batch) == 1:
+            t.write(batch[0])
+        else:
+            t.writelines(batch)
+        if t.get_write_buffer_size():
+            conn._retained = True  # a view is queued: keep its buffer
+        if self.write_paused:
+            st._held += n
+        else:
+            conn.core.acknowledge(st.stream_id, n)
 
 
 class HboneStream:
@@ -390,22 +417,17 @@ class HboneStream:
         self.bytes_received += n
         sink = self._sink
         if sink is not None:
-            transport = sink.transport
-            if transport is None or sink.lost:  # the TCP side is gone: drop the bytes
-                self._conn.core.acknowledge(self.stream_id, n)
-                return
             if n:
-                transport.write(data)
-                if transport.get_write_buffer_size():
-                    self._conn._retained = True  # the view is queued: keep its buffer
-                if sink.write_paused:
-                    self._held += n
-                else:
-                    self._conn.core.acknowledge(self.stream_id, n)
+                if not sink.batch:
+                    self._conn._batched.append(sink)
+                sink.batch.append(data)
+                sink.batch_len += n
             if end:
+                sink.flush_batch()
                 self._eof = True
                 sink.eof_out = True
-                if transport.can_write_eof():
+                transport = sink.transport
+                if transport is not None and not sink.lost and transport.can_write_eof():
                     transport.write_eof()
                 self._check_splice_done()
             return
@@ -436,8 +458,11 @@ class HboneStream:
         if r is not None and not r.done():
             r.set_exception(self._reset_error())
         sink = self._sink
-        if sink is not None and sink.transport is not None and not sink.lost:
-            _reset_transport(sink.transport)
+        if sink is not None:
+            sink.batch.clear()  # a reset drops what was not delivered yet
+            sink.batch_len = 0
+            if sink.transport is not None and not sink.lost:
+                _reset_transport(sink.transport)
         self._finish_splice()
 
     def _on_writable(self) -> None:
@@ -546,6 +571,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.idle_since = self._loop.time()
         self._rbuf = _buffers.tls
         self._retained = False
+        self._batched: list[_TcpSplice] = []  # splices with DATA gathered in this read
         self._local_close = False  # close() / abort() / drained: not the peer's doing
 
     # ------------------------------------------------------------------ state
@@ -671,6 +697,10 @@ class HboneConnection(asyncio.BufferedProtocol):
             elif type(ev) is ConnectionTerminated:
                 self.error = f"HTTP/2 error with {self._peer()}: {ev.reason}"
                 log.warning("hbone_protocol_error", peer=self._peer(), reason=ev.reason)
+        if self._batched:
+            for sink in self._batched:
+                sink.flush_batch()
+            self._batched.clear()
         self._flush()
         if self.core.terminated and self.transport is not None:
             self.transport.close()
