@@ -83,7 +83,10 @@ class View:
         lc = report.group_counts(s.legacy)
         la = report.latency(s.shop)
         v1, v2 = c.get("v1", 0), c.get("v2", 0)
+        shown = min(s.elapsed, s.duration)
         top = Table.grid(padding=(0, 2))
+        top.add_row("progress", ProgressBar(total=max(s.duration, 1e-9), completed=shown,
+                                            width=30), "elapsed", f"{shown:.0f}/{s.duration:.0f} s")
         top.add_row("shop requests", f"{c.get('ok', 0)} answered / {c.get('total', 0)}",
                     "failed", str(c.get("http_error", 0) + c.get("no_answer", 0)))
         top.add_row("catalog split", f"v1 {v1}  v2 {v2}"
@@ -93,7 +96,7 @@ class View:
                     "answered", str(lc.get("ok", 0) + lc.get("http_error", 0)))
         top.add_row("waypoint", s.waypoint or "-", "", "")
         edges = Table(title="connections seen by the ztunnels", expand=False)
-        for col in ("source", "destination", "conns", "denied", "security", "peer identity"):
+        for col in ("source", "destination", "conns", "denied", "security", "source identity"):
             edges.add_column(col, justify="right" if col in ("conns", "denied") else "left")
         for e in s.edges:
             sec = "/".join(e.security) or "-"
@@ -101,9 +104,6 @@ class View:
                           str(e.connections), str(e.denied),
                           f"[green]{sec}[/green]" if sec == report.MUTUAL_TLS else
                           f"[red]{sec}[/red]",
-                          ", ".join(p.removeprefix("spiffe://") for p in e.source_principals)
+                          ", ".join(p.split("/", 3)[-1] for p in e.source_principals)
                           or "-")
-        bar = ProgressBar(total=max(s.duration, 1e-9), completed=min(s.elapsed, s.duration),
-                          width=40)
-        return Panel(Group(bar, top, edges),
-                     title=f"ambit demo  {s.elapsed:.0f}/{s.duration:.0f} s")
+        return Panel(Group(top, edges), title="ambit demo: what the mesh is doing")

@@ -247,3 +247,18 @@ def test_plain_progress_line() -> None:
     assert "shop 9/10 answered" in line
     assert "v1 89%" in line
     assert "legacy 4 attempts, 0 answered" in line
+
+
+def test_live_panel_renders_the_edges() -> None:
+    from rich.console import Console
+
+    from config.demo.view import View
+
+    buf = io.StringIO()
+    Console(file=buf, width=120, color_system=None).print(View.panel(LiveState(
+        elapsed=9, duration=8, shop=list(_results(10, 8)), edges=report.edges(_good_tcp()),
+        waypoint="running")))
+    text = buf.getvalue()
+    assert "8/8 s" in text
+    assert "ns/shop/sa/loadgen" in text
+    assert "legacy/legacy-client" in text
