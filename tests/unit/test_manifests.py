@@ -49,8 +49,11 @@ def _manifest_files() -> list[Path]:
 
 
 def _all_docs() -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{p.relative_to(DEPLOY)}#{i + 1}", d) for p in _manifest_files()
-            for i, d in enumerate(_docs(p))]
+    return [
+        (f"{p.relative_to(DEPLOY)}#{i + 1}", d)
+        for p in _manifest_files()
+        for i, d in enumerate(_docs(p))
+    ]
 
 
 @functools.cache
@@ -79,23 +82,33 @@ def _strict_json_schema(schema: Any) -> Any:
         return [_strict_json_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _strict_json_schema(v) for k, v in schema.items()
-           if not k.startswith("x-kubernetes-")}
+    out = {
+        k: _strict_json_schema(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")
+    }
     if schema.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if (out.get("type") == "object" and "properties" in out
-            and "additionalProperties" not in out
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
 
-_OBJECT_META = {"type": "object", "properties": {
-    "name": {"type": "string"}, "namespace": {"type": "string"},
-    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-    "annotations": {"type": "object", "additionalProperties": {"type": "string"}}},
-    "required": ["name"], "additionalProperties": False}
+_OBJECT_META = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "required": ["name"],
+    "additionalProperties": False,
+}
 
 
 def validate_custom_resource(obj: Mapping[str, Any]) -> None:
@@ -104,9 +117,9 @@ def validate_custom_resource(obj: Mapping[str, Any]) -> None:
     served = {v["name"]: v for v in crd["spec"]["versions"] if v["served"]}
     assert version in served, f"{obj['kind']} {version} is not served by its CRD"
     schema = _strict_json_schema(copy.deepcopy(served[version]["schema"]["openAPIV3Schema"]))
-    schema.setdefault("properties", {}).update({
-        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
-        "metadata": _OBJECT_META})
+    schema.setdefault("properties", {}).update(
+        {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": _OBJECT_META}
+    )
     schema["additionalProperties"] = False
     jsonschema.validate(obj, schema, cls=jsonschema.Draft4Validator)
 
@@ -133,8 +146,10 @@ def test_builtin_kinds_validate_against_the_kubernetes_schemas(version: str) -> 
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{where} ({obj['kind']} {obj['metadata'].get('name')}) is not valid "
-                        f"for Kubernetes {version}: {e.message} at {list(e.path)}")
+            pytest.fail(
+                f"{where} ({obj['kind']} {obj['metadata'].get('name')}) is not valid "
+                f"for Kubernetes {version}: {e.message} at {list(e.path)}"
+            )
         checked += 1
     # namespace, CRDs (9), GatewayClass CRD objects, SA x2, RBAC x2, PVC, Deployment,
     # Service, DaemonSet, examples' Namespace and Service
@@ -145,8 +160,9 @@ def test_a_broken_manifest_is_caught() -> None:
     """The check above is not vacuous."""
     ds = next(d for _, d in _all_docs() if d["kind"] == "DaemonSet")
     bad = copy.deepcopy(ds)
-    bad["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"][
-        "add"] = "NET_ADMIN"
+    bad["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = (
+        "NET_ADMIN"
+    )
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
     typo = copy.deepcopy(ds)
@@ -209,8 +225,11 @@ def test_custom_resource_schema_catches_mistakes() -> None:
 
 
 def test_examples_are_accepted_by_the_control_plane_too() -> None:
-    docs = [Document(str(p), i + 1, d) for p in sorted((DEPLOY / "examples").glob("*.yaml"))
-            for i, d in enumerate(_docs(p))]
+    docs = [
+        Document(str(p), i + 1, d)
+        for p in sorted((DEPLOY / "examples").glob("*.yaml"))
+        for i, d in enumerate(_docs(p))
+    ]
     with tempfile.TemporaryDirectory() as tmp, Store(tmp) as store:
         results = store.apply(docs, dry_run=True)
     assert len(results) == len(docs)
@@ -218,11 +237,18 @@ def test_examples_are_accepted_by_the_control_plane_too() -> None:
 
 def test_every_watched_kind_has_a_crd_or_is_builtin_and_rbac_allows_watching_it() -> None:
     crds = _crds()
-    role = next(d for _, d in _all_docs() if d["kind"] == "ClusterRole"
-                and d["metadata"]["name"] == "ambit-control-plane")
+    role = next(
+        d
+        for _, d in _all_docs()
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "ambit-control-plane"
+    )
     granted: set[tuple[str, str, str]] = {
-        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
-        for r in rule["resources"] for v in rule["verbs"]}
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
     for wk in WATCHED:
         parts = wk.path.strip("/").split("/")
         group = "" if parts[0] == "api" else parts[1]
@@ -239,8 +265,13 @@ def test_every_watched_kind_has_a_crd_or_is_builtin_and_rbac_allows_watching_it(
 
 def test_rbac_allows_the_waypoint_deployer_to_apply_what_it_renders() -> None:
     role = next(d for _, d in _all_docs() if d["kind"] == "ClusterRole")
-    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
-               for r in rule["resources"] for v in rule["verbs"]}
+    granted = {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
     for kind, template in OBJECT_PATHS.items():
         parts = template.strip("/").split("/")
         group = "" if parts[0] == "api" else parts[1]
@@ -255,8 +286,7 @@ def test_ztunnel_daemonset_has_what_capture_needs_and_nothing_more() -> None:
     c = pod["containers"][0]
     sc = c["securityContext"]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN",
-                                                           "SYS_PTRACE"]}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]}
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["netns"]["mountPath"] == "/var/run/netns"
     assert mounts["netns"]["mountPropagation"] == "HostToContainer"
@@ -266,13 +296,14 @@ def test_ztunnel_daemonset_has_what_capture_needs_and_nothing_more() -> None:
     ru = ds["spec"]["updateStrategy"]["rollingUpdate"]
     assert ru == {"maxSurge": 1, "maxUnavailable": 0}, "upgrades must overlap old and new"
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    drain = next(float(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--drain-timeout"))
+    assert 0 < drain < pod["terminationGracePeriodSeconds"], "drain must end before SIGKILL"
 
 
 def test_kustomization_lists_every_manifest() -> None:
     kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     listed = set(kust["resources"])
-    wanted = {str(p.relative_to(DEPLOY)) for p in _manifest_files()
-              if "examples" not in p.parts}
+    wanted = {str(p.relative_to(DEPLOY)) for p in _manifest_files() if "examples" not in p.parts}
     assert listed == wanted
 
 
@@ -280,12 +311,20 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def _gateway(**spec_extra: Any) -> dict[str, Any]:
-    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": "waypoint", "namespace": "shop",
-                         "uid": "0b6f1c1e-4a59-4d4e-9a55-3c2b7d0f3e11"},
-            "spec": {"gatewayClassName": "istio-waypoint",
-                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-                     **spec_extra}}
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {
+            "name": "waypoint",
+            "namespace": "shop",
+            "uid": "0b6f1c1e-4a59-4d4e-9a55-3c2b7d0f3e11",
+        },
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            **spec_extra,
+        },
+    }
 
 
 @pytest.mark.parametrize("replicas", [1, 3])
@@ -300,8 +339,9 @@ def test_rendered_waypoint_objects_validate(replicas: int) -> None:
 
 
 def test_rendered_waypoint_is_owned_by_its_gateway_and_serves_its_listeners() -> None:
-    gw = _gateway(infrastructure={"labels": {"team": "shop"},
-                                  "annotations": {"owner": "shop-team"}})
+    gw = _gateway(
+        infrastructure={"labels": {"team": "shop"}, "annotations": {"owner": "shop-team"}}
+    )
     sa, dep, svc = render_waypoint(gw, WaypointSettings(image="ambit/ambit:9.9"))
     for obj in (sa, dep, svc):
         md = obj["metadata"]
@@ -311,7 +351,10 @@ def test_rendered_waypoint_is_owned_by_its_gateway_and_serves_its_listeners() ->
         assert md["annotations"] == {"owner": "shop-team"}
         ref = md["ownerReferences"][0]
         assert (ref["kind"], ref["uid"], ref["controller"]) == (
-            "Gateway", gw["metadata"]["uid"], True)
+            "Gateway",
+            gw["metadata"]["uid"],
+            True,
+        )
     pod = dep["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "waypoint"
     c = pod["containers"][0]
@@ -328,9 +371,10 @@ def test_rendered_waypoint_is_owned_by_its_gateway_and_serves_its_listeners() ->
 
 
 def test_gateway_address_becomes_the_service_vip_and_odd_listener_names_are_fixed() -> None:
-    gw = _gateway(addresses=[{"type": "IPAddress", "value": "10.96.5.5"}],
-                  listeners=[{"name": "Very_Long_Listener_Name", "port": 15008,
-                              "protocol": "HBONE"}])
+    gw = _gateway(
+        addresses=[{"type": "IPAddress", "value": "10.96.5.5"}],
+        listeners=[{"name": "Very_Long_Listener_Name", "port": 15008, "protocol": "HBONE"}],
+    )
     _, dep, svc = render_waypoint(gw)
     assert svc["spec"]["clusterIP"] == "10.96.5.5"
     assert svc["spec"]["ports"][0]["name"] == "l15008"

@@ -170,6 +170,9 @@ def test_exec_start_lines_parse_with_the_real_command_lines() -> None:
     assert prog == "ztunnel"
     zt = ztunnel_parser().parse_args(args)
     assert (zt.node, zt.control_plane, zt.token) == ("node-1", "cp.example.org:15012", "tok")
+    svc = _parse((UNIT_DIR / "ztunnel.service").read_text())["Service"]
+    stop = int(svc["TimeoutStopSec"][0].removesuffix("s"))
+    assert 0 < zt.drain_timeout < stop, "the drain must end before systemd kills ztunnel"
     # after the node has joined the token may be removed from the environment file
     _, args = _exec_argv("ztunnel.service", {**env, "AMBIT_TOKEN": ""})
     assert ztunnel_parser().parse_args(args).token == ""
