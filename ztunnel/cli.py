@@ -19,17 +19,27 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--control-plane", metavar="HOST:PORT", help="control plane address")
     src.add_argument("--local-config", metavar="FILE", help="static snapshot file (reloaded)")
-    p.add_argument("--token", default="", help="join token (with --control-plane)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--token", default="", help="join token (with --control-plane)")
+    tok.add_argument("--token-file", metavar="FILE",
+                     help="read the join token from FILE (a mounted Kubernetes Secret)")
     p.add_argument("--data-dir", default="/var/lib/ambit/ztunnel", help="state directory")
     p.add_argument("--no-capture", action="store_true",
                    help="do not install capture rules (another agent manages them)")
-    p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT")
-    p.add_argument("--metrics", type=_hostport, default=("0.0.0.0", 15020), metavar="HOST:PORT")
-    p.add_argument("--ready", type=_hostport, default=("0.0.0.0", 15021), metavar="HOST:PORT")
-    p.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
-    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS")
-    p.add_argument("--max-connections", type=int, default=10_000)
+    p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT",
+                   help="admin endpoint (default 127.0.0.1:15000)")
+    p.add_argument("--metrics", type=_hostport, default=("0.0.0.0", 15020), metavar="HOST:PORT",
+                   help="Prometheus metrics (default 0.0.0.0:15020)")
+    p.add_argument("--ready", type=_hostport, default=("0.0.0.0", 15021), metavar="HOST:PORT",
+                   help="readiness /healthz/ready (default 0.0.0.0:15021)")
+    p.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM, how long open connections may finish (default 5)")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="onward connect and HBONE setup timeout (default 5)")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="close connections idle this long (default 3600)")
+    p.add_argument("--max-connections", type=int, default=10_000, metavar="N",
+                   help="refuse connections above this many at once (default 10000)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -51,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     log.configure(args.log_level)
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                args.token = f.read().strip()
+        except OSError as exc:
+            print(f"ztunnel: cannot read --token-file {args.token_file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
     if args.control_plane and not args.token:
         import os
 
