@@ -111,6 +111,7 @@ class Demo:
         self.socket = str(self.dir / "control.sock")
         self.waypoint_running = False
         self.waypoint_note = ""
+        self.own_dir = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -126,6 +127,7 @@ class Demo:
                                  env=self.env)
         self.procs[name] = proc
         self.argv[name] = argv
+        self.write_state()  # so `--teardown` finds every pid even if this process dies
         return proc
 
     def tail(self, name: str, n: int = 6) -> str:
@@ -179,8 +181,20 @@ class Demo:
     # ------------------------------------------------------------------ steps
 
     def build(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
-        self.sb.build()
+        from netsetup.sandbox import SandboxError
+
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise DemoError(f"{self.dir} exists: a demo with prefix {self.prefix} is running "
+                            f"or crashed; remove it with `ambit demo --teardown {self.prefix}`"
+                            ) from None
+        self.own_dir = True
+        try:
+            self.sb.build()
+        except SandboxError as e:
+            raise DemoError(str(e)) from None
         self.write_state()
 
     def start_control_plane(self) -> None:
@@ -383,7 +397,8 @@ class Demo:
 
     def close(self) -> None:
         self.sb.teardown()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def explore_text(self) -> str:
         n1, n2 = self.sb.nodes[0].netns, self.sb.nodes[1].netns
@@ -478,8 +493,9 @@ def run(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             return 0 if summary.ok else 3
         except DemoError as e:
             print(f"ambit demo: {e}", file=sys.stderr)
-            print(f"ambit demo: logs were in {demo.dir} (removed with the sandbox; "
-                  "rerun with --keep to keep them)", file=sys.stderr)
+            if demo.own_dir:
+                print(f"ambit demo: logs were in {demo.dir} (removed with the sandbox)",
+                      file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("ambit demo: interrupted, tearing down", file=sys.stderr)
