@@ -74,10 +74,10 @@ def test_ztunnels_follow_the_control_plane() -> None:
     require_root_and_tools("ip", "nft", "nc", "curl")
     sb = Sandbox(unique_prefix("ztcp"), nodes=2, workload_names=[["client"], ["server"]])
     tmp = Path(tempfile.mkdtemp(prefix="ztunnel-cp-"))
+    cp_log = open(tmp / "cp.log", "wb")  # noqa: SIM115 - closed in finally
     try:
         sb.build()
         sock = str(tmp / "control.sock")
-        cp_log = open(tmp / "cp.log", "wb")  # noqa: SIM115 - closed in finally
         cp = sb.popen(sb.fabric_netns, [PY, "-m", "config", "control-plane", "--data-dir",
                                         str(tmp / "cp"), "--socket", sock, "--proxy-listen",
                                         f"{sb.fabric_ip}:15012"],
@@ -148,8 +148,8 @@ def test_ztunnels_follow_the_control_plane() -> None:
         dump = sb.exec(sb.node("n1").netns, ["curl", "-s", "http://127.0.0.1:15000/config_dump"])
         assert json.loads(dump.stdout)["snapshot"]["node"] == "n1"
         assert procs["n1"].poll() is None
-        cp_log.close()
     finally:
+        cp_log.close()
         sb.teardown()
         import shutil
 
