@@ -276,12 +276,15 @@ def _carried(found: Sequence[Edge], src: str, dst_prefix: str) -> int:
 
 
 def l7_requests(samples: Iterable[Sample]) -> dict[tuple[str, str, str], int]:
-    """Waypoint requests per (source workload, destination workload, response code)."""
+    """Waypoint requests per (source workload, destination, response code); the
+    destination is the backend Service when the waypoint names it (catalog-v1), else
+    the destination workload."""
     out: Counter[tuple[str, str, str]] = Counter()
     for s in samples:
         if s.name == REQUESTS:
-            out[(s.label("source_workload", "unknown"), s.label("destination_workload",
-                                                                "unknown"),
+            dst = (s.label("destination_service_name") or s.label("destination_workload")
+                   or "unknown")
+            out[(s.label("source_workload", "unknown"), dst,
                  s.label("response_code", "?"))] += int(s.value)
     return dict(out)
 

@@ -262,3 +262,23 @@ def test_live_panel_renders_the_edges() -> None:
     assert "8/8 s" in text
     assert "ns/shop/sa/loadgen" in text
     assert "legacy/legacy-client" in text
+
+
+def test_waypoint_requests_are_grouped_by_backend_service(access_log: io.StringIO) -> None:
+    text = "\n".join([
+        "# TYPE istio_requests_total counter",
+        'istio_requests_total{reporter="waypoint",source_workload="frontend",'
+        'destination_workload="catalog",destination_service_name="catalog-v1",'
+        'response_code="200"} 171',
+        'istio_requests_total{reporter="waypoint",source_workload="frontend",'
+        'destination_workload="catalog",destination_service_name="catalog-v2",'
+        'response_code="503"} 2',
+        'istio_requests_total{reporter="waypoint",source_workload="loadgen",'
+        'destination_workload="frontend",response_code="200"} 200',
+        ""])
+    l7 = report.l7_requests(report.parse_metrics(text))
+    assert l7 == {("frontend", "catalog-v1", "200"): 171, ("frontend", "catalog-v2", "503"): 2,
+                  ("loadgen", "frontend", "200"): 200}
+    m = _measure(access_log, l7=tuple(report.parse_metrics(text)))
+    lines = report.render(report.summarise(m, report.Expectations()), m)
+    assert "    frontend -> catalog-v2 503: 2" in lines
