@@ -216,10 +216,10 @@ def mesh() -> Iterator[Mesh]:
         base = _base_config(sb, tmp)
         m = Mesh(sb, tmp, base, pki)
         for name in ("s1", "s2", "s3", "ext"):
-            sb.popen(sb.workload(name).netns, [PY, "-m", "http.server", "-b", "0.0.0.0",
-                                               str(APP_PORT)],
-                     stdout=subprocess.DEVNULL,
-                     stderr=open(tmp / f"http-{name}.log", "wb"), cwd=str(tmp))  # noqa: SIM115
+            with open(tmp / f"http-{name}.log", "wb") as http_log:
+                sb.popen(sb.workload(name).netns, [PY, "-m", "http.server", "-b", "0.0.0.0",
+                                                   str(APP_PORT)],
+                         stdout=subprocess.DEVNULL, stderr=http_log, cwd=str(tmp))
             sb.popen(sb.workload(name).netns, [PY, "-c", ECHO_SERVER, str(ECHO_PORT)],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         m.write_config(base)
