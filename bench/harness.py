@@ -56,6 +56,7 @@ class Sample:
     cpu_single: float
     cpu_multi: float
     rss_bytes: int
+    other_cpus: float = 0.0  # other processes' load during the throughput runs, in CPUs
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class PathResult:
     cpu_s_per_gb_single: float | None = None
     cpu_s_per_gb_multi: float | None = None
     relay_rss_mib: float | None = None
+    other_cpus: float = 0.0
     samples: int = 0
     runs: list[dict[str, float | None]] = field(default_factory=list)
     failed_runs: int = 0
@@ -275,13 +277,13 @@ STARTERS: dict[str, Callable[[Processes, BenchPKI, int], Chain]] = {
 }
 
 
-def start_iperf3_server(procs: Processes) -> int:
+def start_iperf3_server(procs: Processes) -> tuple[int, int]:
     """A fresh iperf3 server on loopback (one per measurement: a test that went wrong
-    cannot leave it busy for the next path)."""
+    cannot leave it busy for the next path): (port, pid)."""
     port = free_port()
     server = procs.start(["iperf3", "-s", "-p", str(port), "-B", LOOPBACK], "iperf3-server")
     wait_listening(port, server, "iperf3 server")
-    return port
+    return port, server.pid
 
 
 @contextlib.contextmanager
@@ -300,18 +302,22 @@ def measure_once(name: str, pki: BenchPKI, workdir: Path, *, echo_port: int, s: 
     """Throughput (1 and 8 streams, with relay CPU) and round trips of one path, once."""
     start = STARTERS[name]
     with Processes(workdir) as procs:
-        chain = start(procs, pki, start_iperf3_server(procs))
+        iperf_port, iperf_pid = start_iperf3_server(procs)
+        chain = start(procs, pki, iperf_port)
+        own = (*chain.relay_pids, iperf_pid)
+        snap0 = measure.cpu_snapshot(own)
         cpu0 = measure.cpu_seconds(chain.relay_pids)
         single = measure.run_iperf3(chain.entry_port, seconds=s.seconds, streams=1)
         cpu1 = measure.cpu_seconds(chain.relay_pids)
         multi = measure.run_iperf3(chain.entry_port, seconds=s.seconds, streams=8)
         cpu2 = measure.cpu_seconds(chain.relay_pids)
+        other = measure.other_load(snap0, measure.cpu_snapshot(own))
         rss = sum(measure.rss_bytes(p) for p in chain.relay_pids)
     with Processes(workdir) as procs:
         chain = start(procs, pki, echo_port)
         latency = measure.ping_pong(chain.entry_port, count=s.rtt_count)
         conn_per_s = measure.connection_rate(chain.entry_port, count=s.conn_count)
-    return Sample(single, multi, latency, conn_per_s, cpu1 - cpu0, cpu2 - cpu1, rss)
+    return Sample(single, multi, latency, conn_per_s, cpu1 - cpu0, cpu2 - cpu1, rss, other)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -338,6 +344,7 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
         cpu_s_per_gb_single=per_gb([x.cpu_single for x in samples], [x.single for x in samples]),
         cpu_s_per_gb_multi=per_gb([x.cpu_multi for x in samples], [x.multi for x in samples]),
         relay_rss_mib=_median([x.rss_bytes / 2**20 for x in samples]) if has_relays else None,
+        other_cpus=_median([x.other_cpus for x in samples]),
         samples=len(samples),
         runs=[
             {
@@ -346,6 +353,7 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
                 "rtt_median_us": x.latency.median_us,
                 "rtt_p99_us": x.latency.p99_us,
                 "conn_per_s": x.conn_per_s,
+                "other_cpus": x.other_cpus,
                 "cpu_s_per_gb_single": per_gb([x.cpu_single], [x.single]),
                 "cpu_s_per_gb_multi": per_gb([x.cpu_multi], [x.multi]),
             }
@@ -368,7 +376,7 @@ def _profile_workload(
     spy = py_spy_binary()
     out: dict[str, list[tuple[str, float]]] = {}
     with Processes(workdir) as procs:
-        target = start_iperf3_server(procs) if workload == "throughput" else echo_port
+        target = start_iperf3_server(procs)[0] if workload == "throughput" else echo_port
         chain = STARTERS[name](procs, pki, target)
         spies = []
         for role, pid in zip(("client", "server"), chain.relay_pids, strict=True):
@@ -452,7 +460,7 @@ def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
                         f"    {x.single.bits_per_second / 1e9:.2f} Gbit/s x1, "
                         f"{x.multi.bits_per_second / 1e9:.2f} Gbit/s x8, "
                         f"rtt median {x.latency.median_us:.1f} us p99 {x.latency.p99_us:.1f} us, "
-                        f"{x.conn_per_s:.0f} new connections/s"
+                        f"{x.conn_per_s:.0f} new connections/s; other load {x.other_cpus:.2f} CPUs"
                     )
             if s.profile:
                 for name in s.paths:

@@ -146,6 +146,46 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
+def parse_cpu_busy(proc_stat: str) -> float:
+    """Busy CPU seconds of the whole machine (all CPUs) from the text of /proc/stat.
+
+    Interrupt and softirq time is left out: with IRQ time accounting it is charged to no
+    process, and on loopback it is mostly the benchmark's own packet processing.
+    """
+    fields = proc_stat.splitlines()[0].split()
+    assert fields[0] == "cpu", "first line of /proc/stat is the all-CPU total"
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + steal) / CLK_TCK
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Machine-wide busy CPU time and this benchmark's own share, at one moment."""
+
+    at: float
+    machine_busy: float
+    own: float
+
+
+def cpu_snapshot(pids: Sequence[int]) -> CpuSnapshot:
+    """Busy time of the machine and of our processes: `pids`, this process and its reaped
+    children (the iperf3 clients)."""
+    with open("/proc/stat") as f:
+        busy = parse_cpu_busy(f.read())
+    t = os.times()
+    own = cpu_seconds(pids) + t.user + t.system + t.children_user + t.children_system
+    return CpuSnapshot(at=time.monotonic(), machine_busy=busy, own=own)
+
+
+def other_load(before: CpuSnapshot, after: CpuSnapshot) -> float:
+    """CPUs' worth of work done by processes other than ours between two snapshots."""
+    wall = after.at - before.at
+    if wall <= 0:
+        return 0.0
+    other = (after.machine_busy - before.machine_busy) - (after.own - before.own)
+    return max(other, 0.0) / wall
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of `pid`."""
     with open(f"/proc/{pid}/statm") as f:

@@ -249,19 +249,21 @@ def render_markdown(
         "Each cell: median over the runs, and (when there are several) the lowest and highest run.",
         "",
         "| path | 1 stream Gbit/s | 8 streams Gbit/s | RTT median us | RTT p99 us "
-        "| new connections/s | relay CPU-s/GB (1 / 8 streams) | relay RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| new connections/s | relay CPU-s/GB (1 / 8 streams) | relay RSS MiB "
+        "| other load, CPUs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error is not None:
-            out.append(f"| {r.label} | failed: {r.error} | | | | | | |")
+            out.append(f"| {r.label} | failed: {r.error} | | | | | | | |")
             continue
         out.append(
             f"| {r.label} | {_spread(r, 'gbps_single', '.2f')} "
             f"| {_spread(r, 'gbps_multi', '.2f')} | {_spread(r, 'rtt_median_us', '.1f')} "
             f"| {_spread(r, 'rtt_p99_us', '.0f')} | {_spread(r, 'conn_per_s', '.0f')} "
             f"| {_spread(r, 'cpu_s_per_gb_single', '.2f')} / "
-            f"{_spread(r, 'cpu_s_per_gb_multi', '.2f')} | {_fmt(r.relay_rss_mib, '.1f')} |"
+            f"{_spread(r, 'cpu_s_per_gb_multi', '.2f')} | {_fmt(r.relay_rss_mib, '.1f')} "
+            f"| {_spread(r, 'other_cpus', '.2f')} |"
         )
     out += [
         "",
@@ -269,7 +271,9 @@ def render_markdown(
         "per 10^9 bytes received by iperf3. New connections/s: one client opening "
         "connections one after another (connect, one 1-byte round trip, close); for (b) and "
         "(c) each is a new TLS handshake, for (a) a new stream on the pooled HBONE "
-        "connection.",
+        "connection. Other load: CPU time used by processes that are not part of the benchmark "
+        "while the throughput runs of that path ran (from /proc/stat), in CPUs; "
+        f"{machine.nproc}.00 would mean no CPU left for the benchmark at all.",
         "",
     ]
     failed = [r for r in results if r.error is None and r.failed_runs]

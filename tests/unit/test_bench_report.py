@@ -10,9 +10,12 @@ import pytest
 
 from bench.harness import PathResult, Sample, Settings, summarise
 from bench.measure import (
+    CpuSnapshot,
     Latency,
     Throughput,
     latency_stats,
+    other_load,
+    parse_cpu_busy,
     parse_iperf3_json,
     parse_proc_stat,
     percentile,
@@ -81,6 +84,16 @@ def test_parse_proc_stat_handles_spaces_and_parens_in_command() -> None:
     assert parse_proc_stat(text) == pytest.approx(400 / os.sysconf("SC_CLK_TCK"))
 
 
+def test_cpu_busy_and_other_load() -> None:
+    tck = os.sysconf("SC_CLK_TCK")
+    text = f"cpu  {tck} 0 {tck} {50 * tck} 0 {tck} {tck} 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+    assert parse_cpu_busy(text) == pytest.approx(2.0)  # idle, irq, softirq are not counted
+    before = CpuSnapshot(at=10.0, machine_busy=100.0, own=40.0)
+    after = CpuSnapshot(at=12.0, machine_busy=103.0, own=42.0)
+    assert other_load(before, after) == pytest.approx(0.5)  # 1 CPU-s of others over 2 s
+    assert other_load(after, after) == 0.0
+
+
 def test_goals_met_missed_and_by_how_much() -> None:
     results = [
         result("hbone", 1.0, 2.0, 130.0),
@@ -123,7 +136,7 @@ def test_markdown_has_command_machine_table_goals_and_plot() -> None:
     )
     assert "```\npython -m bench\n```" in md
     assert "2 CPUs (Test CPU)" in md
-    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200 | 0 |" in md
+    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200 | 0 | 3.00 / 3.00 | n/a | 0.00 |" in md
     assert "| (c) s | failed: boom |" in md
     assert "## Goals" in md and "Hand-written notes." in md
     assert "![" in md and "(results.png)" in md
