@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PKGS := ztunnel waypoint netsetup config
 # command -> Debian package providing it
 DEBS := ip:iproute2 nft:nftables iperf3:iperf3 curl:curl nc:netcat-openbsd tcpdump:tcpdump \
-        stunnel4:stunnel4 nghttpx:nghttp2-proxy tinyproxy:tinyproxy haproxy:haproxy node:nodejs
+        stunnel4:stunnel4 nghttpx:nghttp2-proxy tinyproxy:tinyproxy haproxy:haproxy node:nodejs \
+        systemd-analyze:systemd dot:graphviz setpriv:util-linux
 
-.PHONY: demo test lint typecheck unit deps venv bench clean
+.PHONY: demo test lint typecheck unit deps venv bench docs clean
 
 demo: venv
 	$(PY) -m config demo
@@ -44,6 +45,9 @@ $(VENV)/.installed: pyproject.toml
 
 bench: deps venv
 	$(PY) -m bench
+
+docs:
+	docs/render.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
