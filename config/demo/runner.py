@@ -71,7 +71,11 @@ def demo_root() -> Path:
 def render_manifests(values: dict[str, str], waypoint: bool) -> str:
     """The demo's manifests with the sandbox's names and addresses filled in."""
     docs = []
-    for path in sorted(MANIFESTS.glob("*.yaml")):
+    paths = sorted(MANIFESTS.glob("*.yaml"))
+    if not paths:
+        raise DemoError(f"the demo's manifests are missing ({MANIFESTS}/*.yaml): this install "
+                        "lacks the package data; install from a checkout (`pip install -e .`)")
+    for path in paths:
         if path.name.startswith("30-") and not waypoint:
             continue
         docs.append(string.Template(path.read_text()).substitute(values))
