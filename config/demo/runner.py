@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import string
@@ -460,7 +461,13 @@ def run(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     except DemoError as e:
         print(f"ambit demo: {e}", file=sys.stderr)
         return 1
-    demo = Demo(opts, out)
+    from netsetup.sandbox import SandboxError
+
+    try:
+        demo = Demo(opts, out)
+    except SandboxError as e:
+        print(f"ambit demo: {e}", file=sys.stderr)
+        return 2
     keep = False
     live = opts.live if opts.live is not None else out.isatty()
     view = View(live=live, out=out)
@@ -523,6 +530,9 @@ def teardown(prefix: str, root: Path | None = None) -> list[str]:
     """Kill the processes of a kept demo by pid and delete its netns; returns what it did."""
     from netsetup.sandbox import cleanup_leftovers
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,}", prefix):
+        raise DemoError(f"bad demo prefix {prefix!r}: the prefix `ambit demo` printed, e.g. "
+                        "ambdemo12345x1")
     d = (root or demo_root()) / prefix
     done: list[str] = []
     try:
@@ -566,14 +576,15 @@ def _proc_state(pid: int) -> str:
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of `ambit demo` (options from config.demo.add_arguments)."""
     if args.teardown is not None:
-        if len(args.teardown) < 3:
-            print("ambit demo: --teardown needs the demo's prefix (3+ characters), e.g. "
-                  "ambdemo12345x1", file=sys.stderr)
-            return 2
         if os.geteuid() != 0:
             print("ambit demo: --teardown must run as root", file=sys.stderr)
             return 1
-        for line in teardown(args.teardown) or [f"nothing left of {args.teardown}"]:
+        try:
+            done = teardown(args.teardown)
+        except DemoError as e:
+            print(f"ambit demo: {e}", file=sys.stderr)
+            return 2
+        for line in done or [f"nothing left of {args.teardown}"]:
             print(line)
         return 0
     if args.duration <= 0 or args.rate <= 0:
