@@ -634,3 +634,41 @@ async def test_lost_connection_resets_the_spliced_tcp_side() -> None:
                 pass
         far.close()
         assert conn.error is not None
+
+
+async def test_slow_client_reader_pauses_the_upstream() -> None:
+    """The client stops reading: the server stops reading its upstream, nothing piles up."""
+    far_ends: list[socket.socket] = []
+
+    async def handler(req: ConnectRequest) -> Decision:
+        near, far = tcp_pair()
+        far_ends.append(far)
+        return Accept(sock=near)
+
+    async with hbone_env(handler) as env:
+        conn = await env.connect()
+        stream = await env.stream(conn, 9)
+        (far,) = far_ends
+        far.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        chunk = b"u" * (64 * 1024)
+        pushed = 0
+        stalled_since = time.monotonic()
+        while time.monotonic() - stalled_since < 0.3:  # push until the upstream blocks
+            try:
+                pushed += far.send(chunk)
+                stalled_since = time.monotonic()
+            except BlockingIOError:
+                await asyncio.sleep(0.02)
+        (srv_conn,) = env.server.connections
+        (srv_stream,) = srv_conn.streams.values()
+        assert srv_conn.core.pending(srv_stream.stream_id) <= 2 * MiB  # paused, not queued
+        assert stream._buf_len <= 4 * MiB  # the client holds at most its window
+        assert pushed < 48 * MiB
+        far.shutdown(socket.SHUT_WR)
+        total = 0
+        while data := await stream.read():
+            assert set(data) == {ord("u")}
+            total += len(data)
+        assert total == pushed
+        far.close()
+        conn.close()
