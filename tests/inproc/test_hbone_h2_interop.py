@@ -280,3 +280,42 @@ async def test_h2_client_gets_400_for_get() -> None:
                     statuses[ev.stream_id] = hdict(ev.headers)[":status"]
         assert statuses[1] == "400"
         writer.close()
+
+
+async def test_h2_client_padding_priority_and_trailers() -> None:
+    """Less common but legal frames: padded DATA, PRIORITY, priority in HEADERS, trailers."""
+    async with echo_server() as port, hbone_env() as env:
+        ctx = client_context(env.client_cert, env.pki.bundle)
+        reader, writer = await asyncio.open_connection(*env.server.address, ssl=ctx)
+        client = H2Client(reader, writer)
+        sid = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(
+            sid,
+            [(":method", "CONNECT"), (":authority", f"127.0.0.1:{port}")],
+            priority_weight=200,
+        )
+        client.h2.prioritize(sid, weight=16)
+        client.flush()
+        status = None
+        while status is None:
+            for ev in await client.events():
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = hdict(ev.headers)[":status"]
+        assert status == "200"
+        client.h2.send_data(sid, b"padded hello", pad_length=40)
+        client.h2.send_headers(sid, [("x-trailer", "done")], end_stream=True)  # trailers = FIN
+        client.flush()
+        echoed = b""
+        ended = False
+        while not ended:
+            for ev in await client.events():
+                if isinstance(ev, h2.events.DataReceived):
+                    echoed += ev.data
+                    client.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended = True
+                elif isinstance(ev, h2.events.StreamReset):
+                    raise AssertionError(f"stream reset: {ev.error_code}")
+            client.flush()
+        assert echoed == b"padded hello"
+        writer.close()
