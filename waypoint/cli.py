@@ -3,18 +3,210 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import signal
 import sys
+from pathlib import Path
+
+import structlog
+
+from ztunnel import log as zlog
+from ztunnel.identity import Certificate, TrustBundle, split_pem
+
+log = structlog.get_logger("waypoint")
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _gateway(value: str) -> tuple[str, str]:
+    ns, sep, name = value.partition("/")
+    if not sep or not ns or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAMESPACE/NAME")
+    return ns, name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="waypoint", description="Ambit L7 waypoint proxy.")
-    p.add_argument("--gateway", required=True, metavar="NS/NAME", help="the waypoint Gateway")
-    p.add_argument("--control-plane", required=True, metavar="HOST:PORT")
-    p.add_argument("--token", required=True)
+    p = argparse.ArgumentParser(
+        prog="waypoint",
+        description="Ambit L7 waypoint proxy: terminates HBONE, runs HTTP routes, "
+        "retries, faults and L7 policy, and re-originates HBONE to the chosen endpoint.",
+    )
+    p.add_argument("--gateway", required=True, type=_gateway, metavar="NS/NAME",
+                   help="the waypoint Gateway (class istio-waypoint) this process serves")
+    src = p.add_argument_group("configuration source (one of)")
+    src.add_argument("--control-plane", metavar="HOST:PORT",
+                     help="the control plane's config stream (port 15012)")
+    src.add_argument("--local-config", metavar="FILE",
+                     help="a manifests file (YAML/JSON) instead of a control plane; "
+                     "reloaded when it changes")
+    p.add_argument("--token", default="", help="join token (`ambit token create --waypoint "
+                   "NS/NAME`); needed once, the certificate is kept in --data-dir")
+    p.add_argument("--data-dir", default="/var/lib/ambit/waypoint", metavar="DIR",
+                   help="certificate and last snapshot (control plane mode)")
+    p.add_argument("--address", default="", metavar="IP",
+                   help="the address other proxies reach this waypoint on (registered "
+                   "with the control plane)")
+    p.add_argument("--cert", metavar="PEM", help="local mode: this waypoint's certificate "
+                   "(chain) with its SPIFFE ID")
+    p.add_argument("--key", metavar="PEM", help="local mode: its private key")
+    p.add_argument("--ca", metavar="PEM", help="local mode: the mesh root(s)")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--listen", type=_hostport, default=("0.0.0.0", 15008),
+                   metavar="HOST:PORT", help="HBONE listener (default 0.0.0.0:15008)")
+    p.add_argument("--metrics", type=_hostport, default=("0.0.0.0", 15020),
+                   metavar="HOST:PORT", help="Prometheus /metrics (default 0.0.0.0:15020)")
+    p.add_argument("--ready", type=_hostport, default=("0.0.0.0", 15021),
+                   metavar="HOST:PORT", help="/healthz/ready (default 0.0.0.0:15021)")
+    p.add_argument("--upstream-hbone-port", type=int, default=15008, metavar="PORT",
+                   help="HBONE port of destination workloads (default 15008)")
+    p.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                   help="export spans as OTLP/HTTP JSON, e.g. http://127.0.0.1:4318/v1/traces")
+    p.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    p.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
     return p
 
 
+class _FileIdentity:
+    """The waypoint's certificate and roots from files, re-read when they change."""
+
+    def __init__(self, cert: Path, key: Path, ca: Path, trust_domain: str) -> None:
+        self.paths = (cert, key, ca)
+        self.trust_domain = trust_domain
+        self._stamp: tuple[float, ...] = ()
+        self._value: tuple[Certificate, TrustBundle] | None = None
+
+    def __call__(self) -> tuple[Certificate, TrustBundle]:
+        try:
+            stamp = tuple(p.stat().st_mtime for p in self.paths)
+        except OSError as e:
+            if self._value is not None:
+                return self._value
+            raise SystemExit(f"waypoint: cannot read {e.filename}: {e.strerror}") from e
+        if self._value is None or stamp != self._stamp:
+            cert_p, key_p, ca_p = self.paths
+            cert = Certificate.from_pem(split_pem(cert_p.read_bytes()), key_p.read_bytes())
+            trust = TrustBundle(self.trust_domain, ca_p.read_bytes())
+            self._value, self._stamp = (cert, trust), stamp
+        return self._value
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from waypoint.server import (
+        ConfigError,
+        Waypoint,
+        WaypointOptions,
+        follow_control_plane,
+        load_local_config,
+    )
+
+    options = WaypointOptions(
+        gateway=args.gateway, hbone_address=args.listen, metrics_address=args.metrics,
+        ready_address=args.ready, upstream_hbone_port=args.upstream_hbone_port,
+        otlp_endpoint=args.otlp_endpoint, access_log=not args.no_access_log,
+    )
+    client = None
+    if args.local_config:
+        if not (args.cert and args.key and args.ca):
+            print("waypoint: --local-config needs --cert, --key and --ca", file=sys.stderr)
+            return 2
+        identity = _FileIdentity(Path(args.cert), Path(args.key), Path(args.ca),
+                                 args.trust_domain)
+        identity()
+    else:
+        from config.push import NODE_CERT, NODE_KEY, TRUST, PushClient
+
+        client = PushClient(args.control_plane, f"{args.gateway[0]}/{args.gateway[1]}",
+                            Path(args.data_dir), trust_domain=args.trust_domain,
+                            token=args.token, waypoint_address=args.address)
+        try:
+            await client.ensure_joined()
+        except Exception as e:
+            print(f"waypoint: cannot join the mesh: {e}", file=sys.stderr)
+            return 1
+        d = Path(args.data_dir)
+        identity = _FileIdentity(d / NODE_CERT, d / NODE_KEY, d / TRUST, args.trust_domain)
+
+    wp = Waypoint(options, identity)
+    if args.local_config:
+        try:
+            wp.set_config(load_local_config(args.local_config, args.gateway,
+                                            address=args.address))
+        except ConfigError as e:
+            print(f"waypoint: {e}", file=sys.stderr)
+            return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def reload_local() -> None:
+        path = args.local_config
+        last = os.stat(path).st_mtime
+        version = 1
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(OSError):
+                m = os.stat(path).st_mtime
+                if m != last:
+                    last = m
+                    version += 1
+                    try:
+                        wp.set_config(load_local_config(path, args.gateway,
+                                                        address=args.address,
+                                                        version=version))
+                    except ConfigError as e:
+                        log.error("config reload failed; keeping the last good config",
+                                  error=str(e))
+
+    async def renew() -> None:
+        assert client is not None
+        while True:
+            await asyncio.sleep(60)
+            with contextlib.suppress(Exception):
+                await client.ensure_joined()
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(wp.run())
+            side = [tg.create_task(reload_local())] if args.local_config else [
+                tg.create_task(follow_control_plane(client, wp)), tg.create_task(renew())]
+            await wp.started()
+            log.info("waypoint serving", gateway="/".join(args.gateway),
+                     hbone=f"{wp.address[0]}:{wp.address[1]}")
+            waiter = tg.create_task(stop.wait())
+            await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
+            for t in side:
+                t.cancel()
+            if not run.done():
+                log.info("draining", timeout=args.drain_timeout)
+                await wp.drain(args.drain_timeout)
+            waiter.cancel()
+    except OSError as e:
+        print(f"waypoint: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("waypoint: the L7 proxy is not built yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    if bool(args.control_plane) == bool(args.local_config):
+        print("waypoint: give exactly one of --control-plane HOST:PORT or --local-config FILE",
+              file=sys.stderr)
+        return 2
+    zlog.configure(args.log_level)
+    try:
+        import uvloop
+
+        return uvloop.run(_run(args))
+    except KeyboardInterrupt:
+        return 130

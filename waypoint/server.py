@@ -1,0 +1,674 @@
+"""The waypoint process: HBONE in, HTTP filter chain, HBONE out; config, listeners, drain.
+
+    wp = Waypoint(WaypointOptions(gateway=("app", "wp")), identity=lambda: (cert, bundle))
+    wp.set_config(WaypointConfig.from_resources(snapshot, resources, gateway=("app", "wp")))
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(wp.run())
+        await wp.started()
+        ...
+        await wp.drain(timeout=5)        # GOAWAY, in-flight requests finish, run() returns
+
+Each HBONE CONNECT carries one client connection to `VIP:port` (or a workload
+`IP:port`). The service port's protocol (`appProtocol` / port name) decides how
+it is read: HTTP/1.1, HTTP/2 (gRPC included), or TCP proxied as is; an undeclared
+port is sniffed (HTTP/2 preface, HTTP/1 request line, else TCP). Every HTTP
+request runs `waypoint.chain.plan_request` (authorization, faults, routes, filters,
+retries and timeouts, endpoint choice) and is re-originated by `waypoint.upstream`;
+`waypoint.telemetry` records it. Config comes from a local manifests file
+(`load_local_config`) or the control plane's push stream (`follow_control_plane`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+import yaml
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from config.resources import Resource, parse_resource
+from config.snapshot import MeshIndex
+from waypoint.chain import (
+    Chain,
+    ChainState,
+    MirrorPlan,
+    RequestPlan,
+    build_chain,
+    plan_request,
+    plan_tcp,
+    port_protocol,
+)
+from waypoint.http1 import (
+    Conn,
+    ConnInfo,
+    Exchange,
+    pipe,
+    serve_http1,
+    strip_hop_by_hop,
+)
+from waypoint.model import Headers, LocalResponse, Response, WaypointConfig, set_header
+from waypoint.resilience import Outcome
+from waypoint.telemetry import OtlpExporter, RequestRecord, Telemetry, TraceContext, parse_trace
+from waypoint.upstream import Spawn, UpstreamError, Upstreams
+from ztunnel.hbone.request import Accept, ConnectRequest, Decision
+from ztunnel.hbone.server import HboneServer
+from ztunnel.hbone.stream import HboneStream
+from ztunnel.identity import Certificate, TrustBundle
+from ztunnel.listeners._http import HttpListener, bind_tcp
+from ztunnel.listeners._http import Request as AdminRequest
+from ztunnel.listeners._http import Response as AdminResponse
+from ztunnel.listeners.ready import Readiness, ReadyListener
+from ztunnel.tls import cached_server_context
+
+__all__ = [
+    "ConfigError",
+    "UpstreamResponse",
+    "Waypoint",
+    "WaypointOptions",
+    "follow_control_plane",
+    "load_local_config",
+]
+
+log = structlog.get_logger("waypoint")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP1_START = re.compile(rb"^[A-Z]{3,10} ")
+#: Envoy's mapping of HTTP statuses to gRPC codes for local answers
+_GRPC_CODE = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+class ConfigError(Exception):
+    """The waypoint's configuration cannot be used; the message says why."""
+
+
+class UpstreamResponse(Protocol):
+    """An upstream response, HTTP/1.1 or HTTP/2 (see `upstream.H1Response`)."""
+
+    status: int
+    headers: Headers
+    length: int | None
+    upgraded: bytes | None
+    conn: Conn
+
+    @property
+    def trailers(self) -> Headers: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    def finish(self) -> None: ...
+    def discard(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WaypointOptions:
+    """What a waypoint process is and where it listens."""
+
+    gateway: tuple[str, str]
+    hbone_address: tuple[str, int] = ("0.0.0.0", 15008)
+    metrics_address: tuple[str, int] | None = ("0.0.0.0", 15020)
+    ready_address: tuple[str, int] | None = ("0.0.0.0", 15021)
+    upstream_hbone_port: int = 15008
+    otlp_endpoint: str | None = None
+    access_log: bool = True
+    max_buffered_body: int = 1 << 20  # bodies up to this size are replayable (retries)
+    mirror_timeout: float = 10.0
+    sniff_timeout: float = 2.0
+    max_concurrent_streams: int = 1000
+
+
+IdentityFn = Callable[[], tuple[Certificate, TrustBundle]]
+
+
+def _source_ip(creq: ConnectRequest) -> str:
+    fwd = creq.forwarded_for
+    if fwd:
+        if fwd.startswith("["):
+            return fwd[1 : fwd.find("]")]
+        host, sep, port = fwd.rpartition(":")
+        return host if sep and port.isdigit() and host.count(":") == 0 else fwd
+    return creq.peer_addr[0]
+
+
+class Waypoint:
+    """One waypoint: owns the HBONE listener, upstreams, telemetry and the current chain."""
+
+    def __init__(
+        self,
+        options: WaypointOptions,
+        identity: IdentityFn,
+        *,
+        registry: CollectorRegistry | None = None,
+        hbone_sock: socket.socket | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.options = options
+        self._identity = identity
+        self.registry = registry or CollectorRegistry()
+        self.exporter = (OtlpExporter(options.otlp_endpoint, resource={
+            "k8s.namespace.name": options.gateway[0], "istio.waypoint": options.gateway[1]})
+            if options.otlp_endpoint else None)
+        self.telemetry = Telemetry(self.registry, exporter=self.exporter,
+                                   access_log_enabled=options.access_log)
+        self.upstreams = Upstreams(identity, hbone_port=options.upstream_hbone_port)
+        self.rng = rng or random.Random()
+        self.readiness = Readiness("config", "listeners")
+        self._state = ChainState()
+        self._chain: Chain | None = None
+        self._config_event = asyncio.Event()
+        self._hbone_sock = hbone_sock
+        self._hbone: HboneServer | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._listeners: list[HttpListener] = []
+        self.ready_listener: ReadyListener | None = None
+        self.metrics_listener: HttpListener | None = None
+
+    # ------------------------------------------------------------------ config
+
+    @property
+    def chain(self) -> Chain | None:
+        return self._chain
+
+    def set_config(self, config: WaypointConfig) -> None:
+        """Swap to a new configuration; requests in flight keep their chain."""
+        self._chain = build_chain(config, self._state)
+        self.readiness.mark("config")
+        self._config_event.set()
+        log.info("config applied", version=config.snapshot.version,
+                 services=len(config.snapshot.services), routes=len(config.routes))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._hbone is not None, "call after started()"
+        return self._hbone.address
+
+    async def started(self) -> None:
+        await self._started.wait()
+
+    async def run(self) -> None:
+        """Serve until `drain()` / `close()`; every task lives in this TaskGroup."""
+        opts = self.options
+        sock = self._hbone_sock or bind_tcp(*opts.hbone_address)
+        self._hbone = HboneServer(sock, self._server_context(), self._identity()[1],
+                                  self._on_connect,
+                                  max_concurrent_streams=opts.max_concurrent_streams)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._hbone.run())
+                if opts.ready_address is not None:
+                    self.ready_listener = ReadyListener(
+                        self.readiness, sock=bind_tcp(*opts.ready_address))
+                    self._listeners.append(self.ready_listener)
+                if opts.metrics_address is not None:
+                    self.metrics_listener = HttpListener(bind_tcp(*opts.metrics_address),
+                                                         self._metrics)
+                    self._listeners.append(self.metrics_listener)
+                for lst in self._listeners:
+                    tg.create_task(lst.run())
+                exporter_task = (tg.create_task(self.exporter.run())
+                                 if self.exporter is not None else None)
+                await self._hbone.started()
+                self.readiness.mark("listeners")
+                self._started.set()
+                await self._stop.wait()
+                for lst in self._listeners:
+                    await lst.drain(1.0)
+                if exporter_task is not None:
+                    exporter_task.cancel()
+        finally:
+            self._tg = None
+            if self.exporter is not None:
+                with contextlib.suppress(Exception):
+                    await self.exporter.flush()
+            await self.upstreams.close()
+
+    def _server_context(self) -> Any:
+        cert, trust = self._identity()
+        return cached_server_context(cert, trust)
+
+    async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Stop taking connections (GOAWAY), let requests finish, then stop `run()`."""
+        if self.ready_listener is not None:
+            self.ready_listener.draining = True
+        if self._hbone is not None:
+            await self._hbone.drain(timeout)
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._hbone is not None:
+            self._hbone.close()
+        self._stop.set()
+
+    async def _metrics(self, req: AdminRequest) -> AdminResponse:
+        if req.path not in ("/metrics", "/stats/prometheus"):
+            return AdminResponse(404, b"try /metrics or /stats/prometheus\n")
+        return AdminResponse(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ HBONE in
+
+    async def _on_connect(self, creq: ConnectRequest) -> Decision:
+        return Accept(serve=functools.partial(self._serve_stream, creq))
+
+    async def _serve_stream(self, creq: ConnectRequest, stream: HboneStream) -> None:
+        chain = self._chain
+        if chain is None:
+            await asyncio.wait_for(self._config_event.wait(), 10.0)
+            chain = self._chain
+            assert chain is not None
+        info = ConnInfo(dest_ip=creq.host, dest_port=creq.port, source_ip=_source_ip(creq),
+                        source_principal=str(creq.peer_identity),
+                        peer_address=f"{creq.peer_addr[0]}:{creq.peer_addr[1]}")
+        proto = port_protocol(chain, creq.host, creq.port)
+        if proto == "tcp":
+            await self._serve_tcp(stream, info, b"")
+            return
+        try:
+            async with asyncio.timeout(self.options.sniff_timeout if not proto else None):
+                first = await stream.read()
+        except TimeoutError:
+            first = b""
+            if not proto:  # a server-first protocol on an undeclared port
+                await self._serve_tcp(stream, info, b"")
+                return
+        if not first:
+            return
+        if first.startswith(H2_PREFACE[: min(len(first), len(H2_PREFACE))]):
+            from waypoint.http2 import serve_http2
+            await serve_http2(stream, self.handle, info=info, initial=first)
+        elif proto or _HTTP1_START.match(first):
+            await serve_http1(stream, self.handle, info=info, initial=first)
+        else:
+            await self._serve_tcp(stream, info, first)
+
+    # ------------------------------------------------------------------ TCP
+
+    async def _serve_tcp(self, stream: HboneStream, info: ConnInfo, first: bytes) -> None:
+        chain = self._chain
+        assert chain is not None
+        loop = asyncio.get_running_loop()
+        t0, wall = loop.time(), time.time()
+        rec = RequestRecord(start_time=wall, duration=0.0, method="", path="",
+                            authority=f"{info.dest_ip}:{info.dest_port}", protocol="tcp",
+                            status=0, source_address=info.source_ip,
+                            source_principal=info.source_principal or "")
+        self._source_labels(chain, rec, info.source_ip, info.source_principal)
+        plan = plan_tcp(chain, dest_ip=info.dest_ip, dest_port=info.dest_port,
+                        source_ip=info.source_ip, source_principal=info.source_principal,
+                        now=t0, rng=self.rng)
+        if isinstance(plan, LocalResponse):
+            rec.status, rec.flags, rec.details = plan.status, plan.flags, plan.details
+            stream.reset()
+            rec.duration = loop.time() - t0
+            self.telemetry.record(rec)
+            return
+        try:
+            attempt = plan.first
+            while True:
+                try:
+                    up = await self.upstreams.connect(attempt.endpoint, source=info.source_ip)
+                    result: int | Outcome = 200
+                except UpstreamError as e:
+                    up, result, rec.details = None, e.outcome, str(e)
+                nxt = plan.after_attempt(attempt, result, loop.time(), self.rng)
+                if up is not None or nxt is None:
+                    break
+                attempt = nxt
+            self._dest_labels(chain, rec, plan, attempt.endpoint)
+            rec.attempts = attempt.number
+            if up is None:
+                rec.status, rec.flags = 503, "UF"
+                stream.reset()
+                return
+            rec.status = 200
+            sent, received = await pipe(stream, up, first, b"")
+            rec.request_bytes, rec.response_bytes = sent, received
+        finally:
+            plan.release(loop.time())
+            rec.duration = loop.time() - t0
+            self.telemetry.record(rec)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _source_labels(self, chain: Chain, rec: RequestRecord, ip: str,
+                       principal: str | None) -> None:
+        w = chain.config.snapshot.workload_by_ip(ip) if ip else None
+        if w is not None:
+            rec.source_workload = w.canonical_name or w.labels.get("app", "") or w.name
+            rec.source_namespace = w.namespace
+            rec.source_app = w.labels.get("app", "")
+        elif principal and "/ns/" in principal:
+            rec.source_namespace = principal.split("/ns/", 1)[1].split("/", 1)[0]
+
+    def _dest_labels(self, chain: Chain, rec: RequestRecord, plan: RequestPlan,
+                     ep: Any) -> None:
+        b = plan.backend
+        td = chain.config.snapshot.trust_domain or "cluster.local"
+        svc = chain.config.service(b.namespace, b.name)
+        rec.destination_service = (svc.hostname if svc is not None and svc.hostname
+                                   else b.hostname or f"{b.name}.{b.namespace}.svc.cluster.local")
+        rec.destination_service_name = b.name
+        rec.destination_service_namespace = b.namespace
+        del td
+        rec.upstream_host = ep.key
+        rec.destination_principal = ep.identity
+        w = chain.config.snapshot.workload_by_uid(ep.workload_uid)
+        if w is not None:
+            rec.destination_workload = w.canonical_name or w.labels.get("app", "") or w.name
+            rec.destination_namespace = w.namespace
+            rec.destination_app = w.labels.get("app", "")
+        if plan.route:
+            rec.route = plan.route
+        if plan.policy:
+            rec.policy = plan.policy
+
+    async def handle(self, ex: Exchange) -> None:
+        """Serve one HTTP request: plan, send upstream (with retries), answer, record."""
+        loop = asyncio.get_running_loop()
+        chain = self._chain
+        assert chain is not None
+        req = ex.request
+        t0 = ex.started_at or loop.time()
+        grpc = any(k == "content-type" and v.startswith("application/grpc")
+                   for k, v in req.headers)
+        if grpc:
+            ex.protocol = "grpc"
+        trace = parse_trace(req.headers)
+        rec = RequestRecord(
+            start_time=time.time() - (loop.time() - t0), duration=0.0, method=req.method,
+            path=req.path, authority=req.authority, protocol=ex.protocol, status=0,
+            source_address=req.source_ip, source_principal=req.source_principal or "",
+            trace=trace,
+        )
+        for k, v in req.headers:
+            if k == "user-agent":
+                rec.user_agent = v
+            elif k == "x-request-id":
+                rec.request_id = v
+        if not rec.request_id:
+            rec.request_id = _uuid4()
+        self._source_labels(chain, rec, req.source_ip, req.source_principal)
+        try:
+            plan = plan_request(chain, req, loop.time(), self.rng)
+            if isinstance(plan, LocalResponse):
+                rec.flags, rec.details = plan.flags, plan.details
+                await self._answer_local(ex, plan, rec)
+                return
+            try:
+                await self._proxy(ex, chain, plan, rec, trace)
+            finally:
+                plan.release(loop.time())
+        except (ConnectionError, OSError) as e:
+            rec.details = rec.details or f"downstream: {e}"
+            if not rec.flags:
+                rec.flags = "DC"
+        except Exception as e:
+            log.exception("request_failed", path=req.path)
+            rec.details = f"internal error: {e}"
+            if not ex.responder.started:
+                with contextlib.suppress(Exception):
+                    await self._answer_local(ex, LocalResponse(500, b"internal error\n"), rec)
+        finally:
+            rec.duration = loop.time() - t0
+            rec.request_bytes = ex.body.received
+            rec.response_bytes = ex.responder.bytes_sent
+            self.telemetry.record(rec)
+
+    async def _answer_local(self, ex: Exchange, lr: LocalResponse, rec: RequestRecord) -> None:
+        rec.status = lr.status
+        if ex.protocol == "grpc":
+            code = _GRPC_CODE.get(lr.status, 2)
+            rec.grpc_status = str(code)
+            msg = lr.body.decode("utf-8", "replace").strip() or f"HTTP {lr.status}"
+            headers: Headers = (("content-type", "application/grpc"), ("grpc-status", str(code)),
+                       ("grpc-message", msg.replace("\r", " ").replace("\n", " ")))
+            await ex.responder.start(200, headers, length=0, end=True)
+            return
+        await ex.responder.start(lr.status, tuple(lr.headers), length=len(lr.body), end=not lr.body)
+        if lr.body:
+            await ex.responder.data(lr.body)
+        await ex.responder.end()
+
+    def _upstream_h2(self, chain: Chain, ex: Exchange) -> bool:
+        declared = port_protocol(chain, ex.request.dest_ip, ex.request.dest_port)
+        if declared in ("http2", "grpc"):
+            return True
+        if declared == "http":
+            return False
+        return ex.version == "2"
+
+    async def _proxy(self, ex: Exchange, chain: Chain, plan: RequestPlan, rec: RequestRecord,
+                     trace: TraceContext) -> None:
+        loop = asyncio.get_running_loop()
+        if plan.flags:
+            rec.flags = plan.flags
+        if plan.fault_delay > 0:
+            await asyncio.sleep(plan.fault_delay)
+        body: bytes | None = b""
+        if not ex.upgrade:
+            body = await ex.body.read_all(self.options.max_buffered_body)
+        h2 = self._upstream_h2(chain, ex)
+        req = plan.request
+        headers = strip_hop_by_hop(req.headers, keep=("te",) if h2 else ())
+        headers = tuple((k, v) for k, v in headers if k != "host")
+        if ex.upgrade and not h2:
+            headers = (*headers, ("connection", "upgrade"), ("upgrade", ex.upgrade))
+        headers = trace.inject(headers)
+        headers = set_header(headers, "x-forwarded-proto", req.scheme or "http")
+        headers = set_header(headers, "x-request-id", rec.request_id)
+        if body is not None:
+            for m in plan.mirrors:
+                if self._tg is not None:
+                    self._tg.create_task(self._mirror(m, headers, body, h2))
+        attempt = plan.first
+        resp: UpstreamResponse | None = None
+        result: int | Outcome = Outcome.RESET
+        spawned: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+
+                def spawn(coro: Coroutine[Any, Any, None]) -> None:
+                    spawned.append(tg.create_task(coro))
+
+                while True:
+                    if attempt.backoff > 0:
+                        await asyncio.sleep(attempt.backoff)
+                    payload: bytes | AsyncIterator[bytes] = (
+                        body if body is not None else ex.body.chunks())
+                    resp = None
+                    try:
+                        resp = await self._send(attempt.endpoint, req, headers, payload,
+                                                deadline=attempt.deadline, spawn=spawn, h2=h2,
+                                                source=req.source_ip, upgrade=bool(ex.upgrade),
+                                                traceparent=trace.traceparent)
+                        result = resp.status
+                    except UpstreamError as e:
+                        result = e.outcome
+                        rec.details = str(e)
+                    now = loop.time()
+                    nxt = plan.after_attempt(attempt, result, now, self.rng,
+                                             rtt=now - attempt.started)
+                    if nxt is None or body is None:
+                        break
+                    if resp is not None:
+                        resp.discard()
+                    attempt = nxt
+                rec.attempts = attempt.number
+                self._dest_labels(chain, rec, plan, attempt.endpoint)
+                if resp is None:
+                    assert isinstance(result, Outcome)
+                    lr = plan.failure_response(result)
+                    rec.flags = lr.flags
+                    await self._answer_local(ex, lr, rec)
+                    return
+                try:
+                    await self._relay_response(ex, plan, resp, rec)
+                finally:
+                    for t in spawned:  # a request body the upstream no longer reads
+                        t.cancel()
+        except* UpstreamError as eg:
+            rec.details = str(eg.exceptions[0])
+
+    async def _relay_response(self, ex: Exchange, plan: RequestPlan, resp: UpstreamResponse,
+                              rec: RequestRecord) -> None:
+        rec.status = resp.status
+        if resp.status >= 500 and not rec.flags:
+            rec.flags = "-"
+        up_headers = strip_hop_by_hop(resp.headers, keep=("upgrade",)
+                                      if resp.status == 101 else ())
+        up_headers = tuple((k, v) for k, v in up_headers if k != "content-length")
+        r = plan.response(Response(resp.status, up_headers))
+        if resp.status == 101 and ex.splice is not None:
+            await ex.responder.start(101, r.headers, length=None, end=False)
+            _, received = await ex.splice(resp.conn, resp.upgraded or b"")
+            ex.responder.bytes_sent += received
+            rec.response_bytes = received
+            return
+        try:
+            await ex.responder.start(r.status, r.headers, length=resp.length, end=False)
+            async for chunk in resp.chunks():
+                await ex.responder.data(chunk)
+            trailers = resp.trailers
+            for k, v in trailers:
+                if k == "grpc-status":
+                    rec.grpc_status = v
+            if not rec.grpc_status:
+                for k, v in resp.headers:
+                    if k == "grpc-status":
+                        rec.grpc_status = v
+            await ex.responder.end(trailers)
+        except ConnectionError as e:
+            rec.flags = "UPE" if "upstream" in str(e) else "DC"
+            rec.details = str(e)
+            resp.discard()
+            raise
+        resp.finish()
+
+    async def _send(self, ep: Any, req: Any, headers: Headers,
+                    payload: bytes | AsyncIterator[bytes], *, deadline: float | None,
+                    spawn: Spawn, h2: bool, source: str, upgrade: bool,
+                    traceparent: str | None) -> UpstreamResponse:
+        if h2:
+            from waypoint.http2 import h2_request
+            resp: UpstreamResponse = await h2_request(self.upstreams, ep, req, headers, payload,
+                                    deadline=deadline, spawn=spawn, source=source,
+                                    traceparent=traceparent)
+            return resp
+        return await self.upstreams.h1_request(ep, req, headers, payload, deadline=deadline,
+                                               spawn=spawn, source=source,
+                                               traceparent=traceparent, upgrade=upgrade)
+
+    async def _mirror(self, m: MirrorPlan, headers: Headers, body: bytes, h2: bool) -> None:
+        """Send a copy to a RequestMirror backend; its answer (or failure) is dropped."""
+        req = m.request
+        host = req.authority
+        if host:
+            name, sep, port = host.rpartition(":")
+            host = f"{name}-shadow:{port}" if sep and port.isdigit() else f"{host}-shadow"
+        req = req.with_(authority=host)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.options.mirror_timeout), asyncio.TaskGroup() as tg:
+
+                def spawn(coro: Coroutine[Any, Any, None]) -> None:
+                    tg.create_task(coro)
+
+                resp = await self._send(m.endpoint, req, headers, body,
+                                        deadline=loop.time() + self.options.mirror_timeout,
+                                        spawn=spawn, h2=h2, source=req.source_ip, upgrade=False,
+                                        traceparent=None)
+                async for _ in resp.chunks():
+                    pass
+                resp.finish()
+        except Exception as e:
+            log.info("mirror_failed", backend=m.backend.key, endpoint=m.endpoint.key,
+                     reason=str(e) or type(e).__name__)
+
+
+def _uuid4() -> str:
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def load_local_config(path: str | Path, gateway: tuple[str, str], *,
+                      address: str = "", trust_bundle_pem: str = "",
+                      version: int = 1) -> WaypointConfig:
+    """A waypoint's configuration from a manifests file (multi-document YAML or JSON:
+    Namespaces, Services, WorkloadEntries, the Gateway, HTTPRoutes, policies...),
+    the same resources the control plane holds. `address` is where this waypoint
+    listens (the Gateway's `spec.addresses` otherwise)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from e
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML/JSON: {e}") from e
+    flat: list[Any] = []
+    for d in docs:
+        if isinstance(d, list):
+            flat.extend(d)
+        elif isinstance(d, dict) and d.get("kind") == "List":
+            flat.extend(d.get("items", []))
+        else:
+            flat.append(d)
+    resources: list[Resource] = []
+    for i, d in enumerate(flat):
+        try:
+            resources.append(parse_resource(d))
+        except Exception as e:
+            raise ConfigError(f"{p}: document {i + 1}: {e}") from e
+    return config_from_resources(resources, gateway, address=address,
+                                 trust_bundle_pem=trust_bundle_pem, version=version)
+
+
+def config_from_resources(resources: Iterable[Resource], gateway: tuple[str, str], *,
+                          address: str = "", trust_bundle_pem: str = "",
+                          version: int = 1) -> WaypointConfig:
+    """The waypoint's view of a set of resources (what a local config file holds)."""
+    res = list(resources)
+    idx = MeshIndex()
+    idx.load(res, version)
+    if address:
+        idx.set_waypoint_address(gateway[0], gateway[1], address)
+    snap = idx.waypoint_snapshot(*gateway)
+    if trust_bundle_pem:
+        from dataclasses import replace
+        snap = replace(snap, trust_bundle_pem=trust_bundle_pem)
+    return WaypointConfig.from_resources(snap, [(r, i) for i, r in enumerate(res)],
+                                         gateway=gateway)
+
+
+async def follow_control_plane(client: Any, waypoint: Waypoint) -> None:
+    """Apply every snapshot and resource set the control plane pushes (`PushClient`)."""
+    latest: list[Resource] = []
+
+    async def on_resources(resources: list[Resource]) -> None:
+        nonlocal latest
+        latest = resources
+
+    async def apply(snap: Any) -> None:
+        waypoint.set_config(WaypointConfig.from_resources(
+            snap, [(r, i) for i, r in enumerate(latest)], gateway=waypoint.options.gateway))
+
+    await client.follow(apply, on_resources=on_resources)

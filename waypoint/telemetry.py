@@ -1,0 +1,425 @@
+"""Waypoint telemetry: Istio request metrics, access log, trace propagation, OTLP export.
+
+    tel = Telemetry(registry, exporter=OtlpExporter("http://collector:4318/v1/traces"))
+    trace = tel.trace_for(request_headers)          # parse W3C traceparent or B3
+    headers = trace.inject(headers)                 # upstream headers: child span ids
+    tel.record(RequestRecord(...))                  # metrics + access log + span
+
+Metrics use Istio's names and labels (`istio_requests_total`,
+`istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`,
+reporter `waypoint`), so existing dashboards work. `parse_trace` / `TraceContext` are
+pure; `OtlpExporter.run()` is the one task (owned by the server's TaskGroup) that
+posts batches of spans as OTLP/HTTP JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = [
+    "DURATION_BUCKETS",
+    "OtlpExporter",
+    "RequestRecord",
+    "Telemetry",
+    "TraceContext",
+    "parse_trace",
+]
+
+access_log = structlog.get_logger("waypoint.access")
+log = structlog.get_logger("waypoint")
+
+#: Istio's default buckets for istio_request_duration_milliseconds
+DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+                    60000, 300000, 600000, 1800000, 3600000)
+BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
+
+LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _hex(s: str, n: int) -> bool:
+    return len(s) == n and set(s) <= _HEX and s.strip("0") != ""
+
+
+def _rand_hex(nbytes: int) -> str:
+    return os.urandom(nbytes).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """The trace a request belongs to and the waypoint's own span in it.
+
+    `parent_span_id` is the caller's span ("" when the waypoint starts the trace);
+    `span_id` is the waypoint's span, the parent of the upstream request. `b3` says
+    whether the caller used B3 headers (they are then propagated too).
+    """
+
+    trace_id: str  # 32 hex
+    span_id: str  # 16 hex
+    parent_span_id: str = ""
+    sampled: bool = True
+    b3: bool = False
+    tracestate: str = ""
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+
+    def inject(self, headers: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        """`headers` (lower-case names) with trace headers for the upstream request.
+
+        W3C `traceparent` always (with `tracestate` kept), and B3 (`x-b3-*`) as well,
+        so either kind of tracer downstream joins the same trace.
+        """
+        drop = ("traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+                "x-b3-sampled", "x-b3-flags", "b3")
+        out = [(k, v) for k, v in headers if k not in drop]
+        out.append(("traceparent", self.traceparent))
+        out.append(("x-b3-traceid", self.trace_id))
+        out.append(("x-b3-spanid", self.span_id))
+        if self.parent_span_id:
+            out.append(("x-b3-parentspanid", self.parent_span_id))
+        out.append(("x-b3-sampled", "1" if self.sampled else "0"))
+        return tuple(out)
+
+
+def parse_trace(headers: Sequence[tuple[str, str]]) -> TraceContext:
+    """The caller's trace from W3C `traceparent`, else B3 (multi or single header);
+    a new trace when there is none (or it is malformed). The waypoint's span id is new."""
+    tp = b3 = tid = sid = sampled = tracestate = None
+    for k, v in headers:
+        if k == "traceparent":
+            tp = v
+        elif k == "tracestate":
+            tracestate = v
+        elif k == "b3":
+            b3 = v
+        elif k == "x-b3-traceid":
+            tid = v.lower()
+        elif k == "x-b3-spanid":
+            sid = v.lower()
+        elif k == "x-b3-sampled":
+            sampled = v
+    span = _rand_hex(8)
+    if tp is not None:
+        parts = tp.strip().lower().split("-")
+        if (len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff"
+                and _hex(parts[1], 32) and _hex(parts[2], 16) and len(parts[3]) == 2):
+            flags = int(parts[3], 16) if set(parts[3]) <= _HEX else 1
+            return TraceContext(parts[1], span, parts[2], bool(flags & 1),
+                                b3=tid is not None or b3 is not None,
+                                tracestate=tracestate or "")
+    if b3 is not None:
+        parts = b3.strip().lower().split("-")
+        if len(parts) >= 2 and _hex(parts[0].rjust(32, "0"), 32) and _hex(parts[1], 16):
+            smp = parts[2] != "0" if len(parts) >= 3 else True
+            return TraceContext(parts[0].rjust(32, "0"), span, parts[1], smp, b3=True)
+    if tid is not None and sid is not None and _hex(tid.rjust(32, "0"), 32) and _hex(sid, 16):
+        return TraceContext(tid.rjust(32, "0"), span, sid, sampled != "0", b3=True)
+    return TraceContext(_rand_hex(16), span)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything known about one finished request, for metrics, logs and spans."""
+
+    start_time: float  # wall clock (time.time()) when the request head arrived
+    duration: float  # seconds until the response ended
+    method: str
+    path: str
+    authority: str
+    protocol: str  # "http" | "grpc" | "tcp"
+    status: int  # 0 when the client went away before any response
+    flags: str = ""
+    request_bytes: int = 0
+    response_bytes: int = 0
+    source_address: str = ""
+    source_principal: str = ""
+    source_workload: str = ""
+    source_namespace: str = ""
+    source_app: str = ""
+    destination_service: str = ""
+    destination_service_name: str = ""
+    destination_service_namespace: str = ""
+    destination_workload: str = ""
+    destination_namespace: str = ""
+    destination_principal: str = ""
+    destination_app: str = ""
+    upstream_host: str = ""
+    route: str = ""
+    policy: str = ""
+    details: str = ""
+    attempts: int = 0
+    grpc_status: str = ""
+    user_agent: str = ""
+    request_id: str = ""
+    trace: TraceContext | None = None
+
+
+def _principal_label(p: str) -> str:
+    return p.removeprefix("spiffe://") if p else "unknown"
+
+
+class Telemetry:
+    """Istio request metrics in a registry, one access log line and one span per request."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        exporter: OtlpExporter | None = None,
+        access_log_enabled: bool = True,
+        reporter: str = "waypoint",
+    ) -> None:
+        self.registry = registry
+        self.exporter = exporter
+        self.access_log_enabled = access_log_enabled
+        self.reporter = reporter
+        self.requests = Counter(
+            "istio_requests", "Requests handled by the waypoint", LABELS, registry=registry
+        )
+        self.duration = Histogram(
+            "istio_request_duration_milliseconds", "Request duration in milliseconds",
+            LABELS, buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.request_bytes = Histogram(
+            "istio_request_bytes", "Request body sizes in bytes", LABELS,
+            buckets=BYTES_BUCKETS, registry=registry,
+        )
+        self.response_bytes = Histogram(
+            "istio_response_bytes", "Response body sizes in bytes", LABELS,
+            buckets=BYTES_BUCKETS, registry=registry,
+        )
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+
+    def _series(self, values: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
+        c = self._children.get(values)
+        if c is None:
+            if len(self._children) > 10000:
+                self._children.clear()
+            c = (self.requests.labels(*values), self.duration.labels(*values),
+                 self.request_bytes.labels(*values), self.response_bytes.labels(*values))
+            self._children[values] = c
+        return c
+
+    def label_values(self, rec: RequestRecord) -> tuple[str, ...]:
+        """The metric label values of a record, in `LABELS` order."""
+        return (
+            self.reporter,
+            rec.source_workload or "unknown",
+            rec.source_namespace or "unknown",
+            _principal_label(rec.source_principal),
+            rec.source_app or "unknown",
+            rec.destination_workload or "unknown",
+            rec.destination_namespace or "unknown",
+            _principal_label(rec.destination_principal),
+            rec.destination_app or "unknown",
+            rec.destination_service or "unknown",
+            rec.destination_service_name or "unknown",
+            rec.destination_service_namespace or "unknown",
+            rec.protocol,
+            str(rec.status),
+            rec.grpc_status or ("-" if rec.protocol != "grpc" else "unknown"),
+            rec.flags or "-",
+            "mutual_tls",
+        )
+
+    def record(self, rec: RequestRecord) -> None:
+        """Count, time, log and (when exporting) trace one finished request."""
+        total, dur, qb, rb = self._series(self.label_values(rec))
+        total.inc()
+        dur.observe(rec.duration * 1000.0)
+        qb.observe(rec.request_bytes)
+        rb.observe(rec.response_bytes)
+        if self.access_log_enabled:
+            access_log.info(
+                "request",
+                start=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.start_time))
+                + f".{int(rec.start_time % 1 * 1000):03d}Z",
+                method=rec.method,
+                path=rec.path,
+                authority=rec.authority,
+                protocol=rec.protocol,
+                response_code=rec.status,
+                response_flags=rec.flags or "-",
+                duration_ms=round(rec.duration * 1000.0, 3),
+                bytes_received=rec.request_bytes,
+                bytes_sent=rec.response_bytes,
+                src_addr=rec.source_address,
+                src_identity=rec.source_principal or None,
+                src_workload=rec.source_workload or None,
+                dst_service=rec.destination_service or None,
+                dst_workload=rec.destination_workload or None,
+                dst_identity=rec.destination_principal or None,
+                upstream_host=rec.upstream_host or None,
+                route=rec.route or None,
+                attempts=rec.attempts,
+                details=rec.details or None,
+                grpc_status=rec.grpc_status or None,
+                user_agent=rec.user_agent or None,
+                request_id=rec.request_id or None,
+                trace_id=rec.trace.trace_id if rec.trace else None,
+            )
+        if self.exporter is not None and rec.trace is not None and rec.trace.sampled:
+            self.exporter.add(span_of(rec, rec.trace))
+
+
+# ----------------------------------------------------------------------------- OTLP
+
+
+def _attr(key: str, value: str | int) -> dict[str, Any]:
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": value}}
+
+
+def span_of(rec: RequestRecord, trace: TraceContext) -> dict[str, Any]:
+    """One OTLP JSON span (server kind) for a finished request."""
+    start_ns = int(rec.start_time * 1e9)
+    end_ns = start_ns + int(rec.duration * 1e9)
+    attrs = [
+        _attr("http.request.method", rec.method),
+        _attr("url.path", rec.path),
+        _attr("server.address", rec.authority),
+        _attr("http.response.status_code", rec.status),
+        _attr("network.protocol.name", rec.protocol),
+        _attr("istio.response_flags", rec.flags or "-"),
+        _attr("istio.source_principal", rec.source_principal or "unknown"),
+        _attr("istio.destination_service", rec.destination_service or "unknown"),
+        _attr("upstream.address", rec.upstream_host or ""),
+    ]
+    if rec.route:
+        attrs.append(_attr("istio.route", rec.route))
+    span: dict[str, Any] = {
+        "traceId": trace.trace_id,
+        "spanId": trace.span_id,
+        "name": f"{rec.destination_service or rec.authority}:{rec.method} {rec.path}",
+        "kind": 2,  # SPAN_KIND_SERVER
+        "startTimeUnixNano": str(start_ns),
+        "endTimeUnixNano": str(end_ns),
+        "attributes": attrs,
+        "status": {"code": 2 if rec.status == 0 or rec.status >= 500 else 0},
+    }
+    if trace.parent_span_id:
+        span["parentSpanId"] = trace.parent_span_id
+    return span
+
+
+@dataclass
+class OtlpExporter:
+    """Posts spans as OTLP/HTTP JSON (`ExportTraceServiceRequest`) to `url` in batches.
+
+    `add` never blocks and drops spans beyond `max_queue` (counted in `dropped`);
+    `run()` sends a batch every `interval` seconds or once `batch_size` spans wait.
+    Only `http://` URLs (a collector next to the waypoint or a local agent).
+    """
+
+    url: str
+    service_name: str = "waypoint"
+    interval: float = 1.0
+    batch_size: int = 512
+    max_queue: int = 8192
+    timeout: float = 5.0
+    resource: Mapping[str, str] = field(default_factory=dict)
+    dropped: int = 0
+    exported: int = 0
+    _queue: list[dict[str, Any]] = field(default_factory=list)
+    _wake: asyncio.Event | None = None
+
+    def __post_init__(self) -> None:
+        u = urlsplit(self.url)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"OTLP endpoint {self.url!r} must be an http://HOST:PORT/PATH URL "
+                             "(e.g. http://127.0.0.1:4318/v1/traces)")
+        self._host = u.hostname
+        self._port = u.port or 80
+        self._path = u.path or "/v1/traces"
+
+    def add(self, span: dict[str, Any]) -> None:
+        if len(self._queue) >= self.max_queue:
+            self.dropped += 1
+            return
+        self._queue.append(span)
+        if len(self._queue) >= self.batch_size and self._wake is not None:
+            self._wake.set()
+
+    def body(self, spans: list[dict[str, Any]]) -> bytes:
+        attrs = [_attr("service.name", self.service_name)]
+        attrs += [_attr(k, v) for k, v in sorted(self.resource.items())]
+        doc = {"resourceSpans": [{
+            "resource": {"attributes": attrs},
+            "scopeSpans": [{"scope": {"name": "ambit.waypoint"}, "spans": spans}],
+        }]}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    async def flush(self) -> None:
+        """Send what is queued now (one POST per batch); failures drop the batch."""
+        while self._queue:
+            batch, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
+            try:
+                await self._post(self.body(batch))
+                self.exported += len(batch)
+            except (OSError, TimeoutError, ValueError) as e:
+                self.dropped += len(batch)
+                log.warning("otlp_export_failed", url=self.url, spans=len(batch),
+                            reason=str(e) or type(e).__name__)
+
+    async def _post(self, body: bytes) -> None:
+        async with asyncio.timeout(self.timeout):
+            reader, writer = await asyncio.open_connection(self._host, self._port)
+            try:
+                writer.write(
+                    f"POST {self._path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n".encode() + body
+                )
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].startswith(b"2"):
+            raise ValueError(f"collector answered {status_line.decode(errors='replace').strip()!r}"
+                             f": is {self.url} an OTLP/HTTP traces endpoint?")
+
+    async def run(self) -> None:
+        """Export until cancelled; a final flush happens in `close`."""
+        self._wake = asyncio.Event()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.flush()

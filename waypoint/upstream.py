@@ -1,0 +1,408 @@
+"""Re-origination: connections from the waypoint to the chosen endpoint, and HTTP/1.1 to it.
+
+    ups = Upstreams(identity=lambda: (cert, bundle))
+    conn = await ups.connect(endpoint, source="10.0.1.5:40000")   # Conn; UpstreamError
+    resp = await ups.h1_request(endpoint, request, headers, body, deadline=..., tg=tg)
+    async for chunk in resp.chunks(): ...
+    resp.finish()                                # back to the idle pool (or closed)
+
+An endpoint in the mesh (`endpoint.hbone`) is reached through HBONE: a CONNECT
+stream to `endpoint.address:15008` with `:authority address:port`, the waypoint's own
+certificate, the endpoint's SPIFFE identity checked, streams pooled over shared
+connections (`ztunnel.hbone.pool`). Other endpoints get plain TCP. HTTP/1.1
+connections to an endpoint are kept alive and reused; one that the server closed
+while idle is replaced transparently (the request never reached it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+
+from waypoint.http1 import (
+    Conn,
+    TcpConn,
+    close_conn,
+    encode_chunk,
+    encode_last_chunk,
+    encode_request_head,
+)
+from waypoint.model import Headers, Request, UpstreamEndpoint
+from waypoint.resilience import Outcome
+from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.pool import HboneConnectionPool
+from ztunnel.hbone.request import format_authority
+from ztunnel.identity import Certificate, SpiffeId, TrustBundle
+
+__all__ = ["H1Response", "Spawn", "UpstreamError", "Upstreams"]
+
+#: starts a task owned by the caller's TaskGroup (request body senders, readers)
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+READ_SIZE = 256 * 1024
+MAX_IDLE_PER_ENDPOINT = 64
+
+
+class UpstreamError(Exception):
+    """An attempt failed without a response: `outcome` says how (UF / UR / UT)."""
+
+    def __init__(self, outcome: Outcome, message: str, *, nothing_received: bool = False) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.nothing_received = nothing_received
+
+
+@dataclass(slots=True)
+class _Idle:
+    conn: Conn
+    served: int
+
+
+class _RespParser:
+    """httptools callbacks for one upstream response."""
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[str, str]] = []
+        self.trailers: list[tuple[str, str]] = []
+        self.head_done = False
+        self.complete = False
+        self.chunks: deque[bytes] = deque()
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.trailers = []
+        self.head_done = False
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        h = (name.decode("latin-1").lower(), value.decode("latin-1"))
+        (self.trailers if self.head_done else self.headers).append(h)
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class H1Response:
+    """An upstream HTTP/1.1 response: head now, body as it streams."""
+
+    def __init__(self, ups: Upstreams, ep: UpstreamEndpoint, conn: Conn, *, served: int,
+                 parser: httptools.HttpResponseParser, cb: _RespParser,
+                 head_only: bool, upgraded: bytes | None) -> None:
+        self._ups = ups
+        self._ep = ep
+        self.conn = conn
+        self._served = served
+        self._parser = parser
+        self._cb = cb
+        self.status = parser.get_status_code()
+        self.headers: Headers = tuple(cb.headers)
+        self.keep_alive = parser.should_keep_alive() and not head_only and upgraded is None
+        self.head_only = head_only
+        self.upgraded = upgraded  # bytes after a 101 head (the tunnel's first bytes)
+        self.length: int | None = None
+        for k, v in cb.headers:
+            if k == "content-length" and v.strip().isdigit():
+                self.length = int(v.strip())
+        if any(k == "transfer-encoding" for k, _ in cb.headers):
+            self.length = None
+        self.bytes_received = 0
+        self._done = head_only or (cb.complete and not cb.chunks)
+        self._released = False
+
+    @property
+    def trailers(self) -> Headers:
+        return tuple(self._cb.trailers)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body; ends at the message end (or, for close-delimited bodies, at EOF)."""
+        cb = self._cb
+        if self.head_only or self.status in (204, 304):
+            self._done = True
+            return
+        while True:
+            while cb.chunks:
+                data = cb.chunks.popleft()
+                self.bytes_received += len(data)
+                yield data
+            if cb.complete:
+                self._done = True
+                return
+            try:
+                data = await self.conn.read(READ_SIZE)
+            except (HboneError, OSError) as e:
+                raise ConnectionError(f"upstream {self._ep.key} reset mid-response: {e}") from e
+            if not data:
+                if self.length is None and not any(k == "transfer-encoding"
+                                                   for k, _ in self.headers):
+                    self._done = True
+                    self.keep_alive = False
+                    return
+                raise ConnectionError(f"upstream {self._ep.key} closed mid-response")
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as e:
+                raise ConnectionError(f"upstream {self._ep.key} sent a bad response: {e}") from e
+
+    def finish(self) -> None:
+        """Done with the response: keep the connection if it is reusable, else close it."""
+        if self._released:
+            return
+        self._released = True
+        if self._done and self.keep_alive:
+            self._ups._put_idle(self._ep, self.conn, self._served + 1)
+        else:
+            close_conn(self.conn)
+
+    def discard(self) -> None:
+        """Drop the response unread (a retry follows): the connection is closed."""
+        self.keep_alive = False
+        self.finish()
+
+
+class Upstreams:
+    """Connections to endpoints: HBONE (pooled) or TCP, plus idle HTTP/1.1 connections."""
+
+    def __init__(
+        self,
+        identity: Callable[[], tuple[Certificate, TrustBundle]],
+        *,
+        hbone_port: int = 15008,
+        pool: HboneConnectionPool | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._identity = identity
+        self.hbone_port = hbone_port
+        self.pool = pool or HboneConnectionPool(connect_timeout=connect_timeout)
+        self.connect_timeout = connect_timeout
+        self._idle: dict[str, list[_Idle]] = {}
+        self.connections_opened = 0
+
+    async def connect(self, ep: UpstreamEndpoint, *, source: str = "",
+                      traceparent: str | None = None) -> Conn:
+        """A new byte stream to `ep` (HBONE CONNECT or TCP). Raises UpstreamError(UF)."""
+        if ep.hbone:
+            cert, trust = self._identity()
+            try:
+                dst_id = SpiffeId.parse(ep.identity)
+            except ValueError as e:
+                raise UpstreamError(Outcome.CONNECT_FAILURE,
+                                    f"endpoint {ep.key} has no valid identity "
+                                    f"{ep.identity!r}: {e}") from e
+            fwd = None
+            if source:
+                host, _, port = source.rpartition(":")
+                node = host if host.startswith("[") or ":" not in host else f"[{host}]"
+                fwd = f'for="{node}:{port}"' if port.isdigit() else f'for="{source}"'
+            try:
+                stream = await self.pool.open_stream(
+                    src_identity_cert=cert, trust=trust, dst_identity=dst_id, src_ip=None,
+                    dst=(ep.address, self.hbone_port),
+                    authority=format_authority(ep.address, ep.port),
+                    forwarded_for=fwd, traceparent=traceparent,
+                )
+            except HboneError as e:
+                raise UpstreamError(Outcome.CONNECT_FAILURE,
+                                    f"HBONE to {ep.key} via port {self.hbone_port}: {e}") from e
+            self.connections_opened += 1
+            return stream
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(ep.address, ep.port,
+                                                               limit=READ_SIZE)
+        except TimeoutError:
+            raise UpstreamError(Outcome.CONNECT_FAILURE,
+                                f"TCP connect to {ep.key} timed out after "
+                                f"{self.connect_timeout:g}s") from None
+        except OSError as e:
+            raise UpstreamError(Outcome.CONNECT_FAILURE,
+                                f"TCP connect to {ep.key} failed: {e.strerror or e}") from e
+        self.connections_opened += 1
+        return TcpConn(reader, writer)
+
+    def _take_idle(self, ep: UpstreamEndpoint) -> _Idle | None:
+        lst = self._idle.get(ep.key)
+        while lst:
+            idle = lst.pop()
+            if _alive(idle.conn):
+                return idle
+            close_conn(idle.conn)
+        return None
+
+    def _put_idle(self, ep: UpstreamEndpoint, conn: Conn, served: int) -> None:
+        if not _alive(conn):
+            close_conn(conn)
+            return
+        lst = self._idle.setdefault(ep.key, [])
+        if len(lst) >= MAX_IDLE_PER_ENDPOINT:
+            close_conn(conn)
+            return
+        lst.append(_Idle(conn, served))
+
+    def idle_count(self, ep: UpstreamEndpoint | None = None) -> int:
+        if ep is not None:
+            return len(self._idle.get(ep.key, []))
+        return sum(len(v) for v in self._idle.values())
+
+    async def h1_request(
+        self,
+        ep: UpstreamEndpoint,
+        request: Request,
+        headers: Headers,
+        body: bytes | AsyncIterator[bytes],
+        *,
+        deadline: float | None,
+        spawn: Spawn,
+        source: str = "",
+        traceparent: str | None = None,
+        upgrade: bool = False,
+    ) -> H1Response:
+        """Send `request` over HTTP/1.1 and wait for the response head (until `deadline`,
+        loop time). `headers` are end-to-end headers (no host, no hop-by-hop); a
+        streamed body (async iterator) is sent by a task started with `spawn`.
+        Raises UpstreamError."""
+        loop = asyncio.get_running_loop()
+        out = [("host", request.authority or ep.key)]
+        out += [(k, v) for k, v in headers if k != "content-length"]
+        streamed = not isinstance(body, bytes)
+        if isinstance(body, bytes):
+            if body or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"):
+                out.append(("content-length", str(len(body))))
+        else:
+            out.append(("transfer-encoding", "chunked"))
+        if not upgrade:
+            out.append(("connection", "keep-alive"))
+        head = encode_request_head(request.method, request.path or "/", out)
+        for attempt in range(2):
+            idle = self._take_idle(ep) if attempt == 0 and not streamed else None
+            if idle is not None:
+                conn, served = idle.conn, idle.served
+            else:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise UpstreamError(Outcome.TIMEOUT, f"no time left to reach {ep.key}")
+                try:
+                    async with asyncio.timeout(remaining):
+                        conn = await self.connect(ep, source=source, traceparent=traceparent)
+                except TimeoutError:
+                    raise UpstreamError(Outcome.TIMEOUT,
+                                        f"connecting to {ep.key} took past the deadline") from None
+                served = 0
+            try:
+                if isinstance(body, bytes):
+                    conn.write(head + body if len(body) < 65536 else head)
+                    if len(body) >= 65536:
+                        conn.write(body)
+                    await conn.drain()
+                else:
+                    conn.write(head)
+                    spawn(_send_chunked(conn, body))
+                return await self._read_head(ep, conn, served, request.method, deadline)
+            except UpstreamError as e:
+                close_conn(conn)
+                # a reused keep-alive connection the server had closed: try a fresh one
+                if idle is not None and e.outcome is Outcome.RESET and e.nothing_received:
+                    continue
+                raise
+            except (HboneError, OSError) as e:
+                close_conn(conn)
+                if idle is not None:
+                    continue
+                raise UpstreamError(Outcome.RESET, f"sending to {ep.key} failed: {e}") from e
+        raise AssertionError("unreachable")
+
+    async def _read_head(self, ep: UpstreamEndpoint, conn: Conn, served: int, method: str,
+                         deadline: float | None) -> H1Response:
+        loop = asyncio.get_running_loop()
+        cb = _RespParser()
+        parser = httptools.HttpResponseParser(cb)
+        got = 0
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    data = await conn.read(READ_SIZE)
+            except TimeoutError:
+                close_conn(conn)
+                raise UpstreamError(Outcome.TIMEOUT,
+                                    f"{ep.key} sent no response head before the deadline") \
+                    from None
+            except (HboneError, OSError) as e:
+                raise UpstreamError(Outcome.RESET,
+                                    f"{ep.key} reset before the response head: {e}",
+                                    nothing_received=got == 0) from e
+            if not data:
+                raise UpstreamError(Outcome.RESET,
+                                    f"{ep.key} closed before the response head",
+                                    nothing_received=got == 0)
+            got += len(data)
+            upgraded: bytes | None = None
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:
+                offset = int(e.args[0]) if e.args else len(data)
+                upgraded = data[offset:]
+            except httptools.HttpParserError as e:
+                raise UpstreamError(Outcome.RESET,
+                                    f"{ep.key} sent a malformed response: {e}") from e
+            if cb.head_done:
+                status = parser.get_status_code()
+                if 100 <= status < 200 and status != 101:
+                    # interim response (100 Continue): skip it, the real head follows
+                    rest = b"".join(cb.chunks)
+                    cb = _RespParser()
+                    parser = httptools.HttpResponseParser(cb)
+                    if rest:
+                        parser.feed_data(rest)
+                    if not cb.head_done:
+                        continue
+                if status == 101 and upgraded is None:
+                    upgraded = b""
+                return H1Response(self, ep, conn, served=served, parser=parser, cb=cb,
+                                  head_only=method == "HEAD", upgraded=upgraded)
+
+    async def close(self) -> None:
+        for lst in self._idle.values():
+            for idle in lst:
+                close_conn(idle.conn)
+        self._idle.clear()
+        await self.pool.close()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
+        for lst in self._idle.values():
+            for idle in lst:
+                close_conn(idle.conn)
+        self._idle.clear()
+        await self.pool.drain(timeout)
+
+
+def _alive(conn: Conn) -> bool:
+    if isinstance(conn, TcpConn):
+        return not conn.writer.is_closing() and not conn.reader.at_eof()
+    reset = getattr(conn, "reset_code", None)
+    at_eof = getattr(conn, "at_eof", False)
+    c = getattr(conn, "connection", None)
+    return reset is None and not at_eof and (c is None or not c.is_closed)
+
+
+async def _send_chunked(conn: Conn, body: AsyncIterator[bytes]) -> None:
+    with contextlib.suppress(HboneError, OSError, ConnectionError):
+        async for chunk in body:
+            if chunk:
+                conn.write(encode_chunk(chunk))
+                await conn.drain()
+        conn.write(encode_last_chunk())
+        await conn.drain()
