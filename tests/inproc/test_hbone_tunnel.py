@@ -87,9 +87,11 @@ class Env:
 @contextlib.asynccontextmanager
 async def hbone_env(
     handler: Callable[[ConnectRequest], Awaitable[Decision]] = splice_handler,
+    *,
+    host: str = "127.0.0.1",
     **server_kw: Any,
 ) -> AsyncIterator[Env]:
-    """PKI, an HBONE server on 127.0.0.1:0 run by a TaskGroup; torn down on exit."""
+    """PKI, an HBONE server on host:0 (loopback) run by a TaskGroup; torn down on exit."""
     pki = TestPKI()
     server_cert = pki.issue("ns-dst", "server")
     client_cert = pki.issue("ns-src", "client")
@@ -99,8 +101,8 @@ async def hbone_env(
         requests.append(req)
         return await handler(req)
 
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
+    lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    lsock.bind((host, 0))
     lsock.listen(128)
     server = HboneServer(
         lsock, server_context(server_cert, pki.bundle), pki.bundle, recording, **server_kw
@@ -117,7 +119,7 @@ async def hbone_env(
 
 
 @contextlib.asynccontextmanager
-async def echo_server() -> AsyncIterator[int]:
+async def echo_server(host: str = "127.0.0.1") -> AsyncIterator[int]:
     """TCP echo on 127.0.0.1: echoes until EOF, then half-closes."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -132,7 +134,7 @@ async def echo_server() -> AsyncIterator[int]:
         finally:
             writer.close()
 
-    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    srv = await asyncio.start_server(echo, host, 0)
     try:
         yield srv.sockets[0].getsockname()[1]
     finally:
@@ -414,13 +416,22 @@ async def test_handler_crash_answers_503_and_server_survives() -> None:
         conn.close()
 
 
-async def test_oversized_header_list_gets_431() -> None:
+async def test_oversized_header_list_is_refused() -> None:
     async with hbone_env() as env:
         conn = await env.connect()
+        async with asyncio.timeout(5):  # the server's SETTINGS (its header list limit)
+            while conn.core.peer_max_header_list != 16384:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
         headers = request_headers("127.0.0.1:80", extra=[("x-big", "v" * 40000)])
+        with pytest.raises(HboneError, match="exceed the peer's limit of 16384") as err:
+            await conn.open_stream(headers)
+        assert not err.value.refused  # not retryable: another connection would not help
+        # A client that ignores the advertised limit gets 431.
+        conn.core.peer_max_header_list = 2**31 - 1
         with pytest.raises(HboneError, match="refused with 431") as err:
             await conn.open_stream(headers)
         assert err.value.status == 431
+        assert conn.usable
         conn.close()
 
 
@@ -671,4 +682,21 @@ async def test_slow_client_reader_pauses_the_upstream() -> None:
             total += len(data)
         assert total == pushed
         far.close()
+        conn.close()
+
+
+async def test_ipv6_end_to_end() -> None:
+    async with echo_server("::1") as port, hbone_env(host="::1") as env:
+        assert env.server.address[0] == "::1"
+        conn = await env.connect()
+        stream = await conn.open_stream(
+            request_headers(f"[::1]:{port}", forwarded=forwarded_for("::1", 40000))
+        )
+        stream.write(b"over v6")
+        stream.write_eof()
+        assert await read_all(stream) == b"over v6"
+        (req,) = env.requests
+        assert (req.host, req.port) == ("::1", port)
+        assert req.forwarded_for == "[::1]:40000"
+        assert req.peer_addr[0] == "::1"
         conn.close()

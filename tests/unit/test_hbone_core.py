@@ -236,6 +236,7 @@ def test_max_concurrent_streams_refuses_extra_streams() -> None:
 
 def test_oversized_header_list_gets_431() -> None:
     p = Pair(max_header_list_size=1024)
+    p.client.peer_max_header_list = 2**31 - 1  # a client that ignores the limit
     sid = p.client.open_stream([*CONNECT, ("x-big", "v" * 2000)])
     p.pump()
     assert not [e for e in p.take("server") if isinstance(e, RequestReceived)]
@@ -437,3 +438,12 @@ def test_late_frames_after_our_reset_are_ignored() -> None:
     assert events == []
     assert not p.server.terminated
     assert rst_codes(p.server.data_to_send()) == {}
+
+
+def test_client_respects_the_peer_header_list_limit() -> None:
+    p = Pair(max_header_list_size=1024)
+    assert p.client.peer_max_header_list == 1024
+    with pytest.raises(StreamError, match="exceed the peer's limit of 1024") as err:
+        p.client.open_stream([*CONNECT, ("x-big", "v" * 2000)])
+    assert not err.value.retryable
+    assert p.client.open_streams == 0

@@ -201,7 +201,14 @@ Event = (
 
 
 class StreamError(Exception):
-    """Raised by local calls that cannot proceed (unknown stream, limit reached, closed)."""
+    """Raised by local calls that cannot proceed (limit reached, going away, too large).
+
+    `retryable`: another (fresh) connection could take the stream.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class _ConnError(Exception):
@@ -388,12 +395,19 @@ class H2Connection:
     def open_stream(self, headers: Headers, *, end_stream: bool = False) -> int:
         """Client: send request HEADERS on a new stream and return its id."""
         if not self.client:
-            raise StreamError("only the client side opens streams")
+            raise StreamError("only the client side opens streams", retryable=False)
         if not self.usable:
             raise StreamError("connection is going away or closed: open a new one")
         if len(self._streams) >= self.peer_max_concurrent:
             raise StreamError(
                 f"peer allows only {self.peer_max_concurrent} concurrent streams"
+            )
+        size = sum(len(k) + len(v) + 32 for k, v in headers)
+        if size > self.peer_max_header_list:
+            raise StreamError(
+                f"request headers ({size} bytes) exceed the peer's limit of "
+                f"{self.peer_max_header_list} bytes",
+                retryable=False,
             )
         sid = self._next_stream_id
         if sid > MAX_WINDOW:

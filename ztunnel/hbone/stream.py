@@ -816,7 +816,9 @@ class HboneConnection(asyncio.BufferedProtocol):
         try:
             sid = self.core.open_stream(headers)
         except StreamError as e:
-            raise HboneError(f"cannot open a stream to {self._peer()}: {e}", refused=True) from e
+            raise HboneError(
+                f"cannot open a stream to {self._peer()}: {e}", refused=e.retryable
+            ) from e
         st = HboneStream(self, sid, headers)
         st._response = self._loop.create_future()
         self.streams[sid] = st
