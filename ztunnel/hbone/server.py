@@ -155,11 +155,15 @@ class HboneServer:
             conn.respond(stream, 400, reason)
             log.info("hbone_refused", peer=conn.peer_addr, status=400, reason=reason)
             return
+        identity = conn.peer_identity
+        if identity is None:  # cannot happen: _verify runs before any request
+            conn.respond(stream, 401, "no verified client identity")
+            return
         req = ConnectRequest(
             authority=target.authority,
             host=target.host,
             port=target.port,
-            peer_identity=conn.peer_identity,
+            peer_identity=identity,
             forwarded_for=target.forwarded_for,
             traceparent=target.traceparent,
             peer_addr=conn.peer_addr,

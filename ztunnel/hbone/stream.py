@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import structlog
 
@@ -50,6 +51,7 @@ from ztunnel.hbone.h2core import (
     error_name,
 )
 from ztunnel.hbone.request import REASON_HEADER
+from ztunnel.identity import SpiffeId
 
 log = structlog.get_logger("ztunnel.hbone")
 
@@ -538,7 +540,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self,
         *,
         client: bool,
-        verify: Callable[[Any], Any] | None = None,
+        verify: Callable[[ssl.SSLObject | None], SpiffeId] | None = None,
         on_request: RequestCallback | None = None,
         on_close: Callable[[HboneConnection], None] | None = None,
         on_made: Callable[[HboneConnection], None] | None = None,
@@ -551,7 +553,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.client = client
         self.streams: dict[int, HboneStream] = {}
         self.transport: asyncio.Transport | None = None
-        self.peer_identity: Any = None
+        self.peer_identity: SpiffeId | None = None  # verified at connection_made
         self.peer_addr: tuple[str, int] = ("", 0)
         self.local_addr: tuple[str, int] = ("", 0)
         self.write_paused = False
