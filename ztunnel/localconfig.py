@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import structlog
-import yaml
 
 T = TypeVar("T")
 _log = structlog.get_logger("ztunnel.config")
@@ -46,9 +46,14 @@ def read_document(path: str) -> tuple[bytes, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML/JSON: {exc}") from exc
+        doc = json.loads(raw)
+    except ValueError:
+        import yaml  # only for YAML documents: keeps the JSON start-up path lean
+
+        try:
+            doc = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML/JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     return raw, doc

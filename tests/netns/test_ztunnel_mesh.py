@@ -40,6 +40,8 @@ APP_PORT = 8080
 ECHO_PORT = 9000
 MARKER = "AMBIT-PLAINTEXT-MARKER-7f3a"
 TD = "cluster.local"
+# a TLS record of type handshake (0x16, version 0x0301/0x0303) holding a ClientHello (1)
+CLIENT_HELLO = re.compile(rb"\x16\x03[\x01\x03]..\x01", re.DOTALL)
 
 # A tiny line echo server (stock Python): answers every line with "<peer ip> <line>".
 ECHO_SERVER = r"""
@@ -315,7 +317,15 @@ def test_underlay_carries_tls_not_plaintext(mesh: Mesh) -> None:
         # s1 never talked to s3 before: a fresh pooled connection, so a fresh handshake
         out = mesh.echo("s1", mesh.ip("s3"), line=MARKER)
         assert out == f"{mesh.ip('s1')} {MARKER}"
-        time.sleep(0.5)  # let the ring buffer hand over the last packets
+        # tcpdump writes each packet as it handles it (-U): wait until the handshake
+        # and the data records are in the file before stopping it
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            data = pcap.read_bytes()
+            if CLIENT_HELLO.search(data) and b"\x17\x03\x03" in data:
+                break
+            time.sleep(0.1)
+        time.sleep(0.2)
     finally:
         os.killpg(dump.pid, signal.SIGINT)
         dump.wait(timeout=5)
@@ -324,20 +334,26 @@ def test_underlay_carries_tls_not_plaintext(mesh: Mesh) -> None:
     assert MARKER.encode() not in data, "the marker crossed the underlay in plaintext"
     # a TLS handshake (ClientHello record: 0x16 0x03 0x01, then handshake type 1) and
     # TLS application-data records (0x17 0x03 0x03) cross the underlay
-    assert re.search(rb"\x16\x03[\x01\x03]..\x01", data, re.DOTALL), "no TLS ClientHello seen"
+    assert CLIENT_HELLO.search(data), "no TLS ClientHello seen"
     assert b"\x17\x03\x03" in data
 
 
 def test_iperf3_across_nodes_through_the_mesh(mesh: Mesh) -> None:
     server = mesh.sb.popen(mesh.ns("s2"), ["iperf3", "-s", "-p", "5201"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(mesh.sb, mesh.node_ns("n2"), mesh.ip("s2"), 5201)
+    # wait for the listening socket without connecting: iperf3 takes any connection
+    # for a test client and would then be busy
+    deadline = time.monotonic() + 10
+    while ":5201" not in mesh.sb.exec(mesh.ns("s2"), ["ss", "-Htln"]).stdout:
+        assert time.monotonic() < deadline, "iperf3 server did not start"
+        time.sleep(0.05)
     r = mesh.sb.exec(mesh.ns("a"), ["iperf3", "-c", mesh.ip("s2"), "-p", "5201", "-t", "2",
                                     "-J"], timeout=30)
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=10)
     assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-1000:]
     result = json.loads(r.stdout)
+    assert "error" not in result, result["error"]
     bps = result["end"]["sum_received"]["bits_per_second"]
     print(f"iperf3 a -> s2 through the mesh: {bps / 1e9:.2f} Gbit/s")
     assert bps > 50e6
@@ -670,8 +686,13 @@ def test_restart_during_steady_traffic_gap_and_fail_closed(mesh: Mesh) -> None:
     assert "ambit" in r.stdout
     time.sleep(1.0)
     started = time.time()
+    seen = len(mesh.log_lines("n1"))
     mesh.start_ztunnel("n1")
     mesh.wait_ready("n1")
+    for e in mesh.log_lines("n1")[seen:]:
+        if "direction" not in e:
+            ts = dt.datetime.fromisoformat(e["timestamp"]).timestamp()
+            print(f"  +{ts - started:.3f}s {e.get('event')} {e.get('workload', '')}")
     out, _ = load.communicate(timeout=30)
     samples = _samples(out)
     during = [ok for t, ok in samples if stopped + 0.1 < t < started]
