@@ -100,6 +100,7 @@ class UpstreamResponse(Protocol):
     length: int | None
     upgraded: bytes | None
     conn: Conn
+    ended_at_head: bool
 
     @property
     def trailers(self) -> Headers: ...
@@ -536,6 +537,13 @@ class Waypoint:
             ex.responder.bytes_sent += received
             rec.response_bytes = received
             return
+        for k, v in resp.headers:
+            if k == "grpc-status":
+                rec.grpc_status = v
+        if resp.ended_at_head:  # headers only (a gRPC trailers-only answer): one frame
+            await ex.responder.start(r.status, r.headers, length=None, end=True)
+            resp.finish()
+            return
         try:
             await ex.responder.start(r.status, r.headers, length=resp.length, end=False)
             async for chunk in resp.chunks():
@@ -544,10 +552,6 @@ class Waypoint:
             for k, v in trailers:
                 if k == "grpc-status":
                     rec.grpc_status = v
-            if not rec.grpc_status:
-                for k, v in resp.headers:
-                    if k == "grpc-status":
-                        rec.grpc_status = v
             await ex.responder.end(trailers)
         except ConnectionError as e:
             rec.flags = "UPE" if "upstream" in str(e) else "DC"

@@ -108,7 +108,13 @@ class H1Response:
         self._cb = cb
         self.status = parser.get_status_code()
         self.headers: Headers = tuple(cb.headers)
-        self.keep_alive = parser.should_keep_alive() and not head_only and upgraded is None
+        conn_tokens = {t.strip().lower() for k, v in cb.headers if k == "connection"
+                       for t in v.split(",")}
+        if parser.get_http_version() == "1.1":
+            persistent = "close" not in conn_tokens
+        else:
+            persistent = "keep-alive" in conn_tokens
+        self.keep_alive = persistent and not head_only and upgraded is None
         self.head_only = head_only
         self.upgraded = upgraded  # bytes after a 101 head (the tunnel's first bytes)
         self.length: int | None = None
@@ -118,6 +124,7 @@ class H1Response:
         if any(k == "transfer-encoding" for k, _ in cb.headers):
             self.length = None
         self.bytes_received = 0
+        self.ended_at_head = False
         self._done = head_only or (cb.complete and not cb.chunks)
         self._released = False
 

@@ -137,7 +137,9 @@ class Mesh:
     """Backends, their HBONE stand-ins, a waypoint and a client identity, all on loopback."""
 
     def __init__(self, services: dict[str, int], extra: list[dict[str, Any]],
-                 appproto: dict[str, str], **options: Any) -> None:
+                 appproto: dict[str, str], *, grpc_handlers: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        self.grpc_handlers = grpc_handlers or {}
         self.pki = TestPKI()
         self.wp_cert = self.pki.issue("app", "wp")
         self.client_cert = self.pki.issue("app", "client")
@@ -183,10 +185,26 @@ class Mesh:
     async def running(self) -> AsyncIterator[Mesh]:
         runners: list[web.AppRunner] = []
         hbones: list[HboneServer] = []
+        grpc_servers: list[Any] = []
         try:
             async with asyncio.TaskGroup() as tg:
                 for svc, bs in self.backends.items():
                     for b in bs:
+                        if svc in self.grpc_handlers:
+                            import grpc
+
+                            gs = grpc.aio.server()
+                            gs.add_generic_rpc_handlers((self.grpc_handlers[svc],))
+                            gs.add_insecure_port(f"{b.ip}:{self.ports[svc]}")
+                            await gs.start()
+                            grpc_servers.append(gs)
+                            cert = self.pki.issue("app", svc)
+                            hs = HboneServer(bound(b.ip, self.hbone_port),
+                                             server_context(cert, self.trust), self.trust,
+                                             self._terminator(b))
+                            hbones.append(hs)
+                            tg.create_task(hs.run())
+                            continue
                         app = web.Application()
                         app.router.add_route("*", "/{tail:.*}", b.handle)
                         runner = web.AppRunner(app, access_log=None)
@@ -223,6 +241,8 @@ class Mesh:
         finally:
             for r in runners:
                 await r.cleanup()
+            for gs in grpc_servers:
+                await gs.stop(0)
 
     def _terminator(self, b: Backend) -> Callable[[ConnectRequest], Awaitable[Decision]]:
         async def handler(req: ConnectRequest) -> Decision:
@@ -348,7 +368,7 @@ async def test_timeout_returns_504_close_to_the_bound() -> None:
     mesh = Mesh({"front": 1, "a": 1}, [route([
         {"backendRefs": [backend_ref("a")], "timeouts": {"request": "300ms"}},
     ])], {})
-    mesh.backends["a"][0].delay = 3.0
+    mesh.backends["a"][0].delay = 1.0
     async with mesh.running(), mesh.forward("front") as url, aiohttp.ClientSession() as s:
         t0 = time.monotonic()
         status, text, _ = await get(s, url + "/slow")

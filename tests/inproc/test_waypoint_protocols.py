@@ -1,0 +1,174 @@
+"""Protocols through the waypoint: gRPC (grpcio), HTTP/2 to HTTP/1.1 (curl), WebSocket, TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from tests.inproc.test_waypoint_e2e import Backend, Mesh, backend_ref, route
+
+
+def _grpc_handler() -> Any:
+    async def unary(request: bytes, context: Any) -> bytes:
+        md = dict(context.invocation_metadata())
+        via = str(md.get("x-via", "?"))
+        return b"hello " + request + b" via " + via.encode()
+
+    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for i in range(int(request)):
+            yield f"item {i}".encode()
+
+    async def fail(request: bytes, context: Any) -> bytes:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        return b""
+
+    return grpc.method_handlers_generic_handler("test.Echo", {
+        "Hello": grpc.unary_unary_rpc_method_handler(unary),
+        "Count": grpc.unary_stream_rpc_method_handler(stream),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+    })
+
+
+async def test_grpc_unary_and_server_streaming_pass_through() -> None:
+    mesh = Mesh({"echo": 2}, [], {"echo": "grpc"}, grpc_handlers={"echo": _grpc_handler()})
+    async with mesh.running(), mesh.forward("echo") as url:
+        target = url.removeprefix("http://")
+        async with grpc.aio.insecure_channel(target) as ch:
+            hello = ch.unary_unary("/test.Echo/Hello")
+            got = await hello(b"mesh", metadata=(("x-via", "waypoint"),), timeout=10)
+            assert got == b"hello mesh via waypoint"
+            count = ch.unary_stream("/test.Echo/Count")
+            items = [m async for m in count(b"50", timeout=10)]
+            assert items == [f"item {i}".encode() for i in range(50)]
+            fail = ch.unary_unary("/test.Echo/Fail")
+            try:
+                await fail(b"x", timeout=10)
+                raise AssertionError("expected NOT_FOUND")
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+                assert e.details() == "no such thing"
+            for i in range(20):  # many calls share the client's connection
+                assert await hello(str(i).encode(), timeout=10) == f"hello {i} via ?".encode()
+        assert mesh.waypoint is not None
+        metrics = mesh.waypoint.registry
+        total = metrics.get_sample_value("istio_requests_total", {
+            "reporter": "waypoint", "source_workload": "unknown",
+            "source_workload_namespace": "app",
+            "source_principal": "cluster.local/ns/app/sa/client", "source_app": "unknown",
+            "destination_workload": "echo", "destination_workload_namespace": "app",
+            "destination_principal": "cluster.local/ns/app/sa/echo", "destination_app": "echo",
+            "destination_service": "echo.app.svc.cluster.local",
+            "destination_service_name": "echo", "destination_service_namespace": "app",
+            "request_protocol": "grpc", "response_code": "200", "grpc_response_status": "5",
+            "response_flags": "-", "connection_security_policy": "mutual_tls"})
+        assert total == 1.0
+    # both endpoints served calls, each reached with the waypoint's identity
+    assert all(b.peers and set(b.peers) == {"spiffe://cluster.local/ns/app/sa/wp"}
+               for b in mesh.backends["echo"])
+
+
+async def test_grpc_deny_is_a_grpc_permission_denied() -> None:
+    deny = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "no-fail", "namespace": "app"},
+            "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+                     "action": "DENY",
+                     "rules": [{"to": [{"operation": {"paths": ["/test.Echo/Fail"]}}]}]}}
+    mesh = Mesh({"echo": 1}, [deny], {"echo": "grpc"}, grpc_handlers={"echo": _grpc_handler()})
+    async with (mesh.running(), mesh.forward("echo") as url,
+                grpc.aio.insecure_channel(url.removeprefix("http://")) as ch):
+        try:
+            await ch.unary_unary("/test.Echo/Fail")(b"x", timeout=10)
+            raise AssertionError("expected PERMISSION_DENIED")
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert await ch.unary_unary("/test.Echo/Hello")(b"ok", timeout=10) == \
+            b"hello ok via ?"
+
+
+async def _curl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_http2_client_reaches_http1_server() -> None:
+    assert shutil.which("curl"), "curl is required (apt-get install curl)"
+    mesh = Mesh({"front": 1, "a": 1}, [route([
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/a"}}],
+         "backendRefs": [backend_ref("a")]},
+        {"backendRefs": [backend_ref("front")]},
+    ])], {})
+    async with mesh.running(), mesh.forward("front") as url:
+        rc, out, err = await _curl("--http2-prior-knowledge", "-w", "\\n%{http_version}",
+                                   "-H", "x-test: 1", "--data-binary", "h2 body",
+                                   url + "/a/post")
+        assert rc == 0, err
+        body, version = out.rsplit("\n", 1)
+        assert version == "2"
+        seen = json.loads(body)
+        assert seen["backend"] == "a" and seen["body"] == "h2 body"
+        assert seen["headers"]["x-test"] == "1"
+        rc, out, err = await _curl("--http2-prior-knowledge", url + "/other")
+        assert rc == 0, err
+        assert '"backend": "front"' in out
+    # the backend got HTTP/1.1 requests
+    assert mesh.backends["a"][0].requests[0]["method"] == "POST"
+
+
+async def test_websocket_echo_through_the_waypoint() -> None:
+    mesh = Mesh({"front": 1}, [], {})
+
+    async def ws(b: Backend, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("upgrade", "").lower() != "websocket":
+            return web.Response(text="plain")
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await sock.send_str("echo: " + msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await sock.send_bytes(msg.data[::-1])
+        return sock
+
+    mesh.backends["front"][0].handler = ws
+    async with mesh.running(), mesh.forward("front") as url, aiohttp.ClientSession() as s:
+        async with s.ws_connect(url.replace("http", "ws") + "/chat") as conn:
+            for i in range(5):
+                await conn.send_str(f"hi {i}")
+                assert (await conn.receive_str()) == f"echo: hi {i}"
+            await conn.send_bytes(b"\x00\x01\x02" * 1000)
+            assert (await conn.receive_bytes()) == (b"\x00\x01\x02" * 1000)[::-1]
+        # the connection stays usable for plain requests too
+        async with s.get(url + "/after") as r:
+            assert r.status == 200
+
+
+async def test_tcp_port_is_proxied_as_is() -> None:
+    mesh = Mesh({"db": 1}, [], {"db": "tcp"})
+
+    async def unused(b: Backend, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="raw")
+
+    mesh.backends["db"][0].handler = unused
+    async with mesh.running():
+        stream = await mesh.tunnel("db")
+        # not HTTP from the waypoint's point of view: bytes go through untouched
+        stream.write(b"GET /raw HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n")
+        await stream.drain()
+        data = b""
+        while chunk := await stream.read():
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"raw")
+        assert mesh.waypoint is not None
+        v = mesh.waypoint.registry.get_sample_value
+        assert any(m.name == "istio_requests" for m in mesh.waypoint.registry.collect())
+        del v

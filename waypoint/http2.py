@@ -1,0 +1,517 @@
+"""HTTP/2 for the waypoint (h2): the downstream server and the upstream client; gRPC included.
+
+    await serve_http2(conn, handler, info=ConnInfo(...), initial=preface_bytes)
+    resp = await h2_request(upstreams, endpoint, request, headers, body,
+                            deadline=..., spawn=spawn)
+
+Downstream, every stream becomes an `http1.Exchange` (the same handler serves both
+protocols); request bodies stream with flow control (a stream's window opens as
+the handler consumes it), responses respect the peer's windows, and trailers
+(`grpc-status`) pass through both ways. Upstream, each request opens an h2c
+connection inside a fresh HBONE stream to the endpoint (prior knowledge: the
+service port declared `http2`/`grpc`, or the client spoke HTTP/2 on an undeclared
+port); its reader task runs in the caller's TaskGroup (`spawn`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import structlog
+
+from waypoint.http1 import (
+    HOP_BY_HOP,
+    Body,
+    Conn,
+    ConnInfo,
+    Exchange,
+    Handler,
+    close_conn,
+)
+from waypoint.model import Headers, Request, UpstreamEndpoint
+from waypoint.resilience import Outcome
+from waypoint.upstream import Spawn, UpstreamError, Upstreams
+from ztunnel.hbone.errors import HboneError
+
+__all__ = ["H2Response", "h2_request", "serve_http2"]
+
+log = structlog.get_logger("waypoint")
+
+READ_SIZE = 256 * 1024
+WINDOW = 4 << 20  # receive window per stream and (x4) per connection
+_H2_DROP = HOP_BY_HOP - {"te"}
+
+
+def _h2_headers(headers: Headers) -> list[tuple[str, str]]:
+    out = []
+    for k, v in headers:
+        if k in _H2_DROP or k == "host":
+            continue
+        if k == "te" and v.lower() != "trailers":
+            continue
+        out.append((k, v))
+    return out
+
+
+class _Waiters:
+    """Futures woken when a flow-control window opens (or the connection ends)."""
+
+    def __init__(self) -> None:
+        self._w: list[asyncio.Future[None]] = []
+
+    async def wait(self) -> None:
+        f = asyncio.get_running_loop().create_future()
+        self._w.append(f)
+        await f
+
+    def wake(self) -> None:
+        w, self._w = self._w, []
+        for f in w:
+            if not f.done():
+                f.set_result(None)
+
+
+async def _send_flow_controlled(h2c: h2.connection.H2Connection, conn: Conn, sid: int,
+                                data: bytes, *, waiters: _Waiters,
+                                flush: Callable[[], None],
+                                is_dead: Callable[[], bool]) -> None:
+    view = memoryview(data)
+    while view:
+        if is_dead():
+            raise ConnectionError(f"HTTP/2 stream {sid} was reset")
+        try:
+            window = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            raise ConnectionError(f"HTTP/2 stream {sid} closed: {e}") from e
+        if window <= 0:
+            await waiters.wait()
+            continue
+        h2c.send_data(sid, bytes(view[:window]))
+        view = view[window:]
+        flush()
+        await conn.drain()
+
+
+# ----------------------------------------------------------------------------- downstream
+
+
+class _H2Responder:
+    def __init__(self, server: _H2Server, sid: int, method: str) -> None:
+        self._s = server
+        self.sid = sid
+        self.method = method
+        self.started = False
+        self.finished = False
+        self.bytes_sent = 0
+        self.reset = False
+
+    async def start(self, status: int, headers: Headers, *, length: int | None,
+                    end: bool) -> None:
+        if self.reset:
+            raise ConnectionError("client reset the stream")
+        self.started = True
+        hdrs = [(":status", str(status))]
+        hdrs += [(k, v) for k, v in _h2_headers(headers) if k not in ("te", "content-length")]
+        if length is not None and not end:
+            hdrs.append(("content-length", str(length)))
+        s = self._s
+        try:
+            s.h2c.send_headers(self.sid, hdrs, end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            raise ConnectionError(f"stream {self.sid} closed: {e}") from e
+        if end:
+            self.finished = True
+        s.flush()
+        await s.conn.drain()
+
+    async def data(self, chunk: bytes) -> None:
+        if not chunk or self.method == "HEAD":
+            return
+        self.bytes_sent += len(chunk)
+        s = self._s
+        await _send_flow_controlled(s.h2c, s.conn, self.sid, chunk, waiters=s.writable,
+                                    flush=s.flush, is_dead=lambda: self.reset or s.closed)
+
+    async def end(self, trailers: Headers = ()) -> None:
+        if self.finished or self.reset:
+            return
+        self.finished = True
+        s = self._s
+        try:
+            if trailers:
+                s.h2c.send_headers(self.sid, _h2_headers(trailers), end_stream=True)
+            else:
+                s.h2c.end_stream(self.sid)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            raise ConnectionError(f"stream {self.sid} closed: {e}") from e
+        s.flush()
+        await s.conn.drain()
+
+
+class _H2Server:
+    def __init__(self, conn: Conn, handler: Handler, info: ConnInfo) -> None:
+        self.conn = conn
+        self.handler = handler
+        self.info = info
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
+                                        validate_inbound_headers=True)
+        self.h2c = h2.connection.H2Connection(cfg)
+        self.bodies: dict[int, Body] = {}
+        self.responders: dict[int, _H2Responder] = {}
+        self.writable = _Waiters()
+        self.closed = False
+
+    def flush(self) -> None:
+        data = self.h2c.data_to_send()
+        if data:
+            with contextlib.suppress(HboneError, OSError, RuntimeError):
+                self.conn.write(data)
+
+    def _ack(self, sid: int, n: int) -> None:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.h2c.acknowledge_received_data(n, sid)
+            self.flush()
+
+    async def run(self, initial: bytes) -> None:
+        h2c = self.h2c
+        h2c.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+        })
+        h2c.initiate_connection()
+        h2c.increment_flow_control_window(4 * WINDOW - 65535)
+        self.flush()
+        async with asyncio.TaskGroup() as tg:
+            data = initial
+            try:
+                while True:
+                    if data:
+                        try:
+                            events = h2c.receive_data(data)
+                        except h2.exceptions.ProtocolError as e:
+                            log.info("http2_protocol_error", peer=self.info.peer_address,
+                                     error=str(e) or type(e).__name__)
+                            self.flush()
+                            break
+                        for ev in events:
+                            self._event(ev, tg)
+                        self.flush()
+                    if self.closed:
+                        break
+                    data = await self.conn.read(READ_SIZE)
+                    if not data:
+                        break
+            except (HboneError, OSError, ConnectionError):
+                pass
+            finally:
+                self.closed = True
+                for b in self.bodies.values():
+                    b.fail(ConnectionError("client connection closed"))
+                self.writable.wake()
+
+    def _event(self, ev: Any, tg: asyncio.TaskGroup) -> None:
+        body: Body | None
+        if isinstance(ev, h2.events.RequestReceived):
+            sid = ev.stream_id
+            hdrs = [(str(k), str(v)) for k, v in ev.headers]
+            pseudo = {k: v for k, v in hdrs if k.startswith(":")}
+            regular = [(k, v) for k, v in hdrs if not k.startswith(":")]
+            cookies = [v for k, v in regular if k == "cookie"]
+            if len(cookies) > 1:
+                regular = [(k, v) for k, v in regular if k != "cookie"]
+                regular.append(("cookie", "; ".join(cookies)))
+            length: int | None = None
+            for k, v in regular:
+                if k == "content-length" and v.isdigit():
+                    length = int(v)
+            body = Body(length, on_consumed=functools.partial(self._ack, sid))
+            if ev.stream_ended is not None:
+                body.finish()
+            self.bodies[sid] = body
+            authority = pseudo.get(":authority") or next(
+                (v for k, v in regular if k == "host"), "")
+            req = Request(
+                method=pseudo.get(":method", "GET"), path=pseudo.get(":path", "/"),
+                authority=authority,
+                headers=tuple((k, v) for k, v in regular if k != "host"),
+                scheme=pseudo.get(":scheme", "http"), dest_ip=self.info.dest_ip,
+                dest_port=self.info.dest_port, source_ip=self.info.source_ip,
+                source_principal=self.info.source_principal,
+            )
+            resp = _H2Responder(self, sid, req.method)
+            self.responders[sid] = resp
+            ex = Exchange(req, body, resp, "2", started_at=asyncio.get_running_loop().time())
+            tg.create_task(self._serve(ex, sid))
+        elif isinstance(ev, h2.events.DataReceived):
+            body = self.bodies.get(ev.stream_id)
+            pad = ev.flow_controlled_length - len(ev.data)
+            if pad > 0:
+                self._ack(ev.stream_id, pad)
+            if body is not None and not body.done:
+                body.feed(ev.data)
+            else:
+                self._ack(ev.stream_id, len(ev.data))
+        elif isinstance(ev, h2.events.TrailersReceived):
+            body = self.bodies.get(ev.stream_id)
+            if body is not None:
+                body.finish(tuple((str(k), str(v)) for k, v in ev.headers))
+        elif isinstance(ev, h2.events.StreamEnded):
+            body = self.bodies.get(ev.stream_id)
+            if body is not None and not body.done:
+                body.finish()
+        elif isinstance(ev, h2.events.StreamReset):
+            body = self.bodies.get(ev.stream_id)
+            if body is not None:
+                body.fail(ConnectionError("client reset the stream"))
+            r = self.responders.get(ev.stream_id)
+            if r is not None:
+                r.reset = True
+            self.writable.wake()
+        elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self.writable.wake()
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.closed = True
+            self.writable.wake()
+
+    async def _serve(self, ex: Exchange, sid: int) -> None:
+        resp = self.responders[sid]
+        try:
+            await self.handler(ex)
+            if not resp.started:
+                await resp.start(502, (("content-type", "text/plain"),), length=None,
+                                 end=True)
+            await resp.end()
+        except (ConnectionError, HboneError, OSError):
+            with contextlib.suppress(Exception):
+                self.h2c.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                self.flush()
+        finally:
+            self.bodies.pop(sid, None)
+            self.responders.pop(sid, None)
+
+
+async def serve_http2(conn: Conn, handler: Handler, *, info: ConnInfo,
+                      initial: bytes = b"") -> None:
+    """Serve HTTP/2 (prior knowledge, as inside HBONE) on `conn` until the client ends."""
+    await _H2Server(conn, handler, info).run(initial)
+
+
+# ----------------------------------------------------------------------------- upstream
+
+
+class H2Response:
+    """An upstream HTTP/2 response on its own h2c connection: head, body, trailers."""
+
+    def __init__(self, conn: Conn, h2c: h2.connection.H2Connection, sid: int,
+                 ep: UpstreamEndpoint) -> None:
+        self.conn = conn
+        self.h2c = h2c
+        self.sid = sid
+        self.ep = ep
+        self.status = 0
+        self.headers: Headers = ()
+        self.length: int | None = None
+        self.upgraded: bytes | None = None
+        self._trailers: Headers = ()
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._more = asyncio.Event()
+        self.ended = False
+        self.ended_at_head = False  # a trailers-only answer (gRPC errors)
+        self.error: str | None = None
+        self.writable = _Waiters()
+        self._closed = False
+
+    @property
+    def trailers(self) -> Headers:
+        return self._trailers
+
+    def flush(self) -> None:
+        data = self.h2c.data_to_send()
+        if data and not self._closed:
+            with contextlib.suppress(HboneError, OSError, RuntimeError):
+                self.conn.write(data)
+
+    def _dead(self) -> bool:
+        return self._closed or self.error is not None
+
+    async def reader(self) -> None:
+        try:
+            while not self._closed:
+                data = await self.conn.read(READ_SIZE)
+                if not data:
+                    self._fail("upstream closed the HTTP/2 connection")
+                    return
+                try:
+                    events = self.h2c.receive_data(data)
+                except h2.exceptions.ProtocolError as e:
+                    self._fail(f"upstream HTTP/2 protocol error: {e}")
+                    return
+                for ev in events:
+                    self._event(ev)
+                self.flush()
+                if self.ended:
+                    return
+        except (HboneError, OSError, ConnectionError) as e:
+            self._fail(f"upstream connection failed: {e}")
+
+    def _fail(self, why: str) -> None:
+        if not self.ended and self.error is None:
+            self.error = why
+        if not self._head.done():
+            self._head.set_exception(UpstreamError(Outcome.RESET, f"{self.ep.key}: {why}"))
+        self._more.set()
+        self.writable.wake()
+
+    def _event(self, ev: Any) -> None:
+        if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == self.sid:
+            hdrs = [(str(k), str(v)) for k, v in ev.headers]
+            status = next((v for k, v in hdrs if k == ":status"), "0")
+            if status.startswith("1"):
+                return
+            self.status = int(status)
+            self.headers = tuple((k, v) for k, v in hdrs if not k.startswith(":"))
+            for k, v in self.headers:
+                if k == "content-length" and v.isdigit():
+                    self.length = int(v)
+            if ev.stream_ended is not None:
+                self.ended = True
+                self.ended_at_head = True
+            if not self._head.done():
+                self._head.set_result(None)
+        elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == self.sid:
+            self._chunks.append((ev.data, ev.flow_controlled_length))
+            self._more.set()
+        elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_id == self.sid:
+            self._trailers = tuple((str(k), str(v)) for k, v in ev.headers)
+        elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == self.sid:
+            self.ended = True
+            self._more.set()
+        elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == self.sid:
+            self._fail(f"upstream reset the stream (error {ev.error_code})")
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self._fail(f"upstream sent GOAWAY ({ev.error_code})")
+        elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self.writable.wake()
+
+    async def send_body(self, body: bytes | AsyncIterator[bytes]) -> None:
+        try:
+            if isinstance(body, bytes):
+                if body:
+                    await _send_flow_controlled(self.h2c, self.conn, self.sid, body,
+                                                waiters=self.writable, flush=self.flush,
+                                                is_dead=self._dead)
+                self.h2c.end_stream(self.sid)
+                self.flush()
+                return
+            async for chunk in body:
+                if chunk:
+                    await _send_flow_controlled(self.h2c, self.conn, self.sid, chunk,
+                                                waiters=self.writable, flush=self.flush,
+                                                is_dead=self._dead)
+            self.h2c.end_stream(self.sid)
+            self.flush()
+        except (ConnectionError, HboneError, OSError, h2.exceptions.H2Error):
+            return
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            while self._chunks:
+                data, n = self._chunks.popleft()
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2c.acknowledge_received_data(n, self.sid)
+                    self.flush()
+                if data:
+                    yield data
+            if self.ended:
+                return
+            if self.error is not None:
+                raise ConnectionError(f"upstream {self.ep.key}: {self.error}")
+            self._more.clear()
+            await self._more.wait()
+
+    def finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.writable.wake()
+        with contextlib.suppress(Exception):
+            self.h2c.close_connection()
+            data = self.h2c.data_to_send()
+            if data:
+                self.conn.write(data)
+        self.conn.write_eof()
+        close_conn(self.conn)
+
+    def discard(self) -> None:
+        self.finish()
+
+
+async def h2_request(
+    ups: Upstreams,
+    ep: UpstreamEndpoint,
+    request: Request,
+    headers: Headers,
+    body: bytes | AsyncIterator[bytes],
+    *,
+    deadline: float | None,
+    spawn: Spawn,
+    source: str = "",
+    traceparent: str | None = None,
+) -> H2Response:
+    """Send `request` over a new h2c connection to `ep`; the response head before
+    `deadline` (loop time). Raises UpstreamError (UF / UR / UT)."""
+    loop = asyncio.get_running_loop()
+    remaining = None if deadline is None else deadline - loop.time()
+    if remaining is not None and remaining <= 0:
+        raise UpstreamError(Outcome.TIMEOUT, f"no time left to reach {ep.key}")
+    try:
+        async with asyncio.timeout(remaining):
+            conn = await ups.connect(ep, source=source, traceparent=traceparent)
+    except TimeoutError:
+        raise UpstreamError(Outcome.TIMEOUT,
+                            f"connecting to {ep.key} took past the deadline") from None
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding="utf-8", validate_inbound_headers=False))
+    h2c.local_settings = h2.settings.Settings(client=True, initial_values={
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+        h2.settings.SettingCodes.ENABLE_PUSH: 0,
+    })
+    h2c.initiate_connection()
+    h2c.increment_flow_control_window(4 * WINDOW - 65535)
+    sid = h2c.get_next_available_stream_id()
+    hdrs = [(":method", request.method), (":scheme", request.scheme or "http"),
+            (":path", request.path or "/"), (":authority", request.authority or ep.key)]
+    hdrs += [(k, v) for k, v in _h2_headers(headers) if k != "content-length"]
+    if isinstance(body, bytes) and (body or request.method in ("POST", "PUT", "PATCH")):
+        hdrs.append(("content-length", str(len(body))))
+    empty = isinstance(body, bytes) and not body
+    h2c.send_headers(sid, hdrs, end_stream=empty)
+    resp = H2Response(conn, h2c, sid, ep)
+    resp.flush()
+    spawn(resp.reader())
+    if not empty:
+        spawn(resp.send_body(body))
+    remaining = None if deadline is None else deadline - loop.time()
+    try:
+        async with asyncio.timeout(remaining):
+            await resp._head
+    except TimeoutError:
+        resp.discard()
+        raise UpstreamError(Outcome.TIMEOUT,
+                            f"{ep.key} sent no response head before the deadline") from None
+    except UpstreamError:
+        resp.discard()
+        raise
+    return resp
