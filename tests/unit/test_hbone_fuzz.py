@@ -190,3 +190,26 @@ def test_ping_flood_answers_stay_proportional() -> None:
     server.data_to_send()
     server.receive(PREFACE + frame(4, 0, 0, b"") + frame(6, 0, 0, b"12345678") * 10000)
     assert len(server.data_to_send()) == 9 + 17 * 10000  # SETTINGS ACK + one PONG each
+
+
+@FUZZ
+@given(st.lists(frame_strategy, max_size=40), st.integers(1, 64))
+def test_client_core_survives_a_hostile_server(frames: list[bytes], split: int) -> None:
+    client = H2Connection(client=True, max_frame_size=MAX_FRAME)
+    client.initiate()
+    a = client.open_stream([(":method", "CONNECT"), (":authority", "10.0.0.5:80")])
+    client.send_data(a, b"q" * 1000)
+    client.open_stream([(":method", "CONNECT"), (":authority", "10.0.0.6:80")])
+    client.data_to_send()
+    response = hpack.Encoder().encode([(":status", "200")])
+    wire = frame(4, 0, 0, b"") + frame(1, 4, a, response) + b"".join(frames)
+    for i in range(0, len(wire), split):
+        events = client.receive(wire[i : i + split])
+        out = client.data_to_send()
+        assert len(client._partial) <= MAX_FRAME + 9
+        if any(isinstance(e, ConnectionTerminated) for e in events):
+            assert any(f[0] == GOAWAY for f in _frames(out))
+        for ev in events:
+            if isinstance(ev, DataReceived):
+                client.acknowledge(ev.stream_id, ev.flow_len)
+    assert client.open_streams <= 2
