@@ -528,8 +528,8 @@ async def test_ping_timeout_tears_down_a_dead_connection() -> None:
 
 
 async def test_keepalive_keeps_a_quiet_healthy_connection() -> None:
-    async with hbone_env(keepalive_interval=0.1, keepalive_timeout=0.2) as env:
-        conn = await env.connect(keepalive_interval=0.1, keepalive_timeout=0.2)
+    async with hbone_env(keepalive_interval=0.1, keepalive_timeout=1.0) as env:
+        conn = await env.connect(keepalive_interval=0.1, keepalive_timeout=1.0)
         await asyncio.sleep(0.8)  # several PING rounds, nothing else
         assert conn.usable and conn.error is None
         conn.close()
