@@ -531,6 +531,7 @@ async def test_keepalive_keeps_a_quiet_healthy_connection() -> None:
     async with hbone_env(keepalive_interval=0.1, keepalive_timeout=1.0) as env:
         conn = await env.connect(keepalive_interval=0.1, keepalive_timeout=1.0)
         await asyncio.sleep(0.8)  # several PING rounds, nothing else
+        assert conn.core._ping_counter >= 2  # idle connections are probed
         assert conn.usable and conn.error is None
         conn.close()
 
