@@ -7,10 +7,10 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from netsetup import capture
 from netsetup.find import resolve_workload_netns
 from netsetup.netns import NetnsError, run_in_netns
 from ztunnel.identity import SpiffeId
@@ -21,7 +21,18 @@ from ztunnel.listeners.inbound_plain import INBOUND_PLAIN_PORT, InboundPlainList
 from ztunnel.listeners.outbound import OUTBOUND_PORT, OutboundListener
 from ztunnel.snapshot import Snapshot, Workload
 
+if TYPE_CHECKING:
+    from netsetup import capture
+
 log = structlog.get_logger("ztunnel.workloads")
+
+
+def _capture() -> Any:
+    """netsetup.capture, imported on first use: pyroute2 stays off the start-up path, so
+    a restarted ztunnel opens its listeners (behind the rules that stayed) sooner."""
+    from netsetup import capture as module
+
+    return module
 
 RETRY_DELAY = 1.0
 
@@ -224,9 +235,10 @@ class WorkloadManager:
         assert self._tg is not None
         proxy.task = self._tg.create_task(proxy.run())
         if self.manage_capture:
+            cap = _capture()
             try:
-                await capture.aenroll(self._capture_workload(w, netns))
-            except capture.CaptureError as exc:
+                await cap.aenroll(self._capture_workload(w, netns))
+            except cap.CaptureError as exc:
                 await proxy.drain(0)
                 self._forget_addresses(w)
                 self._fail(w, f"cannot install capture rules for {w.namespace}/{w.name}: {exc}")
@@ -248,14 +260,18 @@ class WorkloadManager:
 
     @staticmethod
     def _capture_workload(w: Workload, netns: str) -> capture.Workload:
-        return capture.Workload(name=f"{w.namespace}/{w.name}", netns=netns, ip=w.ip, ip6=w.ip6)
+        workload: capture.Workload = _capture().Workload(
+            name=f"{w.namespace}/{w.name}", netns=netns, ip=w.ip, ip6=w.ip6
+        )
+        return workload
 
     async def _remove(self, proxy: WorkloadProxy, *, unenroll: bool) -> None:
         w = proxy.workload
         if unenroll and self.manage_capture and proxy.netns is not None:
+            cap = _capture()
             try:
-                await capture.aunenroll(self._capture_workload(w, proxy.netns))
-            except capture.CaptureError as exc:
+                await cap.aunenroll(self._capture_workload(w, proxy.netns))
+            except cap.CaptureError as exc:
                 log.warning("cannot remove capture rules", workload=w.name, error=str(exc))
         self.proxies.pop(w.uid, None)
         self._forget_addresses(w)
@@ -270,9 +286,10 @@ class WorkloadManager:
         existing = [known_ns for known_ns in known if _netns_exists(known_ns)]
         want = [self._capture_workload(p.workload, p.netns) for p in self.proxies.values()
                 if p.netns is not None]
+        cap = _capture()
         try:
-            report = await capture.areconcile(want, existing)
-        except capture.CaptureError as exc:
+            report = await cap.areconcile(want, existing)
+        except cap.CaptureError as exc:
             log.warning("capture reconcile failed", error=str(exc))
             return
         if report.changed or report.errors:
