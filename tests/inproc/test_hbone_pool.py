@@ -216,3 +216,29 @@ async def test_drain_lets_streams_finish_then_closes() -> None:
         assert await echo_once(s, b"last words") == b"last words"
         await asyncio.wait_for(drain, 5)
         assert pool.connections() == []
+
+
+async def test_waiters_share_a_failed_connect_instead_of_queueing_timeouts() -> None:
+    async with hbone_env() as env:
+        calls = 0
+
+        async def hanging(key: PoolKey) -> socket.socket:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(30)
+            raise AssertionError("not reached")
+
+        pool = HboneConnectionPool(hanging, connect_timeout=0.3)
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(
+            *(pool.open_stream(**kw(env, 80)) for _ in range(5)), return_exceptions=True
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+        assert all(isinstance(r, HboneError) and "timed out" in str(r) for r in results)
+        assert calls == 1
+        assert elapsed < 1.5  # one timeout, not five in a row
+        # A later attempt tries again.
+        with pytest.raises(HboneError, match="timed out"):
+            await pool.open_stream(**kw(env, 80))
+        assert calls == 2
+        await pool.close()

@@ -87,6 +87,7 @@ class HboneConnectionPool:
         self._locks: dict[PoolKey, asyncio.Lock] = {}
         self._contexts: dict[tuple[Certificate, TrustBundle], ssl.SSLContext] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._failures: dict[PoolKey, tuple[float, HboneError]] = {}
         self._closed = False
         self.connections_opened = 0
 
@@ -174,6 +175,8 @@ class HboneConnectionPool:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
         async with lock:
             conns = self._conns.setdefault(key, [])
             conns[:] = [c for c in conns if not c.is_closed]
@@ -181,7 +184,18 @@ class HboneConnectionPool:
                 for c in conns:
                     if c.can_open(self.max_streams_per_conn):
                         return c
-            conn = await self._connect(key, cert, trust)
+            failed = self._failures.get(key)
+            if failed is not None and failed[0] >= queued_at:
+                # The attempt we queued behind just failed: share its verdict instead
+                # of trying again (ten waiters would otherwise wait ten timeouts).
+                raise HboneError(str(failed[1]), status=failed[1].status)
+            try:
+                conn = await self._connect(key, cert, trust)
+            except HboneError as e:
+                self._failures[key] = (loop.time(), e)
+                self._schedule_sweep()
+                raise
+            self._failures.pop(key, None)
             conns.append(conn)
             self._schedule_sweep()
             return conn
@@ -249,5 +263,8 @@ class HboneConnectionPool:
                 lock = self._locks.get(key)
                 if lock is not None and not lock.locked():
                     del self._locks[key]
-        if any_left:
+        for key, (when, _) in list(self._failures.items()):
+            if now - when > 60:
+                del self._failures[key]
+        if any_left or self._failures:
             self._schedule_sweep()
