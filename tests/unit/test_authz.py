@@ -54,9 +54,7 @@ def policy(spec: dict[str, Any]) -> AuthorizationPolicy:
     return Snapshot.from_dict(d).authorization_policies[0]
 
 
-def conn(
-    ident: SpiffeId | None = SLEEP, ip: str = "10.0.1.5", port: int = 8080
-) -> ConnectionInfo:
+def conn(ident: SpiffeId | None = SLEEP, ip: str = "10.0.1.5", port: int = 8080) -> ConnectionInfo:
     return ConnectionInfo(ident, ip, SERVER, port)
 
 
@@ -144,8 +142,12 @@ SINGLE_POLICY_CASES: list[tuple[str, dict[str, Any], ConnectionInfo, bool]] = [
     ("ip block mismatch", allow({"from": [{"ip_blocks": ["10.0.9.0/24"]}]}), conn(), False),
     ("ip block plaintext", allow({"from": [{"ip_blocks": ["10.0.1.0/24"]}]}), conn(None), True),
     ("ipv6 block", allow({"from": [{"ip_blocks": ["fd00::/64"]}]}), conn(ip="fd00::5"), True),
-    ("v4-mapped v6 source", allow({"from": [{"ip_blocks": ["10.0.1.0/24"]}]}),
-     conn(ip="::ffff:10.0.1.5"), True),
+    (
+        "v4-mapped v6 source",
+        allow({"from": [{"ip_blocks": ["10.0.1.0/24"]}]}),
+        conn(ip="::ffff:10.0.1.5"),
+        True,
+    ),
     ("family mismatch", allow({"from": [{"ip_blocks": ["fd00::/64"]}]}), conn(), False),
     ("not_ip_blocks", allow({"from": [{"not_ip_blocks": ["10.0.1.0/28"]}]}), conn(), False),
     ("not_ip_blocks other", allow({"from": [{"not_ip_blocks": ["10.9.0.0/16"]}]}), conn(), True),
@@ -471,9 +473,7 @@ def test_denied_connections_after_policy_change() -> None:
 
 
 def test_denied_connections_sees_label_changes_and_removed_workloads() -> None:
-    before = scoped_snapshot(
-        deny({}) | {"selector": {"app": "httpbin"}, "namespace": "backend"}
-    )
+    before = scoped_snapshot(deny({}) | {"selector": {"app": "httpbin"}, "namespace": "backend"})
     other = before.workload_by_uid("u-other")
     x = before.workload_by_uid("u-x")
     assert other is not None and x is not None

@@ -135,8 +135,13 @@ def test_existing_parents_are_nodata() -> None:
 
 
 def test_everything_else_is_forwarded() -> None:
-    for name in ("example.com", "www.example.com", "pod.cluster.local", "cluster.local",
-                 "_http._tcp.cart.shop.svc.cluster.local"):
+    for name in (
+        "example.com",
+        "www.example.com",
+        "pod.cluster.local",
+        "cluster.local",
+        "_http._tcp.cart.shop.svc.cluster.local",
+    ):
         q = encode_query(name, TYPE_A, msg_id=9)
         res = answer(SNAP, q, client=CLIENT)
         assert isinstance(res, Forward), name

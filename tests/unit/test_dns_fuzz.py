@@ -46,9 +46,7 @@ records = st.builds(
     u32,
     st.binary(max_size=40),
 )
-opt = st.builds(
-    ResourceRecord, st.just(()), st.just(TYPE_OPT), u16, u32, st.binary(max_size=20)
-)
+opt = st.builds(ResourceRecord, st.just(()), st.just(TYPE_OPT), u16, u32, st.binary(max_size=20))
 messages = st.builds(
     Message,
     u16,

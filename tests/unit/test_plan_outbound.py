@@ -132,9 +132,7 @@ def test_service_with_waypoint_goes_to_waypoint_with_vip_authority() -> None:
 def test_service_waypoint_not_used_when_source_is_the_waypoint() -> None:
     server = wl("server", "10.0.2.1")
     waypoint_wl = wl("wp", "10.0.9.9")
-    s = snap(
-        svc(Endpoint(workload_uid="server"), waypoint=WP), workloads=(server, waypoint_wl)
-    )
+    s = snap(svc(Endpoint(workload_uid="server"), waypoint=WP), workloads=(server, waypoint_wl))
     plan = plan_outbound(s, waypoint_wl, ("10.96.0.1", 80), rng=rng())
     assert isinstance(plan, Hbone) and plan.authority == "10.0.2.1:8080"
 
@@ -289,9 +287,7 @@ def test_prefer_close_falls_back_to_same_region() -> None:
     other_region = wl("other-region", "10.0.2.1", region="r2", zone="z1")
     same_region = wl("same-region", "10.0.2.2", region="r1", zone="z7")
     eps = (other_region, same_region)
-    s = snap(
-        svc(*(Endpoint(workload_uid=w.uid) for w in eps), td="PreferClose"), workloads=eps
-    )
+    s = snap(svc(*(Endpoint(workload_uid=w.uid) for w in eps), td="PreferClose"), workloads=eps)
     r = rng()
     for _ in range(50):
         plan = plan_outbound(s, CLIENT, ("10.96.0.1", 80), rng=r)
@@ -324,8 +320,17 @@ def test_authority_helpers() -> None:
     assert format_authority("fd00::1", 80) == "[fd00::1]:80"
     assert parse_authority("10.0.0.1:80") == ("10.0.0.1", 80)
     assert parse_authority("[fd00:0::1]:443") == ("fd00::1", 443)
-    for bad in ["10.0.0.1", "10.0.0.1:0", "10.0.0.1:99999", "host:80", "fd00::1:80", "[fd00::1]80",
-                ":80", "10.0.0.1:8a", "[::1"]:
+    for bad in [
+        "10.0.0.1",
+        "10.0.0.1:0",
+        "10.0.0.1:99999",
+        "host:80",
+        "fd00::1:80",
+        "[fd00::1]80",
+        ":80",
+        "10.0.0.1:8a",
+        "[::1",
+    ]:
         with pytest.raises(ValueError):
             parse_authority(bad)
 
@@ -336,9 +341,7 @@ def test_plan_inbound() -> None:
     any_port = wl("any", "10.0.1.3", node="n1")
     s = snap(workloads=(local, remote, any_port))
     assert plan_inbound(s, "10.0.1.2:8080") == InboundPlan(local, "10.0.1.2", 8080)
-    assert plan_inbound(s, "10.0.1.2:8080", workload=local) == InboundPlan(
-        local, "10.0.1.2", 8080
-    )
+    assert plan_inbound(s, "10.0.1.2:8080", workload=local) == InboundPlan(local, "10.0.1.2", 8080)
     assert plan_inbound(s, "10.0.1.3:1234") == InboundPlan(any_port, "10.0.1.3", 1234)
 
     def status(authority: str, w: Workload | None = None) -> int:

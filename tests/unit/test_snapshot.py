@@ -311,8 +311,10 @@ def test_services_of_and_waypoints() -> None:
     assert s.services_of("u1") == ()
     wp = s.waypoint_by_address("10.0.0.50")
     assert isinstance(wp, Waypoint)
-    assert s.services[0].waypoint == wp.ref() == WaypointRef(
-        address="10.0.0.50", identity="spiffe://cluster.local/ns/ns2/sa/wp"
+    assert (
+        s.services[0].waypoint
+        == wp.ref()
+        == WaypointRef(address="10.0.0.50", identity="spiffe://cluster.local/ns/ns2/sa/wp")
     )
     assert s == Snapshot.from_json(s.to_json())
 

@@ -27,36 +27,52 @@ from waypoint.resilience import Outcome
 from ztunnel import snapshot as zs
 
 
-def plan(chain: Any, path: str = "/", seed: int = 1, now: float = 0.0,
-         **kw: Any) -> RequestPlan | LocalResponse:
+def plan(
+    chain: Any, path: str = "/", seed: int = 1, now: float = 0.0, **kw: Any
+) -> RequestPlan | LocalResponse:
     return plan_request(chain, req(path, **kw), now, random.Random(seed))
 
 
-def fault(spec: dict[str, Any], name: str = "f",
-          target: dict[str, str] | None = None) -> dict[str, Any]:
+def fault(
+    spec: dict[str, Any], name: str = "f", target: dict[str, str] | None = None
+) -> dict[str, Any]:
     body = {**spec}
     if target is not None:
         body["targetRefs"] = [target]
-    return {"apiVersion": "ambit.dev/v1alpha1", "kind": "HTTPFault",
-            "metadata": {"name": name, "namespace": "app"}, "spec": body}
+    return {
+        "apiVersion": "ambit.dev/v1alpha1",
+        "kind": "HTTPFault",
+        "metadata": {"name": name, "namespace": "app"},
+        "spec": body,
+    }
 
 
-def ratelimit(max_tokens: int, interval: str, target: dict[str, str] | None = None,
-              name: str = "rl") -> dict[str, Any]:
+def ratelimit(
+    max_tokens: int, interval: str, target: dict[str, str] | None = None, name: str = "rl"
+) -> dict[str, Any]:
     spec: dict[str, Any] = {"tokenBucket": {"maxTokens": max_tokens, "fillInterval": interval}}
     if target is not None:
         spec["targetRefs"] = [target]
-    return {"apiVersion": "ambit.dev/v1alpha1", "kind": "RateLimit",
-            "metadata": {"name": name, "namespace": "app"}, "spec": spec}
+    return {
+        "apiVersion": "ambit.dev/v1alpha1",
+        "kind": "RateLimit",
+        "metadata": {"name": name, "namespace": "app"},
+        "spec": spec,
+    }
 
 
-def dr(policy: dict[str, Any], host: str = "front",
-       annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def dr(
+    policy: dict[str, Any], host: str = "front", annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     md: dict[str, Any] = {"name": f"dr-{host}", "namespace": "app"}
     if annotations:
         md["annotations"] = annotations
-    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-            "metadata": md, "spec": {"host": host, "trafficPolicy": policy}}
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": md,
+        "spec": {"host": host, "trafficPolicy": policy},
+    }
 
 
 SVC = {"group": "", "kind": "Service", "name": "front"}
@@ -106,17 +122,21 @@ def test_workload_addressed_traffic_goes_to_that_workload() -> None:
 
 
 def test_authorization_runs_before_fault() -> None:
-    deny = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-            "metadata": {"name": "deny", "namespace": "app"},
-            "spec": {"targetRefs": [SVC], "action": "DENY", "rules": [{}]}}
+    deny = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny", "namespace": "app"},
+        "spec": {"targetRefs": [SVC], "action": "DENY", "rules": [{}]},
+    }
     c = build([deny, fault({"abort": {"httpStatus": 500}}, target=SVC)])
     p = plan(c)
     assert isinstance(p, LocalResponse) and p.status == 403
 
 
 def test_service_fault_runs_before_route_match() -> None:
-    c = build([route([rule("a", prefix("/only"))]),
-               fault({"abort": {"httpStatus": 418}}, target=SVC)])
+    c = build(
+        [route([rule("a", prefix("/only"))]), fault({"abort": {"httpStatus": 418}}, target=SVC)]
+    )
     p = plan(c, "/unmatched")
     assert isinstance(p, LocalResponse) and (p.status, p.flags) == (418, "FI")
 
@@ -146,11 +166,16 @@ def test_fault_delay_is_planned_and_flagged() -> None:
 
 def test_extension_ref_fault_on_one_rule_only() -> None:
     rules = [
-        {"matches": [prefix("/slow")],
-         "filters": [{"type": "ExtensionRef",
-                      "extensionRef": {"group": "ambit.dev", "kind": "HTTPFault",
-                                       "name": "f"}}],
-         "backendRefs": [{"name": "a", "port": 80}]},
+        {
+            "matches": [prefix("/slow")],
+            "filters": [
+                {
+                    "type": "ExtensionRef",
+                    "extensionRef": {"group": "ambit.dev", "kind": "HTTPFault", "name": "f"},
+                }
+            ],
+            "backendRefs": [{"name": "a", "port": 80}],
+        },
         rule("b"),
     ]
     c = build([route(rules), fault({"abort": {"httpStatus": 502}})])
@@ -165,9 +190,14 @@ def test_extension_ref_fault_on_one_rule_only() -> None:
 
 
 def test_route_rate_limit_429_then_refill() -> None:
-    c = build([route([rule("a")], name="r"),
-               ratelimit(3, "1s", {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
-                                   "name": "r"})])
+    c = build(
+        [
+            route([rule("a")], name="r"),
+            ratelimit(
+                3, "1s", {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}
+            ),
+        ]
+    )
     got = []
     for _ in range(4):
         p = plan(c, now=0.0)
@@ -201,8 +231,12 @@ def test_rate_limit_state_survives_a_rebuild_with_the_same_settings() -> None:
 
 
 def test_retry_turns_a_first_503_into_success_on_another_endpoint() -> None:
-    rules = [{"backendRefs": [{"name": "front", "port": 80}],
-              "retry": {"attempts": 2, "codes": [503], "backoff": "100ms"}}]
+    rules = [
+        {
+            "backendRefs": [{"name": "front", "port": 80}],
+            "retry": {"attempts": 2, "codes": [503], "backoff": "100ms"},
+        }
+    ]
     c = build([route(rules)])
     rng = random.Random(3)
     p = plan_request(c, req("/"), 0.0, rng)
@@ -218,8 +252,9 @@ def test_retry_turns_a_first_503_into_success_on_another_endpoint() -> None:
 
 
 def test_retries_stop_after_attempts() -> None:
-    rules = [{"backendRefs": [{"name": "front", "port": 80}],
-              "retry": {"attempts": 1, "codes": [503]}}]
+    rules = [
+        {"backendRefs": [{"name": "front", "port": 80}], "retry": {"attempts": 1, "codes": [503]}}
+    ]
     c = build([route(rules)])
     rng = random.Random(3)
     p = plan_request(c, req("/"), 0.0, rng)
@@ -231,9 +266,13 @@ def test_retries_stop_after_attempts() -> None:
 
 
 def test_backend_timeout_bounds_each_attempt_and_504_when_final() -> None:
-    rules = [{"backendRefs": [{"name": "front", "port": 80}],
-              "timeouts": {"request": "3s", "backendRequest": "1s"},
-              "retry": {"attempts": 5, "codes": [504], "backoff": "0s"}}]
+    rules = [
+        {
+            "backendRefs": [{"name": "front", "port": 80}],
+            "timeouts": {"request": "3s", "backendRequest": "1s"},
+            "retry": {"attempts": 5, "codes": [504], "backoff": "0s"},
+        }
+    ]
     c = build([route(rules)])
     rng = random.Random(1)
     p = plan_request(c, req("/"), 100.0, rng)
@@ -281,10 +320,21 @@ def test_pool_limit_overflow_503_uo_until_released() -> None:
 
 def test_outlier_detection_ejects_a_failing_endpoint() -> None:
     no_retry = [{"backendRefs": [{"name": "front", "port": 80}], "retry": {"attempts": 0}}]
-    c = build([route(no_retry),
-               dr({"outlierDetection": {"consecutive5xxErrors": 2, "baseEjectionTime": "30s",
-                                        "maxEjectionPercent": 50},
-                   "loadBalancer": {"simple": "ROUND_ROBIN"}})])
+    c = build(
+        [
+            route(no_retry),
+            dr(
+                {
+                    "outlierDetection": {
+                        "consecutive5xxErrors": 2,
+                        "baseEjectionTime": "30s",
+                        "maxEjectionPercent": 50,
+                    },
+                    "loadBalancer": {"simple": "ROUND_ROBIN"},
+                }
+            ),
+        ]
+    )
     rng = random.Random(1)
     bad = None
     for i in range(4):  # the first endpoint seen fails every time
@@ -296,7 +346,8 @@ def test_outlier_detection_ejects_a_failing_endpoint() -> None:
         p.release(float(i))
     assert isinstance(p, RequestPlan)
     assert bad is not None and p.cluster.is_ejected(p.first.endpoint, 4.0) == (
-        p.first.endpoint.key == bad)
+        p.first.endpoint.key == bad
+    )
     picks = set()
     for i in range(10):
         p = plan_request(c, req("/"), 10.0 + i, rng)
@@ -329,8 +380,9 @@ def test_destination_rule_selects_round_robin() -> None:
 
 
 def test_annotation_selects_peak_ewma_and_state_survives_rebuild() -> None:
-    peak = dr({"loadBalancer": {"simple": "LEAST_REQUEST"}},
-              annotations={LB_ANNOTATION: "PEAK_EWMA"})
+    peak = dr(
+        {"loadBalancer": {"simple": "LEAST_REQUEST"}}, annotations={LB_ANNOTATION: "PEAK_EWMA"}
+    )
     docs: list[Resource] = [parse_resource(d) for d in [*_base(("a",)), peak]]
     snap = compute_snapshot(docs, NODE, waypoint_addresses={("app", "wp"): "10.0.0.250"})
     state = ChainState()
@@ -359,8 +411,7 @@ def test_release_while_an_attempt_is_in_flight_clears_lb_state() -> None:
 
 
 def test_timeouts_start_after_a_fault_delay() -> None:
-    rules = [{"backendRefs": [{"name": "front", "port": 80}],
-              "timeouts": {"request": "2s"}}]
+    rules = [{"backendRefs": [{"name": "front", "port": 80}], "timeouts": {"request": "2s"}}]
     c = build([route(rules), fault({"delay": {"fixedDelay": "5s"}}, target=SVC)])
     p = plan(c, now=0.0)
     assert isinstance(p, RequestPlan)
@@ -376,10 +427,19 @@ def test_local_answers_keep_configuration_details_out_of_the_body() -> None:
 
 @pytest.mark.parametrize(
     ("name", "app", "want"),
-    [("http", "", "http"), ("http-web", "", "http"), ("grpc-api", "", "grpc"),
-     ("http2", "", "http2"), ("tcp-db", "", "tcp"), ("web", "", ""), ("", "", ""),
-     ("web", "kubernetes.io/h2c", "http2"), ("http", "tcp", "tcp"), ("x", "https", "tcp"),
-     ("x", "HTTP", "http")],
+    [
+        ("http", "", "http"),
+        ("http-web", "", "http"),
+        ("grpc-api", "", "grpc"),
+        ("http2", "", "http2"),
+        ("tcp-db", "", "tcp"),
+        ("web", "", ""),
+        ("", "", ""),
+        ("web", "kubernetes.io/h2c", "http2"),
+        ("http", "tcp", "tcp"),
+        ("x", "https", "tcp"),
+        ("x", "HTTP", "http"),
+    ],
 )
 def test_declared_protocol(name: str, app: str, want: str) -> None:
     assert declared_protocol(zs.ServicePort(port=80, name=name, app_protocol=app)) == want
@@ -403,9 +463,22 @@ spec:
 
 
 def test_chain_from_the_waypoint_snapshot_the_control_plane_pushes() -> None:
-    docs = [parse_resource(d) for d in [*_base(("a", "b")), route([
-        {"backendRefs": [{"name": "a", "port": 80, "weight": 1},
-                         {"name": "b", "port": 80, "weight": 1}]}])]]
+    docs = [
+        parse_resource(d)
+        for d in [
+            *_base(("a", "b")),
+            route(
+                [
+                    {
+                        "backendRefs": [
+                            {"name": "a", "port": 80, "weight": 1},
+                            {"name": "b", "port": 80, "weight": 1},
+                        ]
+                    }
+                ]
+            ),
+        ]
+    ]
     idx = MeshIndex()
     idx.set_waypoint_address("app", "wp", "10.0.0.250")
     idx.load(docs, 7)
@@ -422,11 +495,16 @@ def test_chain_from_the_waypoint_snapshot_the_control_plane_pushes() -> None:
 
 
 def test_extension_ref_rate_limit_limits_its_rule_only() -> None:
-    limited = {"matches": [prefix("/api")],
-               "filters": [{"type": "ExtensionRef",
-                            "extensionRef": {"group": "ambit.dev", "kind": "RateLimit",
-                                             "name": "rl"}}],
-               "backendRefs": [{"name": "a", "port": 80}]}
+    limited = {
+        "matches": [prefix("/api")],
+        "filters": [
+            {
+                "type": "ExtensionRef",
+                "extensionRef": {"group": "ambit.dev", "kind": "RateLimit", "name": "rl"},
+            }
+        ],
+        "backendRefs": [{"name": "a", "port": 80}],
+    }
     c = build([route([limited, rule("b")]), ratelimit(1, "1m")])
     first = plan(c, "/api/x")
     assert isinstance(first, RequestPlan)

@@ -12,8 +12,11 @@ from waypoint.chain import RequestPlan, plan_request
 from waypoint.model import LocalResponse, Request, Response
 
 
-def _r(path: str = "/foo/bar?x=1", authority: str = "front.app.svc.cluster.local:8080",
-       headers: tuple[tuple[str, str], ...] = ()) -> Request:
+def _r(
+    path: str = "/foo/bar?x=1",
+    authority: str = "front.app.svc.cluster.local:8080",
+    headers: tuple[tuple[str, str], ...] = (),
+) -> Request:
     return Request("GET", path, authority, headers)
 
 
@@ -51,8 +54,11 @@ def test_redirect_scheme_change_uses_the_well_known_port() -> None:
 
 
 def test_redirect_hostname_port_and_full_path() -> None:
-    spec = {"hostname": "new.example", "port": 9000,
-            "path": {"type": "ReplaceFullPath", "replaceFullPath": "/moved"}}
+    spec = {
+        "hostname": "new.example",
+        "port": 9000,
+        "path": {"type": "ReplaceFullPath", "replaceFullPath": "/moved"},
+    }
     loc = dict(flt.redirect(spec, _r()).headers)["location"]
     assert loc == "http://new.example:9000/moved?x=1"
 
@@ -78,8 +84,10 @@ def test_replace_prefix_match_cases() -> None:
 
 
 def test_rewrite_full_path_keeps_query_and_sets_host() -> None:
-    spec = {"hostname": "b.app.svc.cluster.local",
-            "path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}}
+    spec = {
+        "hostname": "b.app.svc.cluster.local",
+        "path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"},
+    }
     out = flt.rewrite(spec, _r(headers=(("host", "front"),)), None)
     assert out.path == "/new?x=1"
     assert out.authority == "b.app.svc.cluster.local"
@@ -102,15 +110,27 @@ def _plan(rules: list[dict[str, Any]], r: Request, seed: int = 1) -> RequestPlan
 
 
 def test_chain_applies_request_header_modifier_and_rewrite_in_order() -> None:
-    rules = [{"matches": [prefix("/api")],
-              "filters": [
-                  {"type": "RequestHeaderModifier",
-                   "requestHeaderModifier": {"set": [{"name": "x-route", "value": "api"}],
-                                             "remove": ["x-secret"]}},
-                  {"type": "URLRewrite",
-                   "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
-                                           "replacePrefixMatch": "/internal"}}}],
-              "backendRefs": [{"name": "a", "port": 80}]}]
+    rules = [
+        {
+            "matches": [prefix("/api")],
+            "filters": [
+                {
+                    "type": "RequestHeaderModifier",
+                    "requestHeaderModifier": {
+                        "set": [{"name": "x-route", "value": "api"}],
+                        "remove": ["x-secret"],
+                    },
+                },
+                {
+                    "type": "URLRewrite",
+                    "urlRewrite": {
+                        "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/internal"}
+                    },
+                },
+            ],
+            "backendRefs": [{"name": "a", "port": 80}],
+        }
+    ]
     p = _plan(rules, req("/api/users?page=2", headers=[("x-secret", "s")]))
     assert isinstance(p, RequestPlan)
     assert p.request.path == "/internal/users?page=2"
@@ -121,11 +141,20 @@ def test_chain_applies_request_header_modifier_and_rewrite_in_order() -> None:
 
 
 def test_chain_redirect_answers_locally() -> None:
-    rules = [{"matches": [prefix("/old")],
-              "filters": [{"type": "RequestRedirect",
-                           "requestRedirect": {"path": {"type": "ReplacePrefixMatch",
-                                                        "replacePrefixMatch": "/new"},
-                                               "statusCode": 301}}]}]
+    rules = [
+        {
+            "matches": [prefix("/old")],
+            "filters": [
+                {
+                    "type": "RequestRedirect",
+                    "requestRedirect": {
+                        "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"},
+                        "statusCode": 301,
+                    },
+                }
+            ],
+        }
+    ]
     p = _plan(rules, req("/old/page"))
     assert isinstance(p, LocalResponse)
     assert p.status == 301
@@ -133,11 +162,20 @@ def test_chain_redirect_answers_locally() -> None:
 
 
 def test_chain_response_header_modifier() -> None:
-    rules = [{"filters": [{"type": "ResponseHeaderModifier",
-                           "responseHeaderModifier": {"add": [{"name": "x-served-by",
-                                                               "value": "waypoint"}],
-                                                      "remove": ["server"]}}],
-              "backendRefs": [{"name": "a", "port": 80}]}]
+    rules = [
+        {
+            "filters": [
+                {
+                    "type": "ResponseHeaderModifier",
+                    "responseHeaderModifier": {
+                        "add": [{"name": "x-served-by", "value": "waypoint"}],
+                        "remove": ["server"],
+                    },
+                }
+            ],
+            "backendRefs": [{"name": "a", "port": 80}],
+        }
+    ]
     p = _plan(rules, req("/"))
     assert isinstance(p, RequestPlan)
     resp = p.response(Response(200, (("server", "x"), ("content-type", "text/plain"))))
@@ -146,9 +184,17 @@ def test_chain_response_header_modifier() -> None:
 
 
 def test_chain_mirror_copies_the_request_without_changing_the_backend() -> None:
-    rules = [{"filters": [{"type": "RequestMirror",
-                           "requestMirror": {"backendRef": {"name": "c", "port": 80}}}],
-              "backendRefs": [{"name": "a", "port": 80}]}]
+    rules = [
+        {
+            "filters": [
+                {
+                    "type": "RequestMirror",
+                    "requestMirror": {"backendRef": {"name": "c", "port": 80}},
+                }
+            ],
+            "backendRefs": [{"name": "a", "port": 80}],
+        }
+    ]
     p = _plan(rules, req("/x"))
     assert isinstance(p, RequestPlan)
     assert p.backend.name == "a"
@@ -160,10 +206,17 @@ def test_chain_mirror_copies_the_request_without_changing_the_backend() -> None:
 
 
 def test_chain_mirror_percent() -> None:
-    rules = [{"filters": [{"type": "RequestMirror",
-                           "requestMirror": {"backendRef": {"name": "c", "port": 80},
-                                             "percent": 25}}],
-              "backendRefs": [{"name": "a", "port": 80}]}]
+    rules = [
+        {
+            "filters": [
+                {
+                    "type": "RequestMirror",
+                    "requestMirror": {"backendRef": {"name": "c", "port": 80}, "percent": 25},
+                }
+            ],
+            "backendRefs": [{"name": "a", "port": 80}],
+        }
+    ]
     c = build([route(rules)])
     rng = random.Random(3)
     mirrored = 0

@@ -13,9 +13,16 @@ from waypoint.model import UpstreamEndpoint
 
 
 def eps(n: int, weights: list[int] | None = None) -> list[UpstreamEndpoint]:
-    return [UpstreamEndpoint(f"w{i}", f"10.0.0.{i + 1}", 8080,
-                             f"spiffe://cluster.local/ns/app/sa/w{i}",
-                             weight=(weights or [1] * n)[i]) for i in range(n)]
+    return [
+        UpstreamEndpoint(
+            f"w{i}",
+            f"10.0.0.{i + 1}",
+            8080,
+            f"spiffe://cluster.local/ns/app/sa/w{i}",
+            weight=(weights or [1] * n)[i],
+        )
+        for i in range(n)
+    ]
 
 
 def test_round_robin_cycles() -> None:
@@ -81,8 +88,13 @@ def test_peak_ewma_jumps_up_and_decays_down() -> None:
     assert lb.cost(k, 10.0) == pytest.approx(expect * 2, rel=1e-6)  # one in flight
 
 
-def _simulate(lb: Balancer, latencies: list[float], requests: int = 3000,
-              interval: float = 0.004, seed: int = 9) -> Counter[str]:
+def _simulate(
+    lb: Balancer,
+    latencies: list[float],
+    requests: int = 3000,
+    interval: float = 0.004,
+    seed: int = 9,
+) -> Counter[str]:
     """Open-loop arrivals every `interval` s; endpoint i answers after latencies[i]."""
     e = eps(len(latencies))
     rng = random.Random(seed)
@@ -130,7 +142,8 @@ def test_peak_ewma_weighs_latency_against_load() -> None:
     assert lb.pick(e, 0.1, rng) is e[0]
     # idle decay keeps the ratio of the estimates (both decay toward zero)
     assert lb.cost(e[0].key, 5.0) / lb.cost(e[0].key, 0.1) == pytest.approx(
-        lb.cost(e[1].key, 5.0) / lb.cost(e[1].key, 0.1))
+        lb.cost(e[1].key, 5.0) / lb.cost(e[1].key, 0.1)
+    )
 
 
 def test_round_robin_with_weights_is_smooth() -> None:

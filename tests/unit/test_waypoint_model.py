@@ -16,10 +16,22 @@ from waypoint.model import LocalResponse, Request, header_value, normalize_path,
 
 @pytest.mark.parametrize(
     ("raw", "want"),
-    [("/a/../admin", "/admin"), ("/%61dmin", "/admin"), ("/a/./b", "/a/b"),
-     ("/a/b/..", "/a/"), ("/..", "/"), ("/../../x", "/x"), ("/a%2fb", "/a%2Fb"),
-     ("/a/%2e%2e/admin", "/admin"), ("/x?q=/../%61", "/x?q=/../%61"), ("/a//b", "/a//b"),
-     ("*", "*"), ("/%zz", "/%zz"), ("/%", "/%"), ("/.hidden/x", "/.hidden/x")],
+    [
+        ("/a/../admin", "/admin"),
+        ("/%61dmin", "/admin"),
+        ("/a/./b", "/a/b"),
+        ("/a/b/..", "/a/"),
+        ("/..", "/"),
+        ("/../../x", "/x"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/a/%2e%2e/admin", "/admin"),
+        ("/x?q=/../%61", "/x?q=/../%61"),
+        ("/a//b", "/a//b"),
+        ("*", "*"),
+        ("/%zz", "/%zz"),
+        ("/%", "/%"),
+        ("/.hidden/x", "/.hidden/x"),
+    ],
 )
 def test_normalize_path(raw: str, want: str) -> None:
     assert normalize_path(raw) == want
@@ -44,8 +56,9 @@ def test_header_helpers() -> None:
     assert header_value(h, "A") == "1,3"
     assert header_value(h, "c") is None
     assert set_header(h, "A", "x") == (("b", "2"), ("a", "x"))
-    r = Request("GET", "/p?x=1&y=&x=2", "[fd00::1]:8080", h,
-                source_principal="spiffe://td/ns/shop/sa/web")
+    r = Request(
+        "GET", "/p?x=1&y=&x=2", "[fd00::1]:8080", h, source_principal="spiffe://td/ns/shop/sa/web"
+    )
     assert r.host == "fd00::1" and r.path_only == "/p" and r.query == "x=1&y=&x=2"
     assert r.query_params == (("x", "1"), ("y", ""), ("x", "2"))
     assert r.source_namespace == "shop"
@@ -53,8 +66,17 @@ def test_header_helpers() -> None:
 
 
 def test_deny_cannot_be_bypassed_with_dot_segments_or_escapes() -> None:
-    c = build([policy({**TARGET, "action": "DENY",
-                       "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]})])
+    c = build(
+        [
+            policy(
+                {
+                    **TARGET,
+                    "action": "DENY",
+                    "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
+                }
+            )
+        ]
+    )
     for path in ("/admin", "/x/../admin", "/%61dmin/users", "/./admin", "/a/%2e%2e/admin"):
         p = plan_request(c, req(path), 0.0, random.Random(1))
         assert isinstance(p, LocalResponse) and p.status == 403, path

@@ -98,7 +98,7 @@ def test_fault_delay_always_and_never() -> None:
     rng = random.Random(1)
     always = FaultPolicy("app/f", delay=0.5, delay_percent=100)
     never = FaultPolicy("app/f", delay=0.5, delay_percent=0)
-    assert all(always.decide(rng) .delay == 0.5 for _ in range(50))
+    assert all(always.decide(rng).delay == 0.5 for _ in range(50))
     assert all(never.decide(rng).delay == 0.0 for _ in range(50))
     assert FaultPolicy("app/f", abort_status=418).abort_response(418).flags == "FI"
 

@@ -25,26 +25,58 @@ CLIENT = "spiffe://cluster.local/ns/app/sa/client"
 def _base(backends: Iterable[str], namespaces: Sequence[str] = ("app",)) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for ns in namespaces:
-        docs.append({"apiVersion": "v1", "kind": "Namespace",
-                     "metadata": {"name": ns,
-                                  "labels": {"istio.io/dataplane-mode": "ambient",
-                                             "istio.io/use-waypoint": "wp"}}})
-    docs.append({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                 "metadata": {"name": "wp", "namespace": "app"},
-                 "spec": {"gatewayClassName": "istio-waypoint",
-                          "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-                          "addresses": [{"value": "10.0.0.250"}]}})
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": ns,
+                    "labels": {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"},
+                },
+            }
+        )
+    docs.append(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "wp", "namespace": "app"},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+                "addresses": [{"value": "10.0.0.250"}],
+            },
+        }
+    )
     for i, name in enumerate(["front", *backends]):
         for j in range(2 if name == "front" else 1):
-            docs.append({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
-                         "metadata": {"name": f"{name}-{j}", "namespace": "app",
-                                      "annotations": {"ambit.dev/node": NODE}},
-                         "spec": {"address": f"10.0.{i}.{j + 10}", "labels": {"app": name},
-                                  "serviceAccount": name}})
-        docs.append({"apiVersion": "v1", "kind": "Service",
-                     "metadata": {"name": name, "namespace": "app"},
-                     "spec": {"selector": {"app": name}, "clusterIP": f"10.96.0.{i + 10}",
-                              "ports": [{"port": 80, "targetPort": 8080}]}})
+            docs.append(
+                {
+                    "apiVersion": "networking.istio.io/v1",
+                    "kind": "WorkloadEntry",
+                    "metadata": {
+                        "name": f"{name}-{j}",
+                        "namespace": "app",
+                        "annotations": {"ambit.dev/node": NODE},
+                    },
+                    "spec": {
+                        "address": f"10.0.{i}.{j + 10}",
+                        "labels": {"app": name},
+                        "serviceAccount": name,
+                    },
+                }
+            )
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": "app"},
+                "spec": {
+                    "selector": {"app": name},
+                    "clusterIP": f"10.96.0.{i + 10}",
+                    "ports": [{"port": 80, "targetPort": 8080}],
+                },
+            }
+        )
     return docs
 
 
@@ -75,9 +107,16 @@ def req(
     vip: str = "10.96.0.10",
     port: int = 80,
 ) -> Request:
-    return Request(method, path, "front.app.svc.cluster.local",
-                   tuple((k.lower(), v) for k, v in headers), dest_ip=vip, dest_port=port,
-                   source_ip="10.0.9.9", source_principal=principal)
+    return Request(
+        method,
+        path,
+        "front.app.svc.cluster.local",
+        tuple((k.lower(), v) for k, v in headers),
+        dest_ip=vip,
+        dest_port=port,
+        source_ip="10.0.9.9",
+        source_principal=principal,
+    )
 
 
 def backend(chain: Chain, request: Request, seed: int = 1) -> str:
@@ -89,13 +128,24 @@ def backend(chain: Chain, request: Request, seed: int = 1) -> str:
     return p.backend.name
 
 
-def route(rules: list[dict[str, Any]], name: str = "r", ns: str = "app",
-          parent: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"parentRefs": [parent or {"group": "", "kind": "Service", "name": "front",
-                                               "namespace": "app", "port": 80}],
-                     "rules": rules}}
+def route(
+    rules: list[dict[str, Any]],
+    name: str = "r",
+    ns: str = "app",
+    parent: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "parentRefs": [
+                parent
+                or {"group": "", "kind": "Service", "name": "front", "namespace": "app", "port": 80}
+            ],
+            "rules": rules,
+        },
+    }
 
 
 def rule(to: str, *matches: dict[str, Any]) -> dict[str, Any]:
@@ -205,10 +255,16 @@ def test_longer_prefix_beats_method() -> None:
 
 
 def test_method_beats_headers() -> None:
-    c = build([route([
-        rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
-        rule("a", prefix("/", method="GET")),
-    ])])
+    c = build(
+        [
+            route(
+                [
+                    rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
+                    rule("a", prefix("/", method="GET")),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/", "GET", [("x", "1"), ("y", "2")])) == "a"
 
 
@@ -216,18 +272,30 @@ def test_method_beats_headers() -> None:
 
 
 def test_more_header_matches_win() -> None:
-    c = build([route([
-        rule("a", prefix("/", headers=[hdr("x", "1")])),
-        rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
-    ])])
+    c = build(
+        [
+            route(
+                [
+                    rule("a", prefix("/", headers=[hdr("x", "1")])),
+                    rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/", headers=[("x", "1"), ("y", "2")])) == "b"
 
 
 def test_fewer_header_matches_take_what_more_do_not_match() -> None:
-    c = build([route([
-        rule("a", prefix("/", headers=[hdr("x", "1")])),
-        rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
-    ])])
+    c = build(
+        [
+            route(
+                [
+                    rule("a", prefix("/", headers=[hdr("x", "1")])),
+                    rule("b", prefix("/", headers=[hdr("x", "1"), hdr("y", "2")])),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/", headers=[("x", "1")])) == "a"
 
 
@@ -242,10 +310,19 @@ def test_header_values_are_case_sensitive() -> None:
 
 
 def test_header_regular_expression() -> None:
-    c = build([route([
-        rule("a", prefix("/", headers=[hdr("user-agent", ".*Mobile.*", "RegularExpression")])),
-        rule("c"),
-    ])])
+    c = build(
+        [
+            route(
+                [
+                    rule(
+                        "a",
+                        prefix("/", headers=[hdr("user-agent", ".*Mobile.*", "RegularExpression")]),
+                    ),
+                    rule("c"),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/", headers=[("user-agent", "Foo Mobile Safari")])) == "a"
     assert backend(c, req("/", headers=[("user-agent", "curl/8")])) == "c"
 
@@ -266,10 +343,16 @@ def test_any_match_of_a_rule_selects_it() -> None:
 
 
 def test_more_query_param_matches_win() -> None:
-    c = build([route([
-        rule("a", prefix("/", queryParams=[hdr("v", "1")])),
-        rule("b", prefix("/", queryParams=[hdr("v", "1"), hdr("w", "2")])),
-    ])])
+    c = build(
+        [
+            route(
+                [
+                    rule("a", prefix("/", queryParams=[hdr("v", "1")])),
+                    rule("b", prefix("/", queryParams=[hdr("v", "1"), hdr("w", "2")])),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/?v=1&w=2")) == "b"
     assert backend(c, req("/?v=1")) == "a"
 
@@ -282,19 +365,31 @@ def test_query_param_absent_or_different_does_not_match() -> None:
 
 
 def test_query_param_regular_expression() -> None:
-    c = build([route([
-        rule("a", prefix("/", queryParams=[hdr("id", "[0-9]+", "RegularExpression")])),
-        rule("c"),
-    ])])
+    c = build(
+        [
+            route(
+                [
+                    rule("a", prefix("/", queryParams=[hdr("id", "[0-9]+", "RegularExpression")])),
+                    rule("c"),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/?id=42")) == "a"
     assert backend(c, req("/?id=x42")) == "c"
 
 
 def test_headers_beat_query_params() -> None:
-    c = build([route([
-        rule("b", prefix("/", queryParams=[hdr("v", "1"), hdr("w", "2")])),
-        rule("a", prefix("/", headers=[hdr("x", "1")])),
-    ])])
+    c = build(
+        [
+            route(
+                [
+                    rule("b", prefix("/", queryParams=[hdr("v", "1"), hdr("w", "2")])),
+                    rule("a", prefix("/", headers=[hdr("x", "1")])),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/?v=1&w=2", headers=[("x", "1")])) == "a"
 
 
@@ -302,15 +397,23 @@ def test_headers_beat_query_params() -> None:
 
 
 def test_tie_across_routes_goes_to_the_oldest_route() -> None:
-    c = build([route([rule("a", prefix("/x"))], name="zeta"),
-               route([rule("b", prefix("/x"))], name="alpha")],
-              created={"zeta": 5, "alpha": 9})
+    c = build(
+        [
+            route([rule("a", prefix("/x"))], name="zeta"),
+            route([rule("b", prefix("/x"))], name="alpha"),
+        ],
+        created={"zeta": 5, "alpha": 9},
+    )
     assert backend(c, req("/x")) == "a"
 
 
 def test_tie_across_routes_of_the_same_age_goes_alphabetically() -> None:
-    c = build([route([rule("a", prefix("/x"))], name="zeta"),
-               route([rule("b", prefix("/x"))], name="alpha")])
+    c = build(
+        [
+            route([rule("a", prefix("/x"))], name="zeta"),
+            route([rule("b", prefix("/x"))], name="alpha"),
+        ]
+    )
     assert backend(c, req("/x")) == "b"
 
 
@@ -321,9 +424,13 @@ def test_tie_within_a_route_goes_to_the_first_rule() -> None:
 
 def test_precedence_across_routes_before_age() -> None:
     # the newer route has the more specific match: specificity first, age only on ties
-    c = build([route([rule("a", prefix("/"))], name="old"),
-               route([rule("b", prefix("/shop"))], name="new")],
-              created={"old": 1, "new": 2})
+    c = build(
+        [
+            route([rule("a", prefix("/"))], name="old"),
+            route([rule("b", prefix("/shop"))], name="new"),
+        ],
+        created={"old": 1, "new": 2},
+    )
     assert backend(c, req("/shop/cart")) == "b"
     assert backend(c, req("/home")) == "a"
 
@@ -389,16 +496,40 @@ def _shares(c: Chain, draws: int = 2000) -> dict[str, float]:
 
 @pytest.mark.parametrize(("wa", "wb"), [(90, 10), (50, 50), (1, 1), (3, 1)])
 def test_weighted_backends_within_five_points(wa: int, wb: int) -> None:
-    c = build([route([{"backendRefs": [{"name": "a", "port": 80, "weight": wa},
-                                       {"name": "b", "port": 80, "weight": wb}]}])])
+    c = build(
+        [
+            route(
+                [
+                    {
+                        "backendRefs": [
+                            {"name": "a", "port": 80, "weight": wa},
+                            {"name": "b", "port": 80, "weight": wb},
+                        ]
+                    }
+                ]
+            )
+        ]
+    )
     shares = _shares(c)
     assert abs(shares.get("a", 0) - 100 * wa / (wa + wb)) <= 5
     assert abs(shares.get("b", 0) - 100 * wb / (wa + wb)) <= 5
 
 
 def test_weight_zero_backend_never_chosen() -> None:
-    c = build([route([{"backendRefs": [{"name": "a", "port": 80, "weight": 1},
-                                       {"name": "b", "port": 80, "weight": 0}]}])])
+    c = build(
+        [
+            route(
+                [
+                    {
+                        "backendRefs": [
+                            {"name": "a", "port": 80, "weight": 1},
+                            {"name": "b", "port": 80, "weight": 0},
+                        ]
+                    }
+                ]
+            )
+        ]
+    )
     assert _shares(c, 300) == {"a": 100.0}
 
 
@@ -419,8 +550,14 @@ def test_rule_without_backends_is_500() -> None:
 
 @pytest.mark.parametrize(
     ("pfx", "path", "ok"),
-    [("/", "/x", True), ("/a", "/a", True), ("/a", "/a/", True), ("/a", "/ab", False),
-     ("/a/", "/a", True), ("/a/b", "/a", False)],
+    [
+        ("/", "/x", True),
+        ("/a", "/a", True),
+        ("/a", "/a/", True),
+        ("/a", "/ab", False),
+        ("/a/", "/a", True),
+        ("/a/b", "/a", False),
+    ],
 )
 def test_path_prefix_semantics(pfx: str, path: str, ok: bool) -> None:
     assert path_prefix_matches(pfx, path) is ok
@@ -458,19 +595,26 @@ _OPTIONAL: dict[str, st.SearchStrategy[Any]] = {
     "headers": st.lists(st.fixed_dictionaries(_NAME_VALUE), max_size=2, unique_by=_by_name),
     "queryParams": st.lists(st.fixed_dictionaries(_QUERY), max_size=2, unique_by=_by_name),
 }
-_PATH: dict[str, st.SearchStrategy[Any]] = {"path": st.fixed_dictionaries({
-    "type": st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
-    "value": st.sampled_from(["/", "/a", "/a/b", "/a/.*", "/.*"])})}
+_PATH: dict[str, st.SearchStrategy[Any]] = {
+    "path": st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
+            "value": st.sampled_from(["/", "/a", "/a/b", "/a/.*", "/.*"]),
+        }
+    )
+}
 _match: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(_PATH, optional=_OPTIONAL)
 
 
-def _accepts(m: dict[str, Any], path: str, method: str, headers: dict[str, str],
-             query: dict[str, str]) -> bool:
+def _accepts(
+    m: dict[str, Any], path: str, method: str, headers: dict[str, str], query: dict[str, str]
+) -> bool:
     p = m["path"]
     if p["type"] == "Exact" and path != p["value"]:
         return False
     if p["type"] == "PathPrefix" and not (
-            p["value"] == "/" or path == p["value"] or path.startswith(p["value"] + "/")):
+        p["value"] == "/" or path == p["value"] or path.startswith(p["value"] + "/")
+    ):
         return False
     if p["type"] == "RegularExpression" and re.fullmatch(p["value"], path) is None:
         return False
@@ -509,18 +653,26 @@ def _better(a: tuple[int, int, dict[str, Any]], b: tuple[int, int, dict[str, Any
     query=st.dictionaries(st.sampled_from(["q", "r"]), st.sampled_from(["1", "2"])),
 )
 def test_precedence_agrees_with_a_reference(
-    routes: list[list[dict[str, Any]]], path: str, method: str,
-    headers: dict[str, str], query: dict[str, str],
+    routes: list[list[dict[str, Any]]],
+    path: str,
+    method: str,
+    headers: dict[str, str],
+    query: dict[str, str],
 ) -> None:
     names = [f"b{i}" for i in range(8)]
     manifests = []
     cands: list[tuple[int, int, dict[str, Any]]] = []
     for ri, rule_matches in enumerate(routes):
-        rules = [{"matches": [m], "backendRefs": [{"name": names[ri * 2 + mi], "port": 80}]}
-                 for mi, m in enumerate(rule_matches)]
+        rules = [
+            {"matches": [m], "backendRefs": [{"name": names[ri * 2 + mi], "port": 80}]}
+            for mi, m in enumerate(rule_matches)
+        ]
         manifests.append(route(rules, name=f"r{ri}"))
-        cands += [(ri, mi, m) for mi, m in enumerate(rule_matches)
-                  if _accepts(m, path, method, headers, query)]
+        cands += [
+            (ri, mi, m)
+            for mi, m in enumerate(rule_matches)
+            if _accepts(m, path, method, headers, query)
+        ]
     c = build(manifests, backends=names, created={f"r{i}": i for i in range(4)})
     qs = "&".join(f"{k}={v}" for k, v in query.items())
     got = backend(c, req(path + ("?" + qs if qs else ""), method, list(headers.items())))
@@ -534,8 +686,15 @@ def test_precedence_agrees_with_a_reference(
     assert got == names[best[0] * 2 + best[1]]
 
 
-
 def test_host_header_match_uses_the_authority() -> None:
-    c = build([route([rule("a", prefix("/", headers=[hdr("Host", "front.app.svc.cluster.local")])),
-                      rule("c")])])
+    c = build(
+        [
+            route(
+                [
+                    rule("a", prefix("/", headers=[hdr("Host", "front.app.svc.cluster.local")])),
+                    rule("c"),
+                ]
+            )
+        ]
+    )
     assert backend(c, req("/")) == "a"  # no host header (HTTP/2): the authority counts
