@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _FileIdentity:
+class FileIdentity:
     """The waypoint's certificate and roots from files, re-read when they change."""
 
     def __init__(self, cert: Path, key: Path, ca: Path, trust_domain: str) -> None:
@@ -118,7 +118,7 @@ async def _run(args: argparse.Namespace) -> int:
         if not (args.cert and args.key and args.ca):
             print("waypoint: --local-config needs --cert, --key and --ca", file=sys.stderr)
             return 2
-        identity = _FileIdentity(Path(args.cert), Path(args.key), Path(args.ca),
+        identity = FileIdentity(Path(args.cert), Path(args.key), Path(args.ca),
                                  args.trust_domain)
         identity()
     else:
@@ -133,13 +133,15 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"waypoint: cannot join the mesh: {e}", file=sys.stderr)
             return 1
         d = Path(args.data_dir)
-        identity = _FileIdentity(d / NODE_CERT, d / NODE_KEY, d / TRUST, args.trust_domain)
+        identity = FileIdentity(d / NODE_CERT, d / NODE_KEY, d / TRUST, args.trust_domain)
 
     wp = Waypoint(options, identity)
+    local_address = args.address or (
+        args.listen[0] if args.listen[0] not in ("0.0.0.0", "::") else "")
     if args.local_config:
         try:
             wp.set_config(load_local_config(args.local_config, args.gateway,
-                                            address=args.address))
+                                            address=local_address))
         except ConfigError as e:
             print(f"waypoint: {e}", file=sys.stderr)
             return 1
@@ -162,7 +164,7 @@ async def _run(args: argparse.Namespace) -> int:
                     version += 1
                     try:
                         wp.set_config(load_local_config(path, args.gateway,
-                                                        address=args.address,
+                                                        address=local_address,
                                                         version=version))
                     except ConfigError as e:
                         log.error("config reload failed; keeping the last good config",

@@ -198,6 +198,10 @@ class Waypoint:
     async def started(self) -> None:
         await self._started.wait()
 
+    async def configured(self) -> None:
+        """Wait until a configuration has been applied."""
+        await self._config_event.wait()
+
     async def run(self) -> None:
         """Serve until `drain()` / `close()`; every task lives in this TaskGroup."""
         opts = self.options
@@ -655,6 +659,10 @@ def config_from_resources(resources: Iterable[Resource], gateway: tuple[str, str
     idx.load(res, version)
     if address:
         idx.set_waypoint_address(gateway[0], gateway[1], address)
+    elif gateway not in idx.waypoints():
+        # a Gateway without spec.addresses: services still bind to it; where other
+        # proxies reach this waypoint is not known here (it does not matter to it)
+        idx.set_waypoint_address(gateway[0], gateway[1], "0.0.0.0")
     snap = idx.waypoint_snapshot(*gateway)
     if trust_bundle_pem:
         from dataclasses import replace

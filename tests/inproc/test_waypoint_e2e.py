@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,9 +138,9 @@ class Mesh:
 
     def __init__(self, services: dict[str, int], extra: list[dict[str, Any]],
                  appproto: dict[str, str], *, grpc_handlers: dict[str, Any] | None = None,
-                 **options: Any) -> None:
+                 pki: Any = None, **options: Any) -> None:
         self.grpc_handlers = grpc_handlers or {}
-        self.pki = TestPKI()
+        self.pki = pki or TestPKI()  # anything with issue(ns, sa) and bundle
         self.wp_cert = self.pki.issue("app", "wp")
         self.client_cert = self.pki.issue("app", "client")
         self.backends: dict[str, list[Backend]] = {}
@@ -182,7 +182,13 @@ class Mesh:
                                      trust_bundle_pem=self.trust.roots_pem.decode())
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Mesh]:
+    async def running(
+        self,
+        follow: Callable[[Waypoint], Coroutine[Any, Any, None]] | None = None,
+        identity: Callable[[], tuple[Certificate, TrustBundle]] | None = None,
+    ) -> AsyncIterator[Mesh]:
+        """Backends, terminators and the waypoint; config from `follow` (a control
+        plane) when given, else from the manifests."""
         runners: list[web.AppRunner] = []
         hbones: list[HboneServer] = []
         grpc_servers: list[Any] = []
@@ -223,17 +229,25 @@ class Mesh:
                                     metrics_address=("127.0.0.1", 0),
                                     ready_address=("127.0.0.1", 0),
                                     upstream_hbone_port=self.hbone_port, **self.options),
-                    lambda: (self.wp_cert, self.trust), rng=random.Random(7),
+                    identity or (lambda: (self.wp_cert, self.trust)), rng=random.Random(7),
                 )
-                wp.set_config(self.config())
+                follower: asyncio.Task[None] | None = None
+                if follow is None:
+                    wp.set_config(self.config())
+                else:
+                    follower = tg.create_task(follow(wp))
                 self.waypoint = wp
                 tg.create_task(wp.run())
                 await wp.started()
+                async with asyncio.timeout(10):
+                    await wp.configured()
                 for hs in hbones:
                     await hs.started()
                 try:
                     yield self
                 finally:
+                    if follower is not None:
+                        follower.cancel()
                     await self._pool.close()
                     await wp.drain(1.0)
                     for hs in hbones:
