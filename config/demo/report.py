@@ -205,6 +205,19 @@ def latency(results: Iterable[RequestResult]) -> Latency | None:
     return Latency(len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99), ms[-1])
 
 
+def _peer(s: Sample, side: str) -> tuple[str, str]:
+    """(workload, namespace) of one side; a peer no workload matches (a waypoint) is
+    named by its certificate: the service account and namespace of its SPIFFE ID."""
+    wl = s.label(f"{side}_workload", "unknown") or "unknown"
+    ns = s.label(f"{side}_workload_namespace", "unknown") or "unknown"
+    if wl == "unknown":
+        parts = s.label(f"{side}_principal").split("/")
+        # spiffe://TD/ns/NS/sa/SA
+        if len(parts) == 7 and parts[0] == "spiffe:" and parts[3] == "ns" and parts[5] == "sa":
+            wl, ns = parts[6], parts[4]
+    return wl, ns
+
+
 def edges(samples: Iterable[Sample]) -> list[Edge]:
     """Per (source, destination) workload pair: connections, bytes, principals, security.
 
@@ -217,10 +230,7 @@ def edges(samples: Iterable[Sample]) -> list[Edge]:
     for s in samples:
         if s.name not in (TCP_OPENED, TCP_SENT, TCP_RECEIVED):
             continue
-        key = (s.label("source_workload", "unknown"), s.label("source_workload_namespace",
-                                                              "unknown"),
-               s.label("destination_workload", "unknown"),
-               s.label("destination_workload_namespace", "unknown"))
+        key = (*_peer(s, "source"), *_peer(s, "destination"))
         rep = s.label("reporter", "source")
         acc = by_rep.setdefault((key, rep), {"conns": 0.0, "denied": 0.0, "sent": 0.0,
                                               "recv": 0.0, "sp": set(), "dp": set(),
@@ -261,18 +271,15 @@ def _carried(found: Sequence[Edge], src: str, dst_prefix: str) -> int:
     catalog-v1 and catalog-v2 both show as `catalog`.
     """
     live = [e for e in found if e.connections > 0]
-    direct = sum(e.connections for e in live
-                 if e.source.startswith(src) and e.destination.startswith(dst_prefix))
-    if direct:
-        return direct
+    total = sum(e.connections for e in live
+                if e.source.startswith(src) and e.destination.startswith(dst_prefix))
     for hop in live:
         if not hop.source.startswith(src) or hop.destination.startswith(dst_prefix):
             continue
         onward = sum(e.connections for e in live
                      if e.source == hop.destination and e.destination.startswith(dst_prefix))
-        if onward:
-            return min(hop.connections, onward)
-    return 0
+        total += min(hop.connections, onward)
+    return total
 
 
 def l7_requests(samples: Iterable[Sample]) -> dict[tuple[str, str, str], int]:

@@ -267,7 +267,9 @@ class Demo:
         netns = self.sb.workload("waypoint").netns
         self.start("waypoint", netns, [PY, "-m", "waypoint", "--gateway", "shop/waypoint",
                                        "--control-plane", f"{self.sb.fabric_ip}:15012",
-                                       "--token", token])
+                                       "--token", token, "--address", self.ip("waypoint"),
+                                       "--data-dir", str(self.dir / "waypoint"),
+                                       "--drain-timeout", "1"])
         try:
             self.wait_for("the waypoint to be ready", lambda: self.fetch(
                 netns, "http://127.0.0.1:15021/healthz/ready")[0] == 200, 30, ("waypoint",))

@@ -54,9 +54,11 @@ def _good_tcp(via_waypoint: bool = True, mtls: str = "mutual_tls",
              (_rec("catalog-v1", "inventory", dst_sa="inventory", src_sa="catalog"),
               inventory)]
     if via_waypoint:
-        conns += [(_rec("frontend", "waypoint", direction="outbound"), 200),
-                  (_rec("waypoint", "catalog-v1", dst_sa="catalog"), 180),
-                  (_rec("waypoint", "catalog-v2", dst_sa="catalog"), 20)]
+        # As ztunnel reports the waypoint: no workload, known by its certificate only.
+        conns += [(_rec("frontend", "unknown", dst_ns="unknown", dst_sa="waypoint",
+                        direction="outbound"), 200),
+                  (_rec("unknown", "catalog-v1", src_sa="waypoint", dst_sa="catalog"), 180),
+                  (_rec("unknown", "catalog-v2", src_sa="waypoint", dst_sa="catalog"), 20)]
     else:
         conns += [(_rec("frontend", "catalog-v1", dst_sa="catalog"), 200)]
     legacy = _rec("legacy-client", "frontend", src_ns="legacy", security="none")
@@ -141,8 +143,11 @@ def test_edges_carry_both_principals_and_prefer_the_destination_report() -> None
     assert e.destination_principals == (TD + "frontend",)
     assert e.security == ("mutual_tls",)
     assert (e.bytes_sent, e.bytes_received) == (200 * 100, 200 * 300)
-    # The hop to the waypoint was only reported by the source side.
-    assert edges[("frontend", "waypoint")].reporter == "source"
+    # The hop to the waypoint was only reported by the source side; the waypoint is
+    # named after its certificate (shop/waypoint) since no workload has its address.
+    to_wp = edges[("frontend", "waypoint")]
+    assert to_wp.reporter == "source" and to_wp.destination_ns == "shop"
+    assert edges[("waypoint", "catalog-v1")].source_principals == (TD + "waypoint",)
     assert edges[("legacy-client", "frontend")].denied == 40
     assert edges[("legacy-client", "frontend")].connections == 0
 
