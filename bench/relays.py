@@ -53,8 +53,16 @@ def tls_client_context(ca: Path, cert: Path, key: Path) -> tuple[ssl.SSLContext,
     return client_context(certificate, trust, alpn=()), trust
 
 
-class Pipe(asyncio.Protocol):
-    """One side of a relay: forwards what it reads to its partner, with backpressure both ways."""
+READ_BUFFER = 256 * 1024
+
+
+class Pipe(asyncio.BufferedProtocol):
+    """One side of a relay: forwards what it reads to its partner, with backpressure both ways.
+
+    A buffered protocol: the transport reads (and, for TLS, decrypts) straight into this
+    side's buffer, which is handed to the partner's `write` without a copy and reused
+    for the next read unless the partner had to queue it.
+    """
 
     def __init__(
         self, *, can_half_close: bool, on_made: Callable[[Pipe], None] | None = None
@@ -65,6 +73,7 @@ class Pipe(asyncio.Protocol):
         self.can_half_close = can_half_close
         self.pending: list[bytes] = []
         self.eof_pending = False
+        self.buffer = memoryview(bytearray(READ_BUFFER))
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,12 +98,20 @@ class Pipe(asyncio.Protocol):
             if side.eof_pending:
                 side.eof_received()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self.buffer[:nbytes]
         partner = self.partner
         if partner is None or partner.transport is None:
-            self.pending.append(data)
+            self.pending.append(bytes(data))
             return
-        partner.transport.write(data)
+        out = partner.transport
+        out.write(data)
+        if out.get_write_buffer_size():
+            # the partner may still hold a view of this buffer: read into a new one
+            self.buffer = memoryview(bytearray(READ_BUFFER))
 
     def eof_received(self) -> bool:
         partner = self.partner
