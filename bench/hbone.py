@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -51,13 +53,25 @@ def listen_socket(listen: tuple[str, int]) -> socket.socket:
 
 
 async def _connect_upstream(host: str, port: int) -> socket.socket:
+    """Non-blocking connect to an IP literal. (uvloop's `sock_connect` resolves even IP
+    literals with getaddrinfo on its thread pool: about 60 us more per connection.)"""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        await loop.sock_connect(sock, (host, port))
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(sock.fileno())
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
