@@ -448,6 +448,12 @@ def render(s: Summary, m: Measurements) -> list[str]:
             lines.append(f"    {src} -> {dst} {code}: {n}")
     elif not m.waypoint_running:
         lines.append(f"  no waypoint: {m.waypoint_note or 'not running'}")
+    refused = sum(int(n) for name, st in m.app.items() if name.startswith("catalog")
+                  for code, n in dict(st.get("codes", {})).items() if str(code).startswith("5"))
+    if refused:
+        lines.append(f"  catalog answered 5xx {refused} times; the load generator saw "
+                     f"{s.shop_total - s.shop_ok} failed requests"
+                     + (" (the route's retries)" if m.waypoint_running else ""))
     for name, st in sorted(m.app.items()):
         codes = st.get("codes", {})
         if isinstance(codes, dict) and codes:
