@@ -87,7 +87,8 @@ class HboneConnectionPool:
         self._locks: dict[PoolKey, asyncio.Lock] = {}
         self._contexts: dict[tuple[Certificate, TrustBundle], ssl.SSLContext] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        self._failures: dict[PoolKey, tuple[float, HboneError]] = {}
+        # Per key: (failed attempts so far, when the last failed, its error).
+        self._failures: dict[PoolKey, tuple[int, float, HboneError | None]] = {}
         self._closed = False
         self.connections_opened = 0
 
@@ -176,7 +177,7 @@ class HboneConnectionPool:
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
         loop = asyncio.get_running_loop()
-        queued_at = loop.time()
+        failures_seen = self._failures.get(key, (0, 0.0, None))[0]
         async with lock:
             conns = self._conns.setdefault(key, [])
             conns[:] = [c for c in conns if not c.is_closed]
@@ -184,15 +185,15 @@ class HboneConnectionPool:
                 for c in conns:
                     if c.can_open(self.max_streams_per_conn):
                         return c
-            failed = self._failures.get(key)
-            if failed is not None and failed[0] >= queued_at:
+            count, _, error = self._failures.get(key, (0, 0.0, None))
+            if error is not None and count > failures_seen:
                 # The attempt we queued behind just failed: share its verdict instead
                 # of trying again (ten waiters would otherwise wait ten timeouts).
-                raise HboneError(str(failed[1]), status=failed[1].status)
+                raise HboneError(str(error), status=error.status)
             try:
                 conn = await self._connect(key, cert, trust)
             except HboneError as e:
-                self._failures[key] = (loop.time(), e)
+                self._failures[key] = (count + 1, loop.time(), e)
                 self._schedule_sweep()
                 raise
             self._failures.pop(key, None)
@@ -263,7 +264,7 @@ class HboneConnectionPool:
                 lock = self._locks.get(key)
                 if lock is not None and not lock.locked():
                     del self._locks[key]
-        for key, (when, _) in list(self._failures.items()):
+        for key, (_, when, _) in list(self._failures.items()):
             if now - when > 60:
                 del self._failures[key]
         if any_left or self._failures:

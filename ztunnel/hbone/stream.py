@@ -486,11 +486,12 @@ class HboneStream:
             t.write(frame[: 9 + n])
             if t.get_write_buffer_size():  # the transport kept a reference: don't reuse
                 sink.renew_buffer()
+            full = conn.write_paused  # nothing was queued in the core
         else:
-            core.send_data(self.stream_id, frame[9 : 9 + n].tobytes())
+            core.send_data(sid, frame[9 : 9 + n].tobytes())
             conn._flush()
+            full = core.pending(sid) > HIGH_WATER or conn.write_paused
         source = sink.transport
-        full = core.pending(sid) > HIGH_WATER or conn.write_paused
         if full and source is not None and not self._reading_paused:
             self._reading_paused = True
             source.pause_reading()
