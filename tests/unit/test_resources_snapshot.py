@@ -112,7 +112,11 @@ def test_workload_fields_come_from_the_workload_entry() -> None:
     web1 = by_name(snap)["web-1"]
     assert web1.uid == workload_uid("shop", "web-1")
     assert (web1.ip, web1.node, web1.netns, web1.service_account) == (
-        "10.1.0.11", "node-a", "web1", "web")
+        "10.1.0.11",
+        "node-a",
+        "web1",
+        "web",
+    )
     assert web1.identity == "spiffe://cluster.local/ns/shop/sa/web"
     assert web1.locality == zs.Locality(region="eu", zone="eu-a")
     assert web1.canonical_name == "web"
@@ -153,8 +157,11 @@ def test_policy_l7_attributes_are_listed_for_the_waypoint() -> None:
     assert rule.from_[0].principals == ("cluster.local/ns/shop/sa/client",)
     assert rule.to[0].ports == (8080,)
     assert [c.key for c in rule.when] == ["source.ip"]
-    assert rule.l7_fields == ("from.source.requestPrincipals", "to.operation.methods",
-                              "when.request.headers[x-env]")
+    assert rule.l7_fields == (
+        "from.source.requestPrincipals",
+        "to.operation.methods",
+        "when.request.headers[x-env]",
+    )
     assert pol.selector == {"app": "web"}
 
 
@@ -170,37 +177,47 @@ spec:
 
 
 def test_waypoint_binding_namespace_service_workload_and_opt_out() -> None:
-    text = MESH.replace("metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
-                        "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, "
-                        "istio.io/use-waypoint: wp}}") + WAYPOINT
+    text = (
+        MESH.replace(
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, "
+            "istio.io/use-waypoint: wp}}",
+        )
+        + WAYPOINT
+    )
     # the waypoint has no address yet: nothing is bound to it
     snap = compute_snapshot(resources(text), "node-a")
     assert snap.waypoints == ()
     web = snap.service_by_vip("10.96.0.10")
     assert web is not None and web.waypoint is None
-    snap = compute_snapshot(resources(text), "node-a",
-                            waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    snap = compute_snapshot(
+        resources(text), "node-a", waypoint_addresses={("shop", "wp"): "10.1.0.99"}
+    )
     (wp,) = snap.waypoints
     assert wp.identity == "spiffe://cluster.local/ns/shop/sa/wp" and wp.port == 15008
     web = snap.service_by_vip("10.96.0.10")
     assert web is not None and web.waypoint == wp.ref()
     assert by_name(snap)["web-1"].waypoint == wp.ref()  # waypoint-for: all
     # opt-outs on the service and on a workload
-    text2 = text.replace("metadata: {name: web, namespace: shop}",
-                         "metadata: {name: web, namespace: shop, labels: "
-                         "{istio.io/use-waypoint: none}}").replace(
+    text2 = text.replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: none}}",
+    ).replace(
         "  labels: {app: web}\n  serviceAccount: web\n  locality",
-        "  labels: {app: web, istio.io/use-waypoint: none}\n  serviceAccount: web\n  locality")
-    snap = compute_snapshot(resources(text2), "node-a",
-                            waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+        "  labels: {app: web, istio.io/use-waypoint: none}\n  serviceAccount: web\n  locality",
+    )
+    snap = compute_snapshot(
+        resources(text2), "node-a", waypoint_addresses={("shop", "wp"): "10.1.0.99"}
+    )
     web = snap.service_by_vip("10.96.0.10")
     assert web is not None and web.waypoint is None
     assert by_name(snap)["web-1"].waypoint is None
     assert by_name(snap)["web-2"].waypoint is not None
     # a waypoint for services only does not capture workload-addressed traffic
     text3 = text.replace("istio.io/waypoint-for: all", "istio.io/waypoint-for: service")
-    snap = compute_snapshot(resources(text3), "node-a",
-                            waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    snap = compute_snapshot(
+        resources(text3), "node-a", waypoint_addresses={("shop", "wp"): "10.1.0.99"}
+    )
     assert by_name(snap)["web-1"].waypoint is None
     web = snap.service_by_vip("10.96.0.10")
     assert web is not None and web.waypoint is not None
@@ -212,25 +229,34 @@ def test_incremental_updates_match_a_full_compute() -> None:
     idx.set_waypoint_address("shop", "wp", "10.1.0.99")
     idx.load(res, 10)
     first = idx.node_snapshot("node-a")
-    assert first == compute_snapshot(res, "node-a", version=10,
-                                     waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    assert first == compute_snapshot(
+        res, "node-a", version=10, waypoint_addresses={("shop", "wp"): "10.1.0.99"}
+    )
     # move web-2 to node-a, relabel the namespace, delete the db service
     changed = yaml.safe_load(
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
         "metadata: {name: web-2, namespace: shop, annotations: {ambit.dev/node: node-a}}\n"
-        "spec: {address: 10.1.0.12, labels: {app: web}, serviceAccount: web}\n")
-    ns = yaml.safe_load("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: "
-                        "{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}\n")
-    after = [r for r in res if not (r.kind == "Service" and r.meta.name == "db")
-             and r.key not in (parse_resource(changed).key, parse_resource(ns).key)]
+        "spec: {address: 10.1.0.12, labels: {app: web}, serviceAccount: web}\n"
+    )
+    ns = yaml.safe_load(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: "
+        "{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}\n"
+    )
+    after = [
+        r
+        for r in res
+        if not (r.kind == "Service" and r.meta.name == "db")
+        and r.key not in (parse_resource(changed).key, parse_resource(ns).key)
+    ]
     after += [parse_resource(changed), parse_resource(ns)]
     idx.apply(parse_resource(changed).key, parse_resource(changed), 11)
     idx.apply(parse_resource(ns).key, parse_resource(ns), 12)
     db_key = next(r.key for r in res if r.kind == "Service" and r.meta.name == "db")
     idx.apply(db_key, None, 13)
     snap = idx.node_snapshot("node-a")
-    assert snap == compute_snapshot(after, "node-a", version=13,
-                                    waypoint_addresses={("shop", "wp"): "10.1.0.99"})
+    assert snap == compute_snapshot(
+        after, "node-a", version=13, waypoint_addresses={("shop", "wp"): "10.1.0.99"}
+    )
     assert {w.name for w in snap.local_workloads} == {"web-1", "web-2"}
     assert snap.service_by_vip("10.96.0.20") is None
     web = snap.service_by_vip("10.96.0.10")
@@ -238,9 +264,13 @@ def test_incremental_updates_match_a_full_compute() -> None:
 
 
 def test_snapshot_round_trips_through_json() -> None:
-    snap = compute_snapshot(resources(MESH + WAYPOINT), "node-b", version=3,
-                            waypoint_addresses={("shop", "wp"): "10.1.0.99"},
-                            trust_bundle_pem="-----BEGIN CERTIFICATE-----\n")
+    snap = compute_snapshot(
+        resources(MESH + WAYPOINT),
+        "node-b",
+        version=3,
+        waypoint_addresses={("shop", "wp"): "10.1.0.99"},
+        trust_bundle_pem="-----BEGIN CERTIFICATE-----\n",
+    )
     assert zs.Snapshot.from_json(snap.to_json()) == snap
 
 
@@ -250,9 +280,16 @@ def test_deltas_turn_one_snapshot_into_the_next() -> None:
 
     before = _sorted_dict(compute_snapshot(resources(), "node-a", version=1))
     changed = MESH.replace("address: 10.1.0.12", "address: 10.1.0.14").replace(
-        "spec: {action: DENY, rules: [{}]}", "spec: {action: ALLOW}")
-    after = _sorted_dict(compute_snapshot(resources(changed + WAYPOINT), "node-b", version=2,
-                                          waypoint_addresses={("shop", "wp"): "10.1.0.99"}))
+        "spec: {action: DENY, rules: [{}]}", "spec: {action: ALLOW}"
+    )
+    after = _sorted_dict(
+        compute_snapshot(
+            resources(changed + WAYPOINT),
+            "node-b",
+            version=2,
+            waypoint_addresses={("shop", "wp"): "10.1.0.99"},
+        )
+    )
     delta = make_delta(before, after)
     assert delta["set"] == {"version": 2, "node": "node-b"}
     assert [w["name"] for w in delta["upsert"]["workloads"]] == ["cron-1", "web-2"]
@@ -292,18 +329,24 @@ def test_node_views_deltas_track_full_snapshots_through_random_changes() -> None
         app = rng.choice(["web", "db", "other"])
         choice = rng.randrange(4)
         if choice == 0:
-            text = (f"apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
-                    f"metadata: {{name: w{i}, namespace: {ns}, annotations: "
-                    f"{{ambit.dev/node: {node}}}}}\n"
-                    f"spec: {{address: 10.5.{i}.{1 if ns == 'shop' else 2}, "
-                    f"labels: {{app: {app}}}}}\n")
+            text = (
+                f"apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+                f"metadata: {{name: w{i}, namespace: {ns}, annotations: "
+                f"{{ambit.dev/node: {node}}}}}\n"
+                f"spec: {{address: 10.5.{i}.{1 if ns == 'shop' else 2}, "
+                f"labels: {{app: {app}}}}}\n"
+            )
         elif choice == 1:
-            text = (f"apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: {ns}}}\n"
-                    f"spec: {{clusterIP: 10.97.{i}.{1 if ns == 'shop' else 2}, "
-                    f"selector: {{app: {app}}}, ports: [{{port: 80}}]}}\n")
+            text = (
+                f"apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: {ns}}}\n"
+                f"spec: {{clusterIP: 10.97.{i}.{1 if ns == 'shop' else 2}, "
+                f"selector: {{app: {app}}}, ports: [{{port: 80}}]}}\n"
+            )
         elif choice == 2:
-            text = (f"apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
-                    f"metadata: {{name: p{i}, namespace: {ns}}}\nspec: {{action: DENY}}\n")
+            text = (
+                f"apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+                f"metadata: {{name: p{i}, namespace: {ns}}}\nspec: {{action: DENY}}\n"
+            )
         else:
             text = ""
         if text:
