@@ -39,7 +39,7 @@ DEFAULT_ROOT = "/run/ambit-demo"
 PY = sys.executable
 # Placement: the client side on n1 (with the waypoint), the servers on n2.
 NODES: tuple[tuple[str, ...], ...] = (
-    ("loadgen", "frontend", "legacy-client", "waypoint"),
+    ("loadgen", "frontend", "client", "waypoint"),
     ("catalog-v1", "catalog-v2", "inventory"),
 )
 SHOP = ("loadgen", "frontend", "catalog-v1", "catalog-v2", "inventory")
@@ -355,12 +355,12 @@ class Demo:
                         [PY, "-m", "config.demo.app", "loadgen", "--target",
                          f"{VIPS['frontend']}:80", "--rate", str(self.opts.rate), "--duration",
                          str(d), "--out", str(self.dir / "loadgen.jsonl")])
-        legacy = self.start("legacy-client", self.sb.workload("legacy-client").netns,
+        legacy = self.start("legacy-loadgen", self.sb.workload("client").netns,
                             [PY, "-m", "config.demo.app", "loadgen", "--target",
                              f"{self.ip('frontend')}:{APP_PORT}", "--target",
                              f"{self.ip('catalog-v1')}:{APP_PORT}", "--rate", str(LEGACY_RATE),
                              "--duration", str(d), "--timeout", "2", "--out",
-                             str(self.dir / "legacy-client.jsonl")])
+                             str(self.dir / "legacy-loadgen.jsonl")])
         t0 = time.monotonic()
         last_scrape = 0.0
         tcp: list[report.Sample] = []
@@ -372,7 +372,7 @@ class Demo:
                     last_scrape = now
                 view.update(LiveState(
                     elapsed=now - t0, duration=d, shop=self.results("loadgen"),
-                    legacy=self.results("legacy-client"), edges=report.edges(tcp),
+                    legacy=self.results("legacy-loadgen"), edges=report.edges(tcp),
                     waypoint=self.waypoint_note if self.opts.waypoint else "off (--no-waypoint)"))
                 if lg.poll() is not None and legacy.poll() is not None:
                     break
@@ -384,7 +384,7 @@ class Demo:
         tcp, l7 = self.scrape()
         return report.Measurements(
             duration_s=d, shop=tuple(self.results("loadgen")),
-            legacy=tuple(self.results("legacy-client")), legacy_ip=self.ip("legacy-client"),
+            legacy=tuple(self.results("legacy-loadgen")), legacy_ip=self.ip("client"),
             tcp=tuple(tcp), denials=tuple(self.denials()),
             waypoint_running=self.waypoint_running, waypoint_note=self.waypoint_note,
             l7=tuple(l7), app=self.app_stats())
@@ -410,7 +410,7 @@ class Demo:
     def explore_text(self) -> str:
         n1, n2 = self.sb.nodes[0].netns, self.sb.nodes[1].netns
         lg = self.sb.workload("loadgen").netns
-        legacy = self.sb.workload("legacy-client").netns
+        legacy = self.sb.workload("client").netns
         pids = " ".join(str(p.pid) for p in self.procs.values() if p.poll() is None)
         ambit = "ambit" if shutil.which("ambit") else f"{PY} -m config"
         return "\n".join([

@@ -85,25 +85,34 @@ class View:
         v1, v2 = c.get("v1", 0), c.get("v2", 0)
         shown = min(s.elapsed, s.duration)
         top = Table.grid(padding=(0, 2))
-        top.add_row("progress", ProgressBar(total=max(s.duration, 1e-9), completed=shown,
-                                            width=30), "elapsed", f"{shown:.0f}/{s.duration:.0f} s")
-        top.add_row("shop requests", f"{c.get('ok', 0)} answered / {c.get('total', 0)}",
-                    "failed", str(c.get("http_error", 0) + c.get("no_answer", 0)))
+        top.add_column(no_wrap=True)
+        top.add_column(overflow="ellipsis", no_wrap=True)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=max(s.duration, 1e-9), completed=shown, width=30),
+                    f"{shown:.0f}/{s.duration:.0f} s")
+        top.add_row("progress", bar)
+        top.add_row("shop requests", f"{c.get('ok', 0)} answered of {c.get('total', 0)}, "
+                    f"{c.get('http_error', 0) + c.get('no_answer', 0)} failed")
         top.add_row("catalog split", f"v1 {v1}  v2 {v2}"
-                    + (f"  ({v1 / (v1 + v2):.1%} v1)" if v1 + v2 else ""),
-                    "latency", f"p50 {la.p50:.1f} ms  p99 {la.p99:.1f} ms" if la else "-")
-        top.add_row("legacy", f"{lc.get('total', 0)} attempts",
-                    "answered", str(lc.get("ok", 0) + lc.get("http_error", 0)))
-        top.add_row("waypoint", s.waypoint or "-", "", "")
+                    + (f"  ({v1 / (v1 + v2):.1%} v1)" if v1 + v2 else ""))
+        top.add_row("latency", f"p50 {la.p50:.1f} ms  p99 {la.p99:.1f} ms" if la else "-")
+        top.add_row("legacy", f"{lc.get('total', 0)} attempts, "
+                    f"{lc.get('ok', 0) + lc.get('http_error', 0)} answered")
+        top.add_row("waypoint", s.waypoint or "-")
         edges = Table(title="connections seen by the ztunnels", expand=False)
-        for col in ("source", "destination", "conns", "denied", "security", "source identity"):
-            edges.add_column(col, justify="right" if col in ("conns", "denied") else "left")
+        for col in ("from", "to", "conns", "denied", "security", "from identity"):
+            edges.add_column(col, justify="right" if col in ("conns", "denied") else "left",
+                             no_wrap=True)
+
+        def name(wl: str, ns: str) -> str:
+            return wl if ns == "shop" else f"{ns}/{wl}"
+
         for e in s.edges:
             sec = "/".join(e.security) or "-"
-            edges.add_row(f"{e.source_ns}/{e.source}", f"{e.destination_ns}/{e.destination}",
+            edges.add_row(name(e.source, e.source_ns), name(e.destination, e.destination_ns),
                           str(e.connections), str(e.denied),
                           f"[green]{sec}[/green]" if sec == report.MUTUAL_TLS else
                           f"[red]{sec}[/red]",
-                          ", ".join(p.split("/", 3)[-1] for p in e.source_principals)
+                          ", ".join(p.split("/", 5)[-1] for p in e.source_principals)
                           or "-")
         return Panel(Group(top, edges), title="ambit demo: what the mesh is doing")

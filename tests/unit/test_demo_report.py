@@ -61,7 +61,7 @@ def _good_tcp(via_waypoint: bool = True, mtls: str = "mutual_tls",
                   (_rec("unknown", "catalog-v2", src_sa="waypoint", dst_sa="catalog"), 20)]
     else:
         conns += [(_rec("frontend", "catalog-v1", dst_sa="catalog"), 200)]
-    legacy = _rec("legacy-client", "frontend", src_ns="legacy", security="none")
+    legacy = _rec("client", "frontend", src_ns="legacy", security="none")
     return _metrics(*conns, denied=(legacy, 40))
 
 
@@ -148,8 +148,8 @@ def test_edges_carry_both_principals_and_prefer_the_destination_report() -> None
     to_wp = edges[("frontend", "waypoint")]
     assert to_wp.reporter == "source" and to_wp.destination_ns == "shop"
     assert edges[("waypoint", "catalog-v1")].source_principals == (TD + "waypoint",)
-    assert edges[("legacy-client", "frontend")].denied == 40
-    assert edges[("legacy-client", "frontend")].connections == 0
+    assert edges[("client", "frontend")].denied == 40
+    assert edges[("client", "frontend")].connections == 0
 
 
 def test_an_answered_legacy_request_is_a_contradiction(access_log: io.StringIO) -> None:
@@ -265,8 +265,8 @@ def test_live_panel_renders_the_edges() -> None:
         waypoint="running")))
     text = buf.getvalue()
     assert "8/8 s" in text
-    assert "ns/shop/sa/loadgen" in text
-    assert "legacy/legacy-client" in text
+    assert "sa/loadgen" in text
+    assert "legacy/client" in text
 
 
 def test_waypoint_requests_are_grouped_by_backend_service(access_log: io.StringIO) -> None:
