@@ -294,6 +294,27 @@ class Demo:
         except ClientError as e:
             raise DemoError(f"labelling namespace shop with its waypoint failed: {e}") from None
 
+    def wait_synced(self, timeout: float = 10.0) -> bool:
+        """Wait until every connected proxy acknowledged the latest configuration."""
+        from config.api import ClientError
+
+        def synced() -> bool:
+            try:
+                st = self.ambit().status()
+            except ClientError:
+                return False
+            proxies = st.get("proxies") or []
+            want = len(self.sb.nodes) + (1 if self.waypoint_running else 0)
+            return len(proxies) >= want and all(
+                p.get("state") == "synced" and p.get("version") == st.get("version")
+                for p in proxies)
+
+        try:
+            self.wait_for("the proxies to apply the latest configuration", synced, timeout)
+        except DemoError:
+            return False
+        return True
+
     def warm_up(self) -> None:
         url = f"http://{VIPS['frontend']}/items/warm-up"
         last: list[tuple[int, str]] = [(0, "")]
@@ -491,7 +512,9 @@ def run(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                 demo.say("  waypoint for shop ...")
                 demo.start_waypoint()
                 demo.say(f"  waypoint: {demo.waypoint_note}")
-            demo.write_state()
+            if not demo.wait_synced():
+                demo.say("  (the proxies did not all report the latest configuration yet; "
+                         "see `ambit status`)")
             demo.warm_up()
             demo.say(f"  driving traffic for {opts.duration:g} s")
             m = demo.drive(view)
