@@ -70,7 +70,7 @@ class Settings:
     load_seconds: int = 10
     conns: int = 16  # keep-alive connections carrying the fixed-rate load
     size: int = 1024  # request and response body bytes
-    repeat: int = 3
+    repeat: int = 5
 
 
 @dataclass(frozen=True)
@@ -594,10 +594,12 @@ def render_markdown(results: Results, command: str, plot_name: str | None) -> st
         f"requests/s for {s.load_seconds} s over {s.conns} keep-alive connections "
         "(open loop; latency from send to the last response byte). CPU is utime+stime of "
         "the two ztunnel processes from /proc/PID/stat. Each mesh run is checked to have "
-        "passed through the destination ztunnel (its received-byte counter) and each "
+        "passed through the destination ztunnel (its byte counters grew) and each "
         "direct run not to.",
         "",
-        f"Medians of {s.repeat} repeats.",
+        f"Medians of {s.repeat} repeat{'s' if s.repeat != 1 else ''} (the plot's whiskers "
+        "span the lowest to the highest). In the direct rows the ztunnels are running but "
+        "idle: their CPU and RSS there are the baseline cost of a ztunnel on a node.",
         "",
         "| figure | direct | mesh | mesh/direct |",
         "|---|---|---|---|",
@@ -646,18 +648,31 @@ def plot(results: Results, path: Path) -> None:
          ("req_p50_ms", "p50"), ("req_p99_ms", "p99")),
     )
     paths = [p for p in PATHS if p in results.summaries]
+
+    def spread(key: str) -> list[list[float]]:
+        """Whiskers from the lowest to the highest sample around each median."""
+        lo, hi = [], []
+        for p in paths:
+            vals = [float(getattr(x, key)) for x in results.samples if x.path == p]
+            med = results.summaries[p].figures[key]
+            lo.append(max(med - min(vals), 0.0))
+            hi.append(max(max(vals) - med, 0.0))
+        return [lo, hi]
+
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     w = 0.38
     for ax, (title, *series) in zip(axes[:3], charts, strict=True):
         for offset, (key, label) in zip((-w / 2, w / 2), series, strict=True):
             ax.bar([x + offset for x in range(len(paths))],
-                   [results.summaries[p].figures[key] for p in paths], w, label=label)
+                   [results.summaries[p].figures[key] for p in paths], w, label=label,
+                   yerr=spread(key), capsize=3)
         ax.set_title(title)
         ax.set_xticks(range(len(paths)), paths)
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
     ax = axes[3]
-    ax.bar(range(len(paths)), [results.summaries[p].figures["zt_cpu_per_krps"] for p in paths])
+    ax.bar(range(len(paths)), [results.summaries[p].figures["zt_cpu_per_krps"] for p in paths],
+           yerr=spread("zt_cpu_per_krps"), capsize=3)
     ax.set_xticks(range(len(paths)), paths)
     ax.set_title("ztunnel CPUs per 1000 req/s")
     ax.grid(axis="y", alpha=0.3)
@@ -704,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-seconds", type=int, help="fixed-rate duration (default 10, quick 1)")
     p.add_argument("--conns", type=int, help="keep-alive connections for the load "
                    "(default 16, quick 4)")
-    p.add_argument("--repeat", type=int, help="repeats, medians reported (default 3, quick 1)")
+    p.add_argument("--repeat", type=int, help="repeats, medians reported (default 5, quick 1)")
     p.add_argument("--out", type=Path, default=HERE,
                    help="directory for RESULTS-mesh.md, results-mesh.json and mesh.png "
                    "(default: bench/)")
@@ -721,7 +736,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         seconds=pick(args.seconds, 5, 1), rtt_count=pick(args.rtt_count, 10_000, 300),
         rate=pick(args.rate, 1000, 200), load_seconds=pick(args.load_seconds, 10, 1),
-        conns=pick(args.conns, 16, 4), repeat=pick(args.repeat, 3, 1),
+        conns=pick(args.conns, 16, 4), repeat=pick(args.repeat, 5, 1),
     )
 
 

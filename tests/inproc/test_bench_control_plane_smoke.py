@@ -26,7 +26,8 @@ def test_control_plane_bench_reports_every_figure(tmp_path: Path) -> None:
                 "server_start_s", "initial_sync_s", "change_all_streams_median_ms",
                 "change_all_streams_p90_ms", "change_all_streams_max_ms",
                 "change_median_stream_ms", "change_commit_median_ms", "model_mib",
-                "rss_after_sync_mib", "rss_peak_mib"}
+                "rss_after_sync_mib", "rss_trimmed_mib", "rss_started_mib",
+                "rss_peak_mib"}
     assert set(summary) == expected
     for key, value in summary.items():
         assert math.isfinite(value) and value > 0, (key, value)
