@@ -242,3 +242,27 @@ async def test_waiters_share_a_failed_connect_instead_of_queueing_timeouts() -> 
             await pool.open_stream(**kw(env, 80))
         assert calls == 2
         await pool.close()
+
+
+async def test_many_short_streams_leave_nothing_behind() -> None:
+    async with echo_server() as port, hbone_env() as env:
+        pool = HboneConnectionPool()
+
+        async def one(i: int) -> bytes:
+            s = await pool.open_stream(**kw(env, port))
+            return await echo_once(s, b"%d" % i)
+
+        for batch in range(4):
+            got = await asyncio.gather(*(one(batch * 50 + i) for i in range(50)))
+            assert got == [b"%d" % (batch * 50 + i) for i in range(50)]
+        (conn,) = pool.connections()
+        assert not conn.streams and conn.core.open_streams == 0
+        assert not conn._paused_sources
+        for server_conn in env.server.connections:
+            for _ in range(100):  # the server side finishes its splices right after
+                if not server_conn.streams:
+                    break
+                await asyncio.sleep(0.01)
+            assert not server_conn.streams and server_conn.core.open_streams == 0
+        assert pool.connections_opened == 1
+        await pool.close()
