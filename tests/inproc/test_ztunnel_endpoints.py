@@ -197,3 +197,88 @@ def test_dev_example_config_loads(tmp_path: Path) -> None:
     doc["local_ca"] = {"cert": "ca.pem", "key": "ca-key.pem", "generate": True}
     parsed = parse_local_document(doc, str(tmp_path))
     assert {w.name for w in parsed.snapshot.local_workloads} == {"client", "web"}
+
+
+async def _curl(*args: str, uid: int | None = None) -> tuple[int, str]:
+    """Run curl (as `uid` via setpriv when given); returns (HTTP status, body)."""
+    cmd = ["curl", "-s", "-m", "5", "-w", "\n%{http_code}", *args]
+    if uid is not None:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    body, _, status = out.decode().rpartition("\n")
+    assert status.isdigit(), (out, err)
+    return int(status), body
+
+
+async def test_admin_changes_need_root_reads_do_not() -> None:
+    from tests.conftest import require_root_and_tools
+
+    require_root_and_tools("curl", "setpriv")
+    quit_called = asyncio.Event()
+    admin = AdminListener(lambda: {"node": "n1"}, list, quit_called.set, host="127.0.0.1",
+                          port=0)
+    async with serving(admin) as lst:
+        base = f"http://127.0.0.1:{lst.address[1]}"
+        # nobody (uid 65534) may read, but neither stop the proxy nor change the log level
+        assert (await _curl(f"{base}/config_dump", uid=65534))[0] == 200
+        status, body = await _curl("-X", "POST", f"{base}/quitquitquit", uid=65534)
+        assert status == 403 and "uid 65534" in body and "root" in body, body
+        assert not quit_called.is_set()
+        status, _ = await _curl("-X", "POST", f"{base}/logging?level=debug", uid=65534)
+        assert status == 403 and admin.level == "info"
+        # root may
+        status, _ = await _curl("-X", "POST", f"{base}/logging?level=debug")
+        assert status == 200 and admin.level == "debug"
+        status, _ = await _curl("-X", "POST", f"{base}/quitquitquit")
+        assert status == 200 and quit_called.is_set()
+    from ztunnel import log
+
+    log.configure("info")
+
+
+async def test_admin_refuses_changes_over_ipv6_loopback_for_non_root() -> None:
+    from tests.conftest import require_root_and_tools
+
+    require_root_and_tools("curl", "setpriv")
+    quit_called = asyncio.Event()
+    admin = AdminListener(dict, list, quit_called.set, host="::1", port=0)
+    async with serving(admin) as lst:
+        url = f"http://[::1]:{lst.address[1]}/quitquitquit"
+        assert (await _curl("-X", "POST", url, uid=65534))[0] == 403
+        assert not quit_called.is_set()
+        assert (await _curl("-X", "POST", url))[0] == 200
+        assert quit_called.is_set()
+
+
+async def _raw(addr: tuple[str, int], data: bytes) -> bytes:
+    r, w = await asyncio.open_connection(*addr)
+    w.write(data)
+    out = await asyncio.wait_for(r.read(), 5)
+    w.close()
+    return out
+
+
+async def test_bad_content_length_is_a_400_and_the_server_keeps_serving() -> None:
+    readiness = Readiness()
+    async with serving(ReadyListener(readiness, host="127.0.0.1", port=0)) as lst:
+        for bad in (b"-5", b"abc", b"1e3", b"+3", b"99999999999999999999999"):
+            out = await _raw(lst.address, b"POST /healthz/ready HTTP/1.1\r\nContent-Length: "
+                             + bad + b"\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 400 "), (bad, out)
+        status, _ = await http(lst.address, "GET", "/healthz/ready")
+        assert status == 200
+
+
+async def test_idle_http_connections_are_closed() -> None:
+    lst = ReadyListener(Readiness(), host="127.0.0.1", port=0)
+    lst.idle_timeout = 0.3
+    async with serving(lst):
+        loop = asyncio.get_running_loop()
+        # a client that never sends a request, and one that stops mid-body
+        for data in (b"", b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"):
+            start = loop.time()
+            out = await _raw(lst.address, data)
+            assert loop.time() - start < 3, "an idle connection was kept open"
+            assert out == b"" or out.startswith(b"HTTP/1.1 408 "), out
