@@ -127,12 +127,14 @@ class Demo:
         return self.dir / f"{name}.log"
 
     def start(self, name: str, netns: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.log(name), "ab") as log:
+        # A Ctrl-C between the fork and the sandbox recording the pid would leak the
+        # process: hold stop signals until it is recorded.
+        with _INTERRUPTS.deferred(), open(self.log(name), "ab") as log:
             proc = self.sb.popen(netns, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  env=self.env)
-        self.procs[name] = proc
-        self.argv[name] = argv
-        self.write_state()  # so `--teardown` finds every pid even if this process dies
+            self.procs[name] = proc
+            self.argv[name] = argv
+            self.write_state()  # so `--teardown` finds every pid even if this process dies
         return proc
 
     def tail(self, name: str, n: int = 6) -> str:
@@ -450,15 +452,51 @@ class Demo:
         ])
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _Interrupts:
+    """Turns stop signals into KeyboardInterrupt, except inside `deferred()` sections
+    (starting a process and recording its pid), where it waits for the section's end."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise KeyboardInterrupt(f"signal {signum}")
+
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Stop signals are ignored here (teardown: a second Ctrl-C must not cut it short)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self.pending = None
+
+
+_INTERRUPTS = _Interrupts()
 
 
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
     """SIGINT (also when inherited as ignored), SIGTERM and SIGHUP stop the demo and tear
     it down."""
-    old = {s: signal.signal(s, _raise_interrupt)
+    old = {s: signal.signal(s, _INTERRUPTS.handler)
            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
@@ -538,7 +576,8 @@ def run(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             return 130
         finally:
             if not keep:
-                demo.close()
+                with _INTERRUPTS.shielded():
+                    demo.close()
 
 
 def _alive_as(pid: int, argv: list[str]) -> bool:
