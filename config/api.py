@@ -85,8 +85,7 @@ class ApiServer:
             os.unlink(path)
         old = os.umask(0o177)
         try:
-            server = await asyncio.start_unix_server(self._serve_unix, path=path,
-                                                     limit=MAX_HEADER)
+            server = await asyncio.start_unix_server(self._serve_unix, path=path, limit=MAX_HEADER)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -94,11 +93,9 @@ class ApiServer:
 
     async def start_tls(self, host: str, port: int, ctx: ssl.SSLContext) -> asyncio.Server:
         """Listen on TLS; every request must present an admin client certificate."""
-        return await asyncio.start_server(self._serve_tls, host, port, ssl=ctx,
-                                          limit=MAX_HEADER)
+        return await asyncio.start_server(self._serve_tls, host, port, ssl=ctx, limit=MAX_HEADER)
 
-    async def _serve_unix(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+    async def _serve_unix(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         uid = -1
         if sock is not None:
@@ -107,8 +104,7 @@ class ApiServer:
         admin = uid in (0, os.geteuid())
         await self._serve(reader, writer, Caller("unix", f"uid={uid}", admin))
 
-    async def _serve_tls(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         der = None
         ssl_obj = writer.get_extra_info("ssl_object")
         if ssl_obj is not None:
@@ -125,17 +121,20 @@ class ApiServer:
         admin = ident == admin_uri(self.trust_domain)
         await self._serve(reader, writer, Caller("tls", ident or "anonymous", admin))
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     caller: Caller) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, caller: Caller
+    ) -> None:
         try:
             status, payload = await self._one_request(reader, caller)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             writer.close()
             return
         body = json.dumps(payload, sort_keys=True).encode()
-        head = (f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n").encode()
+        head = (
+            f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
         try:
             writer.write(head + body)
             await writer.drain()
@@ -146,8 +145,7 @@ class ApiServer:
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
 
-    async def _one_request(self, reader: asyncio.StreamReader,
-                           caller: Caller) -> tuple[int, Any]:
+    async def _one_request(self, reader: asyncio.StreamReader, caller: Caller) -> tuple[int, Any]:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
@@ -174,27 +172,37 @@ class ApiServer:
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
             if not caller.admin:
-                raise ApiError(403, f"{caller.identity} is not an admin credential: the API "
-                               "needs the admin certificate (admin.pem in the control "
-                               "plane's data dir) or root on the local socket")
+                raise ApiError(
+                    403,
+                    f"{caller.identity} is not an admin credential: the API "
+                    "needs the admin certificate (admin.pem in the control "
+                    "plane's data dir) or root on the local socket",
+                )
             result = await self.dispatch(method, url.path, query, data)
-            log.info("api request", method=method, path=url.path, caller=caller.identity,
-                     status=200)
+            log.info(
+                "api request", method=method, path=url.path, caller=caller.identity, status=200
+            )
             return 200, result
         except Exception as e:  # a bug must not take the connection down silently
             if not isinstance(e, ApiError):
                 log.exception("api request failed", method=method, path=url.path)
-                e = ApiError(500, f"internal error: {type(e).__name__}: {e} (see the control "
-                             "plane's log)")
-            log.info("api request", method=method, path=url.path, caller=caller.identity,
-                     status=e.status, error=e.message)
+                e = ApiError(
+                    500, f"internal error: {type(e).__name__}: {e} (see the control plane's log)"
+                )
+            log.info(
+                "api request",
+                method=method,
+                path=url.path,
+                caller=caller.identity,
+                status=e.status,
+                error=e.message,
+            )
             out: dict[str, Any] = {"error": e.message}
             if e.details is not None:
                 out["details"] = e.details
             return e.status, out
 
-    async def dispatch(self, method: str, path: str, query: Mapping[str, str],
-                       data: Any) -> Any:
+    async def dispatch(self, method: str, path: str, query: Mapping[str, str], data: Any) -> Any:
         """Run one API call; raise ApiError for an error answer."""
         route = (method, path)
         try:
@@ -212,8 +220,10 @@ class ApiServer:
                 return self._token(data)
             if route == ("GET", "/v1/changes"):
                 since = int(query.get("since", "0"))
-                return {"version": self.store.version,
-                        "changes": [c.to_json() for c in self.store.changes_since(since)]}
+                return {
+                    "version": self.store.version,
+                    "changes": [c.to_json() for c in self.store.changes_since(since)],
+                }
         except ValidationFailed as e:
             n = len(e.problems)
             first = str(e.problems[0]) if n else "invalid request"
@@ -238,7 +248,7 @@ class ApiServer:
 
     async def _apply(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("documents"), list):
-            raise ApiError(400, "bad request: expected {\"documents\": [...]}")
+            raise ApiError(400, 'bad request: expected {"documents": [...]}')
         docs = [Document.from_json(d) for d in data["documents"]]
         dry = bool(data.get("dryRun", False))
         async with self._write_lock:
@@ -263,7 +273,7 @@ class ApiServer:
 
     async def _delete(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("resources"), list):
-            raise ApiError(400, "bad request: expected {\"resources\": [...]}")
+            raise ApiError(400, 'bad request: expected {"resources": [...]}')
         keys = []
         for r in data["resources"]:
             info = resolve_kind(str(r["kind"]))
@@ -333,8 +343,14 @@ class TlsCredentials:
 class ApiClient:
     """Blocking client used by the CLI: `--socket PATH` or `--server HOST:PORT` (+ admin cert)."""
 
-    def __init__(self, *, socket_path: str = DEFAULT_SOCKET, server: str = "",
-                 creds: TlsCredentials | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        socket_path: str = DEFAULT_SOCKET,
+        server: str = "",
+        creds: TlsCredentials | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self.socket_path = socket_path
         self.server = server
         self.creds = creds
@@ -350,9 +366,11 @@ class ApiClient:
         if not host or not port.isdigit():
             raise ClientError(f"bad --server {self.server!r}: expected HOST:PORT")
         if self.creds is None:
-            raise ClientError("--server needs the admin credential: pass --cert, --key and "
-                              "--cacert (admin.pem, admin-key.pem, api-ca.pem from the control "
-                              "plane's data dir)")
+            raise ClientError(
+                "--server needs the admin credential: pass --cert, --key and "
+                "--cacert (admin.pem, admin-key.pem, api-ca.pem from the control "
+                "plane's data dir)"
+            )
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         ctx.check_hostname = False
         try:
@@ -360,55 +378,67 @@ class ApiClient:
             ctx.load_cert_chain(self.creds.cert, self.creds.key)
         except (OSError, ssl.SSLError) as e:
             raise ClientError(f"cannot load the admin credential: {e}") from None
-        return http.client.HTTPSConnection(host.strip("[]"), int(port), context=ctx,
-                                           timeout=self.timeout)
+        return http.client.HTTPSConnection(
+            host.strip("[]"), int(port), context=ctx, timeout=self.timeout
+        )
 
-    def call(self, method: str, path: str, body: Any = None,
-             query: Mapping[str, str] | None = None) -> Any:
+    def call(
+        self, method: str, path: str, body: Any = None, query: Mapping[str, str] | None = None
+    ) -> Any:
         conn = self._connection()
         target = path + ("?" + urlencode(query) if query else "")
         payload = json.dumps(body).encode() if body is not None else b""
         try:
-            conn.request(method, target, body=payload,
-                         headers={"Content-Type": "application/json"})
+            conn.request(method, target, body=payload, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             raw = resp.read()
         except (FileNotFoundError, ConnectionRefusedError):
-            raise ClientError(f"cannot reach the control plane at {self.where()}: is `ambit "
-                              "control-plane` running?") from None
+            raise ClientError(
+                f"cannot reach the control plane at {self.where()}: is `ambit "
+                "control-plane` running?"
+            ) from None
         except PermissionError:
-            raise ClientError(f"permission denied on {self.where()}: the local socket is "
-                              "root-only (run as root)") from None
+            raise ClientError(
+                f"permission denied on {self.where()}: the local socket is root-only (run as root)"
+            ) from None
         except (ssl.SSLError, http.client.RemoteDisconnected, ConnectionResetError) as e:
             if not self.server:
-                raise ClientError(f"the control plane at {self.where()} closed the "
-                                  "connection: see its log") from None
+                raise ClientError(
+                    f"the control plane at {self.where()} closed the connection: see its log"
+                ) from None
             reason = getattr(e, "reason", None) or str(e) or type(e).__name__
-            raise ClientError(f"TLS with the control plane at {self.where()} failed "
-                              f"({reason}): is --cert/--key the admin credential of that "
-                              "control plane (admin.pem in its data dir)?") from None
+            raise ClientError(
+                f"TLS with the control plane at {self.where()} failed "
+                f"({reason}): is --cert/--key the admin credential of that "
+                "control plane (admin.pem in its data dir)?"
+            ) from None
         except TimeoutError:
-            raise ClientError(f"the control plane at {self.where()} did not answer within "
-                              f"{self.timeout:g}s") from None
+            raise ClientError(
+                f"the control plane at {self.where()} did not answer within {self.timeout:g}s"
+            ) from None
         except OSError as e:
-            raise ClientError(f"cannot reach the control plane at {self.where()}: "
-                              f"{e.strerror or e}") from None
+            raise ClientError(
+                f"cannot reach the control plane at {self.where()}: {e.strerror or e}"
+            ) from None
         finally:
             conn.close()
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
-            raise ClientError(f"the control plane at {self.where()} sent a non-JSON answer "
-                              f"(HTTP {resp.status})") from None
+            raise ClientError(
+                f"the control plane at {self.where()} sent a non-JSON answer (HTTP {resp.status})"
+            ) from None
         if resp.status != 200:
-            raise ClientError(str(data.get("error", f"HTTP {resp.status}")), resp.status,
-                              data.get("details"))
+            raise ClientError(
+                str(data.get("error", f"HTTP {resp.status}")), resp.status, data.get("details")
+            )
         return data
 
     # convenience wrappers
     def apply(self, docs: list[Document], dry_run: bool = False) -> Any:
-        return self.call("POST", "/v1/apply", {"documents": [d.to_json() for d in docs],
-                                               "dryRun": dry_run})
+        return self.call(
+            "POST", "/v1/apply", {"documents": [d.to_json() for d in docs], "dryRun": dry_run}
+        )
 
     def get(self, kind: str, name: str = "", namespace: str | None = None) -> Any:
         q = {"kind": kind}
@@ -421,11 +451,20 @@ class ApiClient:
     def delete(self, keys: list[Mapping[str, str]]) -> Any:
         return self.call("POST", "/v1/delete", {"resources": keys})
 
-    def label(self, kind: str, name: str, namespace: str, set_labels: Mapping[str, str],
-              remove: list[str]) -> Any:
-        return self.call("POST", "/v1/label", {"kind": kind, "name": name,
-                                               "namespace": namespace, "set": dict(set_labels),
-                                               "remove": remove})
+    def label(
+        self, kind: str, name: str, namespace: str, set_labels: Mapping[str, str], remove: list[str]
+    ) -> Any:
+        return self.call(
+            "POST",
+            "/v1/label",
+            {
+                "kind": kind,
+                "name": name,
+                "namespace": namespace,
+                "set": dict(set_labels),
+                "remove": remove,
+            },
+        )
 
     def status(self) -> Any:
         return self.call("GET", "/v1/status")
@@ -434,8 +473,7 @@ class ApiClient:
         return self.call("POST", "/v1/tokens", {"node": node, "waypoint": waypoint})
 
 
-async def serve_forever(servers: list[asyncio.Server],
-                        stop: Callable[[], Awaitable[None]]) -> None:
+async def serve_forever(servers: list[asyncio.Server], stop: Callable[[], Awaitable[None]]) -> None:
     """Serve until `stop()` returns, then close every server."""
     try:
         await stop()

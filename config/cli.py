@@ -38,28 +38,45 @@ def _client_options(defaults: bool) -> _Parser:
     def dflt(value: str) -> str:
         return value if defaults else argparse.SUPPRESS
 
-    g.add_argument("--socket", default=dflt(os.environ.get("AMBIT_SOCKET", DEFAULT_SOCKET)),
-                   help=f"local unix socket (default $AMBIT_SOCKET or {DEFAULT_SOCKET})")
-    g.add_argument("--server", default=dflt(os.environ.get("AMBIT_SERVER", "")),
-                   metavar="HOST:PORT", help="TLS address of the API (default $AMBIT_SERVER); "
-                   "needs the admin credential")
-    g.add_argument("--cert", default=dflt(os.environ.get("AMBIT_CERT",
-                                                         f"{DEFAULT_DATA_DIR}/admin.pem")),
-                   help="admin client certificate (default $AMBIT_CERT or DATA_DIR/admin.pem)")
-    g.add_argument("--key", default=dflt(os.environ.get("AMBIT_KEY",
-                                                        f"{DEFAULT_DATA_DIR}/admin-key.pem")),
-                   help="admin client key (default $AMBIT_KEY or DATA_DIR/admin-key.pem)")
-    g.add_argument("--cacert", default=dflt(os.environ.get("AMBIT_CACERT",
-                                                           f"{DEFAULT_DATA_DIR}/api-ca.pem")),
-                   help="CA of the API (default $AMBIT_CACERT or DATA_DIR/api-ca.pem)")
+    g.add_argument(
+        "--socket",
+        default=dflt(os.environ.get("AMBIT_SOCKET", DEFAULT_SOCKET)),
+        help=f"local unix socket (default $AMBIT_SOCKET or {DEFAULT_SOCKET})",
+    )
+    g.add_argument(
+        "--server",
+        default=dflt(os.environ.get("AMBIT_SERVER", "")),
+        metavar="HOST:PORT",
+        help="TLS address of the API (default $AMBIT_SERVER); needs the admin credential",
+    )
+    g.add_argument(
+        "--cert",
+        default=dflt(os.environ.get("AMBIT_CERT", f"{DEFAULT_DATA_DIR}/admin.pem")),
+        help="admin client certificate (default $AMBIT_CERT or DATA_DIR/admin.pem)",
+    )
+    g.add_argument(
+        "--key",
+        default=dflt(os.environ.get("AMBIT_KEY", f"{DEFAULT_DATA_DIR}/admin-key.pem")),
+        help="admin client key (default $AMBIT_KEY or DATA_DIR/admin-key.pem)",
+    )
+    g.add_argument(
+        "--cacert",
+        default=dflt(os.environ.get("AMBIT_CACERT", f"{DEFAULT_DATA_DIR}/api-ca.pem")),
+        help="CA of the API (default $AMBIT_CACERT or DATA_DIR/api-ca.pem)",
+    )
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ambit", description="Ambit service mesh control.",
-                parents=[_client_options(True)])
-    p.add_argument("--log-level", default="warning",
-                   choices=("debug", "info", "warning", "error"), help="log level")
+    p = _Parser(
+        prog="ambit", description="Ambit service mesh control.", parents=[_client_options(True)]
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="log level",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="build a sandbox mesh, drive traffic, show what it did")
     from config.demo import add_arguments as add_demo_arguments
@@ -69,31 +86,65 @@ def build_parser() -> argparse.ArgumentParser:
     client = _client_options(False)
 
     cp = sub.add_parser("control-plane", help="run the control plane")
-    cp.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                    help=f"state directory (default {DEFAULT_DATA_DIR})")
-    cp.add_argument("--listen", default="", metavar="HOST:PORT",
-                    help="also serve the admin API on TLS at this address")
-    cp.add_argument("--socket", default=DEFAULT_SOCKET,
-                    help=f"local unix socket of the admin API (default {DEFAULT_SOCKET})")
-    cp.add_argument("--proxy-listen", default="0.0.0.0:15012", metavar="HOST:PORT",
-                    help="config stream and certificate signing for nodes and waypoints "
-                    "(default 0.0.0.0:15012; empty to disable)")
+    cp.add_argument(
+        "--data-dir", default=DEFAULT_DATA_DIR, help=f"state directory (default {DEFAULT_DATA_DIR})"
+    )
+    cp.add_argument(
+        "--listen",
+        default="",
+        metavar="HOST:PORT",
+        help="also serve the admin API on TLS at this address",
+    )
+    cp.add_argument(
+        "--socket",
+        default=DEFAULT_SOCKET,
+        help=f"local unix socket of the admin API (default {DEFAULT_SOCKET})",
+    )
+    cp.add_argument(
+        "--proxy-listen",
+        default="0.0.0.0:15012",
+        metavar="HOST:PORT",
+        help="config stream and certificate signing for nodes and waypoints "
+        "(default 0.0.0.0:15012; empty to disable)",
+    )
     cp.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
-    cp.add_argument("--service-cidr", default="10.96.0.0/16",
-                    help="range Service VIPs are allocated from (default 10.96.0.0/16)")
-    cp.add_argument("--root-namespace", default="istio-system",
-                    help="namespace whose policies apply mesh-wide (default istio-system)")
-    cp.add_argument("--log-level", default="info", dest="cp_log_level",
-                    choices=("debug", "info", "warning", "error"), help="log level")
+    cp.add_argument(
+        "--service-cidr",
+        default="10.96.0.0/16",
+        help="range Service VIPs are allocated from (default 10.96.0.0/16)",
+    )
+    cp.add_argument(
+        "--root-namespace",
+        default="istio-system",
+        help="namespace whose policies apply mesh-wide (default istio-system)",
+    )
+    cp.add_argument(
+        "--log-level",
+        default="info",
+        dest="cp_log_level",
+        choices=("debug", "info", "warning", "error"),
+        help="log level",
+    )
 
     ap = sub.add_parser("apply", parents=[client], help="create or update resources")
-    ap.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-",
-                    help="manifest file, directory of manifests, or - for stdin (repeatable)")
+    ap.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE|DIR|-",
+        help="manifest file, directory of manifests, or - for stdin (repeatable)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="validate only, store nothing")
 
     dp = sub.add_parser("delete", parents=[client], help="delete resources")
-    dp.add_argument("-f", "--filename", action="append", metavar="FILE|DIR|-",
-                    help="delete the resources these manifests describe")
+    dp.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        metavar="FILE|DIR|-",
+        help="delete the resources these manifests describe",
+    )
     dp.add_argument("kind", nargs="?", help="resource type, e.g. service, svc, namespace")
     dp.add_argument("name", nargs="*", help="resource names")
     dp.add_argument("-n", "--namespace", default="default", help="namespace (default default)")
@@ -104,15 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     scope = gp.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", default="default", help="namespace")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
-    gp.add_argument("-o", "--output", default="table", choices=("table", "yaml", "json"),
-                    help="output format (default table)")
+    gp.add_argument(
+        "-o",
+        "--output",
+        default="table",
+        choices=("table", "yaml", "json"),
+        help="output format (default table)",
+    )
 
-    lp = sub.add_parser("label", parents=[client], help="set or remove labels",
-                        description="ambit label namespace NAME KEY=VALUE | KEY- ...")
+    lp = sub.add_parser(
+        "label",
+        parents=[client],
+        help="set or remove labels",
+        description="ambit label namespace NAME KEY=VALUE | KEY- ...",
+    )
     lp.add_argument("kind", help="resource type, e.g. namespace")
     lp.add_argument("name", help="resource name")
-    lp.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-",
-                    help="labels to set (KEY=VALUE) or remove (KEY-)")
+    lp.add_argument(
+        "labels",
+        nargs="+",
+        metavar="KEY=VALUE|KEY-",
+        help="labels to set (KEY=VALUE) or remove (KEY-)",
+    )
     lp.add_argument("-n", "--namespace", default="default", help="namespace of the resource")
 
     tp = sub.add_parser("token", help="join tokens")
@@ -168,10 +232,15 @@ def _control_plane(args: argparse.Namespace) -> int:
     from config.ca import CaError
     from config.server import ControlPlaneConfig, run
 
-    cfg = ControlPlaneConfig(data_dir=args.data_dir, socket=args.socket, listen=args.listen,
-                             trust_domain=args.trust_domain, service_cidr=args.service_cidr,
-                             root_namespace=args.root_namespace,
-                             proxy_listen=args.proxy_listen)
+    cfg = ControlPlaneConfig(
+        data_dir=args.data_dir,
+        socket=args.socket,
+        listen=args.listen,
+        trust_domain=args.trust_domain,
+        service_cidr=args.service_cidr,
+        root_namespace=args.root_namespace,
+        proxy_listen=args.proxy_listen,
+    )
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(cfg))
@@ -259,8 +328,13 @@ def _delete(args: argparse.Namespace) -> int:
             md: dict[str, Any] = md_raw if isinstance(md_raw, dict) else {}
             if not obj.get("kind") or not md.get("name"):
                 raise CliError(f"{d.source}: document {d.index}: needs kind and metadata.name")
-            keys.append({"kind": str(obj["kind"]), "name": str(md["name"]),
-                         "namespace": str(md.get("namespace") or "default")})
+            keys.append(
+                {
+                    "kind": str(obj["kind"]),
+                    "name": str(md["name"]),
+                    "namespace": str(md.get("namespace") or "default"),
+                }
+            )
     else:
         if not args.kind or not args.name:
             raise CliError("say what to delete: -f FILE, or KIND NAME [-n NAMESPACE]")
@@ -287,8 +361,7 @@ def _get(args: argparse.Namespace) -> int:
     data = _client(args).get(info.kind, args.name, ns)
     items: list[dict[str, Any]] = data["items"]
     if args.output in ("yaml", "json"):
-        out: Any = items[0] if args.name else {"apiVersion": "v1", "kind": "List",
-                                                "items": items}
+        out: Any = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
         if args.output == "json":
             print(json.dumps(out, indent=2, sort_keys=True))
         else:
@@ -304,8 +377,9 @@ def _get(args: argparse.Namespace) -> int:
     header, rows = _table(info.kind, items)
     if show_ns:
         header = ["NAMESPACE", *header]
-        rows = [[str(i["metadata"].get("namespace", "")), *r] for i, r in zip(items, rows,
-                                                                             strict=True)]
+        rows = [
+            [str(i["metadata"].get("namespace", "")), *r] for i, r in zip(items, rows, strict=True)
+        ]
     print(_render(header, rows))
     return 0
 
@@ -325,54 +399,95 @@ def _table(kind: str, items: list[dict[str, Any]]) -> tuple[list[str], list[list
         header = ["NAME", "DATAPLANE-MODE", "WAYPOINT", "VERSION"]
         for i in items:
             lab = labels(i)
-            rows.append([i["metadata"]["name"], lab.get("istio.io/dataplane-mode", "<none>"),
-                         lab.get("istio.io/use-waypoint", "<none>"),
-                         i["metadata"]["resourceVersion"]])
+            rows.append(
+                [
+                    i["metadata"]["name"],
+                    lab.get("istio.io/dataplane-mode", "<none>"),
+                    lab.get("istio.io/use-waypoint", "<none>"),
+                    i["metadata"]["resourceVersion"],
+                ]
+            )
     elif kind == "Service":
         header = ["NAME", "CLUSTER-IP", "PORTS", "WAYPOINT", "VERSION"]
         for i in items:
             s = spec(i)
-            ports = ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}"
-                             for p in s.get("ports", []))
-            rows.append([i["metadata"]["name"], str(s.get("clusterIP", "")), ports,
-                         labels(i).get("istio.io/use-waypoint", "<none>"),
-                         i["metadata"]["resourceVersion"]])
+            ports = ",".join(
+                f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in s.get("ports", [])
+            )
+            rows.append(
+                [
+                    i["metadata"]["name"],
+                    str(s.get("clusterIP", "")),
+                    ports,
+                    labels(i).get("istio.io/use-waypoint", "<none>"),
+                    i["metadata"]["resourceVersion"],
+                ]
+            )
     elif kind == "WorkloadEntry":
         header = ["NAME", "ADDRESS", "NODE", "SERVICE-ACCOUNT", "VERSION"]
         for i in items:
             s = spec(i)
             ann = i["metadata"].get("annotations", {})
-            rows.append([i["metadata"]["name"], str(s.get("address", "")),
-                         str(ann.get("ambit.dev/node", "<by address>")),
-                         str(s.get("serviceAccount", "default")),
-                         i["metadata"]["resourceVersion"]])
+            rows.append(
+                [
+                    i["metadata"]["name"],
+                    str(s.get("address", "")),
+                    str(ann.get("ambit.dev/node", "<by address>")),
+                    str(s.get("serviceAccount", "default")),
+                    i["metadata"]["resourceVersion"],
+                ]
+            )
     elif kind == "AuthorizationPolicy":
         header = ["NAME", "ACTION", "RULES", "VERSION"]
         for i in items:
             s = spec(i)
-            rows.append([i["metadata"]["name"], str(s.get("action", "ALLOW")),
-                         str(len(s.get("rules", []) or [])), i["metadata"]["resourceVersion"]])
+            rows.append(
+                [
+                    i["metadata"]["name"],
+                    str(s.get("action", "ALLOW")),
+                    str(len(s.get("rules", []) or [])),
+                    i["metadata"]["resourceVersion"],
+                ]
+            )
     elif kind == "PeerAuthentication":
         header = ["NAME", "MODE", "VERSION"]
         for i in items:
             mtls = spec(i).get("mtls") or {}
-            rows.append([i["metadata"]["name"], str(mtls.get("mode", "UNSET")),
-                         i["metadata"]["resourceVersion"]])
+            rows.append(
+                [
+                    i["metadata"]["name"],
+                    str(mtls.get("mode", "UNSET")),
+                    i["metadata"]["resourceVersion"],
+                ]
+            )
     elif kind == "Gateway":
         header = ["NAME", "CLASS", "ADDRESS", "VERSION"]
         for i in items:
             s = spec(i)
             addrs = ",".join(str(a.get("value")) for a in s.get("addresses", []) or [])
-            rows.append([i["metadata"]["name"], str(s.get("gatewayClassName", "")),
-                         addrs or "<pending>", i["metadata"]["resourceVersion"]])
+            rows.append(
+                [
+                    i["metadata"]["name"],
+                    str(s.get("gatewayClassName", "")),
+                    addrs or "<pending>",
+                    i["metadata"]["resourceVersion"],
+                ]
+            )
     elif kind == "HTTPRoute":
         header = ["NAME", "PARENTS", "RULES", "VERSION"]
         for i in items:
             s = spec(i)
-            parents = ",".join(f"{p.get('kind', 'Gateway')}/{p.get('name')}"
-                               for p in s.get("parentRefs", []) or [])
-            rows.append([i["metadata"]["name"], parents, str(len(s.get("rules", []) or [])),
-                         i["metadata"]["resourceVersion"]])
+            parents = ",".join(
+                f"{p.get('kind', 'Gateway')}/{p.get('name')}" for p in s.get("parentRefs", []) or []
+            )
+            rows.append(
+                [
+                    i["metadata"]["name"],
+                    parents,
+                    str(len(s.get("rules", []) or [])),
+                    i["metadata"]["resourceVersion"],
+                ]
+            )
     else:
         header = ["NAME", "VERSION"]
         rows = [[i["metadata"]["name"], i["metadata"]["resourceVersion"]] for i in items]
@@ -381,8 +496,10 @@ def _table(kind: str, items: list[dict[str, Any]]) -> tuple[list[str], list[list
 
 def _render(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
+    lines = [
+        "   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -403,8 +520,9 @@ def _label(args: argparse.Namespace) -> int:
             set_labels[k] = v
         else:
             raise CliError(f"bad label {item!r}: use KEY=VALUE to set or KEY- to remove")
-    data = _client(args).label(info.kind, args.name, args.namespace if info.namespaced else "",
-                               set_labels, remove)
+    data = _client(args).label(
+        info.kind, args.name, args.namespace if info.namespaced else "", set_labels, remove
+    )
     _print_results(data)
     return 0
 
@@ -425,9 +543,11 @@ def _status(args: argparse.Namespace) -> int:
         print("resources: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     ca = data.get("ca")
     if isinstance(ca, dict):
-        print(f"CA: trust domain {ca.get('trust_domain')}, root sha256:"
-              f"{str(ca.get('root_fingerprint'))[:16]}... expires {ca.get('root_expiry')}"
-              + (f", {ca.get('roots')} roots trusted" if ca.get("roots", 1) != 1 else ""))
+        print(
+            f"CA: trust domain {ca.get('trust_domain')}, root sha256:"
+            f"{str(ca.get('root_fingerprint'))[:16]}... expires {ca.get('root_expiry')}"
+            + (f", {ca.get('roots')} roots trusted" if ca.get("roots", 1) != 1 else "")
+        )
     proxies = data.get("proxies")
     if proxies is None:
         return 0
@@ -435,8 +555,16 @@ def _status(args: argparse.Namespace) -> int:
         print("no nodes or waypoints connected")
         return 0
     header = ["KIND", "NAME", "VERSION", "LATEST", "STATE", "CERT-EXPIRY"]
-    rows = [[str(p.get("kind", "")), str(p.get("name", "")), str(p.get("version", "")),
-             str(data.get("version")), str(p.get("state", "")), str(p.get("cert_expiry", ""))]
-            for p in proxies]
+    rows = [
+        [
+            str(p.get("kind", "")),
+            str(p.get("name", "")),
+            str(p.get("version", "")),
+            str(data.get("version")),
+            str(p.get("state", "")),
+            str(p.get("cert_expiry", "")),
+        ]
+        for p in proxies
+    ]
     print(_render(header, rows))
     return 0

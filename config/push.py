@@ -83,8 +83,17 @@ from ztunnel.identity import (
 log = structlog.get_logger("ambit.push")
 
 PUSH_PORT = 15012
-WAYPOINT_KINDS = frozenset({"HTTPRoute", "AuthorizationPolicy", "DestinationRule",
-                            "HTTPFault", "RateLimit", "Service", "Gateway"})
+WAYPOINT_KINDS = frozenset(
+    {
+        "HTTPRoute",
+        "AuthorizationPolicy",
+        "DestinationRule",
+        "HTTPFault",
+        "RateLimit",
+        "Service",
+        "Gateway",
+    }
+)
 MAX_MESSAGE = 256 * 1024 * 1024
 CONTROL_PLANE_SA = ("ambit-system", "control-plane")
 
@@ -118,13 +127,17 @@ class Session:
     node: NodeState | None = None  # per-item view state (nodes; waypoints diff whole dicts)
 
     def status(self) -> dict[str, Any]:
-        return {"kind": self.principal.kind, "name": self.principal.name, "peer": self.peer,
-                "version": self.acked_version, "sent_version": self.sent_version,
-                "state": self.state, "error": self.error,
-                "cert_expiry": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                             time.gmtime(self.cert_expiry)),
-                "connected_since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                 time.gmtime(self.connected))}
+        return {
+            "kind": self.principal.kind,
+            "name": self.principal.name,
+            "peer": self.peer,
+            "version": self.acked_version,
+            "sent_version": self.sent_version,
+            "state": self.state,
+            "error": self.error,
+            "cert_expiry": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.cert_expiry)),
+            "connected_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.connected)),
+        }
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -152,8 +165,14 @@ def push_server_context(ca: CertificateAuthority, data_dir: Path) -> ssl.SSLCont
 class PushServer:
     """Keeps a MeshIndex in step with the store and streams each proxy its snapshot."""
 
-    def __init__(self, store: Store, ca: CertificateAuthority, tokens: TokenStore, *,
-                 root_namespace: str = "istio-system") -> None:
+    def __init__(
+        self,
+        store: Store,
+        ca: CertificateAuthority,
+        tokens: TokenStore,
+        *,
+        root_namespace: str = "istio-system",
+    ) -> None:
         self.store = store
         self.ca = ca
         self.tokens = tokens
@@ -179,8 +198,7 @@ class PushServer:
                         self.index.apply(ch.key, _parse_stored(ch.key, ch.body), ch.version)
                         self._dirty.set()
                 except HistoryCompacted as e:
-                    log.warning("change history moved past this watcher; relisting",
-                                reason=str(e))
+                    log.warning("change history moved past this watcher; relisting", reason=str(e))
                     self._relist()
                     self._dirty.set()
 
@@ -208,8 +226,9 @@ class PushServer:
         """Fold index changes into the views and wake every session."""
         self._cache.clear()
         self.views.refresh()
-        seqs = [s.node.seq for s in self.sessions.values()
-                if s.node is not None and s.node.seq >= 0]
+        seqs = [
+            s.node.seq for s in self.sessions.values() if s.node is not None and s.node.seq >= 0
+        ]
         self.views.trim(min(seqs, default=self.views.seq))
         for s in self.sessions.values():
             s.wake.set()
@@ -220,13 +239,22 @@ class PushServer:
         connected = {(s.principal.kind, s.principal.name) for s in self.sessions.values()}
         for node in sorted(self.index.nodes() - {UNKNOWN_NODE}):
             if ("node", node) not in connected:
-                out.append({"kind": "node", "name": node, "version": "-",
-                            "state": "disconnected", "cert_expiry": "-"})
+                out.append(
+                    {
+                        "kind": "node",
+                        "name": node,
+                        "version": "-",
+                        "state": "disconnected",
+                        "cert_expiry": "-",
+                    }
+                )
         root = self.ca.signing_root
-        ca = {"trust_domain": self.ca.trust_domain,
-              "root_fingerprint": root.fingerprint(hashes.SHA256()).hex(),
-              "root_expiry": root.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "roots": len(self.ca.roots())}
+        ca = {
+            "trust_domain": self.ca.trust_domain,
+            "root_fingerprint": root.fingerprint(hashes.SHA256()).hex(),
+            "root_expiry": root.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "roots": len(self.ca.roots()),
+        }
         return {"proxies": sorted(out, key=lambda p: (p["kind"], p["name"])), "ca": ca}
 
     # -- per principal view ------------------------------------------------------------
@@ -252,10 +280,14 @@ class PushServer:
         """Manifests a waypoint applies itself (routes, L7 policy, faults, limits...) in the
         namespaces of the services bound to it and the root namespace."""
         namespaces = {s.namespace for s in snap.services} | {self.index.root_namespace}
-        out = [dict(r.body) for key, r in sorted(
-            self.index.resources.items(), key=lambda kv: (kv[0].kind, kv[0].namespace,
-                                                          kv[0].name))
-               if key.kind in WAYPOINT_KINDS and key.namespace in namespaces]
+        out = [
+            dict(r.body)
+            for key, r in sorted(
+                self.index.resources.items(),
+                key=lambda kv: (kv[0].kind, kv[0].namespace, kv[0].name),
+            )
+            if key.kind in WAYPOINT_KINDS and key.namespace in namespaces
+        ]
         return out
 
     def _scheduled(self, node: str) -> list[SpiffeId]:
@@ -289,8 +321,9 @@ class PushServer:
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        peer: str) -> None:
+    async def _converse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
         msg = await _recv(reader)
         if msg is None:
             return
@@ -298,18 +331,30 @@ class PushServer:
             await _send(writer, {"type": "bundle", "trust_bundle": self.index.trust_bundle_pem})
             return
         if msg.get("type") == "join":
-            chain = issue_node_certificate(self.ca, self.tokens, str(msg.get("token", "")),
-                                           str(msg.get("subject", "")),
-                                           str(msg.get("csr", "")).encode())
+            chain = issue_node_certificate(
+                self.ca,
+                self.tokens,
+                str(msg.get("token", "")),
+                str(msg.get("subject", "")),
+                str(msg.get("csr", "")).encode(),
+            )
             log.info("proxy joined", subject=msg.get("subject"), peer=peer)
-            await _send(writer, {"type": "certificate", "chain": [c.decode() for c in chain],
-                                 "trust_bundle": self.index.trust_bundle_pem})
+            await _send(
+                writer,
+                {
+                    "type": "certificate",
+                    "chain": [c.decode() for c in chain],
+                    "trust_bundle": self.index.trust_bundle_pem,
+                },
+            )
             return
         ssl_obj = writer.get_extra_info("ssl_object")
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
         if not der:
-            raise Refused("node-certificate", "no client certificate: join with a token "
-                          "(`ambit token create`) first")
+            raise Refused(
+                "node-certificate",
+                "no client certificate: join with a token (`ambit token create`) first",
+            )
         cert = x509.load_der_x509_certificate(der)
         principal = principal_of(cert, self.ca.trust_domain)
         expiry = cert.not_valid_after_utc.timestamp()
@@ -332,8 +377,13 @@ class PushServer:
                     else:
                         raise ValueError(f"unexpected message type {typ!r}")
                     msg = await _recv(reader)
-            except (Refused, ValueError, ConnectionError, asyncio.IncompleteReadError,
-                    ssl.SSLError) as e:
+            except (
+                Refused,
+                ValueError,
+                ConnectionError,
+                asyncio.IncompleteReadError,
+                ssl.SSLError,
+            ) as e:
                 error = e
             finally:
                 if session is not None:
@@ -345,8 +395,9 @@ class PushServer:
         if error is not None:
             raise error
 
-    async def _csr(self, writer: asyncio.StreamWriter, principal: NodePrincipal,
-                   msg: Mapping[str, Any]) -> None:
+    async def _csr(
+        self, writer: asyncio.StreamWriter, principal: NodePrincipal, msg: Mapping[str, Any]
+    ) -> None:
         try:
             identity = SpiffeId.parse(str(msg.get("identity", "")))
         except ValueError as e:
@@ -356,22 +407,34 @@ class PushServer:
             chain = self.ca.sign_csr(str(msg.get("csr", "")).encode(), identity)
         except CsrRejected as e:
             raise Refused("csr", e.reason) from None
-        await _send(writer, {"type": "certificate", "id": msg.get("id"),
-                             "chain": [c.decode() for c in chain]})
+        await _send(
+            writer,
+            {"type": "certificate", "id": msg.get("id"), "chain": [c.decode() for c in chain]},
+        )
 
-    async def _renew(self, writer: asyncio.StreamWriter, principal: NodePrincipal,
-                     msg: Mapping[str, Any]) -> None:
+    async def _renew(
+        self, writer: asyncio.StreamWriter, principal: NodePrincipal, msg: Mapping[str, Any]
+    ) -> None:
         """A proxy renews its own node/waypoint certificate with the one it still holds."""
         identity = principal.identity(self.ca.trust_domain)
         try:
-            chain = self.ca.sign_csr(str(msg.get("csr", "")).encode(), identity,
-                                     subject_common_name=principal.common_name)
+            chain = self.ca.sign_csr(
+                str(msg.get("csr", "")).encode(),
+                identity,
+                subject_common_name=principal.common_name,
+            )
         except CsrRejected as e:
             raise Refused("csr", e.reason) from None
         log.info("proxy certificate renewed", kind=principal.kind, name=principal.name)
-        await _send(writer, {"type": "certificate", "id": msg.get("id"),
-                             "chain": [c.decode() for c in chain],
-                             "trust_bundle": self.index.trust_bundle_pem})
+        await _send(
+            writer,
+            {
+                "type": "certificate",
+                "id": msg.get("id"),
+                "chain": [c.decode() for c in chain],
+                "trust_bundle": self.index.trust_bundle_pem,
+            },
+        )
 
     def _subscribe(self, s: Session, msg: Mapping[str, Any]) -> None:
         old = self.sessions.get(_skey(s.principal))
@@ -391,8 +454,13 @@ class PushServer:
             if self.index.waypoint_addresses.get((ns, name)) != address:
                 self.index.set_waypoint_address(ns, name, address)
                 self._dirty.set()
-        log.info("proxy subscribed", kind=s.principal.kind, name=s.principal.name,
-                 version=s.acked_version, peer=s.peer)
+        log.info(
+            "proxy subscribed",
+            kind=s.principal.kind,
+            name=s.principal.name,
+            version=s.acked_version,
+            peer=s.peer,
+        )
         s.state = "pending"
         s.wake.set()
 
@@ -408,8 +476,13 @@ class PushServer:
         s.sent = None
         if s.node is not None:
             s.node.seq = -1
-        log.warning("proxy rejected config", kind=s.principal.kind, name=s.principal.name,
-                    version=version, error=s.error)
+        log.warning(
+            "proxy rejected config",
+            kind=s.principal.kind,
+            name=s.principal.name,
+            version=version,
+            error=s.error,
+        )
 
     async def _sender(self, s: Session) -> None:
         try:
@@ -466,8 +539,13 @@ class PushServer:
                 return {"type": "uptodate", "version": version, "hash": h}
             return None
         if s.sent is not None and s.state != "nacked":
-            msg = {"type": "delta", "from_hash": s.sent_hash, "version": version,
-                   "hash": h, **make_delta(s.sent, d)}
+            msg = {
+                "type": "delta",
+                "from_hash": s.sent_hash,
+                "version": version,
+                "hash": h,
+                **make_delta(s.sent, d),
+            }
         else:
             msg = {"type": "snapshot", "version": version, "hash": h, "snapshot": d}
         s.sent = d
@@ -481,8 +559,9 @@ def _parse_stored(key: ResourceKey, body: Mapping[str, Any] | None) -> Resource 
     try:
         return parse_resource(dict(body))
     except FieldError as e:  # stored by an older version with other rules
-        log.error("stored resource no longer valid; leaving it out", resource=str(key),
-                  reason=str(e))
+        log.error(
+            "stored resource no longer valid; leaving it out", resource=str(key), reason=str(e)
+        )
         return None
 
 
@@ -535,9 +614,17 @@ class PushClient:
     trust bundle, last good snapshot) lives in `data_dir`.
     """
 
-    def __init__(self, address: str, subject: str, data_dir: Path, *,
-                 trust_domain: str = zs.DEFAULT_TRUST_DOMAIN, token: str = "",
-                 waypoint_address: str = "", timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        subject: str,
+        data_dir: Path,
+        *,
+        trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
+        token: str = "",
+        waypoint_address: str = "",
+        timeout: float = 10.0,
+    ) -> None:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"bad control plane address {address!r}: expected HOST:PORT")
@@ -624,22 +711,30 @@ class PushClient:
         return ctx
 
     @contextlib.asynccontextmanager
-    async def _connect(self, with_cert: bool, pinned_root: str = "") -> AsyncIterator[
-            tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async def _connect(
+        self, with_cert: bool, pinned_root: str = ""
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self._context(with_cert, pinned_root),
-                    limit=MAX_MESSAGE)
+                    self.host,
+                    self.port,
+                    ssl=self._context(with_cert, pinned_root),
+                    limit=MAX_MESSAGE,
+                )
         except TimeoutError:
-            raise ConnectionError(f"connection to the control plane at {self.address} timed "
-                                  f"out: is port {self.port} reachable?") from None
+            raise ConnectionError(
+                f"connection to the control plane at {self.address} timed "
+                f"out: is port {self.port} reachable?"
+            ) from None
         except ssl.SSLError as e:
-            raise ConnectionError(f"TLS with the control plane at {self.address} failed: "
-                                  f"{e.reason or e}") from None
+            raise ConnectionError(
+                f"TLS with the control plane at {self.address} failed: {e.reason or e}"
+            ) from None
         except OSError as e:
-            raise ConnectionError(f"cannot reach the control plane at {self.address}: "
-                                  f"{e.strerror or e}") from None
+            raise ConnectionError(
+                f"cannot reach the control plane at {self.address}: {e.strerror or e}"
+            ) from None
         try:
             if with_cert or pinned_root:
                 self._check_server(writer)
@@ -658,22 +753,29 @@ class PushClient:
         except ValueError:
             got = None
         if got != want:
-            raise ConnectionError(f"the server at {self.address} is not the control plane: "
-                                  f"it presented {got or 'no SPIFFE identity'}, expected {want}")
+            raise ConnectionError(
+                f"the server at {self.address} is not the control plane: "
+                f"it presented {got or 'no SPIFFE identity'}, expected {want}"
+            )
 
     async def join(self) -> Certificate:
         """Exchange the join token for this proxy's certificate (kept in data_dir)."""
         if not self.token:
-            raise PushError("join-token", f"no node certificate in {self.data_dir} and no "
-                            f"--token: create one with `ambit token create "
-                            f"{'--waypoint' if '/' in self.subject else '--node'} "
-                            f"{self.subject}`")
+            raise PushError(
+                "join-token",
+                f"no node certificate in {self.data_dir} and no "
+                f"--token: create one with `ambit token create "
+                f"{'--waypoint' if '/' in self.subject else '--node'} "
+                f"{self.subject}`",
+            )
         key = generate_key()
         csr = make_csr(self._identity(), key)
         pinned = await self._pinned_root() if self.ca_pin else ""
         async with self._connect(with_cert=False, pinned_root=pinned) as (reader, writer):
-            await _send(writer, {"type": "join", "subject": self.subject, "token": self.token,
-                                 "csr": csr.decode()})
+            await _send(
+                writer,
+                {"type": "join", "subject": self.subject, "token": self.token, "csr": csr.decode()},
+            )
             reply = await _expect(reader, "certificate")
         cert = self._store_credentials(reply, key)
         log.info("joined the mesh", subject=self.subject, identity=str(cert.identity))
@@ -691,9 +793,12 @@ class PushClient:
         for root in x509.load_pem_x509_certificates(str(reply["trust_bundle"]).encode()):
             if root.fingerprint(hashes.SHA256()).hex() == self.ca_pin:
                 return root.public_bytes(serialization.Encoding.PEM).decode()
-        raise PushError("join-token", f"the server at {self.address} does not hold the CA "
-                        f"the token names (sha256:{self.ca_pin[:16]}...): is this the right "
-                        "control plane?")
+        raise PushError(
+            "join-token",
+            f"the server at {self.address} does not hold the CA "
+            f"the token names (sha256:{self.ca_pin[:16]}...): is this the right "
+            "control plane?",
+        )
 
     async def ensure_joined(self) -> None:
         """Join when there is no valid node certificate; renew it past its half-life."""
@@ -704,8 +809,11 @@ class PushClient:
             try:
                 await self.renew()
             except (ConnectionError, PushError, ValueError, ssl.SSLError) as e:
-                log.warning("node certificate renewal failed; keeping the current one",
-                            reason=str(e), expires=cert.not_after)
+                log.warning(
+                    "node certificate renewal failed; keeping the current one",
+                    reason=str(e),
+                    expires=cert.not_after,
+                )
 
     async def renew(self) -> Certificate:
         """Replace the node certificate using the current (still valid) one."""
@@ -716,8 +824,9 @@ class PushClient:
             reply = await _expect(reader, "certificate")
         return self._store_credentials(reply, key)
 
-    def _store_credentials(self, reply: Mapping[str, Any],
-                           key: ec.EllipticCurvePrivateKey) -> Certificate:
+    def _store_credentials(
+        self, reply: Mapping[str, Any], key: ec.EllipticCurvePrivateKey
+    ) -> Certificate:
         chain = [str(c).encode() for c in reply["chain"]]
         cert = Certificate.from_pem(chain, private_key_pem(key))
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -732,15 +841,25 @@ class PushClient:
         await self.ensure_joined()
         self._ids += 1
         async with self._connect(with_cert=True) as (reader, writer):
-            await _send(writer, {"type": "csr", "id": self._ids, "identity": str(identity),
-                                 "csr": csr_pem.decode()})
+            await _send(
+                writer,
+                {
+                    "type": "csr",
+                    "id": self._ids,
+                    "identity": str(identity),
+                    "csr": csr_pem.decode(),
+                },
+            )
             reply = await _expect(reader, "certificate")
         return [c.encode() for c in reply["chain"]]
 
-    async def follow(self, apply: Callable[[zs.Snapshot], Awaitable[None]], *,
-                     once: bool = False,
-                     on_resources: Callable[[list[Resource]], Awaitable[None]] | None = None,
-                     ) -> None:
+    async def follow(
+        self,
+        apply: Callable[[zs.Snapshot], Awaitable[None]],
+        *,
+        once: bool = False,
+        on_resources: Callable[[list[Resource]], Awaitable[None]] | None = None,
+    ) -> None:
         """Apply the saved snapshot, then every update from the control plane, forever.
 
         `apply` raising rejects an update (nack) and the proxy keeps what it had.
@@ -753,10 +872,10 @@ class PushClient:
         current: zs.Snapshot | None = None
         if current_dict is not None:
             current = zs.Snapshot.from_dict(
-                {k: v for k, v in current_dict.items() if k != L7_RESOURCES})
+                {k: v for k, v in current_dict.items() if k != L7_RESOURCES}
+            )
             if on_resources is not None:
-                await on_resources([parse_resource(m) for m in
-                                    current_dict.get(L7_RESOURCES, [])])
+                await on_resources([parse_resource(m) for m in current_dict.get(L7_RESOURCES, [])])
             await apply(current)
         delay = 0.5
         while True:
@@ -766,7 +885,8 @@ class PushClient:
                     hello: dict[str, Any] = {
                         "type": "subscribe",
                         "version": current.version if current is not None else 0,
-                        "hash": content_hash(current_dict) if current_dict else ""}
+                        "hash": content_hash(current_dict) if current_dict else "",
+                    }
                     if self.waypoint_address:
                         hello["address"] = self.waypoint_address
                     await _send(writer, hello)
@@ -788,21 +908,30 @@ class PushClient:
                                 new = msg["snapshot"]
                             else:
                                 if current_dict is None or msg.get("from_hash") != content_hash(
-                                        current_dict):
-                                    raise ValueError("delta does not apply to the snapshot "
-                                                     "this proxy holds")
+                                    current_dict
+                                ):
+                                    raise ValueError(
+                                        "delta does not apply to the snapshot this proxy holds"
+                                    )
                                 new = apply_delta(current_dict, msg)
                             if content_hash(new) != msg.get("hash"):
                                 raise ValueError("snapshot content does not match its hash")
                             body = {k: v for k, v in new.items() if k != L7_RESOURCES}
                             snap = zs.Snapshot.from_dict(body)
                             if on_resources is not None:
-                                await on_resources([parse_resource(m) for m in
-                                                    new.get(L7_RESOURCES, [])])
+                                await on_resources(
+                                    [parse_resource(m) for m in new.get(L7_RESOURCES, [])]
+                                )
                             await apply(snap)
                         except Exception as e:
-                            await _send(writer, {"type": "nack", "version": version,
-                                                 "error": f"{type(e).__name__}: {e}"})
+                            await _send(
+                                writer,
+                                {
+                                    "type": "nack",
+                                    "version": version,
+                                    "error": f"{type(e).__name__}: {e}",
+                                },
+                            )
                             continue
                         current, current_dict = snap, new
                         self._save_snapshot(new)

@@ -598,8 +598,10 @@ class ResourceKey:
     name: str
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else (
-            f"{self.kind} {self.name}"
+        return (
+            f"{self.kind} {self.namespace}/{self.name}"
+            if self.namespace
+            else (f"{self.kind} {self.name}")
         )
 
 
@@ -646,15 +648,16 @@ def _parse_namespace(spec: _R, meta: ObjectMeta) -> Spec:
     for k in (DATAPLANE_MODE_LABEL,):
         v = meta.labels.get(k)
         if v is not None and v not in ("ambient", "none"):
-            raise FieldError(
-                f"metadata.labels.{k}", f"expected 'ambient' or 'none', got {v!r}"
-            )
+            raise FieldError(f"metadata.labels.{k}", f"expected 'ambient' or 'none', got {v!r}")
     return NamespaceSpec()
 
 
 def _parse_workload_entry(spec: _R, meta: ObjectMeta) -> Spec:
-    _R(spec.d, "spec", ("address", "labels", "serviceAccount", "locality", "weight", "ports",
-                        "network"))
+    _R(
+        spec.d,
+        "spec",
+        ("address", "labels", "serviceAccount", "locality", "weight", "ports", "network"),
+    )
     address = check_ip(spec.raw("address"), "spec.address") if spec.has("address") else ""
     if not address:
         raise FieldError("spec.address", "required field is missing (the workload's IP address)")
@@ -665,8 +668,9 @@ def _parse_workload_entry(spec: _R, meta: ObjectMeta) -> Spec:
     raw_ports = spec.raw("ports")
     if raw_ports is not None:
         if not isinstance(raw_ports, dict):
-            raise FieldError("spec.ports", f"expected a map of port name to number, got "
-                             f"{_tname(raw_ports)}")
+            raise FieldError(
+                "spec.ports", f"expected a map of port name to number, got {_tname(raw_ports)}"
+            )
         for k, v in raw_ports.items():
             ports[str(k)] = check_port(v, f"spec.ports.{k}")
     locality = spec.text("locality")
@@ -690,15 +694,30 @@ def _parse_workload_entry(spec: _R, meta: ObjectMeta) -> Spec:
 
 def _parse_service(spec: _R, meta: ObjectMeta) -> Spec:
     check_dns_label(meta.name, "metadata.name")
-    _R(spec.d, "spec", ("selector", "ports", "clusterIP", "clusterIPs", "type",
-                        "ipFamilies", "ipFamilyPolicy", "sessionAffinity",
-                        "internalTrafficPolicy", "publishNotReadyAddresses"))
+    _R(
+        spec.d,
+        "spec",
+        (
+            "selector",
+            "ports",
+            "clusterIP",
+            "clusterIPs",
+            "type",
+            "ipFamilies",
+            "ipFamilyPolicy",
+            "sessionAffinity",
+            "internalTrafficPolicy",
+            "publishNotReadyAddresses",
+        ),
+    )
     typ = spec.text("type", default="ClusterIP", choices=("ClusterIP",))
     cluster_ip = spec.text("clusterIP")
     if cluster_ip:
         if cluster_ip == "None":
-            raise FieldError("spec.clusterIP", "headless services are not supported: "
-                             "omit clusterIP to get one allocated")
+            raise FieldError(
+                "spec.clusterIP",
+                "headless services are not supported: omit clusterIP to get one allocated",
+            )
         cluster_ip = check_ip(cluster_ip, "spec.clusterIP")
     ports: list[ServicePort] = []
     items = spec.items("ports", required=True)
@@ -727,12 +746,16 @@ def _parse_service(spec: _R, meta: ObjectMeta) -> Spec:
             target = port
         elif isinstance(tp_raw, str) and not tp_raw.isdigit():
             if len(tp_raw) > 15 or not _IANA_SVC.match(tp_raw):
-                raise FieldError(r.p("targetPort"), f"expected a port number or a port name "
-                                 f"(at most 15 lowercase letters, digits, '-'), got {tp_raw!r}")
+                raise FieldError(
+                    r.p("targetPort"),
+                    f"expected a port number or a port name "
+                    f"(at most 15 lowercase letters, digits, '-'), got {tp_raw!r}",
+                )
             target = tp_raw
         else:
-            target = check_port(int(tp_raw) if isinstance(tp_raw, str) else tp_raw,
-                                r.p("targetPort"))
+            target = check_port(
+                int(tp_raw) if isinstance(tp_raw, str) else tp_raw, r.p("targetPort")
+            )
         ports.append(ServicePort(port, target, name, proto, r.text("appProtocol")))
     return ServiceSpec(spec.labels("selector"), tuple(ports), cluster_ip, typ)
 
@@ -858,9 +881,12 @@ def _parse_authorization_policy(spec: _R, meta: ObjectMeta) -> Spec:
             wr = _R(witem, wpath, ("key", "values", "notValues"))
             key = wr.text("key", required=True)
             if not _CONDITION_KEY.match(key):
-                raise FieldError(wr.p("key"), f"unknown condition key {key!r} (expected e.g. "
-                                 "source.ip, source.namespace, destination.port, "
-                                 "request.headers[name])")
+                raise FieldError(
+                    wr.p("key"),
+                    f"unknown condition key {key!r} (expected e.g. "
+                    "source.ip, source.namespace, destination.port, "
+                    "request.headers[name])",
+                )
             values, not_values = wr.strs("values"), wr.strs("notValues")
             if not values and not not_values:
                 raise FieldError(wpath, "set values or notValues")
@@ -889,8 +915,10 @@ def _parse_peer_authentication(spec: _R, meta: ObjectMeta) -> Spec:
     plm = spec.obj("portLevelMtls")
     if plm is not None:
         if selector is None:
-            raise FieldError("spec.portLevelMtls", "needs a selector: port-level mTLS applies "
-                             "to selected workloads only")
+            raise FieldError(
+                "spec.portLevelMtls",
+                "needs a selector: port-level mTLS applies to selected workloads only",
+            )
         for k, v in plm.d.items():
             kp = f"spec.portLevelMtls.{k}"
             port = check_port(int(k) if isinstance(k, str) and k.isdigit() else k, kp)
@@ -903,8 +931,10 @@ def _parse_gateway(spec: _R, meta: ObjectMeta) -> Spec:
     _R(spec.d, "spec", ("gatewayClassName", "listeners", "addresses", "infrastructure"))
     cls = spec.text("gatewayClassName", required=True)
     if cls != WAYPOINT_CLASS:
-        raise FieldError("spec.gatewayClassName",
-                         f"unsupported class {cls!r}: Ambit implements {WAYPOINT_CLASS!r}")
+        raise FieldError(
+            "spec.gatewayClassName",
+            f"unsupported class {cls!r}: Ambit implements {WAYPOINT_CLASS!r}",
+        )
     listeners: list[Listener] = []
     names: set[str] = set()
     for path, item in spec.items("listeners", required=True, max_items=64):
@@ -926,8 +956,10 @@ def _parse_gateway(spec: _R, meta: ObjectMeta) -> Spec:
         addresses.append(check_ip(r.raw("value"), r.p("value")))
     wf = meta.labels.get(WAYPOINT_FOR_LABEL, "service")
     if wf not in ("service", "workload", "all", "none"):
-        raise FieldError(f"metadata.labels.{WAYPOINT_FOR_LABEL}",
-                         f"expected service, workload, all or none, got {wf!r}")
+        raise FieldError(
+            f"metadata.labels.{WAYPOINT_FOR_LABEL}",
+            f"expected service, workload, all or none, got {wf!r}",
+        )
     return GatewaySpec(cls, tuple(listeners), tuple(addresses), wf)
 
 
@@ -972,10 +1004,27 @@ def _backend_ref(r: _R, ns: str, *, with_weight: bool = True) -> BackendRef:
 
 
 def _parse_filter(path: str, item: Any, ns: str) -> RouteFilter:
-    kinds = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite",
-             "RequestMirror", "ExtensionRef")
-    f = _R(item, path, ("type", "requestHeaderModifier", "responseHeaderModifier",
-                        "requestRedirect", "urlRewrite", "requestMirror", "extensionRef"))
+    kinds = (
+        "RequestHeaderModifier",
+        "ResponseHeaderModifier",
+        "RequestRedirect",
+        "URLRewrite",
+        "RequestMirror",
+        "ExtensionRef",
+    )
+    f = _R(
+        item,
+        path,
+        (
+            "type",
+            "requestHeaderModifier",
+            "responseHeaderModifier",
+            "requestRedirect",
+            "urlRewrite",
+            "requestMirror",
+            "extensionRef",
+        ),
+    )
     typ = f.text("type", required=True, choices=kinds)
     key = typ[0].lower() + typ[1:] if typ != "URLRewrite" else "urlRewrite"
     if not f.has(key):
@@ -995,8 +1044,10 @@ def _parse_filter(path: str, item: Any, ns: str) -> RouteFilter:
         if rr.has("statusCode"):
             rr.integer("statusCode")
             if rr.raw("statusCode") not in (301, 302, 303, 307, 308):
-                raise FieldError(rr.p("statusCode"), "expected one of 301, 302, 303, 307, 308, "
-                                 f"got {rr.raw('statusCode')}")
+                raise FieldError(
+                    rr.p("statusCode"),
+                    f"expected one of 301, 302, 303, 307, 308, got {rr.raw('statusCode')}",
+                )
         return RouteFilter(typ, redirect=dict(rr.d))
     if typ == "URLRewrite":
         ur = f.obj(key, ("hostname", "path"))
@@ -1013,14 +1064,16 @@ def _parse_filter(path: str, item: Any, ns: str) -> RouteFilter:
         if br is None:
             raise FieldError(mr.p("backendRef"), "required field is missing")
         pct = mr.integer("percent", default=100, lo=0, hi=100)
-        return RouteFilter(typ, mirror=_backend_ref(br, ns, with_weight=False),
-                           mirror_percent=float(pct))
+        return RouteFilter(
+            typ, mirror=_backend_ref(br, ns, with_weight=False), mirror_percent=float(pct)
+        )
     er = f.obj(key, ("group", "kind", "name"))
     assert er is not None
     group = er.text("group", required=True, choices=("ambit.dev",))
     kind = er.text("kind", required=True, choices=("HTTPFault", "RateLimit"))
-    return RouteFilter(typ, extension_ref=PolicyTargetRef(group, kind,
-                                                         er.text("name", required=True), ns))
+    return RouteFilter(
+        typ, extension_ref=PolicyTargetRef(group, kind, er.text("name", required=True), ns)
+    )
 
 
 def _parse_httproute(spec: _R, meta: ObjectMeta) -> Spec:
@@ -1032,17 +1085,36 @@ def _parse_httproute(spec: _R, meta: ObjectMeta) -> Spec:
         group = r.text("group", default="gateway.networking.k8s.io" if kind == "Gateway" else "")
         want_group = "gateway.networking.k8s.io" if kind == "Gateway" else ""
         if group not in (want_group, "core") or (kind == "Gateway" and group == "core"):
-            raise FieldError(r.p("group"), f"expected {want_group!r} for kind {kind}, "
-                             f"got {group!r}")
+            raise FieldError(
+                r.p("group"), f"expected {want_group!r} for kind {kind}, got {group!r}"
+            )
         port = check_port(r.raw("port"), r.p("port")) if r.has("port") else None
-        parents.append(ParentRef(group, kind, r.text("name", required=True),
-                                 r.text("namespace", default=meta.namespace), port,
-                                 r.text("sectionName")))
+        parents.append(
+            ParentRef(
+                group,
+                kind,
+                r.text("name", required=True),
+                r.text("namespace", default=meta.namespace),
+                port,
+                r.text("sectionName"),
+            )
+        )
     hostnames = spec.strs("hostnames")
     rules: list[RouteRule] = []
     for path, item in spec.items("rules", max_items=16):
-        r = _R(item, path, ("name", "matches", "filters", "backendRefs", "timeouts", "retry",
-                            "sessionPersistence"))
+        r = _R(
+            item,
+            path,
+            (
+                "name",
+                "matches",
+                "filters",
+                "backendRefs",
+                "timeouts",
+                "retry",
+                "sessionPersistence",
+            ),
+        )
         matches: list[RouteMatch] = []
         for mpath, mitem in r.items("matches", max_items=64):
             m = _R(mitem, mpath, ("path", "headers", "queryParams", "method"))
@@ -1050,8 +1122,11 @@ def _parse_httproute(spec: _R, meta: ObjectMeta) -> Spec:
             if pr is None:
                 pm = StringMatch("PathPrefix", "", "/")
             else:
-                ptype = pr.text("type", default="PathPrefix",
-                               choices=("Exact", "PathPrefix", "RegularExpression"))
+                ptype = pr.text(
+                    "type",
+                    default="PathPrefix",
+                    choices=("Exact", "PathPrefix", "RegularExpression"),
+                )
                 pval = pr.text("value", default="/")
                 if ptype == "RegularExpression":
                     check_regex(pval, pr.p("value"))
@@ -1059,34 +1134,42 @@ def _parse_httproute(spec: _R, meta: ObjectMeta) -> Spec:
                     raise FieldError(pr.p("value"), f"must start with '/', got {pval!r}")
                 pm = StringMatch(ptype, "", pval)
             method = m.text("method", choices=_METHODS) if m.has("method") else ""
-            matches.append(RouteMatch(pm, _string_matches(m, "headers"),
-                                      _string_matches(m, "queryParams"), method))
+            matches.append(
+                RouteMatch(
+                    pm, _string_matches(m, "headers"), _string_matches(m, "queryParams"), method
+                )
+            )
         if not matches:
             matches.append(RouteMatch(StringMatch("PathPrefix", "", "/")))
-        filters = tuple(_parse_filter(fp, fi, meta.namespace)
-                        for fp, fi in r.items("filters", max_items=16))
+        filters = tuple(
+            _parse_filter(fp, fi, meta.namespace) for fp, fi in r.items("filters", max_items=16)
+        )
         ftypes = [f.type for f in filters]
         if "RequestRedirect" in ftypes and "URLRewrite" in ftypes:
             raise FieldError(r.p("filters"), "RequestRedirect and URLRewrite cannot be combined")
         backends: list[BackendRef] = []
         for bpath, bitem in r.items("backendRefs", max_items=16):
-            b = _R(bitem, bpath, ("group", "kind", "name", "namespace", "port", "weight",
-                                  "filters"))
+            b = _R(
+                bitem, bpath, ("group", "kind", "name", "namespace", "port", "weight", "filters")
+            )
             backends.append(_backend_ref(b, meta.namespace))
         t = r.obj("timeouts", ("request", "backendRequest"))
         req_t = t.duration("request") if t else None
         be_t = t.duration("backendRequest") if t else None
         if req_t is not None and be_t is not None and req_t and be_t > req_t:
-            raise FieldError(r.p("timeouts.backendRequest"),
-                             "must not be longer than timeouts.request")
+            raise FieldError(
+                r.p("timeouts.backendRequest"), "must not be longer than timeouts.request"
+            )
         retry: Retry | None = None
         rr = r.obj("retry", ("attempts", "codes", "backoff"))
         if rr is not None:
             codes = tuple(_check_int(c, p, 400, 599) for p, c in rr.items("codes"))
-            retry = Retry(rr.integer("attempts", default=1, lo=0, hi=100), codes,
-                          rr.duration("backoff"))
-        rules.append(RouteRule(r.text("name"), tuple(matches), filters, tuple(backends),
-                               req_t, be_t, retry))
+            retry = Retry(
+                rr.integer("attempts", default=1, lo=0, hi=100), codes, rr.duration("backoff")
+            )
+        rules.append(
+            RouteRule(r.text("name"), tuple(matches), filters, tuple(backends), req_t, be_t, retry)
+        )
     return HTTPRouteSpec(tuple(parents), hostnames, tuple(rules))
 
 
@@ -1096,28 +1179,57 @@ def _traffic_policy(r: _R | None) -> TrafficPolicy | None:
     cp: ConnectionPool | None = None
     cpr = r.obj("connectionPool", ("tcp", "http"))
     if cpr is not None:
-        tcp = cpr.obj("tcp", ("maxConnections", "connectTimeout", "tcpKeepalive",
-                              "maxConnectionDuration", "idleTimeout"))
-        http = cpr.obj("http", ("http1MaxPendingRequests", "http2MaxRequests",
-                                "maxRequestsPerConnection", "maxRetries", "idleTimeout",
-                                "h2UpgradePolicy", "useClientProtocol", "maxConcurrentStreams"))
+        tcp = cpr.obj(
+            "tcp",
+            (
+                "maxConnections",
+                "connectTimeout",
+                "tcpKeepalive",
+                "maxConnectionDuration",
+                "idleTimeout",
+            ),
+        )
+        http = cpr.obj(
+            "http",
+            (
+                "http1MaxPendingRequests",
+                "http2MaxRequests",
+                "maxRequestsPerConnection",
+                "maxRetries",
+                "idleTimeout",
+                "h2UpgradePolicy",
+                "useClientProtocol",
+                "maxConcurrentStreams",
+            ),
+        )
         cp = ConnectionPool(
             max_connections=tcp.opt_int("maxConnections", lo=1) if tcp else None,
             connect_timeout=tcp.duration("connectTimeout") if tcp else None,
             http1_max_pending_requests=http.opt_int("http1MaxPendingRequests", lo=1)
-            if http else None,
+            if http
+            else None,
             http2_max_requests=http.opt_int("http2MaxRequests", lo=1) if http else None,
             max_requests_per_connection=http.opt_int("maxRequestsPerConnection", lo=0)
-            if http else None,
+            if http
+            else None,
             max_retries=http.opt_int("maxRetries", lo=0) if http else None,
             idle_timeout=http.duration("idleTimeout") if http else None,
         )
     od: OutlierDetection | None = None
-    odr = r.obj("outlierDetection", ("consecutive5xxErrors", "consecutiveGatewayErrors",
-                                     "consecutiveErrors", "consecutiveLocalOriginFailures",
-                                     "splitExternalLocalOriginErrors", "interval",
-                                     "baseEjectionTime", "maxEjectionPercent",
-                                     "minHealthPercent"))
+    odr = r.obj(
+        "outlierDetection",
+        (
+            "consecutive5xxErrors",
+            "consecutiveGatewayErrors",
+            "consecutiveErrors",
+            "consecutiveLocalOriginFailures",
+            "splitExternalLocalOriginErrors",
+            "interval",
+            "baseEjectionTime",
+            "maxEjectionPercent",
+            "minHealthPercent",
+        ),
+    )
     if odr is not None:
         od = OutlierDetection(
             consecutive_5xx_errors=odr.opt_int("consecutive5xxErrors", lo=0),
@@ -1129,12 +1241,23 @@ def _traffic_policy(r: _R | None) -> TrafficPolicy | None:
         )
     lb = ""
     locality = True
-    lbr = r.obj("loadBalancer", ("simple", "consistentHash", "localityLbSetting",
-                                 "warmupDurationSecs", "warmup"))
+    lbr = r.obj(
+        "loadBalancer",
+        ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"),
+    )
     if lbr is not None:
-        lb = lbr.text("simple", default="", choices=("UNSPECIFIED", "ROUND_ROBIN",
-                                                     "LEAST_REQUEST", "LEAST_CONN", "RANDOM",
-                                                     "PASSTHROUGH"))
+        lb = lbr.text(
+            "simple",
+            default="",
+            choices=(
+                "UNSPECIFIED",
+                "ROUND_ROBIN",
+                "LEAST_REQUEST",
+                "LEAST_CONN",
+                "RANDOM",
+                "PASSTHROUGH",
+            ),
+        )
         if lb == "LEAST_CONN":
             lb = "LEAST_REQUEST"
         if lb == "UNSPECIFIED":
@@ -1145,8 +1268,15 @@ def _traffic_policy(r: _R | None) -> TrafficPolicy | None:
     return TrafficPolicy(cp, od, lb, locality)
 
 
-_TP_FIELDS = ("connectionPool", "outlierDetection", "loadBalancer", "tls", "portLevelSettings",
-              "tunnel", "proxyProtocol")
+_TP_FIELDS = (
+    "connectionPool",
+    "outlierDetection",
+    "loadBalancer",
+    "tls",
+    "portLevelSettings",
+    "tunnel",
+    "proxyProtocol",
+)
 
 
 def _parse_destination_rule(spec: _R, meta: ObjectMeta) -> Spec:
@@ -1162,8 +1292,9 @@ def _parse_destination_rule(spec: _R, meta: ObjectMeta) -> Spec:
         if name in names:
             raise FieldError(r.p("name"), f"duplicate subset name {name!r}")
         names.add(name)
-        subsets.append(Subset(name, r.labels("labels"),
-                              _traffic_policy(r.obj("trafficPolicy", _TP_FIELDS))))
+        subsets.append(
+            Subset(name, r.labels("labels"), _traffic_policy(r.obj("trafficPolicy", _TP_FIELDS)))
+        )
     ws = spec.obj("workloadSelector", ("matchLabels",))
     return DestinationRuleSpec(host, tp, tuple(subsets), ws.labels("matchLabels") if ws else None)
 
@@ -1203,37 +1334,92 @@ def _parse_rate_limit(spec: _R, meta: ObjectMeta) -> Spec:
         raise FieldError(tb.p("fillInterval"), "required field is missing")
     if interval <= 0:
         raise FieldError(tb.p("fillInterval"), "must be longer than 0s")
-    return RateLimitSpec(refs, max_tokens, per_fill, interval,
-                         spec.integer("statusCode", default=429, lo=400, hi=599))
+    return RateLimitSpec(
+        refs,
+        max_tokens,
+        per_fill,
+        interval,
+        spec.integer("statusCode", default=429, lo=400, hi=599),
+    )
 
 
 KINDS: dict[str, KindInfo] = {
     k.kind: k
     for k in (
-        KindInfo("Namespace", ("v1",), False, "namespaces", ("ns", "namespace"),
-                 _parse_namespace),
-        KindInfo("WorkloadEntry", ("networking.istio.io/v1", "networking.istio.io/v1beta1",
-                                   "networking.istio.io/v1alpha3"), True, "workloadentries",
-                 ("we", "workloadentry"), _parse_workload_entry),
+        KindInfo("Namespace", ("v1",), False, "namespaces", ("ns", "namespace"), _parse_namespace),
+        KindInfo(
+            "WorkloadEntry",
+            (
+                "networking.istio.io/v1",
+                "networking.istio.io/v1beta1",
+                "networking.istio.io/v1alpha3",
+            ),
+            True,
+            "workloadentries",
+            ("we", "workloadentry"),
+            _parse_workload_entry,
+        ),
         KindInfo("Service", ("v1",), True, "services", ("svc", "service"), _parse_service),
-        KindInfo("AuthorizationPolicy", ("security.istio.io/v1", "security.istio.io/v1beta1"),
-                 True, "authorizationpolicies", ("ap", "authorizationpolicy"),
-                 _parse_authorization_policy),
-        KindInfo("PeerAuthentication", ("security.istio.io/v1", "security.istio.io/v1beta1"),
-                 True, "peerauthentications", ("pa", "peerauthentication"),
-                 _parse_peer_authentication),
-        KindInfo("Gateway", ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
-                 True, "gateways", ("gtw", "gateway"), _parse_gateway),
-        KindInfo("HTTPRoute", ("gateway.networking.k8s.io/v1",
-                               "gateway.networking.k8s.io/v1beta1"), True, "httproutes",
-                 ("httproute",), _parse_httproute),
-        KindInfo("DestinationRule", ("networking.istio.io/v1", "networking.istio.io/v1beta1",
-                                     "networking.istio.io/v1alpha3"), True, "destinationrules",
-                 ("dr", "destinationrule"), _parse_destination_rule),
-        KindInfo("HTTPFault", ("ambit.dev/v1alpha1",), True, "httpfaults", ("httpfault",),
-                 _parse_http_fault),
-        KindInfo("RateLimit", ("ambit.dev/v1alpha1",), True, "ratelimits", ("ratelimit",),
-                 _parse_rate_limit),
+        KindInfo(
+            "AuthorizationPolicy",
+            ("security.istio.io/v1", "security.istio.io/v1beta1"),
+            True,
+            "authorizationpolicies",
+            ("ap", "authorizationpolicy"),
+            _parse_authorization_policy,
+        ),
+        KindInfo(
+            "PeerAuthentication",
+            ("security.istio.io/v1", "security.istio.io/v1beta1"),
+            True,
+            "peerauthentications",
+            ("pa", "peerauthentication"),
+            _parse_peer_authentication,
+        ),
+        KindInfo(
+            "Gateway",
+            ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
+            True,
+            "gateways",
+            ("gtw", "gateway"),
+            _parse_gateway,
+        ),
+        KindInfo(
+            "HTTPRoute",
+            ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
+            True,
+            "httproutes",
+            ("httproute",),
+            _parse_httproute,
+        ),
+        KindInfo(
+            "DestinationRule",
+            (
+                "networking.istio.io/v1",
+                "networking.istio.io/v1beta1",
+                "networking.istio.io/v1alpha3",
+            ),
+            True,
+            "destinationrules",
+            ("dr", "destinationrule"),
+            _parse_destination_rule,
+        ),
+        KindInfo(
+            "HTTPFault",
+            ("ambit.dev/v1alpha1",),
+            True,
+            "httpfaults",
+            ("httpfault",),
+            _parse_http_fault,
+        ),
+        KindInfo(
+            "RateLimit",
+            ("ambit.dev/v1alpha1",),
+            True,
+            "ratelimits",
+            ("ratelimit",),
+            _parse_rate_limit,
+        ),
     )
 }
 
@@ -1248,29 +1434,47 @@ def resolve_kind(name: str) -> KindInfo:
     raise KeyError(f"unknown resource type {name!r} (known: {known})")
 
 
-_IGNORED_META = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields",
-                 "ownerReferences", "finalizers", "deletionTimestamp", "selfLink",
-                 "generateName", "deletionGracePeriodSeconds")
+_IGNORED_META = (
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "deletionTimestamp",
+    "selfLink",
+    "generateName",
+    "deletionGracePeriodSeconds",
+)
 
 
 def parse_resource(obj: Any, *, default_namespace: str = "default") -> Resource:
     """Parse and validate one manifest; raises FieldError naming the offending field."""
     if not isinstance(obj, dict):
-        raise FieldError("", "expected a manifest (a mapping with apiVersion, kind and "
-                         f"metadata), got {_tname(obj)}")
+        raise FieldError(
+            "",
+            "expected a manifest (a mapping with apiVersion, kind and "
+            f"metadata), got {_tname(obj)}",
+        )
     top = _R(obj, "", ("apiVersion", "kind", "metadata", "spec", "status"))
     kind = top.text("kind", required=True)
     api_version = top.text("apiVersion", required=True)
     info = KINDS.get(kind)
     if info is None:
         if kind == "Pod":
-            raise FieldError("kind", "Pods come from the Kubernetes API source; outside "
-                             "Kubernetes describe the workload as a WorkloadEntry")
+            raise FieldError(
+                "kind",
+                "Pods come from the Kubernetes API source; outside "
+                "Kubernetes describe the workload as a WorkloadEntry",
+            )
         known = ", ".join(KINDS)
         raise FieldError("kind", f"unknown kind {kind!r} (expected one of: {known})")
     if api_version not in info.api_versions:
-        raise FieldError("apiVersion", f"{kind} is served as {' or '.join(info.api_versions)},"
-                         f" got {api_version!r}")
+        raise FieldError(
+            "apiVersion",
+            f"{kind} is served as {' or '.join(info.api_versions)}, got {api_version!r}",
+        )
     md = top.obj("metadata", ("name", "namespace", "labels", "annotations", *_IGNORED_META))
     if md is None:
         raise FieldError("metadata", "required field is missing")
@@ -1282,13 +1486,15 @@ def parse_resource(obj: Any, *, default_namespace: str = "default") -> Resource:
     else:
         ns = md.text("namespace")
         if ns:
-            raise FieldError("metadata.namespace", f"{kind} is cluster-scoped: remove the "
-                             "namespace")
+            raise FieldError(
+                "metadata.namespace", f"{kind} is cluster-scoped: remove the namespace"
+            )
     labels = md.labels("labels")
     ann_raw = md.raw("annotations") or {}
     if not isinstance(ann_raw, dict):
-        raise FieldError("metadata.annotations", f"expected a map of strings, got "
-                         f"{_tname(ann_raw)}")
+        raise FieldError(
+            "metadata.annotations", f"expected a map of strings, got {_tname(ann_raw)}"
+        )
     annotations: dict[str, str] = {}
     for k, v in ann_raw.items():
         if not isinstance(v, str):

@@ -63,41 +63,61 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _issue(ca_cert: x509.Certificate | None, ca_key: ec.EllipticCurvePrivateKey | None,
-           cn: str, *, uri: str = "", is_ca: bool = False, server: bool = False,
-           ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _issue(
+    ca_cert: x509.Certificate | None,
+    ca_key: ec.EllipticCurvePrivateKey | None,
+    cn: str,
+    *,
+    uri: str = "",
+    is_ca: bool = False,
+    server: bool = False,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ambit"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    b = (x509.CertificateBuilder()
-         .subject_name(subject)
-         .issuer_name(ca_cert.subject if ca_cert else subject)
-         .public_key(key.public_key())
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5))
-         .not_valid_after(now + _TEN_YEARS)
-         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None),
-                        critical=True))
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ambit"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject if ca_cert else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + _TEN_YEARS)
+        .add_extension(
+            x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True
+        )
+    )
     if is_ca:
-        b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                          False), critical=True)
+        b = b.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
     else:
-        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
-                                          False, False), critical=True)
+        b = b.add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
         eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         b = b.add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
         names: list[x509.GeneralName] = []
         if uri:
             names.append(x509.UniformResourceIdentifier(uri))
         if server:
-            names += [x509.DNSName("localhost"),
-                      x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                      x509.IPAddress(ipaddress.ip_address("::1"))]
+            names += [
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("::1")),
+            ]
         if names:
             b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = b.sign(ca_key or key, hashes.SHA256())
@@ -118,19 +138,25 @@ def ensure_api_pki(data_dir: str, trust_domain: str) -> ApiPki:
     ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
     loaded = serialization.load_pem_private_key((d / API_CA_KEY).read_bytes(), None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{d / API_CA_KEY} is not an EC private key: remove the api-ca files "
-                         "to have them recreated")
+        raise ValueError(
+            f"{d / API_CA_KEY} is not an EC private key: remove the api-ca files "
+            "to have them recreated"
+        )
     if not pki.server_cert.exists():
-        cert, key = _issue(ca_cert, loaded, "ambit control plane",
-                           uri=f"spiffe://{trust_domain}/ambit/control-plane", server=True)
+        cert, key = _issue(
+            ca_cert,
+            loaded,
+            "ambit control plane",
+            uri=f"spiffe://{trust_domain}/ambit/control-plane",
+            server=True,
+        )
         _write(pki.server_key, _key_pem(key), 0o600)
         _write(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     if not pki.admin_cert.exists():
         cert, key = _issue(ca_cert, loaded, "ambit admin", uri=admin_uri(trust_domain))
         _write(pki.admin_key, _key_pem(key), 0o600)
         _write(pki.admin_cert, cert.public_bytes(serialization.Encoding.PEM), 0o600)
-        log.info("created the admin credential", cert=str(pki.admin_cert),
-                 key=str(pki.admin_key))
+        log.info("created the admin credential", cert=str(pki.admin_cert), key=str(pki.admin_key))
     return pki
 
 
@@ -185,8 +211,11 @@ TOKENS_DB = "tokens.db"
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """Route asyncio's own reports (e.g. failed TLS handshakes) to the JSON log."""
     exc = context.get("exception")
-    log.warning("connection error", message=context.get("message", ""),
-                error=f"{type(exc).__name__}: {exc}" if exc is not None else "")
+    log.warning(
+        "connection error",
+        message=context.get("message", ""),
+        error=f"{type(exc).__name__}: {exc}" if exc is not None else "",
+    )
 
 
 def _sd_notify(fn: Callable[[str], bool], text: str) -> None:
@@ -197,9 +226,12 @@ def _sd_notify(fn: Callable[[str], bool], text: str) -> None:
         log.warning("systemd notification failed", error=str(e))
 
 
-def token_issuer(store: Store, tokens: TokenStore, ttl: float = DEFAULT_TOKEN_TTL,
-                 ca: CertificateAuthority | None = None,
-                 ) -> Callable[[str, str], Mapping[str, Any]]:
+def token_issuer(
+    store: Store,
+    tokens: TokenStore,
+    ttl: float = DEFAULT_TOKEN_TTL,
+    ca: CertificateAuthority | None = None,
+) -> Callable[[str, str], Mapping[str, Any]]:
     """Join tokens for `ambit token create`: any node name; waypoints must be declared.
 
     With `ca`, the printed token ends in `#sha256:<root fingerprint>`: the proxy checks the
@@ -213,8 +245,11 @@ def token_issuer(store: Store, tokens: TokenStore, ttl: float = DEFAULT_TOKEN_TT
                 raise ApiError(400, f"bad waypoint {name!r}: expected NAMESPACE/NAME")
             ns, _, gw = name.partition("/")
             if store.get("Gateway", ns, gw) is None:
-                raise ApiError(404, f"Gateway {ns}/{gw} not found: apply the waypoint's "
-                               "Gateway (gatewayClassName istio-waypoint) first")
+                raise ApiError(
+                    404,
+                    f"Gateway {ns}/{gw} not found: apply the waypoint's "
+                    "Gateway (gatewayClassName istio-waypoint) first",
+                )
         elif "/" in name:
             raise ApiError(400, f"bad node name {name!r}: use --waypoint NS/NAME for waypoints")
         token = tokens.create(name, ttl)
@@ -234,15 +269,17 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
         loop.add_signal_handler(sig, stop.set)
     loop.set_exception_handler(_loop_exception)
     ca = CertificateAuthority.load_or_create(Path(cfg.data_dir), cfg.trust_domain)
-    store = Store(cfg.data_dir, service_cidr=cfg.service_cidr,
-                  root_namespace=cfg.root_namespace)
+    store = Store(cfg.data_dir, service_cidr=cfg.service_cidr, root_namespace=cfg.root_namespace)
     tokens = TokenStore(Path(cfg.data_dir) / TOKENS_DB)
     servers: list[asyncio.Server] = []
     try:
         push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace)
-        api = ApiServer(store, trust_domain=cfg.trust_domain,
-                        token_issuer=token_issuer(store, tokens, ca=ca),
-                        status_provider=push.status)
+        api = ApiServer(
+            store,
+            trust_domain=cfg.trust_domain,
+            token_issuer=token_issuer(store, tokens, ca=ca),
+            status_provider=push.status,
+        )
         servers.append(await api.start_unix(cfg.socket))
         ready = f"ready socket={cfg.socket}"
         log.info("admin API listening", socket=cfg.socket)
@@ -253,8 +290,11 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
             servers.append(tls_server)
             bound = tls_server.sockets[0].getsockname()
             ready += f" tls={bound[0]}:{bound[1]}"
-            log.info("admin API listening on TLS", address=f"{bound[0]}:{bound[1]}",
-                     admin_cert=str(pki.admin_cert))
+            log.info(
+                "admin API listening on TLS",
+                address=f"{bound[0]}:{bound[1]}",
+                admin_cert=str(pki.admin_cert),
+            )
         if cfg.proxy_listen:
             host, port = parse_hostport(cfg.proxy_listen, "--proxy-listen")
             ctx = push_server_context(ca, Path(cfg.data_dir))

@@ -71,20 +71,34 @@ def translate_rule(rule: RuleSpec) -> zs.Rule:
     l7: list[str] = []
     sources = []
     for s in rule.sources:
-        for attr, name in (("request_principals", "requestPrincipals"),
-                           ("not_request_principals", "notRequestPrincipals"),
-                           ("remote_ip_blocks", "remoteIpBlocks"),
-                           ("not_remote_ip_blocks", "notRemoteIpBlocks")):
+        for attr, name in (
+            ("request_principals", "requestPrincipals"),
+            ("not_request_principals", "notRequestPrincipals"),
+            ("remote_ip_blocks", "remoteIpBlocks"),
+            ("not_remote_ip_blocks", "notRemoteIpBlocks"),
+        ):
             if getattr(s, attr):
                 l7.append(f"from.source.{name}")
-        sources.append(zs.Source(principals=s.principals, not_principals=s.not_principals,
-                                 namespaces=s.namespaces, not_namespaces=s.not_namespaces,
-                                 ip_blocks=s.ip_blocks, not_ip_blocks=s.not_ip_blocks))
+        sources.append(
+            zs.Source(
+                principals=s.principals,
+                not_principals=s.not_principals,
+                namespaces=s.namespaces,
+                not_namespaces=s.not_namespaces,
+                ip_blocks=s.ip_blocks,
+                not_ip_blocks=s.not_ip_blocks,
+            )
+        )
     ops = []
     for o in rule.operations:
-        for attr, name in (("hosts", "hosts"), ("not_hosts", "notHosts"),
-                           ("methods", "methods"), ("not_methods", "notMethods"),
-                           ("paths", "paths"), ("not_paths", "notPaths")):
+        for attr, name in (
+            ("hosts", "hosts"),
+            ("not_hosts", "notHosts"),
+            ("methods", "methods"),
+            ("not_methods", "notMethods"),
+            ("paths", "paths"),
+            ("not_paths", "notPaths"),
+        ):
             if getattr(o, attr):
                 l7.append(f"to.operation.{name}")
         ops.append(zs.Operation(ports=o.ports, not_ports=o.not_ports))
@@ -94,28 +108,36 @@ def translate_rule(rule: RuleSpec) -> zs.Rule:
             conds.append(zs.Condition(key=c.key, values=c.values, not_values=c.not_values))
         else:
             l7.append(f"when.{c.key}")
-    return zs.Rule(from_=tuple(sources), to=tuple(ops), when=tuple(conds),
-                   l7_fields=tuple(dict.fromkeys(l7)))
+    return zs.Rule(
+        from_=tuple(sources), to=tuple(ops), when=tuple(conds), l7_fields=tuple(dict.fromkeys(l7))
+    )
 
 
 def translate_policy(r: Resource) -> zs.AuthorizationPolicy:
     spec = r.spec
     assert isinstance(spec, AuthorizationPolicySpec)
     return zs.AuthorizationPolicy(
-        name=r.meta.name, namespace=r.meta.namespace, action=spec.action,
+        name=r.meta.name,
+        namespace=r.meta.namespace,
+        action=spec.action,
         selector=zs.FrozenMap(spec.selector) if spec.selector is not None else None,
-        target_refs=tuple(zs.TargetRef(kind=t.kind, name=t.name, group=t.group)
-                          for t in spec.target_refs),
-        rules=tuple(translate_rule(rule) for rule in spec.rules))
+        target_refs=tuple(
+            zs.TargetRef(kind=t.kind, name=t.name, group=t.group) for t in spec.target_refs
+        ),
+        rules=tuple(translate_rule(rule) for rule in spec.rules),
+    )
 
 
 def translate_peer_authentication(r: Resource) -> zs.PeerAuthentication:
     spec = r.spec
     assert isinstance(spec, PeerAuthenticationSpec)
     return zs.PeerAuthentication(
-        name=r.meta.name, namespace=r.meta.namespace, mode=spec.mode,
+        name=r.meta.name,
+        namespace=r.meta.namespace,
+        mode=spec.mode,
         selector=zs.FrozenMap(spec.selector) if spec.selector is not None else None,
-        port_mtls=zs.FrozenMap(spec.port_level))
+        port_mtls=zs.FrozenMap(spec.port_level),
+    )
 
 
 @dataclass(frozen=True)
@@ -129,9 +151,13 @@ class NodeView:
 class MeshIndex:
     """All resources, translated and indexed; updated change by change."""
 
-    def __init__(self, *, trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
-                 root_namespace: str = zs.DEFAULT_ROOT_NAMESPACE,
-                 dns_domain: str = zs.DEFAULT_DNS_DOMAIN) -> None:
+    def __init__(
+        self,
+        *,
+        trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
+        root_namespace: str = zs.DEFAULT_ROOT_NAMESPACE,
+        dns_domain: str = zs.DEFAULT_DNS_DOMAIN,
+    ) -> None:
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
         self.dns_domain = dns_domain
@@ -151,9 +177,10 @@ class MeshIndex:
         self._ns_gen: dict[str, int] = {}
         self._gw_gen = 0
         self._wl_memo: dict[str, tuple[Resource, tuple[int, int], zs.Workload | None]] = {}
-        self._svc_memo: dict[tuple[str, str], tuple[Resource, tuple[int, int],
-                                                     tuple[zs.Endpoint, ...],
-                                                     zs.Service | None]] = {}
+        self._svc_memo: dict[
+            tuple[str, str],
+            tuple[Resource, tuple[int, int], tuple[zs.Endpoint, ...], zs.Service | None],
+        ] = {}
         self._ep_memo: dict[tuple[str, tuple[tuple[int, int], ...]], zs.Endpoint] = {}
 
     # -- updates -------------------------------------------------------------------
@@ -247,12 +274,16 @@ class MeshIndex:
                     addr = spec.addresses[0]
                 if addr is None:
                     continue  # not running yet: bindings to it stay unresolved
-                port = next((lis.port for lis in spec.listeners if lis.protocol == "HBONE"),
-                            zs.HBONE_PORT)
+                port = next(
+                    (lis.port for lis in spec.listeners if lis.protocol == "HBONE"), zs.HBONE_PORT
+                )
                 out[(key.namespace, key.name)] = zs.Waypoint(
-                    name=key.name, namespace=key.namespace, address=addr,
+                    name=key.name,
+                    namespace=key.namespace,
+                    address=addr,
                     identity=zs.spiffe_id(self.trust_domain, key.namespace, key.name),
-                    port=port)
+                    port=port,
+                )
             self._waypoints = out
         return self._waypoints
 
@@ -298,16 +329,26 @@ class MeshIndex:
             w: zs.Workload | None
             try:
                 w = zs.Workload(
-                    uid=uid, name=r.meta.name, namespace=ns, ip=spec.address, ip6=None,
+                    uid=uid,
+                    name=r.meta.name,
+                    namespace=ns,
+                    ip=spec.address,
+                    ip6=None,
                     node=spec.node or UNKNOWN_NODE,
                     service_account=spec.service_account or "default",
-                    netns=spec.netns or None, labels=zs.FrozenMap(labels),
-                    locality=_locality(spec.locality), weight=max(1, spec.weight),
-                    enrolled=enrolled, waypoint=wp if enrolled else None,
-                    trust_domain=self.trust_domain, canonical_name=canonical)
+                    netns=spec.netns or None,
+                    labels=zs.FrozenMap(labels),
+                    locality=_locality(spec.locality),
+                    weight=max(1, spec.weight),
+                    enrolled=enrolled,
+                    waypoint=wp if enrolled else None,
+                    trust_domain=self.trust_domain,
+                    canonical_name=canonical,
+                )
             except zs.SnapshotError as e:
-                log.warning("workload left out of snapshots", workload=f"{ns}/{r.meta.name}",
-                            reason=str(e))
+                log.warning(
+                    "workload left out of snapshots", workload=f"{ns}/{r.meta.name}", reason=str(e)
+                )
                 w = None
             self._wl_memo[uid] = (r, ctx, w)
             if w is not None:
@@ -339,18 +380,25 @@ class MeshIndex:
         for r in sorted(self._items("Service", ns), key=lambda r: r.meta.name):
             spec = r.spec
             assert isinstance(spec, ServiceSpec)
-            named = [(p.port, p.target_port) for p in spec.ports
-                     if p.protocol == "TCP" and isinstance(p.target_port, str)]
+            named = [
+                (p.port, p.target_port)
+                for p in spec.ports
+                if p.protocol == "TCP" and isinstance(p.target_port, str)
+            ]
             uids: list[str] = []
             if spec.selector:
                 lists = [by_label.get(kv, []) for kv in spec.selector.items()]
                 smallest = min(lists, key=len)
-                uids = sorted(u for u in smallest
-                              if zs.selector_matches(spec.selector, workloads[u].labels))
+                uids = sorted(
+                    u for u in smallest if zs.selector_matches(spec.selector, workloads[u].labels)
+                )
             endpoints = []
             for uid in uids:
-                overrides = tuple((port, entries[uid].ports[str(name)]) for port, name in named
-                                  if str(name) in entries[uid].ports)
+                overrides = tuple(
+                    (port, entries[uid].ports[str(name)])
+                    for port, name in named
+                    if str(name) in entries[uid].ports
+                )
                 ep = self._ep_memo.get((uid, overrides))
                 if ep is None:
                     ep = zs.Endpoint(workload_uid=uid, ports=zs.FrozenMap(overrides))
@@ -368,19 +416,27 @@ class MeshIndex:
                 if p.protocol != "TCP":
                     continue
                 target = p.port if isinstance(p.target_port, str) else p.target_port
-                ports.append(zs.ServicePort(port=p.port, target_port=target, name=p.name,
-                                            app_protocol=p.app_protocol))
+                ports.append(
+                    zs.ServicePort(
+                        port=p.port, target_port=target, name=p.name, app_protocol=p.app_protocol
+                    )
+                )
             wp = self._waypoint_ref(ns, _waypoint_name(r.meta.labels, ns_labels), "service")
             svc: zs.Service | None
             try:
-                svc = zs.Service(name=r.meta.name, namespace=ns,
-                                 vips=(spec.cluster_ip,) if spec.cluster_ip else (),
-                                 ports=tuple(ports), endpoints=eps,
-                                 hostname=f"{r.meta.name}.{ns}.svc.{self.dns_domain}",
-                                 waypoint=wp)
+                svc = zs.Service(
+                    name=r.meta.name,
+                    namespace=ns,
+                    vips=(spec.cluster_ip,) if spec.cluster_ip else (),
+                    ports=tuple(ports),
+                    endpoints=eps,
+                    hostname=f"{r.meta.name}.{ns}.svc.{self.dns_domain}",
+                    waypoint=wp,
+                )
             except zs.SnapshotError as e:
-                log.warning("service left out of snapshots", service=f"{ns}/{r.meta.name}",
-                            reason=str(e))
+                log.warning(
+                    "service left out of snapshots", service=f"{ns}/{r.meta.name}", reason=str(e)
+                )
                 svc = None
             self._svc_memo[key] = (r, ctx, eps, svc)
             if svc is not None:
@@ -391,16 +447,20 @@ class MeshIndex:
     def policies_in(self, ns: str) -> tuple[zs.AuthorizationPolicy, ...]:
         cached = self._pol.get(ns)
         if cached is None:
-            cached = tuple(translate_policy(r) for r in sorted(
-                self._items("AuthorizationPolicy", ns), key=lambda r: r.meta.name))
+            cached = tuple(
+                translate_policy(r)
+                for r in sorted(self._items("AuthorizationPolicy", ns), key=lambda r: r.meta.name)
+            )
             self._pol[ns] = cached
         return cached
 
     def peer_authentications_in(self, ns: str) -> tuple[zs.PeerAuthentication, ...]:
         cached = self._pa.get(ns)
         if cached is None:
-            cached = tuple(translate_peer_authentication(r) for r in sorted(
-                self._items("PeerAuthentication", ns), key=lambda r: r.meta.name))
+            cached = tuple(
+                translate_peer_authentication(r)
+                for r in sorted(self._items("PeerAuthentication", ns), key=lambda r: r.meta.name)
+            )
             self._pa[ns] = cached
         return cached
 
@@ -436,15 +496,18 @@ class MeshIndex:
         all_services = [_drop_missing(s, workloads) or s for s in all_services]
         policy_ns = sorted(local_ns | {self.root_namespace})
         return zs.Snapshot(
-            version=self.version, node=node, trust_domain=self.trust_domain,
-            root_namespace=self.root_namespace, dns_domain=self.dns_domain,
+            version=self.version,
+            node=node,
+            trust_domain=self.trust_domain,
+            root_namespace=self.root_namespace,
+            dns_domain=self.dns_domain,
             workloads=tuple(sorted(workloads.values(), key=lambda w: w.uid)),
             services=tuple(sorted(all_services, key=lambda s: (s.namespace, s.name))),
-            waypoints=tuple(sorted(self.waypoints().values(),
-                                   key=lambda w: (w.namespace, w.name))),
+            waypoints=tuple(sorted(self.waypoints().values(), key=lambda w: (w.namespace, w.name))),
             authorization_policies=tuple(p for ns in policy_ns for p in self.policies_in(ns)),
-            peer_authentications=tuple(p for ns in policy_ns
-                                       for p in self.peer_authentications_in(ns)),
+            peer_authentications=tuple(
+                p for ns in policy_ns for p in self.peer_authentications_in(ns)
+            ),
             trust_bundle_pem=self.trust_bundle_pem,
         )
 
@@ -476,15 +539,16 @@ def _waypoint_snapshot(idx: MeshIndex, namespace: str, name: str) -> zs.Snapshot
                         workloads.setdefault(ep.workload_uid, wls[ep.workload_uid])
     policy_ns = sorted(namespaces | {idx.root_namespace})
     return zs.Snapshot(
-        version=idx.version, node=f"waypoint:{namespace}/{name}",
-        trust_domain=idx.trust_domain, root_namespace=idx.root_namespace,
+        version=idx.version,
+        node=f"waypoint:{namespace}/{name}",
+        trust_domain=idx.trust_domain,
+        root_namespace=idx.root_namespace,
         dns_domain=idx.dns_domain,
         workloads=tuple(sorted(workloads.values(), key=lambda w: w.uid)),
         services=tuple(sorted(services, key=lambda s: (s.namespace, s.name))),
         waypoints=(ref,) if ref is not None else (),
         authorization_policies=tuple(p for ns in policy_ns for p in idx.policies_in(ns)),
-        peer_authentications=tuple(p for ns in policy_ns
-                                   for p in idx.peer_authentications_in(ns)),
+        peer_authentications=tuple(p for ns in policy_ns for p in idx.peer_authentications_in(ns)),
         trust_bundle_pem=idx.trust_bundle_pem,
     )
 
@@ -494,17 +558,28 @@ def _drop_missing(s: zs.Service, workloads: Mapping[str, zs.Workload]) -> zs.Ser
     eps = tuple(ep for ep in s.endpoints if ep.workload_uid in workloads)
     if len(eps) == len(s.endpoints):
         return None
-    return zs.Service(name=s.name, namespace=s.namespace, vips=s.vips, ports=s.ports,
-                      endpoints=eps, hostname=s.hostname, waypoint=s.waypoint,
-                      traffic_distribution=s.traffic_distribution)
+    return zs.Service(
+        name=s.name,
+        namespace=s.namespace,
+        vips=s.vips,
+        ports=s.ports,
+        endpoints=eps,
+        hostname=s.hostname,
+        waypoint=s.waypoint,
+        traffic_distribution=s.traffic_distribution,
+    )
 
 
-def compute_snapshot(resources: Iterable[Resource], node: str, *, version: int = 0,
-                     trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
-                     root_namespace: str = zs.DEFAULT_ROOT_NAMESPACE,
-                     trust_bundle_pem: str = "",
-                     waypoint_addresses: Mapping[tuple[str, str], str] | None = None,
-                     ) -> zs.Snapshot:
+def compute_snapshot(
+    resources: Iterable[Resource],
+    node: str,
+    *,
+    version: int = 0,
+    trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
+    root_namespace: str = zs.DEFAULT_ROOT_NAMESPACE,
+    trust_bundle_pem: str = "",
+    waypoint_addresses: Mapping[tuple[str, str], str] | None = None,
+) -> zs.Snapshot:
     """One-shot: the snapshot for `node` from a set of resources."""
     idx = MeshIndex(trust_domain=trust_domain, root_namespace=root_namespace)
     idx.trust_bundle_pem = trust_bundle_pem
@@ -681,8 +756,9 @@ class NodeViews:
             pols = idx.policies_in(ns)
             pas = idx.peer_authentications_in(ns)
             seen = self._ns_seen.get(ns)
-            if seen is not None and all(a is b for a, b in zip(seen, (wls, svcs, pols, pas),
-                                                                 strict=True)):
+            if seen is not None and all(
+                a is b for a, b in zip(seen, (wls, svcs, pols, pas), strict=True)
+            ):
                 continue
             self._ns_seen[ns] = (wls, svcs, pols, pas)
             fresh: dict[ItemKey, tuple[object, str]] = {}
@@ -742,15 +818,23 @@ class NodeViews:
         if coll in ("services", "waypoints"):
             return True
         if coll == "workloads":
-            return (item.node == node or item.namespace in local_ns
-                    or k[1] in self._endpoints.get(item.namespace, ()))
+            return (
+                item.node == node
+                or item.namespace in local_ns
+                or k[1] in self._endpoints.get(item.namespace, ())
+            )
         return item.namespace == self.index.root_namespace or item.namespace in local_ns
 
     def _scalars(self, node: str) -> dict[str, Any]:
         idx = self.index
-        return {"version": self.version, "node": node, "trust_domain": idx.trust_domain,
-                "root_namespace": idx.root_namespace, "dns_domain": idx.dns_domain,
-                "trust_bundle_pem": idx.trust_bundle_pem}
+        return {
+            "version": self.version,
+            "node": node,
+            "trust_domain": idx.trust_domain,
+            "root_namespace": idx.root_namespace,
+            "dns_domain": idx.dns_domain,
+            "trust_bundle_pem": idx.trust_bundle_pem,
+        }
 
     def full(self, state: NodeState) -> dict[str, Any]:
         """The node's whole snapshot dict; resets `state` to it."""
@@ -814,8 +898,7 @@ class NodeViews:
             return None
         return "delta", {"set": set_, "upsert": upsert, "remove": remove}
 
-    def _diff_maps(self, old: Mapping[ItemKey, int],
-                   new: Mapping[ItemKey, int]) -> dict[str, Any]:
+    def _diff_maps(self, old: Mapping[ItemKey, int], new: Mapping[ItemKey, int]) -> dict[str, Any]:
         upsert: dict[str, list[Any]] = {}
         remove: dict[str, list[str]] = {}
         for k, d in new.items():

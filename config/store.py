@@ -76,8 +76,14 @@ class Change:
     body: Mapping[str, Any] | None  # None for deletes
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "op": self.op, "kind": self.key.kind,
-                "namespace": self.key.namespace, "name": self.key.name, "body": self.body}
+        return {
+            "version": self.version,
+            "op": self.op,
+            "kind": self.key.kind,
+            "namespace": self.key.namespace,
+            "name": self.key.name,
+            "body": self.body,
+        }
 
 
 @dataclass(frozen=True)
@@ -90,12 +96,18 @@ class ApplyResult:
         k = self.key
         info = KINDS.get(k.kind)
         kind = info.kind.lower() if info else k.kind.lower()
-        return f"{kind}/{k.name} {self.action}" + (f" (namespace {k.namespace})"
-                                                      if k.namespace else "")
+        return f"{kind}/{k.name} {self.action}" + (
+            f" (namespace {k.namespace})" if k.namespace else ""
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.key.kind, "namespace": self.key.namespace, "name": self.key.name,
-                "action": self.action, "version": self.version}
+        return {
+            "kind": self.key.kind,
+            "namespace": self.key.namespace,
+            "name": self.key.name,
+            "action": self.action,
+            "version": self.version,
+        }
 
 
 _SCHEMA = """
@@ -141,8 +153,9 @@ class Store:
         try:
             self.service_net = ipaddress.ip_network(service_cidr)
         except ValueError:
-            raise ValueError(f"bad service range {service_cidr!r}: expected a CIDR like "
-                             "10.96.0.0/16") from None
+            raise ValueError(
+                f"bad service range {service_cidr!r}: expected a CIDR like 10.96.0.0/16"
+            ) from None
         self.root_namespace = root_namespace
         self.history_limit = history_limit
         self._lock = threading.RLock()
@@ -179,24 +192,32 @@ class Store:
         with self._lock:
             if self._db.execute("SELECT 1 FROM addresses LIMIT 1").fetchone() is not None:
                 return
-            rows = self._db.execute("SELECT namespace, name, body FROM resources WHERE "
-                                    "kind='WorkloadEntry'").fetchall()
+            rows = self._db.execute(
+                "SELECT namespace, name, body FROM resources WHERE kind='WorkloadEntry'"
+            ).fetchall()
             if not rows:
                 return
             self._db.execute("BEGIN IMMEDIATE")
             for ns, name, body in rows:
                 addr = json.loads(body).get("spec", {}).get("address")
                 if addr:
-                    self._db.execute("INSERT OR IGNORE INTO addresses(ip, namespace, name) "
-                                     "VALUES(?,?,?)", (addr, ns, name))
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO addresses(ip, namespace, name) VALUES(?,?,?)",
+                        (addr, ns, name),
+                    )
             self._db.execute("COMMIT")
 
     def _ensure_builtin_namespaces(self) -> None:
         docs = []
         for ns in (DEFAULT_NAMESPACE, self.root_namespace):
             if self.get("Namespace", "", ns) is None:
-                docs.append(Document("<builtin>", 1, {"apiVersion": "v1", "kind": "Namespace",
-                                                      "metadata": {"name": ns}}))
+                docs.append(
+                    Document(
+                        "<builtin>",
+                        1,
+                        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+                    )
+                )
         if docs:
             self.apply(docs)
 
@@ -218,14 +239,19 @@ class Store:
         return int(row[0]) if row else default
 
     def _set_meta(self, key: str, value: object) -> None:
-        self._db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
-                         "SET value=excluded.value", (key, str(value)))
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
+            "SET value=excluded.value",
+            (key, str(value)),
+        )
 
     def get(self, kind: str, namespace: str, name: str) -> StoredResource | None:
         with self._rlock:
             row = self._rdb.execute(
                 "SELECT kind, namespace, name, version, created, body FROM resources "
-                "WHERE kind=? AND namespace=? AND name=?", (kind, namespace, name)).fetchone()
+                "WHERE kind=? AND namespace=? AND name=?",
+                (kind, namespace, name),
+            ).fetchone()
         return _row(row) if row else None
 
     def list_resources(
@@ -253,17 +279,19 @@ class Store:
             self._rdb.execute("BEGIN")
             try:
                 v = self._meta_int("version", 0, self._rdb)
-                rows = self._rdb.execute("SELECT kind, namespace, name, version, created, body "
-                                        "FROM resources ORDER BY kind, namespace, name"
-                                        ).fetchall()
+                rows = self._rdb.execute(
+                    "SELECT kind, namespace, name, version, created, body "
+                    "FROM resources ORDER BY kind, namespace, name"
+                ).fetchall()
             finally:
                 self._rdb.execute("COMMIT")
         return v, [_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._rlock:
-            rows = self._rdb.execute("SELECT kind, count(*) FROM resources GROUP BY kind"
-                                    ).fetchall()
+            rows = self._rdb.execute(
+                "SELECT kind, count(*) FROM resources GROUP BY kind"
+            ).fetchall()
         return {str(k): int(n) for k, n in rows}
 
     def changes_since(self, version: int, limit: int = 10_000) -> list[Change]:
@@ -273,13 +301,17 @@ class Store:
             if version < floor:
                 raise HistoryCompacted(
                     f"version {version} is older than the kept history (from {floor}): "
-                    "relist everything and watch from the current version")
+                    "relist everything and watch from the current version"
+                )
             rows = self._rdb.execute(
                 "SELECT version, op, kind, namespace, name, body FROM changes WHERE version>? "
-                "ORDER BY version LIMIT ?", (version, limit)).fetchall()
-        return [Change(int(v), str(op), ResourceKey(k, ns, n),
-                       json.loads(b) if b is not None else None)
-                for v, op, k, ns, n, b in rows]
+                "ORDER BY version LIMIT ?",
+                (version, limit),
+            ).fetchall()
+        return [
+            Change(int(v), str(op), ResourceKey(k, ns, n), json.loads(b) if b is not None else None)
+            for v, op, k, ns, n, b in rows
+        ]
 
     async def watch(self, since: int) -> AsyncIterator[Change]:
         """Yield every change after `since`, then wait for new ones (forever)."""
@@ -308,8 +340,13 @@ class Store:
     # -- writes --------------------------------------------------------------------------
 
     def _exists(self, key: ResourceKey) -> bool:
-        return self._db.execute("SELECT 1 FROM resources WHERE kind=? AND namespace=? AND name=?",
-                                (key.kind, key.namespace, key.name)).fetchone() is not None
+        return (
+            self._db.execute(
+                "SELECT 1 FROM resources WHERE kind=? AND namespace=? AND name=?",
+                (key.kind, key.namespace, key.name),
+            ).fetchone()
+            is not None
+        )
 
     def apply(self, docs: Sequence[Document], *, dry_run: bool = False) -> list[ApplyResult]:
         """Validate and store every document in one transaction: all of them or none."""
@@ -341,22 +378,26 @@ class Store:
             if isinstance(res.spec, WorkloadEntrySpec):
                 err = self._assign_address(key, res.spec.address)
                 if err:
-                    problems.append(Problem(doc.source, doc.index, str(key), "spec.address",
-                                            err))
+                    problems.append(Problem(doc.source, doc.index, str(key), "spec.address", err))
                     continue
             if isinstance(res.spec, ServiceSpec):
                 if used_vips is None:
-                    used_vips = {r[0] for r in self._db.execute(
-                        "SELECT ip FROM vips UNION SELECT ip FROM addresses")}
+                    used_vips = {
+                        r[0]
+                        for r in self._db.execute(
+                            "SELECT ip FROM vips UNION SELECT ip FROM addresses"
+                        )
+                    }
                 vip, err = self._assign_vip(key, res.spec.cluster_ip, used_vips)
                 if err:
-                    problems.append(Problem(doc.source, doc.index, str(key), "spec.clusterIP",
-                                            err))
+                    problems.append(Problem(doc.source, doc.index, str(key), "spec.clusterIP", err))
                     continue
                 body.setdefault("spec", {})["clusterIP"] = vip
             row = self._db.execute(
                 "SELECT version, created, body FROM resources WHERE kind=? AND namespace=? "
-                "AND name=?", (key.kind, key.namespace, key.name)).fetchone()
+                "AND name=?",
+                (key.kind, key.namespace, key.name),
+            ).fetchone()
             if row is not None and json.loads(row[2]) == body:
                 results.append(ApplyResult(key, "unchanged", int(row[0])))
                 continue
@@ -367,10 +408,13 @@ class Store:
                 "INSERT INTO resources(kind, namespace, name, version, created, body) "
                 "VALUES(?,?,?,?,?,?) ON CONFLICT(kind, namespace, name) DO UPDATE SET "
                 "version=excluded.version, body=excluded.body",
-                (key.kind, key.namespace, key.name, version, created, text))
-            self._db.execute("INSERT INTO changes(version, op, kind, namespace, name, body) "
-                             "VALUES(?, 'put', ?, ?, ?, ?)",
-                             (version, key.kind, key.namespace, key.name, text))
+                (key.kind, key.namespace, key.name, version, created, text),
+            )
+            self._db.execute(
+                "INSERT INTO changes(version, op, kind, namespace, name, body) "
+                "VALUES(?, 'put', ?, ?, ?, ?)",
+                (version, key.kind, key.namespace, key.name, text),
+            )
             writes += 1
             if self.after_write_hook is not None:
                 self.after_write_hook(writes)
@@ -382,53 +426,67 @@ class Store:
 
     def _assign_address(self, key: ResourceKey, address: str) -> str:
         """Claim `address` for a WorkloadEntry; an error text when another object has it."""
-        owner = self._db.execute("SELECT namespace, name FROM addresses WHERE ip=?",
-                                 (address,)).fetchone()
+        owner = self._db.execute(
+            "SELECT namespace, name FROM addresses WHERE ip=?", (address,)
+        ).fetchone()
         if owner is not None and (owner[0], owner[1]) != (key.namespace, key.name):
-            return (f"{address} is already the address of WorkloadEntry {owner[0]}/{owner[1]}: "
-                    "every workload needs its own address")
-        vip = self._db.execute("SELECT namespace, name FROM vips WHERE ip=?",
-                               (address,)).fetchone()
+            return (
+                f"{address} is already the address of WorkloadEntry {owner[0]}/{owner[1]}: "
+                "every workload needs its own address"
+            )
+        vip = self._db.execute("SELECT namespace, name FROM vips WHERE ip=?", (address,)).fetchone()
         if vip is not None:
             return f"{address} is the VIP of Service {vip[0]}/{vip[1]}: use another address"
-        self._db.execute("DELETE FROM addresses WHERE namespace=? AND name=?",
-                         (key.namespace, key.name))
-        self._db.execute("INSERT INTO addresses(ip, namespace, name) VALUES(?,?,?)",
-                         (address, key.namespace, key.name))
+        self._db.execute(
+            "DELETE FROM addresses WHERE namespace=? AND name=?", (key.namespace, key.name)
+        )
+        self._db.execute(
+            "INSERT INTO addresses(ip, namespace, name) VALUES(?,?,?)",
+            (address, key.namespace, key.name),
+        )
         return ""
 
-    def _assign_vip(self, key: ResourceKey, explicit: str,
-                    used: set[str]) -> tuple[str, str]:
-        cur = self._db.execute("SELECT ip FROM vips WHERE namespace=? AND name=?",
-                               (key.namespace, key.name)).fetchone()
+    def _assign_vip(self, key: ResourceKey, explicit: str, used: set[str]) -> tuple[str, str]:
+        cur = self._db.execute(
+            "SELECT ip FROM vips WHERE namespace=? AND name=?", (key.namespace, key.name)
+        ).fetchone()
         current = str(cur[0]) if cur else ""
         if explicit:
             if explicit == current:
                 return explicit, ""
-            owner = self._db.execute("SELECT namespace, name FROM vips WHERE ip=?",
-                                     (explicit,)).fetchone()
+            owner = self._db.execute(
+                "SELECT namespace, name FROM vips WHERE ip=?", (explicit,)
+            ).fetchone()
             if owner is not None:
-                return "", (f"{explicit} is already the VIP of Service {owner[0]}/{owner[1]}: "
-                            "choose another address or omit clusterIP to get one allocated")
-            wl = self._db.execute("SELECT namespace, name FROM addresses WHERE ip=?",
-                                  (explicit,)).fetchone()
+                return "", (
+                    f"{explicit} is already the VIP of Service {owner[0]}/{owner[1]}: "
+                    "choose another address or omit clusterIP to get one allocated"
+                )
+            wl = self._db.execute(
+                "SELECT namespace, name FROM addresses WHERE ip=?", (explicit,)
+            ).fetchone()
             if wl is not None:
-                return "", (f"{explicit} is the address of WorkloadEntry {wl[0]}/{wl[1]}: "
-                            "choose another address or omit clusterIP to get one allocated")
+                return "", (
+                    f"{explicit} is the address of WorkloadEntry {wl[0]}/{wl[1]}: "
+                    "choose another address or omit clusterIP to get one allocated"
+                )
             vip = explicit
         elif current:
             return current, ""
         else:
             vip = self._free_vip(used)
             if not vip:
-                return "", (f"the service range {self.service_net} is exhausted: delete "
-                            "unused Services or start the control plane with a larger range")
+                return "", (
+                    f"the service range {self.service_net} is exhausted: delete "
+                    "unused Services or start the control plane with a larger range"
+                )
         if current:
             used.discard(current)
             self._db.execute("DELETE FROM vips WHERE ip=?", (current,))
         used.add(vip)
-        self._db.execute("INSERT INTO vips(ip, namespace, name) VALUES(?,?,?)",
-                         (vip, key.namespace, key.name))
+        self._db.execute(
+            "INSERT INTO vips(ip, namespace, name) VALUES(?,?,?)", (vip, key.namespace, key.name)
+        )
         return vip, ""
 
     def _free_vip(self, used: set[str]) -> str:
@@ -439,8 +497,9 @@ class Store:
         """
         net = self.service_net
         base = int(net.network_address)
-        first, last = (1, net.num_addresses - 2) if net.num_addresses > 2 else (
-            0, net.num_addresses - 1)
+        first, last = (
+            (1, net.num_addresses - 2) if net.num_addresses > 2 else (0, net.num_addresses - 1)
+        )
         off = max(first, self._vip_cursor)
         while off <= last:
             text = str(ipaddress.ip_address(base + off))
@@ -482,41 +541,52 @@ class Store:
                 continue
             if k.name in (DEFAULT_NAMESPACE, self.root_namespace):
                 raise Conflict(f"namespace {k.name!r} is built in and cannot be deleted")
-            rows = self._db.execute("SELECT kind, namespace, name FROM resources WHERE "
-                                    "namespace=?", (k.name,)).fetchall()
+            rows = self._db.execute(
+                "SELECT kind, namespace, name FROM resources WHERE namespace=?", (k.name,)
+            ).fetchall()
             left = [r for r in rows if ResourceKey(*r) not in deleting]
             if left:
-                raise Conflict(f"namespace {k.name!r} still holds {len(left)} resource(s) "
-                               f"(e.g. {ResourceKey(*left[0])}): delete them first")
+                raise Conflict(
+                    f"namespace {k.name!r} still holds {len(left)} resource(s) "
+                    f"(e.g. {ResourceKey(*left[0])}): delete them first"
+                )
         version = self._meta_int("version", 0)
         out = []
         for k in keys:
             version += 1
-            self._db.execute("DELETE FROM resources WHERE kind=? AND namespace=? AND name=?",
-                             (k.kind, k.namespace, k.name))
+            self._db.execute(
+                "DELETE FROM resources WHERE kind=? AND namespace=? AND name=?",
+                (k.kind, k.namespace, k.name),
+            )
             if k.kind == "Service":
-                self._db.execute("DELETE FROM vips WHERE namespace=? AND name=?",
-                                 (k.namespace, k.name))
+                self._db.execute(
+                    "DELETE FROM vips WHERE namespace=? AND name=?", (k.namespace, k.name)
+                )
             if k.kind == "WorkloadEntry":
-                self._db.execute("DELETE FROM addresses WHERE namespace=? AND name=?",
-                                 (k.namespace, k.name))
-            self._db.execute("INSERT INTO changes(version, op, kind, namespace, name, body) "
-                             "VALUES(?, 'delete', ?, ?, ?, NULL)",
-                             (version, k.kind, k.namespace, k.name))
+                self._db.execute(
+                    "DELETE FROM addresses WHERE namespace=? AND name=?", (k.namespace, k.name)
+                )
+            self._db.execute(
+                "INSERT INTO changes(version, op, kind, namespace, name, body) "
+                "VALUES(?, 'delete', ?, ?, ?, NULL)",
+                (version, k.kind, k.namespace, k.name),
+            )
             out.append(ApplyResult(k, "deleted", version))
         self._finish_tx(version)
         return out
 
-    def label(self, key: ResourceKey, set_labels: Mapping[str, str],
-              remove: Sequence[str] = ()) -> ApplyResult:
+    def label(
+        self, key: ResourceKey, set_labels: Mapping[str, str], remove: Sequence[str] = ()
+    ) -> ApplyResult:
         """Set and remove labels of one resource (a new version, like an apply)."""
         for k, v in set_labels.items():
             try:
                 check_label_key(k, f"metadata.labels.{k}")
                 check_label_value(k, v, f"metadata.labels.{k}")
             except FieldError as e:
-                raise ValidationFailed([Problem("<label>", 1, str(key), e.path, e.message)]
-                                       ) from None
+                raise ValidationFailed(
+                    [Problem("<label>", 1, str(key), e.path, e.message)]
+                ) from None
         with self._lock:
             cur = self.get(key.kind, key.namespace, key.name)
             if cur is None:
@@ -536,11 +606,9 @@ class Store:
                 md.pop("labels", None)
             res = self.apply([Document("<label>", 1, body)])
         r = res[0]
-        return ApplyResult(r.key, "labeled" if r.action != "unchanged" else "unchanged",
-                           r.version)
+        return ApplyResult(r.key, "labeled" if r.action != "unchanged" else "unchanged", r.version)
 
 
 def _row(r: Any) -> StoredResource:
     kind, ns, name, version, created, body = r
-    return StoredResource(ResourceKey(kind, ns, name), int(version), int(created),
-                          json.loads(body))
+    return StoredResource(ResourceKey(kind, ns, name), int(version), int(created), json.loads(body))

@@ -33,15 +33,23 @@ class Document:
     prefix: str = ""  # field-path prefix for items of a `kind: List` document
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "index": self.index, "prefix": self.prefix,
-                "object": self.obj}
+        return {
+            "source": self.source,
+            "index": self.index,
+            "prefix": self.prefix,
+            "object": self.obj,
+        }
 
     @classmethod
     def from_json(cls, d: Any) -> Document:
         if not isinstance(d, dict) or "object" not in d:
             raise ValueError("each document must be an object with an 'object' field")
-        return cls(str(d.get("source", "<request>")), int(d.get("index", 1)), d["object"],
-                   str(d.get("prefix", "")))
+        return cls(
+            str(d.get("source", "<request>")),
+            int(d.get("index", 1)),
+            d["object"],
+            str(d.get("prefix", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,13 @@ class Problem:
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "index": self.index, "resource": self.resource,
-                "path": self.path, "message": self.message}
+        return {
+            "source": self.source,
+            "index": self.index,
+            "resource": self.resource,
+            "path": self.path,
+            "message": self.message,
+        }
 
 
 class ValidationFailed(Exception):
@@ -102,19 +115,24 @@ def load_text(text: str, source: str) -> list[Document]:
             lines = text.splitlines()
             seps = [i for i, ln in enumerate(lines) if ln.startswith("---")]
             index = 1 + sum(1 for i in seps if i < mark.line)
-            first_content = next((i for i, ln in enumerate(lines)
-                                  if ln.strip() and not ln.startswith("#")), 0)
+            first_content = next(
+                (i for i, ln in enumerate(lines) if ln.strip() and not ln.startswith("#")), 0
+            )
             if seps and seps[0] == first_content and seps[0] < mark.line:
                 index -= 1
-        raise ValidationFailed([Problem(source, max(index, 1), "", "",
-                                        f"not valid YAML{where}: {problem}")]) from None
+        raise ValidationFailed(
+            [Problem(source, max(index, 1), "", "", f"not valid YAML{where}: {problem}")]
+        ) from None
     position = 0
     for obj in raw:
         position += 1
         if obj is None:
             continue
-        if (isinstance(obj, dict) and obj.get("kind") == "List"
-                and isinstance(obj.get("items"), list)):
+        if (
+            isinstance(obj, dict)
+            and obj.get("kind") == "List"
+            and isinstance(obj.get("items"), list)
+        ):
             for i, item in enumerate(obj["items"]):
                 docs.append(Document(source, position, item, f"items[{i}]"))
             continue
@@ -134,8 +152,9 @@ def load_paths(paths: Iterable[str], stdin: TextIO | None = None) -> list[Docume
         if os.path.isdir(p):
             names = sorted(n for n in os.listdir(p) if n.endswith(MANIFEST_SUFFIXES))
             if not names:
-                raise ValidationFailed([Problem(p, 1, "", "", "directory holds no *.yaml, "
-                                                "*.yml or *.json files")])
+                raise ValidationFailed(
+                    [Problem(p, 1, "", "", "directory holds no *.yaml, *.yml or *.json files")]
+                )
             for n in names:
                 docs.extend(_load_file(os.path.join(p, n)))
             continue
@@ -180,14 +199,20 @@ def validate_batch(
         try:
             res = parse_resource(doc.obj, default_namespace=default_namespace)
         except FieldError as e:
-            problems.append(_problem(doc, resource_label(doc.obj, default_namespace), e.path,
-                                     e.message))
+            problems.append(
+                _problem(doc, resource_label(doc.obj, default_namespace), e.path, e.message)
+            )
             continue
         first = seen.get(res.key)
         if first is not None:
-            problems.append(_problem(doc, str(res.key), "metadata.name",
-                                     f"duplicate: also defined in {first.source} document "
-                                     f"{first.index}"))
+            problems.append(
+                _problem(
+                    doc,
+                    str(res.key),
+                    "metadata.name",
+                    f"duplicate: also defined in {first.source} document {first.index}",
+                )
+            )
             continue
         seen[res.key] = doc
         parsed.append((doc, res))
@@ -198,9 +223,15 @@ def validate_batch(
     for doc, res in parsed:
         ns = res.meta.namespace
         if ns and not present(ResourceKey("Namespace", "", ns)):
-            problems.append(_problem(doc, str(res.key), "metadata.namespace",
-                                     f"namespace {ns!r} does not exist: create it (kind "
-                                     "Namespace) first or in the same apply"))
+            problems.append(
+                _problem(
+                    doc,
+                    str(res.key),
+                    "metadata.namespace",
+                    f"namespace {ns!r} does not exist: create it (kind "
+                    "Namespace) first or in the same apply",
+                )
+            )
             continue
         if isinstance(res.spec, HTTPRouteSpec):
             for ri, rule in enumerate(res.spec.rules):
@@ -209,10 +240,15 @@ def validate_batch(
                     if ref is None:
                         continue
                     if not present(ResourceKey(ref.kind, ref.namespace, ref.name)):
-                        problems.append(_problem(
-                            doc, str(res.key), f"spec.rules[{ri}].filters[{fi}].extensionRef",
-                            f"{ref.kind} {ref.namespace}/{ref.name} does not exist: apply it "
-                            "first or in the same apply"))
+                        problems.append(
+                            _problem(
+                                doc,
+                                str(res.key),
+                                f"spec.rules[{ri}].filters[{fi}].extensionRef",
+                                f"{ref.kind} {ref.namespace}/{ref.name} does not exist: apply it "
+                                "first or in the same apply",
+                            )
+                        )
     if problems:
         raise ValidationFailed(problems)
     return parsed

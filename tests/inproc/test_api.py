@@ -74,7 +74,9 @@ async def test_apply_get_label_delete_over_the_unix_socket(tmp_path: Path) -> No
         c = cp.unix()
         res = await call(c.apply, load_text(MANIFEST, "shop.yaml"))
         assert [(r["kind"], r["action"]) for r in res["results"]] == [
-            ("Namespace", "created"), ("Service", "created")]
+            ("Namespace", "created"),
+            ("Service", "created"),
+        ]
         got = await call(c.get, "svc", "web", "shop")
         (item,) = got["items"]
         assert item["spec"]["clusterIP"] == "10.96.0.1"
@@ -82,8 +84,11 @@ async def test_apply_get_label_delete_over_the_unix_socket(tmp_path: Path) -> No
         res = await call(c.label, "namespace", "shop", "", {"istio.io/use-waypoint": "wp"}, [])
         assert res["results"][0]["action"] == "labeled"
         listed = await call(c.get, "ns")
-        assert {i["metadata"]["name"] for i in listed["items"]} == {"default", "istio-system",
-                                                                    "shop"}
+        assert {i["metadata"]["name"] for i in listed["items"]} == {
+            "default",
+            "istio-system",
+            "shop",
+        }
         await call(c.delete, [{"kind": "Service", "name": "web", "namespace": "shop"}])
         with pytest.raises(ClientError, match="Service 'web' not found in namespace shop") as e:
             await call(c.get, "svc", "web", "shop")
@@ -101,12 +106,15 @@ async def test_socket_is_root_only(tmp_path: Path) -> None:
 async def test_validation_errors_come_back_with_every_problem(tmp_path: Path) -> None:
     async with api(tmp_path) as cp:
         bad = MANIFEST.replace("port: 80", "port: 80000") + (
-            "---\napiVersion: v1\nkind: Gizmo\nmetadata: {name: g}\n")
+            "---\napiVersion: v1\nkind: Gizmo\nmetadata: {name: g}\n"
+        )
         with pytest.raises(ClientError) as e:
             await call(cp.unix().apply, load_text(bad, "shop.yaml"))
         assert e.value.status == 422
-        assert str(e.value).startswith("2 problems, nothing applied; first: shop.yaml: "
-                                       "document 2 (Service shop/web): spec.ports[0].port")
+        assert str(e.value).startswith(
+            "2 problems, nothing applied; first: shop.yaml: "
+            "document 2 (Service shop/web): spec.ports[0].port"
+        )
         assert [d["path"] for d in e.value.details] == ["spec.ports[0].port", "kind"]
         assert cp.store.get("Namespace", "", "shop") is None
 
@@ -122,8 +130,9 @@ async def test_admin_certificate_is_accepted_over_tls(tmp_path: Path) -> None:
 
 async def test_non_admin_credential_of_the_api_ca_gets_403(tmp_path: Path) -> None:
     async with api(tmp_path) as cp:
-        cert, key = issue_api_credential(str(cp.data), "node-a",
-                                         "spiffe://cluster.local/ambit/node/node-a")
+        cert, key = issue_api_credential(
+            str(cp.data), "node-a", "spiffe://cluster.local/ambit/node/node-a"
+        )
         with pytest.raises(ClientError, match="is not an admin credential") as e:
             await call(cp.tls_client(cert, key).status)
         assert e.value.status == 403
@@ -135,8 +144,10 @@ async def test_non_admin_credential_of_the_api_ca_gets_403(tmp_path: Path) -> No
 async def test_mesh_credentials_are_refused_even_with_the_admin_uri(tmp_path: Path) -> None:
     async with api(tmp_path) as cp:
         mesh = TestPKI()
-        for cert in (mesh.issue("shop", "web"),
-                     mesh.issue("istio-system", "x", uri=admin_uri("cluster.local"))):
+        for cert in (
+            mesh.issue("shop", "web"),
+            mesh.issue("istio-system", "x", uri=admin_uri("cluster.local")),
+        ):
             c, k, _ca = mesh.write_files(cert, tmp_path / "mesh")
             with pytest.raises(ClientError, match=r"TLS with the control plane at .* failed"):
                 await call(cp.tls_client(c, k).status)
@@ -160,7 +171,8 @@ async def test_token_create_calls_the_issuer(tmp_path: Path) -> None:
     async with api(tmp_path, token_issuer=issuer) as cp:
         assert (await call(cp.unix().token, node="node-a"))["token"] == "tok-node-node-a"
         assert (await call(cp.unix().token, waypoint="shop/wp"))["token"] == (
-            "tok-waypoint-shop/wp")
+            "tok-waypoint-shop/wp"
+        )
     assert issued == [("node", "node-a"), ("waypoint", "shop/wp")]
 
 
@@ -168,8 +180,10 @@ async def test_unreachable_socket_error_says_what_to_do(tmp_path: Path) -> None:
     c = ApiClient(socket_path=str(tmp_path / "nothing.sock"), timeout=2)
     with pytest.raises(ClientError) as e:
         await call(c.status)
-    assert str(e.value) == (f"cannot reach the control plane at {tmp_path}/nothing.sock: "
-                            "is `ambit control-plane` running?")
+    assert str(e.value) == (
+        f"cannot reach the control plane at {tmp_path}/nothing.sock: "
+        "is `ambit control-plane` running?"
+    )
 
 
 async def test_unknown_endpoint_and_bad_kind(tmp_path: Path) -> None:
@@ -190,4 +204,6 @@ async def test_changes_endpoint_resumes_from_a_version(tmp_path: Path) -> None:
         await call(c.apply, load_text(MANIFEST, "shop.yaml"))
         got = await call(c.call, "GET", "/v1/changes", None, {"since": str(v0)})
         assert [(ch["op"], ch["kind"], ch["name"]) for ch in got["changes"]] == [
-            ("put", "Namespace", "shop"), ("put", "Service", "web")]
+            ("put", "Namespace", "shop"),
+            ("put", "Service", "web"),
+        ]

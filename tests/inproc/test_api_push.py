@@ -50,9 +50,11 @@ metadata: {name: api, namespace: shop}
 spec: {clusterIP: 10.96.1.1, selector: {app: api}, ports: [{port: 80, targetPort: 8080}]}
 """
 
-WE = ("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
-      "metadata: {{name: {name}, namespace: shop, annotations: {{ambit.dev/node: node-b}}}}\n"
-      "spec: {{address: {ip}, labels: {{app: extra}}}}\n")
+WE = (
+    "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+    "metadata: {{name: {name}, namespace: shop, annotations: {{ambit.dev/node: node-b}}}}\n"
+    "spec: {{address: {ip}, labels: {{app: extra}}}}\n"
+)
 
 ROUTE = """---
 apiVersion: gateway.networking.k8s.io/v1
@@ -75,13 +77,20 @@ class Plane:
 
     def client(self, subject: str, name: str = "", **kw: str) -> PushClient:
         token = self.tokens.create(subject)
-        return PushClient(self.address, subject, self.data.parent / (name or subject.replace(
-            "/", "_")), token=token, timeout=5, **kw)
+        return PushClient(
+            self.address,
+            subject,
+            self.data.parent / (name or subject.replace("/", "_")),
+            token=token,
+            timeout=5,
+            **kw,
+        )
 
 
 @asynccontextmanager
-async def plane(tmp_path: Path, data: Path | None = None,
-                history_limit: int = 100_000) -> AsyncIterator[Plane]:
+async def plane(
+    tmp_path: Path, data: Path | None = None, history_limit: int = 100_000
+) -> AsyncIterator[Plane]:
     data = data or tmp_path / "cp"
     data.mkdir(exist_ok=True)
     ca = CertificateAuthority.load_or_create(data, "cluster.local")
@@ -158,10 +167,13 @@ async def test_node_joins_follows_changes_within_a_second_and_acks(tmp_path: Pat
             # a change reaches the node quickly, as a delta
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            await apply(p, "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
-                           "metadata: {name: api-2, namespace: shop, annotations: "
-                           "{ambit.dev/node: node-b}}\n"
-                           "spec: {address: 10.2.0.13, labels: {app: api}, serviceAccount: api}\n")
+            await apply(
+                p,
+                "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+                "metadata: {name: api-2, namespace: shop, annotations: "
+                "{ambit.dev/node: node-b}}\n"
+                "spec: {address: 10.2.0.13, labels: {app: api}, serviceAccount: api}\n",
+            )
             snap = await rec.wait_for(lambda s: s.workload_by_ip("10.2.0.13") is not None)
             assert loop.time() - t0 < 1.0
             api = snap.service_by_vip("10.96.1.1")
@@ -190,16 +202,21 @@ async def test_node_scoping_and_certificates_only_for_own_workloads(tmp_path: Pa
         chain = await a.fetch_certificate(web, make_csr(web, generate_key()))
         assert chain and chain[0].startswith(b"-----BEGIN CERTIFICATE-----")
         api = SpiffeId("cluster.local", "shop", "api")
-        with pytest.raises(PushError, match=re.escape(
+        with pytest.raises(
+            PushError,
+            match=re.escape(
                 "node-impersonation: identity spiffe://cluster.local/ns/shop/sa/api is not "
-                "scheduled on node node-a")):
+                "scheduled on node node-a"
+            ),
+        ):
             await a.fetch_certificate(api, make_csr(api, generate_key()))
 
 
 async def test_join_with_a_bad_token_is_refused(tmp_path: Path) -> None:
     async with plane(tmp_path) as p:
-        client = PushClient(p.address, "node-x", tmp_path / "x", token="ambit-join.bogus",
-                            timeout=5)
+        client = PushClient(
+            p.address, "node-x", tmp_path / "x", token="ambit-join.bogus", timeout=5
+        )
         with pytest.raises(PushError, match="join-token: unknown join token"):
             await client.join()
         with pytest.raises(PushError, match=r"no node certificate .* and no --token"):
@@ -248,22 +265,35 @@ async def test_resume_after_control_plane_restart_resends_nothing(tmp_path: Path
             # only the saved snapshot was applied: nothing came over the stream
             assert len(rec2.snapshots) == 1
             # and later changes still flow
-            await apply(p, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: "
-                           "shop}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n")
-            snap = await rec2.wait_for(lambda s: s.service_by_hostname(
-                "web.shop.svc.cluster.local") is not None)
+            await apply(
+                p,
+                "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: "
+                "shop}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n",
+            )
+            snap = await rec2.wait_for(
+                lambda s: s.service_by_hostname("web.shop.svc.cluster.local") is not None
+            )
             assert snap.version == p.store.version
             task.cancel()
 
 
 async def test_waypoint_registers_its_address_and_services_bind_to_it(tmp_path: Path) -> None:
-    gw = ("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
-          "metadata: {name: wp, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n"
-          "  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n")
+    gw = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+        "metadata: {name: wp, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n"
+        "  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n"
+    )
     async with plane(tmp_path) as p:
-        await apply(p, MESH.replace("metadata: {name: api, namespace: shop}",
-                                    "metadata: {name: api, namespace: shop, labels: "
-                                    "{istio.io/use-waypoint: wp}}") + "---\n" + gw + ROUTE)
+        await apply(
+            p,
+            MESH.replace(
+                "metadata: {name: api, namespace: shop}",
+                "metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: wp}}",
+            )
+            + "---\n"
+            + gw
+            + ROUTE,
+        )
         node_rec, wp_rec = Recorder(), Recorder()
         async with asyncio.TaskGroup() as tg:
             t1 = tg.create_task(p.client("node-a").follow(node_rec))
@@ -275,12 +305,16 @@ async def test_waypoint_registers_its_address_and_services_bind_to_it(tmp_path: 
             async def on_resources(items: list[Resource]) -> None:
                 manifests.append([f"{r.kind}/{r.meta.name}" for r in items])
 
-            t2 = tg.create_task(p.client("shop/wp", waypoint_address="10.2.0.99").follow(
-                wp_rec, on_resources=on_resources))
+            t2 = tg.create_task(
+                p.client("shop/wp", waypoint_address="10.2.0.99").follow(
+                    wp_rec, on_resources=on_resources
+                )
+            )
             snap = await node_rec.wait_for(lambda s: s.waypoints != ())
             api = snap.service_by_vip("10.96.1.1")
             assert api is not None and api.waypoint == zs.WaypointRef(
-                address="10.2.0.99", identity="spiffe://cluster.local/ns/shop/sa/wp")
+                address="10.2.0.99", identity="spiffe://cluster.local/ns/shop/sa/wp"
+            )
             wsnap = await wp_rec.wait_for(lambda s: s.services != ())
             assert [s.name for s in wsnap.services] == ["api"]
             assert {w.name for w in wsnap.workloads} == {"api-1"}
@@ -300,8 +334,11 @@ async def test_unrelated_changes_send_nothing_but_advance_the_version(tmp_path: 
             await rec.wait_for(lambda s: True)
             await wait_state(p, "node-a", "synced")
             # a namespace and a workload in it on another node: nothing node-a can see
-            await apply(p, "apiVersion: v1\nkind: Namespace\nmetadata: {name: far}\n---\n"
-                           + WE.format(name="far-1", ip="10.2.9.1").replace("shop", "far"))
+            await apply(
+                p,
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: far}\n---\n"
+                + WE.format(name="far-1", ip="10.2.9.1").replace("shop", "far"),
+            )
             async with asyncio.timeout(5):
                 while True:
                     if p.push.status()["proxies"][0]["version"] == p.store.version:
@@ -337,7 +374,9 @@ async def test_status_lists_nodes_with_workloads_that_are_not_connected(tmp_path
         await apply(p, MESH)
         p.push.changed()
         assert [(x["name"], x["state"]) for x in p.push.status()["proxies"]] == [
-            ("node-a", "disconnected"), ("node-b", "disconnected")]
+            ("node-a", "disconnected"),
+            ("node-b", "disconnected"),
+        ]
         rec = Recorder()
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(p.client("node-b").follow(rec))
@@ -351,14 +390,20 @@ async def test_a_pinned_token_joins_only_the_control_plane_it_names(tmp_path: Pa
 
     async with plane(tmp_path) as p:
         good = fingerprint(p.ca.signing_root)
-        ok = PushClient(p.address, "node-a", tmp_path / "a", timeout=5,
-                        token=p.tokens.create("node-a") + f"#sha256:{good}")
+        ok = PushClient(
+            p.address,
+            "node-a",
+            tmp_path / "a",
+            timeout=5,
+            token=p.tokens.create("node-a") + f"#sha256:{good}",
+        )
         cert = await ok.join()
         assert cert.identity.service_account == "ztunnel"
         other = "0" * 64
         token = p.tokens.create("node-b")
-        bad = PushClient(p.address, "node-b", tmp_path / "b", timeout=5,
-                         token=f"{token}#sha256:{other}")
+        bad = PushClient(
+            p.address, "node-b", tmp_path / "b", timeout=5, token=f"{token}#sha256:{other}"
+        )
         with pytest.raises(PushError, match="does not hold the CA the token names"):
             await bad.join()
         # the secret was never sent: the same token still joins
@@ -374,12 +419,14 @@ async def test_follower_relists_when_history_moved_past_it(tmp_path: Path) -> No
             task = tg.create_task(p.client("node-a").follow(rec))
             await rec.wait_for(lambda s: True)
             # one apply of more changes than the history keeps
-            batch = "---\n".join(WE.format(name=f"bulk-{i}", ip=f"10.2.5.{i + 1}")
-                                 for i in range(8))
+            batch = "---\n".join(
+                WE.format(name=f"bulk-{i}", ip=f"10.2.5.{i + 1}") for i in range(8)
+            )
             await apply(p, batch)
             snap = await rec.wait_for(lambda s: s.workload_by_ip("10.2.5.8") is not None)
             assert {w.name for w in snap.workloads if w.name.startswith("bulk-")} == {
-                f"bulk-{i}" for i in range(8)}
+                f"bulk-{i}" for i in range(8)
+            }
             st = await wait_state(p, "node-a", "synced")
             assert st["version"] == p.store.version
             task.cancel()

@@ -49,16 +49,33 @@ class ControlPlane:
 
 
 @contextmanager
-def control_plane(tmp_path: Path, data: Path | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[ControlPlane]:
+def control_plane(
+    tmp_path: Path, data: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[ControlPlane]:
     data = data or tmp_path / "data"
     sock = str(tmp_path / "run" / "control.sock")
     err = tmp_path / f"cp-{os.getpid()}-{len(list(tmp_path.glob('cp-*')))}.log"
     with open(err, "w") as errf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "config", "control-plane", "--data-dir", str(data),
-             "--socket", sock, "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "config",
+                "control-plane",
+                "--data-dir",
+                str(data),
+                "--socket",
+                sock,
+                "--listen",
+                "127.0.0.1:0",
+                "--proxy-listen",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=errf,
+            text=True,
+            env=env,
+        )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -77,10 +94,18 @@ def control_plane(tmp_path: Path, data: Path | None = None,
             proc.stdout.close()
 
 
-def ambit(*args: str, env: dict[str, str] | None = None,
-          stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "config", *args], env=env, input=stdin,
-                          capture_output=True, text=True, timeout=60, check=False)
+def ambit(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "config", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def error_of(p: subprocess.CompletedProcess[str]) -> str:
@@ -97,12 +122,15 @@ def test_apply_get_label_delete_status(tmp_path: Path) -> None:
     (tmp_path / "svc.yaml").write_text(SVC)
     with control_plane(tmp_path) as cp:
         env = cp.env()
-        p = ambit("apply", "-f", str(tmp_path / "ns.yaml"), "-f", str(tmp_path / "svc.yaml"),
-                  env=env)
+        p = ambit(
+            "apply", "-f", str(tmp_path / "ns.yaml"), "-f", str(tmp_path / "svc.yaml"), env=env
+        )
         assert p.returncode == 0, p.stderr
-        assert p.stdout.splitlines() == ["namespace/shop created",
-                                         "service/web -n shop created",
-                                         "workloadentry/web-1 -n shop created"]
+        assert p.stdout.splitlines() == [
+            "namespace/shop created",
+            "service/web -n shop created",
+            "workloadentry/web-1 -n shop created",
+        ]
         p = ambit("get", "svc", "-n", "shop", env=env)
         assert p.returncode == 0, p.stderr
         header, row = p.stdout.splitlines()
@@ -124,8 +152,10 @@ def test_apply_get_label_delete_status(tmp_path: Path) -> None:
         assert "resources: Namespace 3, Service 1, WorkloadEntry 1" in p.stdout
         assert "CA: trust domain cluster.local, root sha256:" in p.stdout
         p = ambit("delete", "-f", str(tmp_path / "svc.yaml"), env=env)
-        assert p.stdout.splitlines() == ["service/web -n shop deleted",
-                                         "workloadentry/web-1 -n shop deleted"], p.stderr
+        assert p.stdout.splitlines() == [
+            "service/web -n shop deleted",
+            "workloadentry/web-1 -n shop deleted",
+        ], p.stderr
         p = ambit("delete", "namespace", "shop", env=env)
         assert p.stdout.strip() == "namespace/shop deleted", p.stderr
         p = ambit("get", "svc", "-A", env=env)
@@ -139,8 +169,10 @@ def test_bad_file_applies_nothing_and_says_where(tmp_path: Path) -> None:
     with control_plane(tmp_path) as cp:
         p = ambit("apply", "-f", str(bad), env=cp.env())
         assert p.returncode == 1
-        assert error_of(p) == (f"{bad}: document 3 (WorkloadEntry shop/web-1): spec.address: "
-                               "expected an IPv4 or IPv6 address, got '10.1.0.500'")
+        assert error_of(p) == (
+            f"{bad}: document 3 (WorkloadEntry shop/web-1): spec.address: "
+            "expected an IPv4 or IPv6 address, got '10.1.0.500'"
+        )
         p = ambit("get", "ns", "shop", env=cp.env())
         assert p.returncode == 1
         assert error_of(p) == "Namespace 'shop' not found"
@@ -156,8 +188,10 @@ def test_apply_from_directory_and_stdin(tmp_path: Path) -> None:
         p = ambit("apply", "-f", str(d), env=cp.env())
         assert p.returncode == 0, p.stderr
         assert len(p.stdout.splitlines()) == 3
-        policy = ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
-                  "metadata: {name: deny-all, namespace: shop}\nspec: {}\n")
+        policy = (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: deny-all, namespace: shop}\nspec: {}\n"
+        )
         p = ambit("apply", "-f", "-", env=cp.env(), stdin=policy)
         assert p.stdout.strip() == "authorizationpolicy/deny-all -n shop created", p.stderr
         p = ambit("get", "ap", "-n", "shop", env=cp.env())
@@ -174,10 +208,13 @@ def test_tls_with_the_admin_credential_and_restart_keeps_state(tmp_path: Path) -
     with control_plane(tmp_path, data) as cp:
         env = cp.env()
         env.pop("AMBIT_SOCKET")
-        env.update(AMBIT_SERVER=cp.tls, AMBIT_CERT=str(data / "admin.pem"),
-                   AMBIT_KEY=str(data / "admin-key.pem"), AMBIT_CACERT=str(data / "api-ca.pem"))
-        p = ambit("apply", "-f", str(tmp_path / "all.yaml"), "--socket", "/nonexistent",
-                  env=env)
+        env.update(
+            AMBIT_SERVER=cp.tls,
+            AMBIT_CERT=str(data / "admin.pem"),
+            AMBIT_KEY=str(data / "admin-key.pem"),
+            AMBIT_CACERT=str(data / "api-ca.pem"),
+        )
+        p = ambit("apply", "-f", str(tmp_path / "all.yaml"), "--socket", "/nonexistent", env=env)
         assert p.returncode == 0, p.stderr
         p = ambit("get", "svc", "web", "-n", "shop", "-o", "json", env=env)
         vip = json.loads(p.stdout)["spec"]["clusterIP"]
@@ -195,36 +232,59 @@ def test_unreachable_control_plane(tmp_path: Path) -> None:
     for argv in (["status", "--socket", sock], ["--socket", sock, "status"]):
         p = ambit(*argv, env=env)
         assert p.returncode == 1
-        assert error_of(p) == (f"cannot reach the control plane at {sock}: is `ambit "
-                               "control-plane` running?")
+        assert error_of(p) == (
+            f"cannot reach the control plane at {sock}: is `ambit control-plane` running?"
+        )
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["control-plane"], ["apply"], ["delete"], ["get"], ["label"], ["token"],
-    ["token", "create"], ["status"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["control-plane"],
+        ["apply"],
+        ["delete"],
+        ["get"],
+        ["label"],
+        ["token"],
+        ["token", "create"],
+        ["status"],
+    ],
+)
 def test_every_command_has_help(argv: list[str]) -> None:
     p = ambit(*argv, "--help")
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("usage: ambit")
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["get"], "ambit get: the following arguments are required: kind (see `ambit get "
-              "--help`)"),
-    (["get", "gizmos"], "unknown resource type 'gizmos' (known: namespaces, workloadentries, "
-                        "services, authorizationpolicies, peerauthentications, gateways, "
-                        "httproutes, destinationrules, httpfaults, ratelimits)"),
-    (["label", "ns", "shop", "novalue"], "bad label 'novalue': use KEY=VALUE to set or KEY- "
-                                         "to remove"),
-    (["apply", "-f", "/nonexistent.yaml"], "/nonexistent.yaml: document 1: no such file or "
-                                           "directory"),
-    (["token", "create", "--waypoint", "noslash"], "bad --waypoint 'noslash': expected "
-                                                   "NAMESPACE/NAME"),
-    (["delete"], "say what to delete: -f FILE, or KIND NAME [-n NAMESPACE]"),
-])
-def test_bad_input_exits_non_zero_with_one_line(argv: list[str], message: str,
-                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["get"], "ambit get: the following arguments are required: kind (see `ambit get --help`)"),
+        (
+            ["get", "gizmos"],
+            "unknown resource type 'gizmos' (known: namespaces, workloadentries, "
+            "services, authorizationpolicies, peerauthentications, gateways, "
+            "httproutes, destinationrules, httpfaults, ratelimits)",
+        ),
+        (
+            ["label", "ns", "shop", "novalue"],
+            "bad label 'novalue': use KEY=VALUE to set or KEY- to remove",
+        ),
+        (
+            ["apply", "-f", "/nonexistent.yaml"],
+            "/nonexistent.yaml: document 1: no such file or directory",
+        ),
+        (
+            ["token", "create", "--waypoint", "noslash"],
+            "bad --waypoint 'noslash': expected NAMESPACE/NAME",
+        ),
+        (["delete"], "say what to delete: -f FILE, or KIND NAME [-n NAMESPACE]"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
     env["AMBIT_SOCKET"] = str(tmp_path / "none.sock")
     p = ambit(*argv, env=env)
@@ -256,10 +316,12 @@ def test_control_plane_logs_json_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
     from config.tokens import TokenError, TokenStore
 
-    gw = ("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
-          "metadata: {name: waypoint, namespace: shop}\n"
-          "spec:\n  gatewayClassName: istio-waypoint\n"
-          "  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n")
+    gw = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+        "metadata: {name: waypoint, namespace: shop}\n"
+        "spec:\n  gatewayClassName: istio-waypoint\n"
+        "  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n"
+    )
     with control_plane(tmp_path) as cp:
         env = cp.env()
         p = ambit("token", "create", "--node", "node-a", env=env)
@@ -274,8 +336,10 @@ def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
         assert pin == f"sha256:{fp}"
         p = ambit("token", "create", "--waypoint", "shop/waypoint", env=env)
         assert p.returncode == 1
-        assert error_of(p) == ("Gateway shop/waypoint not found: apply the waypoint's Gateway "
-                               "(gatewayClassName istio-waypoint) first")
+        assert error_of(p) == (
+            "Gateway shop/waypoint not found: apply the waypoint's Gateway "
+            "(gatewayClassName istio-waypoint) first"
+        )
         assert ambit("apply", "-f", "-", env=env, stdin=NS + "---\n" + gw).returncode == 0
         p = ambit("token", "create", "--waypoint", "shop/waypoint", env=env)
         assert p.returncode == 0, p.stderr
@@ -287,8 +351,7 @@ def test_token_create_for_nodes_and_declared_waypoints(tmp_path: Path) -> None:
             tokens.redeem(wp_token, "shop/waypoint")
 
 
-async def test_status_lists_connected_nodes_their_version_and_cert_expiry(
-        tmp_path: Path) -> None:
+async def test_status_lists_connected_nodes_their_version_and_cert_expiry(tmp_path: Path) -> None:
     import asyncio
 
     from config.push import PushClient

@@ -21,8 +21,10 @@ NS = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"
 
 def svc(name: str, cluster_ip: str = "", ns: str = "shop", port: int = 80) -> str:
     ip = f"clusterIP: {cluster_ip}, " if cluster_ip else ""
-    return (f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n"
-            f"spec: {{{ip}selector: {{app: {name}}}, ports: [{{port: {port}}}]}}\n")
+    return (
+        f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n"
+        f"spec: {{{ip}selector: {{app: {name}}}, ports: [{{port: {port}}}]}}\n"
+    )
 
 
 def docs(*texts: str, source: str = "m.yaml") -> list[Document]:
@@ -33,8 +35,7 @@ def test_apply_creates_then_reports_unchanged_and_configured(tmp_path: Path) -> 
     with Store(str(tmp_path)) as s:
         base = s.version
         r = s.apply(docs(NS, svc("web")))
-        assert [(x.action, x.version) for x in r] == [("created", base + 1),
-                                                      ("created", base + 2)]
+        assert [(x.action, x.version) for x in r] == [("created", base + 1), ("created", base + 2)]
         assert s.version == base + 2
         r = s.apply(docs(NS, svc("web")))
         assert [x.action for x in r] == ["unchanged", "unchanged"]
@@ -70,14 +71,17 @@ def test_resources_need_their_namespace(tmp_path: Path) -> None:
 def test_vips_allocated_stable_across_restart_and_conflicts_rejected(tmp_path: Path) -> None:
     with Store(str(tmp_path), service_cidr="10.50.0.0/24") as s:
         s.apply(docs(NS, svc("a"), svc("b"), svc("c", cluster_ip="10.50.0.9")))
-        vips = {n: s.get("Service", "shop", n).body["spec"]["clusterIP"]  # type: ignore[union-attr]
-                for n in "abc"}
+        vips = {
+            n: s.get("Service", "shop", n).body["spec"]["clusterIP"]  # type: ignore[union-attr]
+            for n in "abc"
+        }
         assert vips == {"a": "10.50.0.1", "b": "10.50.0.2", "c": "10.50.0.9"}
         with pytest.raises(ValidationFailed) as info:
             s.apply(docs(svc("d", cluster_ip="10.50.0.2")))
         assert str(info.value) == (
             "m.yaml: document 1 (Service shop/d): spec.clusterIP: 10.50.0.2 is already the VIP "
-            "of Service shop/b: choose another address or omit clusterIP to get one allocated")
+            "of Service shop/b: choose another address or omit clusterIP to get one allocated"
+        )
         assert s.get("Service", "shop", "d") is None
     with Store(str(tmp_path), service_cidr="10.50.0.0/24") as s:
         # re-applying without clusterIP keeps the allocated VIP; new services skip used ones
@@ -105,15 +109,15 @@ def test_delete_is_atomic_and_namespaces_must_be_empty(tmp_path: Path) -> None:
         s.apply(docs(NS, svc("web")))
         v = s.version
         with pytest.raises(NotFound, match="Service shop/nope"):
-            s.delete([ResourceKey("Service", "shop", "web"), ResourceKey("Service", "shop",
-                                                                          "nope")])
+            s.delete(
+                [ResourceKey("Service", "shop", "web"), ResourceKey("Service", "shop", "nope")]
+            )
         assert s.get("Service", "shop", "web") is not None and s.version == v
         with pytest.raises(Conflict, match="still holds 1 resource"):
             s.delete([ResourceKey("Namespace", "", "shop")])
         with pytest.raises(Conflict, match="built in"):
             s.delete([ResourceKey("Namespace", "", "default")])
-        r = s.delete([ResourceKey("Service", "shop", "web"), ResourceKey("Namespace", "",
-                                                                         "shop")])
+        r = s.delete([ResourceKey("Service", "shop", "web"), ResourceKey("Namespace", "", "shop")])
         assert [x.action for x in r] == ["deleted", "deleted"]
         assert s.version == v + 2
         assert [c.op for c in s.changes_since(v)] == ["delete", "delete"]
@@ -127,7 +131,8 @@ def test_label_set_and_remove_bumps_version(tmp_path: Path) -> None:
         assert r.action == "labeled"
         got = s.get("Namespace", "", "shop")
         assert got is not None and got.body["metadata"]["labels"] == {
-            "istio.io/dataplane-mode": "ambient"}
+            "istio.io/dataplane-mode": "ambient"
+        }
         assert s.label(key, {"istio.io/dataplane-mode": "ambient"}).action == "unchanged"
         with pytest.raises(ValidationFailed, match="expected 'ambient' or 'none'"):
             s.label(key, {"istio.io/dataplane-mode": "sidecar"})
@@ -152,8 +157,7 @@ def test_changes_since_and_history_compaction(tmp_path: Path) -> None:
         assert s.history_floor == s.version - 5
         changes = s.changes_since(s.version - 3)
         assert [c.version for c in changes] == [s.version - 2, s.version - 1, s.version]
-        assert changes[-1].body is not None and changes[-1].body["spec"]["ports"] == [
-            {"port": 87}]
+        assert changes[-1].body is not None and changes[-1].body["spec"]["ports"] == [{"port": 87}]
         with pytest.raises(HistoryCompacted, match="relist"):
             s.changes_since(start)
 
@@ -220,8 +224,12 @@ _CHILD = textwrap.dedent("""
 
 def _run_child(data_dir: Path, kill_after: int | None) -> str:
     speed = "slow" if kill_after is not None else "fast"
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(data_dir), speed],
-                            stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(data_dir), speed],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
     assert proc.stdout is not None
     last = ""
     try:
@@ -257,8 +265,10 @@ def test_sigkill_in_the_middle_of_an_apply_leaves_nothing(tmp_path: Path) -> Non
 
 
 def we(name: str, address: str, ns: str = "shop") -> str:
-    return (f"apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
-            f"metadata: {{name: {name}, namespace: {ns}}}\nspec: {{address: {address}}}\n")
+    return (
+        f"apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+        f"metadata: {{name: {name}, namespace: {ns}}}\nspec: {{address: {address}}}\n"
+    )
 
 
 def test_workload_addresses_are_unique_and_never_a_vip(tmp_path: Path) -> None:
@@ -268,7 +278,8 @@ def test_workload_addresses_are_unique_and_never_a_vip(tmp_path: Path) -> None:
             s.apply(docs(we("c", "10.1.0.2")))
         assert str(info.value) == (
             "m.yaml: document 1 (WorkloadEntry shop/c): spec.address: 10.1.0.2 is already the "
-            "address of WorkloadEntry shop/b: every workload needs its own address")
+            "address of WorkloadEntry shop/b: every workload needs its own address"
+        )
         # an allocated VIP skips workload addresses; an explicit one may not take them
         s.apply(docs(svc("web")))
         web = s.get("Service", "shop", "web")

@@ -375,8 +375,9 @@ def test_arbitrary_specs_either_parse_or_raise_field_error(kind: str, spec: Any)
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.text(alphabet=st.sampled_from(list("abc:-{}[]#\n '\"0123456789.,/&*!|>")),
-                    max_size=120))
+@given(
+    text=st.text(alphabet=st.sampled_from(list("abc:-{}[]#\n '\"0123456789.,/&*!|>")), max_size=120)
+)
 def test_any_text_loads_or_fails_with_a_located_problem(text: str) -> None:
     from config.resources import ResourceKey
     from config.validate import ValidationFailed, validate_batch
