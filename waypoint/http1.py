@@ -295,7 +295,7 @@ class Responder(Protocol):
     bytes_sent: int
 
     async def start(self, status: int, headers: Headers, *, length: int | None,
-                    end: bool) -> None: ...
+                    end: bool, body: bytes = b"") -> None: ...
     async def data(self, chunk: bytes) -> None: ...
     async def end(self, trailers: Headers = ()) -> None: ...
 
@@ -392,7 +392,8 @@ class _H1Responder:
         self._close_delimited = False
 
     async def start(self, status: int, headers: Headers, *, length: int | None,
-                    end: bool) -> None:
+                    end: bool, body: bytes = b"") -> None:
+        """Send the head (and `body`, the first bytes of the body, in the same write)."""
         self.started = True
         self.status = status
         out = [(k, v) for k, v in headers
@@ -416,7 +417,11 @@ class _H1Responder:
             self.keep_alive = False
         if status != 101 and not self.keep_alive:
             out.append(("connection", "close"))
-        self.conn.write(encode_response_head(status, out, "1.1"))
+        head = encode_response_head(status, out, "1.1")
+        if body and not self._no_body:
+            self.bytes_sent += len(body)
+            head += encode_chunk(body) if self._chunked else body
+        self.conn.write(head)
         if end and status != 101:
             self.finished = True
         await self.conn.drain()

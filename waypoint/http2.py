@@ -117,7 +117,7 @@ class _H2Responder:
         self.reset = False
 
     async def start(self, status: int, headers: Headers, *, length: int | None,
-                    end: bool) -> None:
+                    end: bool, body: bytes = b"") -> None:
         if self.reset:
             raise ConnectionError("client reset the stream")
         self.started = True
@@ -132,6 +132,9 @@ class _H2Responder:
             raise ConnectionError(f"stream {self.sid} closed: {e}") from e
         if end:
             self.finished = True
+        if body and not end:
+            await self.data(body)  # flushes the head along with the first DATA frame
+            return
         s.flush()
         await s.conn.drain()
 
@@ -345,6 +348,21 @@ class H2Response:
 
     def _dead(self) -> bool:
         return self._closed or self.error is not None
+
+    def take_ready(self) -> bytes:
+        """Body bytes already received (the rest streams through `chunks()`)."""
+        if not self._chunks:
+            return b""
+        parts = []
+        n = 0
+        while self._chunks:
+            data, fc = self._chunks.popleft()
+            parts.append(data)
+            n += fc
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2c.acknowledge_received_data(n, self.sid)
+            self.flush()
+        return b"".join(parts)
 
     async def reader(self) -> None:
         try:

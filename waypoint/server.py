@@ -57,7 +57,7 @@ from waypoint.http1 import (
     serve_http1,
     strip_hop_by_hop,
 )
-from waypoint.model import Headers, LocalResponse, Response, WaypointConfig, set_header
+from waypoint.model import Headers, LocalResponse, Response, WaypointConfig
 from waypoint.resilience import Outcome
 from waypoint.telemetry import OtlpExporter, RequestRecord, Telemetry, TraceContext, parse_trace
 from waypoint.upstream import Spawn, UpstreamError, Upstreams
@@ -86,6 +86,10 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HTTP1_START = re.compile(rb"^[A-Z]{3,10} ")
 #: Envoy's mapping of HTTP statuses to gRPC codes for local answers
 _GRPC_CODE = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+#: request headers the waypoint sets itself on the way upstream
+_REPLACED = frozenset({"host", "connection", "upgrade", "traceparent", "x-b3-traceid",
+                       "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3",
+                       "x-forwarded-proto", "x-request-id"})
 
 
 class ConfigError(Exception):
@@ -104,6 +108,7 @@ class UpstreamResponse(Protocol):
 
     @property
     def trailers(self) -> Headers: ...
+    def take_ready(self) -> bytes: ...
     def chunks(self) -> AsyncIterator[bytes]: ...
     def finish(self) -> None: ...
     def discard(self) -> None: ...
@@ -456,7 +461,6 @@ class Waypoint:
 
     async def _proxy(self, ex: Exchange, chain: Chain, plan: RequestPlan, rec: RequestRecord,
                      trace: TraceContext) -> None:
-        loop = asyncio.get_running_loop()
         if plan.flags:
             rec.flags = plan.flags
         if plan.fault_delay > 0:
@@ -466,20 +470,24 @@ class Waypoint:
             body = await ex.body.read_all(self.options.max_buffered_body)
         h2 = self._upstream_h2(chain, ex)
         req = plan.request
-        headers = strip_hop_by_hop(req.headers, keep=("te",) if h2 else ())
-        headers = tuple((k, v) for k, v in headers if k != "host")
+        # HTTP/1.1 requests had their hop-by-hop headers removed when parsed
+        src = (strip_hop_by_hop(req.headers, keep=("te",) if h2 else ())
+               if ex.version == "2" else req.headers)
+        out = [h for h in src if h[0] not in _REPLACED]
         if ex.upgrade and not h2:
-            headers = (*headers, ("connection", "upgrade"), ("upgrade", ex.upgrade))
-        headers = trace.inject(headers)
-        headers = set_header(headers, "x-forwarded-proto", req.scheme or "http")
-        headers = set_header(headers, "x-request-id", rec.request_id)
+            out += (("connection", "upgrade"), ("upgrade", ex.upgrade))
+        out += trace.headers()
+        out += (("x-forwarded-proto", req.scheme or "http"), ("x-request-id", rec.request_id))
+        headers: Headers = tuple(out)
         if body is not None:
             for m in plan.mirrors:
                 if self._tg is not None:
                     self._tg.create_task(self._mirror(m, headers, body, h2))
-        attempt = plan.first
-        resp: UpstreamResponse | None = None
-        result: int | Outcome = Outcome.RESET
+        if body is not None and not h2:
+            # a buffered body over HTTP/1.1: nothing runs beside the exchange
+            await self._exchange(ex, chain, plan, rec, trace, headers=headers, body=body,
+                                 h2=h2, spawn=_no_spawn, spawned=[])
+            return
         spawned: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as tg:
@@ -487,50 +495,60 @@ class Waypoint:
                 def spawn(coro: Coroutine[Any, Any, None]) -> None:
                     spawned.append(tg.create_task(coro))
 
-                while True:
-                    if attempt.backoff > 0:
-                        await asyncio.sleep(attempt.backoff)
-                    payload: bytes | AsyncIterator[bytes] = (
-                        body if body is not None else ex.body.chunks())
-                    resp = None
-                    try:
-                        resp = await self._send(attempt.endpoint, req, headers, payload,
-                                                deadline=attempt.deadline, spawn=spawn, h2=h2,
-                                                source=req.source_ip, upgrade=bool(ex.upgrade),
-                                                traceparent=trace.traceparent)
-                        result = resp.status
-                    except UpstreamError as e:
-                        result = e.outcome
-                        rec.details = str(e)
-                    now = loop.time()
-                    nxt = plan.after_attempt(attempt, result, now, self.rng,
-                                             rtt=now - attempt.started)
-                    if nxt is None or body is None:
-                        break
-                    if resp is not None:
-                        resp.discard()
-                    attempt = nxt
-                rec.attempts = attempt.number
-                self._dest_labels(chain, rec, plan, attempt.endpoint)
-                if resp is None:
-                    assert isinstance(result, Outcome)
-                    lr = plan.failure_response(result)
-                    rec.flags = lr.flags
-                    await self._answer_local(ex, lr, rec)
-                    return
-                try:
-                    await self._relay_response(ex, plan, resp, rec)
-                finally:
-                    for t in spawned:  # a request body the upstream no longer reads
-                        t.cancel()
+                await self._exchange(ex, chain, plan, rec, trace, headers=headers, body=body,
+                                     h2=h2, spawn=spawn, spawned=spawned)
         except* UpstreamError as eg:
             rec.details = str(eg.exceptions[0])
+
+    async def _exchange(self, ex: Exchange, chain: Chain, plan: RequestPlan,
+                        rec: RequestRecord, trace: TraceContext, *, headers: Headers,
+                        body: bytes | None, h2: bool, spawn: Spawn,
+                        spawned: list[asyncio.Task[None]]) -> None:
+        """Attempts (with retries) until a response or a final failure, then answer."""
+        loop = asyncio.get_running_loop()
+        req = plan.request
+        attempt = plan.first
+        resp: UpstreamResponse | None = None
+        result: int | Outcome = Outcome.RESET
+        while True:
+            if attempt.backoff > 0:
+                await asyncio.sleep(attempt.backoff)
+            payload: bytes | AsyncIterator[bytes] = (
+                body if body is not None else ex.body.chunks())
+            resp = None
+            try:
+                resp = await self._send(attempt.endpoint, req, headers, payload,
+                                        deadline=attempt.deadline, spawn=spawn, h2=h2,
+                                        source=req.source_ip, upgrade=bool(ex.upgrade),
+                                        traceparent=trace.traceparent)
+                result = resp.status
+            except UpstreamError as e:
+                result = e.outcome
+                rec.details = str(e)
+            now = loop.time()
+            nxt = plan.after_attempt(attempt, result, now, self.rng, rtt=now - attempt.started)
+            if nxt is None or body is None:
+                break
+            if resp is not None:
+                resp.discard()
+            attempt = nxt
+        rec.attempts = attempt.number
+        self._dest_labels(chain, rec, plan, attempt.endpoint)
+        if resp is None:
+            assert isinstance(result, Outcome)
+            lr = plan.failure_response(result)
+            rec.flags = lr.flags
+            await self._answer_local(ex, lr, rec)
+            return
+        try:
+            await self._relay_response(ex, plan, resp, rec)
+        finally:
+            for t in spawned:  # a request body the upstream no longer reads
+                t.cancel()
 
     async def _relay_response(self, ex: Exchange, plan: RequestPlan, resp: UpstreamResponse,
                               rec: RequestRecord) -> None:
         rec.status = resp.status
-        if resp.status >= 500 and not rec.flags:
-            rec.flags = "-"
         up_headers = strip_hop_by_hop(resp.headers, keep=("upgrade",)
                                       if resp.status == 101 else ())
         up_headers = tuple((k, v) for k, v in up_headers if k != "content-length")
@@ -549,7 +567,8 @@ class Waypoint:
             resp.finish()
             return
         try:
-            await ex.responder.start(r.status, r.headers, length=resp.length, end=False)
+            await ex.responder.start(r.status, r.headers, length=resp.length, end=False,
+                                     body=resp.take_ready())
             async for chunk in resp.chunks():
                 await ex.responder.data(chunk)
             trailers = resp.trailers
@@ -603,6 +622,11 @@ class Waypoint:
         except Exception as e:
             log.info("mirror_failed", backend=m.backend.key, endpoint=m.endpoint.key,
                      reason=str(e) or type(e).__name__)
+
+
+def _no_spawn(coro: Coroutine[Any, Any, None]) -> None:
+    coro.close()
+    raise RuntimeError("no task may start here: the request body is buffered")
 
 
 def _uuid4() -> str:

@@ -95,6 +95,15 @@ class TraceContext:
     def traceparent(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
+    def headers(self) -> list[tuple[str, str]]:
+        """The trace headers for the upstream request (W3C and B3)."""
+        out = [("traceparent", self.traceparent), ("x-b3-traceid", self.trace_id),
+               ("x-b3-spanid", self.span_id)]
+        if self.parent_span_id:
+            out.append(("x-b3-parentspanid", self.parent_span_id))
+        out.append(("x-b3-sampled", "1" if self.sampled else "0"))
+        return out
+
     def inject(self, headers: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
         """`headers` (lower-case names) with trace headers for the upstream request.
 

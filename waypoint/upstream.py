@@ -38,6 +38,7 @@ from waypoint.resilience import Outcome
 from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.pool import HboneConnectionPool
 from ztunnel.hbone.request import format_authority
+from ztunnel.hbone.stream import HboneStream
 from ztunnel.identity import Certificate, SpiffeId, TrustBundle
 
 __all__ = ["H1Response", "Spawn", "UpstreamError", "Upstreams"]
@@ -131,6 +132,16 @@ class H1Response:
     @property
     def trailers(self) -> Headers:
         return tuple(self._cb.trailers)
+
+    def take_ready(self) -> bytes:
+        """Body bytes already received with the head (the rest comes from `chunks()`)."""
+        cb = self._cb
+        if self.head_only or self.status in (204, 304) or not cb.chunks:
+            return b""
+        data = b"".join(cb.chunks) if len(cb.chunks) > 1 else cb.chunks[0]
+        cb.chunks.clear()
+        self.bytes_received += len(data)
+        return data
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body; ends at the message end (or, for close-delimited bodies, at EOF)."""
@@ -336,12 +347,15 @@ class Upstreams:
         parser = httptools.HttpResponseParser(cb)
         got = 0
         while True:
-            remaining = None if deadline is None else deadline - loop.time()
             try:
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(remaining):
+                if deadline is None:
                     data = await conn.read(READ_SIZE)
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(remaining):
+                        data = await conn.read(READ_SIZE)
             except TimeoutError:
                 close_conn(conn)
                 raise UpstreamError(Outcome.TIMEOUT,
@@ -397,12 +411,11 @@ class Upstreams:
 
 
 def _alive(conn: Conn) -> bool:
+    if isinstance(conn, HboneStream):
+        return conn.reset_code is None and not conn.at_eof and not conn.connection.is_closed
     if isinstance(conn, TcpConn):
         return not conn.writer.is_closing() and not conn.reader.at_eof()
-    reset = getattr(conn, "reset_code", None)
-    at_eof = getattr(conn, "at_eof", False)
-    c = getattr(conn, "connection", None)
-    return reset is None and not at_eof and (c is None or not c.is_closed)
+    return False
 
 
 async def _send_chunked(conn: Conn, body: AsyncIterator[bytes]) -> None:
