@@ -66,6 +66,7 @@ DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
 MAX_FRAME_LIMIT = 2**24 - 1
 UNLIMITED = 2**31 - 1
+LARGE = 16384  # take_output: payloads this big are not copied into a joined buffer
 
 
 class ErrorCode(enum.IntEnum):
@@ -291,7 +292,9 @@ class H2Connection:
         self._conn_send_window = DEFAULT_WINDOW
         self._conn_recv_window = connection_window
         self._conn_recv_unacked = 0
-        self._conn_update_at = connection_window >> 2  # batch connection WINDOW_UPDATEs
+        # Connection WINDOW_UPDATEs are batched too, but more often than the stream's:
+        # many streams share this window and must not stall on it.
+        self._conn_update_at = max(connection_window >> 4, 1)
         self._blocked: dict[int, None] = {}  # streams with data waiting for window
 
         self._encoder = hpack.Encoder()
@@ -366,6 +369,33 @@ class H2Connection:
         data = b"".join(out)
         out.clear()
         return data
+
+    def take_output(self) -> list[bytes | memoryview]:
+        """Like `data_to_send` but without copying large DATA payloads.
+
+        Small pieces (frame headers, control frames) are coalesced; payloads of
+        `LARGE` bytes or more are returned as they were queued (possibly views given
+        to `send_data`), so the caller can write them with `writelines`.
+        """
+        out = self._out
+        if len(out) <= 1:
+            if out:
+                self._out = []
+            return out
+        self._out = []
+        result: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = []
+        for item in out:
+            if len(item) >= LARGE:
+                if small:
+                    result.append(small[0] if len(small) == 1 else b"".join(small))
+                    small = []
+                result.append(item)
+            else:
+                small.append(item)
+        if small:
+            result.append(small[0] if len(small) == 1 else b"".join(small))
+        return result
 
     def _frame(self, ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
         self._out.append(_pack_hdr(len(payload) << 8 | ftype, flags, stream_id))

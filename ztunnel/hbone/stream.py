@@ -488,6 +488,7 @@ class HboneStream:
                 sink.renew_buffer()
             full = conn.write_paused  # nothing was queued in the core
         else:
+            # Queued behind the peer's window: copy (cheaper than a fresh zeroed buffer).
             core.send_data(sid, frame[9 : 9 + n].tobytes())
             conn._flush()
             full = core.pending(sid) > HIGH_WATER or conn.write_paused
@@ -755,11 +756,14 @@ class HboneConnection(asyncio.BufferedProtocol):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _flush(self) -> None:
-        data = self.core.data_to_send()
-        if data:
+        out = self.core.take_output()
+        if out:
             t = self.transport
             if t is not None and not t.is_closing():
-                t.write(data)
+                if len(out) == 1:
+                    t.write(out[0])
+                else:
+                    t.writelines(out)
 
     def _acknowledge(self, stream_id: int, n: int) -> None:
         self.core.acknowledge(stream_id, n)
