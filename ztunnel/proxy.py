@@ -277,17 +277,28 @@ class Ztunnel:
 
     async def run(self) -> None:
         opts = self.options
-        self.admin = AdminListener(self.config_dump, self.certs, self.shutdown,
-                                   host=opts.ports.admin[0], port=opts.ports.admin[1])
-        self.metrics_listener = MetricsListener(self.metrics, host=opts.ports.metrics[0],
-                                                port=opts.ports.metrics[1])
-        self.ready_listener = ReadyListener(self.readiness, host=opts.ports.ready[0],
-                                            port=opts.ports.ready[1])
-        snapshot = await self.source.initial()
-        if snapshot.node != opts.node:
-            raise ConfigError(
-                f"the snapshot is for node {snapshot.node!r} but this is --node {opts.node!r}"
-            )
+        bound: list[AdminListener | MetricsListener | ReadyListener] = []
+        try:
+            # Bound first so a port in use fails fast; released if start-up fails after.
+            self.admin = AdminListener(self.config_dump, self.certs, self.shutdown,
+                                       host=opts.ports.admin[0], port=opts.ports.admin[1])
+            bound.append(self.admin)
+            self.metrics_listener = MetricsListener(self.metrics, host=opts.ports.metrics[0],
+                                                    port=opts.ports.metrics[1])
+            bound.append(self.metrics_listener)
+            self.ready_listener = ReadyListener(self.readiness, host=opts.ports.ready[0],
+                                                port=opts.ports.ready[1])
+            bound.append(self.ready_listener)
+            snapshot = await self.source.initial()
+            if snapshot.node != opts.node:
+                raise ConfigError(
+                    f"the snapshot is for node {snapshot.node!r} but this is --node "
+                    f"{opts.node!r}"
+                )
+        except BaseException:
+            for listener in bound:
+                listener.close()
+            raise
         fetch: Fetcher = self.source.fetch_certificate
         identities = IdentityManager(fetch)
         pool = HboneConnectionPool(self._connect_hbone,
@@ -308,8 +319,10 @@ class Ztunnel:
             background = [
                 tg.create_task(identities.run()),
                 tg.create_task(self.source.watch(self.apply)),
-                tg.create_task(self._track_readiness()),
             ]
+            # Not in `background`: systemd's watchdog must keep hearing from us for the
+            # whole drain (which may outlast WatchdogSec=), until the process exits.
+            notifier = tg.create_task(self._track_readiness())
             endpoints = [self.admin, self.metrics_listener, self.ready_listener]
             for ep in endpoints:
                 tg.create_task(ep.run())
@@ -328,6 +341,7 @@ class Ztunnel:
             manager_task.cancel()
             for ep in endpoints:
                 await ep.drain(1.0)
+            notifier.cancel()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
             loop.remove_signal_handler(signal.SIGINT)
@@ -335,14 +349,14 @@ class Ztunnel:
 
     async def _track_readiness(self) -> None:
         """Keep /healthz/ready current; tell systemd (Type=notify) once ready, ping its
-        watchdog when one is configured."""
+        watchdog when one is configured. Runs through the drain, until the process ends."""
         assert self.manager is not None
         notified = False
         interval = _sd(sdnotify.watchdog_interval)
         last_ping = 0.0
         while True:
             self.readiness.mark("workloads", self.manager.ready)
-            if self.readiness.ready and not notified:
+            if self.readiness.ready and not notified and not self._stop.is_set():
                 notified = True
                 _sd(sdnotify.ready, f"serving {len(self.manager.proxies)} workloads")
             now = time.monotonic()

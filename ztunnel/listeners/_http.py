@@ -129,6 +129,13 @@ class HttpListener:
         host, port = sock.getsockname()[:2]
         self.address: tuple[str, int] = (host, port)
 
+    def close(self) -> None:
+        """Release the socket of a listener that never ran (or stop one that does)."""
+        self._stopped.set()
+        if self._server is not None:
+            self._server.close()
+        self._sock.close()
+
     async def run(self) -> None:
         self._server = await asyncio.start_server(self._serve, sock=self._sock)
         try:
