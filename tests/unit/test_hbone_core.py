@@ -447,3 +447,18 @@ def test_client_respects_the_peer_header_list_limit() -> None:
         p.client.open_stream([*CONNECT, ("x-big", "v" * 2000)])
     assert not err.value.retryable
     assert p.client.open_streams == 0
+
+
+def test_take_output_keeps_large_payloads_apart_and_order_intact() -> None:
+    p = Pair()
+    sid = p.open()
+    big = memoryview(b"B" * 100_000)
+    p.client.ping(b"12345678")
+    p.client.send_data(sid, big)
+    p.client.send_data(sid, b"tail", end_stream=True)
+    out = p.client.take_output()
+    assert any(len(item) == 100_000 for item in out)  # passed through, not joined
+    assert all(len(item) < 16384 or len(item) == 100_000 for item in out)
+    events = p.server.receive(b"".join(out))
+    assert received(events, sid) == (b"B" * 100_000 + b"tail", True)
+    assert p.client.take_output() == []
