@@ -548,33 +548,47 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
             new_request.set()
         return True
 
-    async def reader() -> None:
+    stopped = False  # reading ended: EOF, error or upgrade
+
+    async def read_once() -> bool:
+        """Read and parse one chunk; False once reading has ended."""
+        nonlocal stopped
         try:
-            if initial and not feed(initial):
-                return
-            while True:
-                cur = cb.current
-                if cur is not None and cur.body is not None and cur.body.congested:
-                    await cur.body.wait_room()
-                if len(cb.ready) > 16:  # a deep pipeline: let the handler catch up
-                    await asyncio.sleep(0.001)
-                    continue
-                data = await conn.read(READ_SIZE)
-                if not data:
-                    state["eof"] = True
-                    if cb.current is not None and cb.current.body is not None:
-                        cb.current.body.fail(ConnectionError("client closed mid-request"))
-                    new_request.set()
-                    return
-                if not feed(data):
-                    return
+            data = await conn.read(READ_SIZE)
         except Exception as e:  # the stream was reset by the client
-            state["eof"] = True
+            data = b""
             if cb.current is not None and cb.current.body is not None:
                 cb.current.body.fail(e)
+        if not data:
+            state["eof"] = True
+            if cb.current is not None and cb.current.body is not None:
+                cb.current.body.fail(ConnectionError("client closed mid-request"))
+            stopped = True
             new_request.set()
+            return False
+        if not feed(data):
+            stopped = True
+            return False
+        return True
 
-    async def handle_all() -> None:
+    async def reader() -> None:
+        """Keep reading beside the handler (a request body still arriving)."""
+        while True:
+            cur = cb.current
+            if cur is not None and cur.body is not None and cur.body.congested:
+                await cur.body.wait_room()
+            if len(cb.ready) > 16:  # a deep pipeline: let the handler catch up
+                await asyncio.sleep(0.001)
+                continue
+            if not await read_once():
+                return
+
+    reader_task: asyncio.Task[None] | None = None
+
+    async def handle_all(tg: asyncio.TaskGroup) -> None:
+        nonlocal reader_task, stopped
+        if initial and not feed(initial):
+            stopped = True
         while True:
             while not cb.ready:
                 if state["error"] is not None:
@@ -582,10 +596,18 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
                     return
                 if state["eof"]:
                     return
+                if reader_task is None and not stopped:
+                    await read_once()  # idle connection: read in this task
+                    continue
+                if stopped and reader_task is None:
+                    return
                 new_request.clear()
                 await new_request.wait()
             r = cb.ready.popleft()
             assert r.body is not None
+            if not r.body.done and reader_task is None and not stopped:
+                # the body is still arriving: read it beside the handler from now on
+                reader_task = tg.create_task(reader())
             target = r.url.decode("latin-1")
             authority = next((v for k, v in r.headers if k == "host"), "")
             upgrade = ""
@@ -632,10 +654,10 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
                 return
 
     async with asyncio.TaskGroup() as tg:
-        rt = tg.create_task(reader())
         try:
-            await handle_all()
+            await handle_all(tg)
         finally:
-            rt.cancel()
+            if reader_task is not None:
+                reader_task.cancel()
     with contextlib.suppress(Exception):
         conn.write_eof()
