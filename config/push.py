@@ -95,6 +95,8 @@ WAYPOINT_KINDS = frozenset(
     }
 )
 MAX_MESSAGE = 256 * 1024 * 1024
+FULL_SEND_CONCURRENCY = 4  # whole snapshots being written at once
+RAW_SNAPSHOT = "_raw_snapshot"  # internal: a snapshot already encoded as JSON bytes
 CONTROL_PLANE_SA = ("ambit-system", "control-plane")
 
 
@@ -184,6 +186,7 @@ class PushServer:
         self.sessions: dict[tuple[str, str], Session] = {}
         self.views = NodeViews(self.index)
         self._dirty = asyncio.Event()
+        self._full_sends = asyncio.Semaphore(FULL_SEND_CONCURRENCY)
         self._cache: dict[str, tuple[int, dict[str, Any], str]] = {}
 
     # -- store -> index ----------------------------------------------------------------
@@ -510,18 +513,26 @@ class PushServer:
                 s.acked_hash, s.acked_version, s.state = s.sent_hash, s.sent_version, "synced"
             elif s.state != "nacked":
                 s.state = "pending"
-            await _send(s.writer, msg)
+            raw = msg.pop(RAW_SNAPSHOT, None)
+            if raw is None:
+                await _send(s.writer, msg)
+                continue
+            # whole snapshots are MiBs: a few at a time keeps buffers (and RSS) bounded
+            async with self._full_sends:
+                head = json.dumps(msg, separators=(",", ":")).encode()
+                s.writer.write(head[:-1] + b',"snapshot":' + raw + b"}\n")
+                await s.writer.drain()
 
     def _node_update(self, s: Session) -> dict[str, Any] | None:
         st = s.node
         assert st is not None
         version = self.views.version
-        if st.seq < 0:  # just subscribed or nacked: does the node hold the current content?
-            body = self.views.full(st)
+        if self.views.needs_full(st):  # subscribed, nacked or too far behind
+            raw = self.views.full_json(st)
             h = self.views.hash_of(st)
             if h == s.acked_hash:
                 return {"type": "uptodate", "version": version, "hash": h}
-            return {"type": "snapshot", "version": version, "hash": h, "snapshot": body}
+            return {"type": "snapshot", "version": version, "hash": h, RAW_SNAPSHOT: raw}
         before = self.views.hash_of(st)
         res = self.views.update(st)
         if res is None:

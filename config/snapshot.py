@@ -699,6 +699,14 @@ class _Item:
     digest: int
     namespace: str
     node: str = ""  # workloads only
+    raw: bytes = b""  # canonical JSON of `data` (what the digest covers; reused on the wire)
+
+
+def _make_item(collection: str, obj: object, namespace: str, node: str = "") -> _Item:
+    data = zs._dump(obj)
+    raw = _canonical(data)
+    h = hashlib.sha256(collection.encode() + b"\0" + raw).digest()
+    return _Item(obj, data, int.from_bytes(h[:8], "big"), namespace, node, raw)
 
 
 @dataclass
@@ -779,8 +787,7 @@ class NodeViews:
                 if cur is not None and (cur.obj is obj or cur.obj == obj):
                     cur.obj = obj
                     continue
-                data = zs._dump(obj)
-                self.items[k] = _Item(obj, data, item_digest(k[0], data), ns, node)
+                self.items[k] = _make_item(k[0], obj, ns, node)
                 changed.add(k)
             self._ns_keys[ns] = set(fresh)
             self._endpoints[ns] = {ep.workload_uid for s in svcs.values() for ep in s.endpoints}
@@ -796,8 +803,7 @@ class NodeViews:
                 cur = self.items.get(k)
                 if cur is not None and cur.obj == wp:
                     continue
-                data = zs._dump(wp)
-                self.items[k] = _Item(wp, data, item_digest("waypoints", data), wp.namespace)
+                self.items[k] = _make_item("waypoints", wp, wp.namespace)
                 changed.add(k)
         if changed:
             self.seq += 1
@@ -836,24 +842,42 @@ class NodeViews:
             "trust_bundle_pem": idx.trust_bundle_pem,
         }
 
-    def full(self, state: NodeState) -> dict[str, Any]:
-        """The node's whole snapshot dict; resets `state` to it."""
+    def _reset(self, state: NodeState) -> dict[str, list[_Item]]:
+        """Recompute everything `state`'s node should hold; returns the items by collection."""
         local_ns = self.local_namespaces(state.node)
-        snap: dict[str, Any] = self._scalars(state.node)
-        for name in COLLECTIONS:
-            snap[name] = []
+        members: dict[str, list[_Item]] = {name: [] for name in COLLECTIONS}
         sent: dict[ItemKey, int] = {}
         total = 0
         for k in sorted(self.items):
             item = self.items[k]
             if self._member(k, item, state.node, local_ns):
-                snap[k[0]].append(item.data)
+                members[k[0]].append(item)
                 sent[k] = item.digest
                 total += item.digest
         state.sent, state.total, state.local_ns = sent, total, local_ns
-        state.scalars = {k: v for k, v in snap.items() if k not in COLLECTIONS}
+        state.scalars = self._scalars(state.node)
         state.seq = self.seq
+        return members
+
+    def full(self, state: NodeState) -> dict[str, Any]:
+        """The node's whole snapshot dict; resets `state` to it."""
+        members = self._reset(state)
+        snap: dict[str, Any] = dict(state.scalars)
+        for name, items in members.items():
+            snap[name] = [i.data for i in items]
         return snap
+
+    def full_json(self, state: NodeState) -> bytes:
+        """`full()` already encoded as JSON, assembled from each item's cached encoding."""
+        members = self._reset(state)
+        parts = [json.dumps(k).encode() + b":" + _canonical(v) for k, v in state.scalars.items()]
+        for name, items in members.items():
+            parts.append(json.dumps(name).encode() + b":[" + b",".join(i.raw for i in items) + b"]")
+        return b"{" + b",".join(parts) + b"}"
+
+    def needs_full(self, state: NodeState) -> bool:
+        """Whether `state` can only be brought up to date with a whole snapshot."""
+        return state.seq < 0 or bool(self._log and state.seq < self._log[0][0] - 1)
 
     def hash_of(self, state: NodeState) -> str:
         return f"{(state.total + scalars_digest(state.scalars)) & _MASK:016x}"
@@ -863,7 +887,7 @@ class NodeViews:
 
         `body` for a delta has set/upsert/remove; for a snapshot it is the whole dict.
         """
-        if state.seq < 0 or (self._log and state.seq < self._log[0][0] - 1):
+        if self.needs_full(state):
             return "snapshot", self.full(state)
         local_ns = self.local_namespaces(state.node)
         if local_ns != state.local_ns:

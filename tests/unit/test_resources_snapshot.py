@@ -368,3 +368,19 @@ def test_node_views_deltas_track_full_snapshots_through_random_changes() -> None
             got = {**held[n], "version": want["version"]}
             assert got == want, f"step {_step}: node {n} diverged"
             assert views.hash_of(states[n]) == content_hash(want)
+
+
+def test_full_json_is_the_full_snapshot_encoded() -> None:
+    import json
+
+    from config.snapshot import NodeState, NodeViews, content_hash
+
+    idx = MeshIndex()
+    idx.load(resources(MESH + WAYPOINT), 4)
+    idx.set_waypoint_address("shop", "wp", "10.1.0.99")
+    views = NodeViews(idx)
+    a, b = NodeState("node-a"), NodeState("node-a")
+    decoded = json.loads(views.full_json(a))
+    assert decoded == views.full(b)
+    assert views.hash_of(a) == views.hash_of(b) == content_hash(decoded)
+    assert zs.Snapshot.from_dict(decoded) == idx.node_snapshot("node-a")
