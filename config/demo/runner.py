@@ -446,6 +446,10 @@ class Demo:
             f"  {ambit} --socket {self.socket} get workloadentries -n shop",
             f"  ip netns exec {n1} curl -s http://127.0.0.1:15000/config_dump",
             f"  ip netns exec {n2} curl -s http://127.0.0.1:15020/metrics",
+            *([f"  {ambit} --socket {self.socket} get httproutes -n shop -o yaml",
+               f"  ip netns exec {self.sb.workload('waypoint').netns} curl -s "
+               "http://127.0.0.1:15020/metrics | grep ^istio_requests_total"]
+              if self.waypoint_running else []),
             f"  logs: {self.dir}/*.log",
             "Tear it down:",
             f"  {ambit} demo --teardown {self.prefix}",

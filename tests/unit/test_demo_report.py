@@ -287,3 +287,22 @@ def test_waypoint_requests_are_grouped_by_backend_service(access_log: io.StringI
     m = _measure(access_log, l7=tuple(report.parse_metrics(text)))
     lines = report.render(report.summarise(m, report.Expectations()), m)
     assert "    frontend -> catalog-v2 503: 2" in lines
+
+
+@pytest.mark.parametrize("waypoint", [True, False])
+def test_demo_manifests_are_valid_resources(waypoint: bool) -> None:
+    from config.demo.runner import NODES, VIPS, render_manifests
+    from config.resources import parse_resource
+    from config.validate import load_text
+
+    values = {f"{k}_vip": ip for k, ip in VIPS.items()}
+    for i, names in enumerate(NODES, start=1):
+        for j, name in enumerate(names, start=2):
+            key = name.replace("-", "_")
+            values.update({f"{key}_ip": f"10.244.{i}.{j}", f"{key}_node": f"n{i}",
+                           f"{key}_netns": f"demo-{name}"})
+    docs = load_text(render_manifests(values, waypoint=waypoint), "demo")
+    kinds = [parse_resource(d.obj).key.kind for d in docs]
+    assert kinds.count("WorkloadEntry") == 6 and kinds.count("Service") == 5
+    assert {"PeerAuthentication", "AuthorizationPolicy"} <= set(kinds)
+    assert ("HTTPRoute" in kinds) is waypoint and ("Gateway" in kinds) is waypoint
