@@ -123,8 +123,9 @@ def namespace_name(i: int) -> str:
     return f"ns-{i:03d}"
 
 
-def workload_manifest(scale: Scale, k: int, extra_labels: dict[str, str] | None = None
-                      ) -> dict[str, Any]:
+def workload_manifest(
+    scale: Scale, k: int, extra_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Workload k: namespace k mod N, backing service `svc-(j mod per-namespace services)`.
 
     Each namespace's workloads sit on a band of about 10 nodes, so every node hosts
@@ -137,30 +138,48 @@ def workload_manifest(scale: Scale, k: int, extra_labels: dict[str, str] | None 
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "WorkloadEntry",
-        "metadata": {"name": f"w-{k:05d}", "namespace": namespace_name(ns_idx),
-                     "annotations": {"ambit.dev/node": node_name(node)}},
-        "spec": {"address": str(ipaddress.IPv4Address("10.128.0.0") + k + 1),
-                 "labels": labels, "serviceAccount": f"sa-{j % per_ns_svc}"},
+        "metadata": {
+            "name": f"w-{k:05d}",
+            "namespace": namespace_name(ns_idx),
+            "annotations": {"ambit.dev/node": node_name(node)},
+        },
+        "spec": {
+            "address": str(ipaddress.IPv4Address("10.128.0.0") + k + 1),
+            "labels": labels,
+            "serviceAccount": f"sa-{j % per_ns_svc}",
+        },
     }
 
 
 def mesh_manifests(scale: Scale) -> list[dict[str, Any]]:
     """Namespaces (enrolled), workloads and services of the simulated mesh."""
     docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace",
-         "metadata": {"name": namespace_name(i),
-                      "labels": {"istio.io/dataplane-mode": "ambient"}}}
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": namespace_name(i),
+                "labels": {"istio.io/dataplane-mode": "ambient"},
+            },
+        }
         for i in range(scale.namespaces)
     ]
     docs += [workload_manifest(scale, k) for k in range(scale.workloads)]
     for s in range(scale.services):
-        docs.append({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": f"svc-{s // scale.namespaces}",
-                         "namespace": namespace_name(s % scale.namespaces)},
-            "spec": {"selector": {"app": f"svc-{s // scale.namespaces}"},
-                     "ports": [{"port": 80, "targetPort": 8080}]},
-        })
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": f"svc-{s // scale.namespaces}",
+                    "namespace": namespace_name(s % scale.namespaces),
+                },
+                "spec": {
+                    "selector": {"app": f"svc-{s // scale.namespaces}"},
+                    "ports": [{"port": 80, "targetPort": 8080}],
+                },
+            }
+        )
     return docs
 
 
@@ -182,8 +201,9 @@ def check_scale(scale: Scale) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def _build_model(store: Any, trust_pem: str, nodes: Sequence[str]
-                 ) -> tuple[Any, Any, list[Any], list[float]]:
+def _build_model(
+    store: Any, trust_pem: str, nodes: Sequence[str]
+) -> tuple[Any, Any, list[Any], list[float]]:
     """Everything the push server computes from scratch, with step times."""
     from config.push import _parse_stored
     from config.snapshot import MeshIndex, NodeState, NodeViews
@@ -219,8 +239,11 @@ def measure_compute(store: Any, trust_pem: str, scale: Scale) -> ComputeTimes:
     full = views.full(NodeState(nodes[0]))
     wire = json.dumps({"type": "snapshot", "snapshot": full}, separators=(",", ":"))
     return ComputeTimes(
-        read_parse_s=read_s, index_s=index_s, node_views_s=views_s,
-        total_s=read_s + index_s + views_s, one_node_scratch_s=scratch,
+        read_parse_s=read_s,
+        index_s=index_s,
+        node_views_s=views_s,
+        total_s=read_s + index_s + views_s,
+        one_node_scratch_s=scratch,
         snapshot_items=len(full["workloads"]) + len(full["services"]),
         snapshot_json_bytes=len(wire),
     )
@@ -273,17 +296,27 @@ def _header(line: bytes) -> tuple[str, int, int]:
     """
     if len(line) < 256 * 1024:
         msg = json.loads(line)
-        return (str(msg.get("type")), int(msg.get("version", 0)),
-                len(msg.get("upsert", {}).get("workloads", [])))
+        return (
+            str(msg.get("type")),
+            int(msg.get("version", 0)),
+            len(msg.get("upsert", {}).get("workloads", [])),
+        )
     m = _HEADER.match(line)
     if m is None:
         raise ValueError(f"unexpected message start {line[:80]!r}")
     return m.group(1).decode(), int(m.group(2)), -1
 
 
-async def _node_stream(address: str, node: str, data_dir: Path, token: str, *,
-                       out: Callable[[str], None], joined: Callable[[str], None],
-                       synced: Callable[[str], None]) -> None:
+async def _node_stream(
+    address: str,
+    node: str,
+    data_dir: Path,
+    token: str,
+    *,
+    out: Callable[[str], None],
+    joined: Callable[[str], None],
+    synced: Callable[[str], None],
+) -> None:
     from config.push import MAX_MESSAGE, NODE_CERT, NODE_KEY, TRUST, PushClient
 
     client = PushClient(address, node, data_dir / node, token=token, timeout=60)
@@ -344,8 +377,9 @@ async def run_nodes(address: str, tokens: dict[str, str], data_dir: Path) -> Non
     out(f"START {t0}")
     async with asyncio.TaskGroup() as tg:
         for node, token in tokens.items():
-            tg.create_task(_node_stream(address, node, data_dir, token, out=out, joined=joined,
-                                        synced=synced))
+            tg.create_task(
+                _node_stream(address, node, data_dir, token, out=out, joined=joined, synced=synced)
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -369,8 +403,10 @@ class Nodes:
             while not pred():
                 line = await self.proc.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"the simulated nodes exited ({await self.proc.wait()}) "
-                                       f"while waiting for {what}: see their log")
+                    raise RuntimeError(
+                        f"the simulated nodes exited ({await self.proc.wait()}) "
+                        f"while waiting for {what}: see their log"
+                    )
                 self._take(line.decode().split())
 
     def _take(self, f: list[str]) -> None:
@@ -395,10 +431,16 @@ def _reached(nodes: Nodes, version: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-async def measure_streams(store: Any, ca: Any, tokens: Any, *, data: Path, scale: Scale,
-                          node_log: int, log: Callable[[str], None]
-                          ) -> tuple[float, float, float, Propagation,
-                                     tuple[float, float, float]]:
+async def measure_streams(
+    store: Any,
+    ca: Any,
+    tokens: Any,
+    *,
+    data: Path,
+    scale: Scale,
+    node_log: int,
+    log: Callable[[str], None],
+) -> tuple[float, float, float, Propagation, tuple[float, float, float]]:
     """Start the real PushServer on TLS, connect every node, time one-workload changes.
 
     Returns (server start s, joins s, initial sync s, propagation, RSS after sync MiB
@@ -420,10 +462,22 @@ async def measure_streams(store: Any, ca: Any, tokens: Any, *, data: Path, scale
     async with asyncio.TaskGroup() as tg:
         follower = tg.create_task(push.follow_store())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.control_plane", "nodes", "--address",
-            f"{host}:{port}", "--tokens", str(tokens_file), "--data", str(data / "nodes"),
-            stdout=asyncio.subprocess.PIPE, stderr=node_log, stdin=asyncio.subprocess.DEVNULL,
-            cwd=str(HERE.parent), limit=1 << 20)
+            sys.executable,
+            "-m",
+            "bench.control_plane",
+            "nodes",
+            "--address",
+            f"{host}:{port}",
+            "--tokens",
+            str(tokens_file),
+            "--data",
+            str(data / "nodes"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=node_log,
+            stdin=asyncio.subprocess.DEVNULL,
+            cwd=str(HERE.parent),
+            limit=1 << 20,
+        )
         nodes = Nodes(proc)
         try:
             log(f"{scale.nodes} nodes joining and subscribing over TLS")
@@ -450,8 +504,9 @@ async def measure_streams(store: Any, ca: Any, tokens: Any, *, data: Path, scale
                 def everywhere(v: int = version) -> bool:
                     return len(_reached(nodes, v)) >= scale.nodes
 
-                await nodes.read_until(everywhere, 30,
-                                       f"change {i} (version {version}) on every stream")
+                await nodes.read_until(
+                    everywhere, 30, f"change {i} (version {version}) on every stream"
+                )
                 got = _reached(nodes, version)
                 times = sorted((t - t_start) / 1e6 for t, _ in got.values())
                 all_ms.append(times[-1])
@@ -474,9 +529,14 @@ async def measure_streams(store: Any, ca: Any, tokens: Any, *, data: Path, scale
             server.close()
             for s in list(push.sessions.values()):
                 s.writer.close()
-    prop = Propagation(all_streams_ms=all_ms, median_stream_ms=med_ms, commit_ms=commit_ms,
-                       streams=scale.nodes, workloads_per_delta=sorted(set(wl_counts)),
-                       other_cpus=other)
+    prop = Propagation(
+        all_streams_ms=all_ms,
+        median_stream_ms=med_ms,
+        commit_ms=commit_ms,
+        streams=scale.nodes,
+        workloads_per_delta=sorted(set(wl_counts)),
+        other_cpus=other,
+    )
     return server_start, joins_s, initial, prop, rss
 
 
@@ -496,16 +556,25 @@ def push_phase(data: Path, scale: Scale, log: Callable[[str], None]) -> dict[str
     tokens = TokenStore(data / "tokens.db")
     try:
         with open(data / "nodes.log", "wb") as node_log:
-            server_start, joins, initial, prop, rss_sync = asyncio.run(measure_streams(
-                store, ca, tokens, data=data, scale=scale, node_log=node_log.fileno(), log=log))
+            server_start, joins, initial, prop, rss_sync = asyncio.run(
+                measure_streams(
+                    store, ca, tokens, data=data, scale=scale, node_log=node_log.fileno(), log=log
+                )
+            )
     finally:
         tokens.close()
         store.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"server_start_s": server_start, "joins_s": joins, "initial_sync_s": initial,
-            "propagation": asdict(prop), "rss_after_sync_mib": rss_sync[0],
-            "rss_trimmed_mib": rss_sync[1], "rss_started_mib": rss_sync[2],
-            "rss_peak_mib": max(peak, rss_sync[0])}
+    return {
+        "server_start_s": server_start,
+        "joins_s": joins,
+        "initial_sync_s": initial,
+        "propagation": asdict(prop),
+        "rss_after_sync_mib": rss_sync[0],
+        "rss_trimmed_mib": rss_sync[1],
+        "rss_started_mib": rss_sync[2],
+        "rss_peak_mib": max(peak, rss_sync[0]),
+    }
 
 
 def run(scale: Scale, workdir: Path, log: Callable[[str], None]) -> Results:
@@ -519,8 +588,7 @@ def run(scale: Scale, workdir: Path, log: Callable[[str], None]) -> Results:
     ca = CertificateAuthority.load_or_create(data, TRUST_DOMAIN)
     store = Store(str(data), history_limit=_history(scale))
     try:
-        docs = [Document("bench-mesh.yaml", i + 1, m)
-                for i, m in enumerate(mesh_manifests(scale))]
+        docs = [Document("bench-mesh.yaml", i + 1, m) for i, m in enumerate(mesh_manifests(scale))]
         log(f"applying {len(docs)} resources")
         t0 = time.perf_counter()
         store.apply(docs)
@@ -535,29 +603,65 @@ def run(scale: Scale, workdir: Path, log: Callable[[str], None]) -> Results:
         store.close()
     result = data / "push-result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.control_plane", *_scale_args(scale), "push", "--data",
-         str(data), "--result", str(result)],
-        cwd=str(HERE.parent), stdin=subprocess.DEVNULL, check=False)
+        [
+            sys.executable,
+            "-m",
+            "bench.control_plane",
+            *_scale_args(scale),
+            "push",
+            "--data",
+            str(data),
+            "--result",
+            str(result),
+        ],
+        cwd=str(HERE.parent),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     if proc.returncode != 0:
-        tail = (data / "nodes.log").read_text(errors="replace")[-2000:] \
-            if (data / "nodes.log").exists() else ""
-        raise RuntimeError(f"the push phase failed ({proc.returncode}); simulated nodes' "
-                           f"log ends with:\n{tail}")
+        tail = (
+            (data / "nodes.log").read_text(errors="replace")[-2000:]
+            if (data / "nodes.log").exists()
+            else ""
+        )
+        raise RuntimeError(
+            f"the push phase failed ({proc.returncode}); simulated nodes' log ends with:\n{tail}"
+        )
     push = json.loads(result.read_text())
     prop = Propagation(**push["propagation"])
-    memory = Memory(model_mib=model_mib, model_peak_mib=model_peak,
-                    rss_after_sync_mib=push["rss_after_sync_mib"],
-                    rss_trimmed_mib=push["rss_trimmed_mib"],
-                    rss_started_mib=push["rss_started_mib"], rss_peak_mib=push["rss_peak_mib"])
-    return Results(scale=scale, apply_s=apply_s, compute=compute,
-                   server_start_s=push["server_start_s"], initial_sync_s=push["initial_sync_s"],
-                   joins_s=push["joins_s"], propagation=prop, memory=memory)
+    memory = Memory(
+        model_mib=model_mib,
+        model_peak_mib=model_peak,
+        rss_after_sync_mib=push["rss_after_sync_mib"],
+        rss_trimmed_mib=push["rss_trimmed_mib"],
+        rss_started_mib=push["rss_started_mib"],
+        rss_peak_mib=push["rss_peak_mib"],
+    )
+    return Results(
+        scale=scale,
+        apply_s=apply_s,
+        compute=compute,
+        server_start_s=push["server_start_s"],
+        initial_sync_s=push["initial_sync_s"],
+        joins_s=push["joins_s"],
+        propagation=prop,
+        memory=memory,
+    )
 
 
 def _scale_args(scale: Scale) -> list[str]:
-    return ["--workloads", str(scale.workloads), "--services", str(scale.services),
-            "--nodes", str(scale.nodes), "--namespaces", str(scale.namespaces),
-            "--changes", str(scale.changes)]
+    return [
+        "--workloads",
+        str(scale.workloads),
+        "--services",
+        str(scale.services),
+        "--nodes",
+        str(scale.nodes),
+        "--namespaces",
+        str(scale.namespaces),
+        "--changes",
+        str(scale.changes),
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -603,10 +707,16 @@ def machine(now: datetime.datetime, load_before: tuple[float, float, float]) -> 
                     break
     except OSError:
         pass
-    return {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count() or 0,
-            "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
-            "openssl": ssl.OPENSSL_VERSION, "load_before": list(load_before),
-            "load_after": list(os.getloadavg())}
+    return {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count() or 0,
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
+    }
 
 
 def render_markdown(r: Results, command: str, plot_name: str | None) -> str:
@@ -684,12 +794,39 @@ def render_markdown(r: Results, command: str, plot_name: str | None) -> str:
         "changes were timed.",
         "",
     ]
+    sent_mib = c.snapshot_json_bytes * sc.nodes / MiB
+    lines += [
+        "## Reading",
+        "",
+        f"- Computing one node's snapshot from the shared item views costs "
+        f"{s['compute_per_node_ms']:.1f} ms; building it straight from the index "
+        f"(`MeshIndex.node_snapshot`, sort, hash: the non-incremental path) costs "
+        f"{s['one_node_scratch_ms']:.0f} ms: the per-item digests are what make "
+        f"{sc.nodes} nodes affordable.",
+        f"- The initial sync sends {sent_mib:.0f} MiB of snapshots "
+        f"({c.snapshot_json_bytes / MiB:.1f} MiB per node) in {r.initial_sync_s:.1f} s, "
+        f"joins included ({r.joins_s:.1f} s until every node had its certificate).",
+        f"- A one-workload change is a delta with that workload only; "
+        f"`Store.apply` is {s['change_commit_median_ms']:.1f} ms of the "
+        f"{s['change_all_streams_median_ms']:.1f} ms median, the rest is the index update, "
+        f"the per-node deltas and {p.streams} TLS writes, read by a client process that "
+        "competes for the same 2 CPUs.",
+        f"- Memory: the computed model is {m.model_mib:.0f} MiB of Python objects, the "
+        f"started server {m.rss_started_mib:.0f} MiB RSS. Each synced stream then adds "
+        f"{per_stream:.1f} MiB ({per_stream * MiB / max(c.snapshot_json_bytes, 1):.1f}x its "
+        f"snapshot's size) that stays after the sync: `malloc_trim` returns only "
+        f"{m.rss_after_sync_mib - m.rss_trimmed_mib:.0f} MiB, so it is held, not free "
+        "heap (TLS buffers sized by the largest write are the likely holder).",
+        "",
+    ]
     if plot_name:
         lines += [f"![change propagation and compute]({plot_name})", ""]
     lines += [
         "Per change (ms, all streams / median stream / commit): "
-        + ", ".join(f"{a:.0f}/{b:.0f}/{c2:.0f}" for a, b, c2 in
-                    zip(p.all_streams_ms, p.median_stream_ms, p.commit_ms, strict=True)),
+        + ", ".join(
+            f"{a:.0f}/{b:.0f}/{c2:.0f}"
+            for a, b, c2 in zip(p.all_streams_ms, p.median_stream_ms, p.commit_ms, strict=True)
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -714,9 +851,13 @@ def plot(r: Results, path: Path) -> None:
     ax1.set_title("one-workload change: time to reach the streams")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    steps = [("read+parse", c.read_parse_s), ("index+digests", c.index_s),
-             (f"{r.scale.nodes} node views", c.node_views_s),
-             ("PushServer start", r.server_start_s), ("initial sync", r.initial_sync_s)]
+    steps = [
+        ("read+parse", c.read_parse_s),
+        ("index+digests", c.index_s),
+        (f"{r.scale.nodes} node views", c.node_views_s),
+        ("PushServer start", r.server_start_s),
+        ("initial sync", r.initial_sync_s),
+    ]
     ax2.bar([s for s, _ in steps], [v for _, v in steps])
     ax2.set_ylabel("s")
     ax2.set_title(f"full compute at {r.scale.workloads} workloads / {r.scale.services} services")
@@ -739,7 +880,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.control_plane",
         description="Control plane at scale: full snapshot compute, one-workload change "
-        "propagation to every node stream (real PushServer over TLS), memory.")
+        "propagation to every node stream (real PushServer over TLS), memory.",
+    )
     sub = p.add_subparsers(dest="command")
     n = sub.add_parser("nodes", help="(internal) run the simulated nodes")
     n.add_argument("--address", required=True)
@@ -753,11 +895,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--services", type=int, default=d.services)
     p.add_argument("--nodes", type=int, default=d.nodes, help="simulated node streams")
     p.add_argument("--namespaces", type=int, default=d.namespaces)
-    p.add_argument("--changes", type=int, default=d.changes,
-                   help="one-workload changes to time")
-    p.add_argument("--out", type=Path, default=HERE,
-                   help="directory for RESULTS-control-plane.md, results-control-plane.json "
-                   "and control-plane.png (default: bench/)")
+    p.add_argument("--changes", type=int, default=d.changes, help="one-workload changes to time")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE,
+        help="directory for RESULTS-control-plane.md, results-control-plane.json "
+        "and control-plane.png (default: bench/)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return p
 
@@ -780,8 +925,13 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
         asyncio.run(run_nodes(args.address, json.loads(args.tokens.read_text()), args.data))
         return 0
-    scale = Scale(workloads=args.workloads, services=args.services, nodes=args.nodes,
-                  namespaces=args.namespaces, changes=args.changes)
+    scale = Scale(
+        workloads=args.workloads,
+        services=args.services,
+        nodes=args.nodes,
+        namespaces=args.namespaces,
+        changes=args.changes,
+    )
     if args.command == "push":
         uvloop.install()
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -799,18 +949,22 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ambit-bench-cp-") as tmp:
         results = run(scale, Path(tmp), _log)
-    results = Results(**{**{f: getattr(results, f) for f in results.__dataclass_fields__},
-                         "machine": machine(now, load_before)})
+    results = Results(
+        **{
+            **{f: getattr(results, f) for f in results.__dataclass_fields__},
+            "machine": machine(now, load_before),
+        }
+    )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     plot_name = None
     if not args.no_plot:
         plot(results, out / "control-plane.png")
         plot_name = "control-plane.png"
-    command = "python -m bench.control_plane " + shlex.join(sys.argv[1:] if argv is None
-                                                            else argv)
+    command = "python -m bench.control_plane " + shlex.join(sys.argv[1:] if argv is None else argv)
     (out / "RESULTS-control-plane.md").write_text(
-        render_markdown(results, command.strip(), plot_name))
+        render_markdown(results, command.strip(), plot_name)
+    )
     (out / "results-control-plane.json").write_text(results_json(results))
     for k, v in summary(results).items():
         print(f"{k:32s} {v:10.2f}")
