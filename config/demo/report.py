@@ -211,10 +211,10 @@ def _peer(s: Sample, side: str) -> tuple[str, str]:
     wl = s.label(f"{side}_workload", "unknown") or "unknown"
     ns = s.label(f"{side}_workload_namespace", "unknown") or "unknown"
     if wl == "unknown":
-        parts = s.label(f"{side}_principal").split("/")
-        # spiffe://TD/ns/NS/sa/SA
-        if len(parts) == 7 and parts[0] == "spiffe:" and parts[3] == "ns" and parts[5] == "sa":
-            wl, ns = parts[6], parts[4]
+        # spiffe://TD/ns/NS/sa/SA (Istio's metric labels leave out the scheme)
+        parts = s.label(f"{side}_principal").removeprefix("spiffe://").split("/")
+        if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
+            wl, ns = parts[4], parts[2]
     return wl, ns
 
 
