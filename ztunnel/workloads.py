@@ -134,7 +134,9 @@ def _netns_exists(netns: str) -> bool:
 
 
 def _key(w: Workload) -> tuple[str, str, str | None, str | None, str]:
-    # What requires new listeners when it changes; other fields are read live.
+    # What requires new listeners when it changes; other fields are read live. The
+    # certificate and the trust bundle are not here: the HBONE listener picks up the
+    # current ones at every handshake (root rotation, renewal) without a restart.
     return (w.uid, w.ip, w.ip6, w.netns, w.identity)
 
 

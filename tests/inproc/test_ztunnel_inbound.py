@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from config.ca import CertificateAuthority
 from tests.pki import TestPKI
 from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.pool import HboneConnectionPool
-from ztunnel.identity import IdentityManager, SpiffeId
+from ztunnel.identity import (
+    Certificate,
+    IdentityManager,
+    SpiffeId,
+    generate_key,
+    make_csr,
+    private_key_pem,
+)
 from ztunnel.listeners._base import Limits, ProxyContext
 from ztunnel.listeners.inbound_hbone import InboundHboneListener
 from ztunnel.listeners.inbound_plain import InboundPlainListener
@@ -173,3 +183,84 @@ async def test_idle_hbone_stream_is_reset() -> None:
             await asyncio.sleep(0.02)
         assert len(ctx.tracker) == 0
     server.close()
+
+
+async def test_root_rotation_reaches_listening_and_outbound_contexts(tmp_path: Path) -> None:
+    """A root added to the bundle (rotation) is trusted by running listeners and by the
+    outbound pool at once; certificates from the new root work both ways, no restart."""
+    ca = CertificateAuthority.load_or_create(tmp_path / "cp", "cluster.local")
+
+    async def sign(identity: SpiffeId, csr_pem: bytes) -> list[bytes]:
+        return ca.sign_csr(csr_pem, identity)
+
+    def issue(identity: SpiffeId) -> Certificate:
+        key = generate_key()
+        return Certificate.from_pem(ca.sign_csr(make_csr(identity, key), identity),
+                                    private_key_pem(key))
+
+    server, port, peers = await echo_server()
+    snap = snapshot()
+    wl = snap.workloads[0]
+    skew = [0.0]  # the identity manager's clock, moved to the renewal time below
+    identities = IdentityManager(sign, clock=lambda: time.time() + skew[0])
+    ctx = ProxyContext(node="n1", snapshot=snap, metrics=ZtunnelMetrics(),
+                       identities=identities, pool=HboneConnectionPool(),
+                       trust=ca.trust_bundle(), limits=Limits())
+    old_client = issue(CLIENT_ID)
+
+    async def connect(client: Certificate) -> None:
+        # a pool of its own: a fresh TLS handshake each time (pooled connections stay up)
+        pool = HboneConnectionPool()
+        try:
+            stream = await pool.open_stream(
+                src_identity_cert=client, trust=ctx.require_trust(),
+                dst_identity=SpiffeId.parse(wl.identity), src_ip=None, dst=hbone.address,
+                authority=f"{SERVER_IP}:{port}", forwarded_for=f'for="{SERVER_IP}:4000"')
+            stream.write(b"rotated")
+            assert await stream.readexactly(7) == b"rotated"
+            stream.write_eof()
+        finally:
+            await pool.close()
+
+    async with asyncio.TaskGroup() as tg:
+        id_task = tg.create_task(identities.run())
+        cert = await identities.get(SpiffeId.parse(wl.identity))
+        hbone = InboundHboneListener(ctx, wl, None, cert, host=SERVER_IP, port=0)
+        tg.create_task(hbone.run())
+        try:
+            await connect(old_client)
+            old_root = ca.signing_root
+            # rotation: the next root joins the bundle (pushed with the next snapshot),
+            # then signs; the listener still serves its certificate from the old root
+            ca.begin_rotation()
+            ctx.trust = ca.trust_bundle()
+            assert len(ctx.trust.roots()) == 2
+            ca.complete_rotation()
+            new_client = issue(CLIENT_ID)
+            await connect(new_client)  # refused with "unknown ca" when the bundle is stale
+            await connect(old_client)  # the old root is still trusted
+            # the server renews (half-life) from the new root; clients verify it with the
+            # bundle, and the listener serves it from the next handshake on
+            skew[0] = (cert.not_after - cert.not_before) * 0.8
+            identities.wakeup()
+            for _ in range(250):
+                renewed = identities.cached(cert.identity)
+                if renewed is not None and renewed != cert:
+                    break
+                await asyncio.sleep(0.02)
+            skew[0] = 0.0  # back to now: the renewed certificate stays
+            await asyncio.sleep(0.1)
+            renewed = identities.cached(cert.identity)
+            assert renewed is not None and renewed != cert
+            await connect(new_client)
+            assert hbone.cert == renewed
+            new_root = ca.signing_root
+            renewed.x509().verify_directly_issued_by(new_root)
+            cert.x509().verify_directly_issued_by(old_root)
+        finally:
+            await hbone.drain(0.5)
+            await ctx.pool.close()
+            id_task.cancel()
+    server.close()
+    assert len(peers) == 4
+    assert len(ctx.tracker) == 0

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import socket
+import ssl
 import time
 from dataclasses import replace
 
@@ -30,7 +28,6 @@ from ztunnel.snapshot import Workload
 from ztunnel.tls import server_context
 
 INBOUND_HBONE_PORT = 15008
-CERT_CHECK_INTERVAL = 30.0
 
 
 class InboundHboneListener:
@@ -56,9 +53,16 @@ class InboundHboneListener:
         self.sock = sock
         trust = ctx.require_trust()
         self.cert = cert
-        self._ssl = server_context(cert, trust)
+        self.trust = trust
+        # The server is created with one context for good; every handshake switches to
+        # the context of the current certificate and trust bundle (`_select_context`,
+        # run for each ClientHello), so a renewed certificate or a rotated root applies
+        # to the next client without restarting the listener.
+        self._listening_ssl = server_context(cert, trust)
+        self._listening_ssl.sni_callback = self._select_context
+        self._ssl = self._listening_ssl
         self.server = HboneServer(
-            sock, self._ssl, trust, self._handle,
+            sock, self._listening_ssl, trust, self._handle,
             local_ip_check=lambda ip: ip in self._current().addresses,
         )
         self.address: tuple[str, int] = self.server.address
@@ -68,47 +72,46 @@ class InboundHboneListener:
         self.sock.close()
 
     def refresh_certificate(self) -> bool:
-        """Serve the identity manager's current certificate (after renewal) to new clients.
+        """Serve the identity manager's current certificate (after renewal) and verify
+        clients against the current trust bundle (after a root rotation).
 
-        The TLS context is updated in place (the listening server keeps its context
-        object); established connections keep the certificate they negotiated.
+        Returns True when a new context was built. Established connections keep what
+        they negotiated. Called on every handshake; cheap when nothing changed.
         """
-        cert = self.ctx.identities.cached(self.cert.identity)
-        if cert is None or cert == self.cert:
+        cert = self.ctx.identities.cached(self.cert.identity) or self.cert
+        trust = self.ctx.trust or self.trust
+        cert_changed = cert is not self.cert and cert != self.cert
+        trust_changed = trust is not self.trust and trust != self.trust
+        if not cert_changed and not trust_changed:
+            if trust is not self.trust:
+                self.trust = trust  # equal content: skip the comparison next time
             return False
-        fd_cert = os.memfd_create("ambit-cert", os.MFD_CLOEXEC)
-        fd_key = os.memfd_create("ambit-key", os.MFD_CLOEXEC)
-        try:
-            os.write(fd_cert, cert.full_chain_pem)
-            os.write(fd_key, cert.key_pem)
-            self._ssl.load_cert_chain(f"/proc/self/fd/{fd_cert}", f"/proc/self/fd/{fd_key}")
-        finally:
-            os.close(fd_cert)
-            os.close(fd_key)
-        self.cert = cert
-        log.info("serving renewed certificate", identity=str(cert.identity),
-                 not_after=cert.not_after)
+        self._ssl = server_context(cert, trust)
+        if cert_changed:
+            log.info("serving renewed certificate", identity=str(cert.identity),
+                     not_after=cert.not_after)
+        if trust_changed:
+            log.info("verifying clients with the new trust bundle", identity=str(cert.identity),
+                     roots=len(trust.roots()))
+        self.cert, self.trust = cert, trust
         return True
 
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(CERT_CHECK_INTERVAL)
-            try:
-                self.refresh_certificate()
-            except (OSError, ValueError) as exc:
-                log.warning("cannot load the renewed certificate", error=str(exc))
+    def _select_context(self, tls: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                        listening: ssl.SSLContext) -> None:
+        """SNI callback (OpenSSL runs it for every ClientHello, with or without SNI)."""
+        try:
+            self.refresh_certificate()
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.warning("cannot load the renewed certificate or trust bundle; serving the "
+                        "previous ones", identity=str(self.cert.identity), error=str(exc))
+        if self._ssl is not listening:
+            tls.context = self._ssl
 
     def _current(self) -> Workload:
         return self.ctx.snapshot.workload_by_uid(self.workload_uid) or self._workload
 
     async def run(self) -> None:
-        refresher = asyncio.ensure_future(self._refresh_loop())
-        try:
-            await self.server.run()
-        finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+        await self.server.run()
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - listener contract
         await self.server.drain(timeout)
