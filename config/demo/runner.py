@@ -481,7 +481,6 @@ class _Interrupts:
                 signum, self.pending = self.pending, None
                 raise KeyboardInterrupt(f"signal {signum}")
 
-
     @contextlib.contextmanager
     def shielded(self) -> Iterator[None]:
         """Stop signals are ignored here (teardown: a second Ctrl-C must not cut it short)."""
