@@ -8,6 +8,10 @@ Every process runs in a sandbox netns, logs to the demo's state directory
 (`/run/ambit-demo/PREFIX`, or $AMBIT_DEMO_DIR) and is killed by pid at the end, also on
 Ctrl-C, SIGTERM and errors; with `--keep` its pids go to `state.json` there and
 `teardown` finds them again.
+
+Exit status: 0 the measurements agree with the configuration, 3 they contradict it
+(each contradiction is printed), 1 the mesh could not be set up, 2 bad usage, 130
+interrupted.
 """
 
 from __future__ import annotations
