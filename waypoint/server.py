@@ -188,6 +188,10 @@ class Waypoint:
     def set_config(self, config: WaypointConfig) -> None:
         """Swap to a new configuration; requests in flight keep their chain."""
         self._chain = build_chain(config, self._state)
+        # endpoints no longer in the configuration: drop their idle connections
+        keep = {e.key for s in config.snapshot.services for p in s.ports
+                for e in config.endpoints(s, p.port)}
+        self.upstreams.close_idle(keep)
         self.readiness.mark("config")
         self._config_event.set()
         log.info("config applied", version=config.snapshot.version,

@@ -268,6 +268,17 @@ class Upstreams:
             return
         lst.append(_Idle(conn, served))
 
+    def close_idle(self, keep: set[str] | None = None) -> int:
+        """Close idle HTTP/1.1 connections (all, or those to endpoints not in `keep`)."""
+        n = 0
+        for key in list(self._idle):
+            if keep is not None and key in keep:
+                continue
+            for idle in self._idle.pop(key):
+                close_conn(idle.conn)
+                n += 1
+        return n
+
     def idle_count(self, ep: UpstreamEndpoint | None = None) -> int:
         if ep is not None:
             return len(self._idle.get(ep.key, []))

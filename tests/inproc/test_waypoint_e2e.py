@@ -63,6 +63,7 @@ class Backend:
     handler: Handler | None = None
     fail_first: int = 0  # answer 503 to this many requests first
     delay: float = 0.0
+    down: bool = False  # its HBONE terminator refuses (the workload is gone)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -261,6 +262,8 @@ class Mesh:
     def _terminator(self, b: Backend) -> Callable[[ConnectRequest], Awaitable[Decision]]:
         async def handler(req: ConnectRequest) -> Decision:
             b.peers.append(str(req.peer_identity))
+            if b.down:
+                return Refuse(503, "connection refused by the workload")
             if req.host != b.ip:
                 return Refuse(400, "not this workload")
             loop = asyncio.get_running_loop()
