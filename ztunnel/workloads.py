@@ -50,11 +50,39 @@ class WorkloadPorts:
     dns: int = DNS_PORT
 
 
-def _enable_request_migration() -> None:
-    # A listener closed during a rolling restart hands its queued connections to the
-    # new ztunnel's SO_REUSEPORT twin instead of resetting them (Linux >= 5.14).
-    with contextlib.suppress(OSError), open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
-        f.write("1")
+MIGRATE_REQ_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def _enable_request_migration() -> str | None:
+    """Set net.ipv4.tcp_migrate_req=1 in the calling thread's network namespace.
+
+    This is the one sysctl ztunnel changes, and only inside each enrolled workload's
+    netns (run through `run_in_netns`; the host's and ztunnel's own netns are not
+    touched, and the setting is left in place when the workload is unenrolled). With
+    it, a listener closed during a rolling restart hands its queued, not yet accepted
+    connections to the new ztunnel's SO_REUSEPORT twin instead of resetting them
+    (Linux >= 5.14). Returns None when set, else why it could not be.
+    """
+    try:
+        with open(MIGRATE_REQ_SYSCTL, "w") as f:
+            f.write("1")
+    except OSError as exc:
+        return f"{MIGRATE_REQ_SYSCTL}: {exc.strerror or exc}"
+    return None
+
+
+def _warn_no_request_migration(workload: str, netns: str | None, reason: str) -> None:
+    hint = ""
+    if "Read-only" in reason:
+        hint = ("/proc/sys is read-only for ztunnel (systemd ProtectKernelTunables=yes, or a "
+                "read-only /proc/sys in the container): allow writes to it, or set "
+                "net.ipv4.tcp_migrate_req=1 in the workload netns yourself")
+    elif "No such file" in reason:
+        hint = "the kernel has no tcp_migrate_req (Linux < 5.14)"
+    log.warning(
+        "cannot enable TCP request migration in the workload netns: during a rolling "
+        "restart of ztunnel, connections queued on the old listeners may be refused while "
+        "the new ztunnel takes over", workload=workload, netns=netns, error=reason, hint=hint)
 
 
 class WorkloadProxy:
@@ -76,7 +104,9 @@ class WorkloadProxy:
         async with asyncio.timeout(10):
             cert = await self.ctx.identities.get(SpiffeId.parse(w.identity))
         if self.netns is not None:
-            await asyncio.to_thread(run_in_netns, self.netns, _enable_request_migration)
+            reason = await asyncio.to_thread(run_in_netns, self.netns, _enable_request_migration)
+            if reason is not None:
+                _warn_no_request_migration(f"{w.namespace}/{w.name}", self.netns, reason)
         families = [("127.0.0.1", "0.0.0.0")]
         if w.ip6:
             families.append(("::1", "::"))
