@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import select
 import shutil
@@ -79,6 +80,8 @@ class PathResult:
     failed_runs: int = 0
     error: str | None = None
     profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    # (relay side, syscall, calls per GB, mean bytes per call) from an strace'd transfer
+    syscalls: list[tuple[str, str, float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -433,6 +436,56 @@ def profile_path(
     return out
 
 
+STRACE_BYTES = 1_000_000_000
+
+
+def strace_path(
+    name: str, pki: BenchPKI, workdir: Path, *, nbytes: int = STRACE_BYTES
+) -> list[tuple[str, str, float, float]]:
+    """Count the data syscalls of both relays while iperf3 moves `nbytes` through them in
+    one stream (strace slows the run down; only the counts are used, per GB)."""
+    from bench.profile import syscall_counts
+
+    strace = shutil.which("strace")
+    if strace is None:
+        raise RuntimeError("strace is not installed: apt-get install strace (profiling only)")
+    rows: list[tuple[str, str, float, float]] = []
+    with Processes(workdir) as procs:
+        iperf_port, _ = start_iperf3_server(procs)
+        chain = STARTERS[name](procs, pki, iperf_port)
+        # warm up: the pooled HBONE connection and TLS sessions exist before tracing
+        measure.run_iperf3(chain.entry_port, seconds=1, streams=1)
+        tracers = []
+        for role, pid in zip(("client", "server"), chain.relay_pids, strict=True):
+            log = workdir / f"strace-{name}-{role}.txt"
+            cmd = [
+                strace,
+                "-f",
+                "-s",
+                "0",
+                "-e",
+                "signal=none",
+                "-o",
+                str(log),
+                "-p",
+                str(pid),
+                "-e",
+                "trace=read,write,writev,readv,sendmsg,recvmsg,sendto,recvfrom",
+            ]
+            tracers.append((role, log, procs.start(cmd, f"strace-{role}")))
+        time.sleep(1.0)  # strace attaches asynchronously
+        cmd = ["iperf3", "-c", LOOPBACK, "-p", str(chain.entry_port), "-n", str(nbytes), "-J"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        received = int(json.loads(done.stdout)["end"]["sum_received"]["bytes"])
+        for role, log, tracer in tracers:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+            for call, (calls, total) in syscall_counts(log.read_text()).items():
+                if calls:
+                    rows.append((role, call, calls / _gb(received), total / calls))
+    return rows
+
+
 def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
     """Run every selected path `s.repeat` times, interleaved, and summarise each.
 
@@ -445,6 +498,7 @@ def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
         samples: dict[str, list[Sample]] = {n: [] for n in s.paths}
         errors: dict[str, list[str]] = {n: [] for n in s.paths}
         profiles: dict[str, dict[str, list[tuple[str, float]]]] = {}
+        syscalls: dict[str, list[tuple[str, str, float, float]]] = {}
         with echo_target(workdir) as echo_port:
             for round_no in range(s.repeat):
                 for name in s.paths:
@@ -472,6 +526,17 @@ def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
                             )
                         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                             log(f"    profile FAILED: {exc}")
+                        log(f"counting system calls of {PATHS[name]} with strace ...")
+                        try:
+                            syscalls[name] = strace_path(name, pki, workdir)
+                        except (
+                            RuntimeError,
+                            OSError,
+                            ValueError,
+                            KeyError,
+                            subprocess.SubprocessError,
+                        ) as exc:
+                            log(f"    strace FAILED: {exc}")
         for name in s.paths:
             if not samples[name]:
                 results.append(
@@ -481,7 +546,10 @@ def run(s: Settings, *, log: Callable[[str], None] = print) -> list[PathResult]:
             r = summarise(name, samples[name])
             results.append(
                 dataclasses.replace(
-                    r, failed_runs=len(errors[name]), profile=profiles.get(name, {})
+                    r,
+                    failed_runs=len(errors[name]),
+                    profile=profiles.get(name, {}),
+                    syscalls=syscalls.get(name, []),
                 )
             )
     return results

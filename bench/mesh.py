@@ -128,11 +128,31 @@ class Results:
     machine: dict[str, Any] = field(default_factory=dict)
 
 
-FIGURES = ("gbps_1", "gbps_8", "rtt_p50_us", "rtt_p99_us", "conn_per_s", "req_p50_ms", "req_p99_ms",
-           "req_p99_sched_ms", "rps", "zt_cpu_load", "zt_cpu_per_krps", "zt_rss_mib",
-           "zt_cpu_s_per_gb", "other_cpus")
-RATIO_FIGURES = ("gbps_1", "gbps_8", "rtt_p50_us", "rtt_p99_us", "conn_per_s", "req_p50_ms",
-                 "req_p99_ms")
+FIGURES = (
+    "gbps_1",
+    "gbps_8",
+    "rtt_p50_us",
+    "rtt_p99_us",
+    "conn_per_s",
+    "req_p50_ms",
+    "req_p99_ms",
+    "req_p99_sched_ms",
+    "rps",
+    "zt_cpu_load",
+    "zt_cpu_per_krps",
+    "zt_rss_mib",
+    "zt_cpu_s_per_gb",
+    "other_cpus",
+)
+RATIO_FIGURES = (
+    "gbps_1",
+    "gbps_8",
+    "rtt_p50_us",
+    "rtt_p99_us",
+    "conn_per_s",
+    "req_p50_ms",
+    "req_p99_ms",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -156,8 +176,10 @@ class _Http(asyncio.Protocol):
 
     def __init__(self, size: int) -> None:
         self.buf = b""
-        self.response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                         b"Content-Length: %d\r\n\r\n" % size) + b"r" * size
+        self.response = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % size
+        ) + b"r" * size
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -178,7 +200,7 @@ class _Http(asyncio.Protocol):
                     length = int(value)
             if len(self.buf) < end + 4 + length:
                 return
-            self.buf = self.buf[end + 4 + length:]
+            self.buf = self.buf[end + 4 + length :]
             self.t.write(self.response)
 
 
@@ -191,8 +213,9 @@ async def serve(echo_port: int, http_port: int, size: int) -> None:
         await asyncio.gather(echo.serve_forever(), http.serve_forever())
 
 
-async def fixed_rate_load(host: str, port: int, *, rate: int, seconds: float, conns: int,
-                          size: int, warmup: float = 0.5) -> LoadResult:
+async def fixed_rate_load(
+    host: str, port: int, *, rate: int, seconds: float, conns: int, size: int, warmup: float = 0.5
+) -> LoadResult:
     """Open-loop load: request i is due at start + i/rate, on connection i mod `conns`.
 
     Latency is from the send to the last byte of the response; the p99 "from schedule"
@@ -200,8 +223,10 @@ async def fixed_rate_load(host: str, port: int, *, rate: int, seconds: float, co
     Requests due during the first `warmup` seconds are sent but not counted.
     """
     body = b"q" * size
-    request = (f"POST /echo HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {size}\r\n"
-               "Content-Type: application/octet-stream\r\n\r\n").encode() + body
+    request = (
+        f"POST /echo HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {size}\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + body
     total = int(rate * (seconds + warmup))
     lat: list[float] = []
     sched_lat: list[float] = []
@@ -246,8 +271,12 @@ async def fixed_rate_load(host: str, port: int, *, rate: int, seconds: float, co
     lat.sort()
     sched_lat.sort()
     return LoadResult(
-        requests=len(lat), errors=errors, seconds=wall, rps=len(lat) / max(wall, 1e-9),
-        p50_ms=measure.percentile(lat, 50) * 1000, p99_ms=measure.percentile(lat, 99) * 1000,
+        requests=len(lat),
+        errors=errors,
+        seconds=wall,
+        rps=len(lat) / max(wall, 1e-9),
+        p50_ms=measure.percentile(lat, 50) * 1000,
+        p99_ms=measure.percentile(lat, 99) * 1000,
         p99_from_schedule_ms=measure.percentile(sched_lat, 99) * 1000,
     )
 
@@ -279,13 +308,32 @@ class MeshBench:
         generate_dev_ca(str(self.workdir / "ca.pem"), str(self.workdir / "ca-key.pem"), TD)
         s_ns = self.sb.workload("s").netns
         with open(self.workdir / "apps.log", "ab") as log:
-            self.servers.append(self.sb.popen(s_ns, [PY, "-m", "bench.mesh", "serve",
-                                                     "--echo", str(ECHO_PORT), "--http",
-                                                     str(HTTP_PORT)],
-                                              stdout=subprocess.DEVNULL, stderr=log,
-                                              cwd=str(ROOT)))
-            self.servers.append(self.sb.popen(s_ns, ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                                              stdout=subprocess.DEVNULL, stderr=log))
+            self.servers.append(
+                self.sb.popen(
+                    s_ns,
+                    [
+                        PY,
+                        "-m",
+                        "bench.mesh",
+                        "serve",
+                        "--echo",
+                        str(ECHO_PORT),
+                        "--http",
+                        str(HTTP_PORT),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    cwd=str(ROOT),
+                )
+            )
+            self.servers.append(
+                self.sb.popen(
+                    s_ns,
+                    ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            )
         self.write_config(enrolled=False)
         for node in ("n1", "n2"):
             self._start_ztunnel(node)
@@ -300,11 +348,25 @@ class MeshBench:
         with open(self.workdir / f"ztunnel-{node}.log", "ab") as out:
             proc = self.sb.popen(
                 self.sb.node(node).netns,
-                [PY, "-m", "ztunnel", "--node", node, "--local-config",
-                 str(self.workdir / f"{node}.json"), "--data-dir",
-                 str(self.workdir / f"data-{node}"), "--drain-timeout", "1",
-                 "--log-level", "warning"],
-                stdout=subprocess.DEVNULL, stderr=out, cwd=str(ROOT))
+                [
+                    PY,
+                    "-m",
+                    "ztunnel",
+                    "--node",
+                    node,
+                    "--local-config",
+                    str(self.workdir / f"{node}.json"),
+                    "--data-dir",
+                    str(self.workdir / f"data-{node}"),
+                    "--drain-timeout",
+                    "1",
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+                cwd=str(ROOT),
+            )
         self.ztunnels[node] = proc
 
     def close(self) -> None:
@@ -312,18 +374,33 @@ class MeshBench:
 
     def config(self, node: str, enrolled: bool) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "version": int(time.time() * 1000) % 2**31, "node": node, "trust_domain": TD,
-            "workloads": [], "services": [], "authorization_policies": [],
+            "version": int(time.time() * 1000) % 2**31,
+            "node": node,
+            "trust_domain": TD,
+            "workloads": [],
+            "services": [],
+            "authorization_policies": [],
             "peer_authentications": [],
-            "local_ca": {"cert": str(self.workdir / "ca.pem"),
-                         "key": str(self.workdir / "ca-key.pem")},
+            "local_ca": {
+                "cert": str(self.workdir / "ca.pem"),
+                "key": str(self.workdir / "ca-key.pem"),
+            },
         }
         for name, sa in (("c", "client"), ("s", "server")):
             w = self.sb.workload(name)
-            doc["workloads"].append({
-                "uid": f"bench/{name}", "name": name, "namespace": "bench", "ip": w.ip,
-                "node": w.node, "netns": w.netns, "service_account": sa,
-                "enrolled": enrolled, "labels": {"app": name}})
+            doc["workloads"].append(
+                {
+                    "uid": f"bench/{name}",
+                    "name": name,
+                    "namespace": "bench",
+                    "ip": w.ip,
+                    "node": w.node,
+                    "netns": w.netns,
+                    "service_account": sa,
+                    "enrolled": enrolled,
+                    "labels": {"app": name},
+                }
+            )
         return doc
 
     def write_config(self, *, enrolled: bool) -> None:
@@ -347,7 +424,8 @@ class MeshBench:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"capture of c, s is {state} {timeout:.0f}s after writing enrolled="
-                    f"{enrolled}: see {self.workdir}/ztunnel-n*.log")
+                    f"{enrolled}: see {self.workdir}/ztunnel-n*.log"
+                )
             time.sleep(0.1)
         if enrolled:
             for node in ("n1", "n2"):
@@ -363,8 +441,15 @@ class MeshBench:
     def _wait_echo(self, deadline: float) -> None:
         last = ""
         while time.monotonic() < deadline:
-            r = self.worker("rtt", self.sb.workload("s").ip, str(ECHO_PORT), "--count", "5",
-                            check=False, timeout=10)
+            r = self.worker(
+                "rtt",
+                self.sb.workload("s").ip,
+                str(ECHO_PORT),
+                "--count",
+                "5",
+                check=False,
+                timeout=10,
+            )
             if r.returncode == 0:
                 return
             last = r.stderr.strip()[-300:]
@@ -374,51 +459,91 @@ class MeshBench:
     def _check_alive(self) -> None:
         for node, p in self.ztunnels.items():
             if p.poll() is not None:
-                raise RuntimeError(f"ztunnel on {node} exited with {p.returncode}: "
-                                   f"see {self.workdir}/ztunnel-{node}.log")
+                raise RuntimeError(
+                    f"ztunnel on {node} exited with {p.returncode}: "
+                    f"see {self.workdir}/ztunnel-{node}.log"
+                )
 
     def _wait_ready(self, node: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             self._check_alive()
-            r = self.sb.exec(self.sb.node(node).netns,
-                             ["curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
-                              "http://127.0.0.1:15021/healthz/ready"])
+            r = self.sb.exec(
+                self.sb.node(node).netns,
+                [
+                    "curl",
+                    "-s",
+                    "-m",
+                    "2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://127.0.0.1:15021/healthz/ready",
+                ],
+            )
             last = r.stdout
             if r.stdout.strip() == "200":
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"ztunnel on {node} not ready after {timeout:.0f}s (last answer "
-                           f"{last!r}): see {self.workdir}/ztunnel-{node}.log")
+        raise RuntimeError(
+            f"ztunnel on {node} not ready after {timeout:.0f}s (last answer "
+            f"{last!r}): see {self.workdir}/ztunnel-{node}.log"
+        )
 
     def _wait_port(self, netns: str, ip: str, port: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r = self.sb.exec(netns, [PY, "-c", "import socket,sys; socket.create_connection("
-                                     "(sys.argv[1], int(sys.argv[2])), timeout=1).close()",
-                                     ip, str(port)])
+            r = self.sb.exec(
+                netns,
+                [
+                    PY,
+                    "-c",
+                    "import socket,sys; socket.create_connection("
+                    "(sys.argv[1], int(sys.argv[2])), timeout=1).close()",
+                    ip,
+                    str(port),
+                ],
+            )
             if r.returncode == 0:
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"{ip}:{port} in the server workload never accepted: see "
-                           f"{self.workdir}/apps.log")
+        raise RuntimeError(
+            f"{ip}:{port} in the server workload never accepted: see {self.workdir}/apps.log"
+        )
 
     # -- measuring ---------------------------------------------------------------------
 
-    def worker(self, *args: str, check: bool = True, timeout: float = 120.0
-               ) -> subprocess.CompletedProcess[str]:
+    def worker(
+        self, *args: str, check: bool = True, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
         """Run a bench.mesh worker inside the client workload's netns."""
-        r = self.sb.exec(self.sb.workload("c").netns, [PY, "-m", "bench.mesh", *args],
-                         cwd=str(ROOT), timeout=timeout)
+        r = self.sb.exec(
+            self.sb.workload("c").netns,
+            [PY, "-m", "bench.mesh", *args],
+            cwd=str(ROOT),
+            timeout=timeout,
+        )
         if check and r.returncode != 0:
-            raise RuntimeError(f"worker {' '.join(args)} failed ({r.returncode}): "
-                               f"{r.stderr.strip()[-500:]}")
+            raise RuntimeError(
+                f"worker {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-500:]}"
+            )
         return r
 
     def iperf3(self, seconds: int, streams: int) -> measure.Throughput:
-        cmd = ["iperf3", "-c", self.sb.workload("s").ip, "-p", str(IPERF_PORT), "-t",
-               str(seconds), "-P", str(streams), "-J"]
+        cmd = [
+            "iperf3",
+            "-c",
+            self.sb.workload("s").ip,
+            "-p",
+            str(IPERF_PORT),
+            "-t",
+            str(seconds),
+            "-P",
+            str(streams),
+            "-J",
+        ]
         problem = ""
         for attempt in range(2):
             if attempt:
@@ -428,8 +553,9 @@ class MeshBench:
                 return measure.parse_iperf3_json(r.stdout, streams)
             except (ValueError, KeyError) as exc:
                 problem = f"{exc}; stderr {r.stderr.strip()[:200]!r}"
-        raise RuntimeError(f"iperf3 c -> s ({'mesh' if self.enrolled else 'direct'}) gave no "
-                           f"result ({problem})")
+        raise RuntimeError(
+            f"iperf3 c -> s ({'mesh' if self.enrolled else 'direct'}) gave no result ({problem})"
+        )
 
     def zt_pids(self) -> list[int]:
         return [p.pid for p in self.ztunnels.values()]
@@ -439,13 +565,15 @@ class MeshBench:
 
     def counted_bytes(self) -> float:
         """istio_tcp_{sent,received}_bytes_total summed over n2's destination-side series."""
-        r = self.sb.exec(self.sb.node("n2").netns,
-                         ["curl", "-s", "-m", "5", "http://127.0.0.1:15020/metrics"])
+        r = self.sb.exec(
+            self.sb.node("n2").netns, ["curl", "-s", "-m", "5", "http://127.0.0.1:15020/metrics"]
+        )
         total = 0.0
         for line in r.stdout.splitlines():
-            if line.startswith(("istio_tcp_received_bytes_total{",
-                                "istio_tcp_sent_bytes_total{")) and \
-                    'reporter="destination"' in line:
+            if (
+                line.startswith(("istio_tcp_received_bytes_total{", "istio_tcp_sent_bytes_total{"))
+                and 'reporter="destination"' in line
+            ):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
@@ -459,19 +587,34 @@ class MeshBench:
         t1 = self.iperf3(s.seconds, 1)
         t8 = self.iperf3(s.seconds, 8)
         cpu_gb = (measure.cpu_seconds(zt) - cpu0) / max((t1.bytes + t8.bytes) / 1e9, 1e-9)
-        log(f"  {path}: iperf3 {t1.bits_per_second / 1e9:.2f} / "
-            f"{t8.bits_per_second / 1e9:.2f} Gbit/s")
-        r = self.worker("rtt", self.sb.workload("s").ip, str(ECHO_PORT), "--count",
-                        str(s.rtt_count))
+        log(
+            f"  {path}: iperf3 {t1.bits_per_second / 1e9:.2f} / "
+            f"{t8.bits_per_second / 1e9:.2f} Gbit/s"
+        )
+        r = self.worker(
+            "rtt", self.sb.workload("s").ip, str(ECHO_PORT), "--count", str(s.rtt_count)
+        )
         rtt = json.loads(r.stdout)
-        r = self.worker("conn", self.sb.workload("s").ip, str(ECHO_PORT), "--count",
-                        str(s.conn_count))
+        r = self.worker(
+            "conn", self.sb.workload("s").ip, str(ECHO_PORT), "--count", str(s.conn_count)
+        )
         conn_per_s = float(json.loads(r.stdout)["conn_per_s"])
         cpu_a = measure.cpu_seconds(zt)
         w0 = time.monotonic()
-        r = self.worker("load", self.sb.workload("s").ip, str(HTTP_PORT), "--rate", str(s.rate),
-                        "--seconds", str(s.load_seconds), "--conns", str(s.conns), "--size",
-                        str(s.size), timeout=s.load_seconds + 60)
+        r = self.worker(
+            "load",
+            self.sb.workload("s").ip,
+            str(HTTP_PORT),
+            "--rate",
+            str(s.rate),
+            "--seconds",
+            str(s.load_seconds),
+            "--conns",
+            str(s.conns),
+            "--size",
+            str(s.size),
+            timeout=s.load_seconds + 60,
+        )
         wall = time.monotonic() - w0
         load = LoadResult(**json.loads(r.stdout))
         zt_load = (measure.cpu_seconds(zt) - cpu_a) / wall
@@ -480,24 +623,39 @@ class MeshBench:
         seen = self.counted_bytes() - bytes0
         sent = t1.bytes + t8.bytes
         if path == "mesh" and seen < 0.5 * sent:
-            raise RuntimeError(f"the destination ztunnel counted {seen:.0f} bytes "
-                               f"for {sent} iperf3 bytes: the mesh run did not go through it")
+            raise RuntimeError(
+                f"the destination ztunnel counted {seen:.0f} bytes "
+                f"for {sent} iperf3 bytes: the mesh run did not go through it"
+            )
         # (a mesh connection of the previous sample may still be counted as it closes)
         if path == "direct" and seen > 0.01 * sent:
-            raise RuntimeError(f"the destination ztunnel counted {seen:.0f} bytes during a "
-                               "direct run: capture was still active")
-        log(f"  {path}: rtt {rtt['median_us']:.0f} us, {conn_per_s:.0f} conn/s, "
+            raise RuntimeError(
+                f"the destination ztunnel counted {seen:.0f} bytes during a "
+                "direct run: capture was still active"
+            )
+        log(
+            f"  {path}: rtt {rtt['median_us']:.0f} us, {conn_per_s:.0f} conn/s, "
             f"{load.rps:.0f} req/s p50 "
-            f"{load.p50_ms:.2f} ms p99 {load.p99_ms:.2f} ms, ztunnels {zt_load:.2f} CPU")
+            f"{load.p50_ms:.2f} ms p99 {load.p99_ms:.2f} ms, ztunnels {zt_load:.2f} CPU"
+        )
         krps = max(load.rps / 1000, 1e-9)
         return Sample(
-            path=path, gbps_1=t1.bits_per_second / 1e9, gbps_8=t8.bits_per_second / 1e9,
-            rtt_p50_us=float(rtt["median_us"]), rtt_p99_us=float(rtt["p99_us"]),
+            path=path,
+            gbps_1=t1.bits_per_second / 1e9,
+            gbps_8=t8.bits_per_second / 1e9,
+            rtt_p50_us=float(rtt["median_us"]),
+            rtt_p99_us=float(rtt["p99_us"]),
             conn_per_s=conn_per_s,
-            req_p50_ms=load.p50_ms, req_p99_ms=load.p99_ms,
-            req_p99_sched_ms=load.p99_from_schedule_ms, rps=load.rps, req_errors=load.errors,
-            zt_cpu_load=zt_load, zt_cpu_per_krps=zt_load / krps, zt_rss_mib=rss,
-            zt_cpu_s_per_gb=cpu_gb, bytes_seen_by_ztunnel=seen,
+            req_p50_ms=load.p50_ms,
+            req_p99_ms=load.p99_ms,
+            req_p99_sched_ms=load.p99_from_schedule_ms,
+            rps=load.rps,
+            req_errors=load.errors,
+            zt_cpu_load=zt_load,
+            zt_cpu_per_krps=zt_load / krps,
+            zt_rss_mib=rss,
+            zt_cpu_s_per_gb=cpu_gb,
+            bytes_seen_by_ztunnel=seen,
             other_cpus=measure.other_load(snap0, snap1),
         )
 
@@ -519,8 +677,10 @@ def summarize(results: Results) -> None:
         if not rows:
             continue
         results.summaries[path] = PathSummary(
-            path=path, samples=len(rows),
-            figures={f: statistics.median(float(getattr(s, f)) for s in rows) for f in FIGURES})
+            path=path,
+            samples=len(rows),
+            figures={f: statistics.median(float(getattr(s, f)) for s in rows) for f in FIGURES},
+        )
     if {"direct", "mesh"} <= results.summaries.keys():
         d, m = results.summaries["direct"].figures, results.summaries["mesh"].figures
         results.ratios = {f: m[f] / d[f] for f in RATIO_FIGURES if d[f] > 0}
@@ -553,12 +713,20 @@ def machine(now: datetime.datetime, load_before: tuple[float, float, float]) -> 
                     break
     except OSError:
         pass
-    iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True,
-                           check=False).stdout.splitlines()
-    return {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count() or 0,
-            "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
-            "openssl": ssl.OPENSSL_VERSION, "iperf3": iperf[0] if iperf else "unknown",
-            "load_before": list(load_before), "load_after": list(os.getloadavg())}
+    iperf = subprocess.run(
+        ["iperf3", "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    return {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count() or 0,
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "iperf3": iperf[0] if iperf else "unknown",
+        "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
+    }
 
 
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -621,8 +789,7 @@ def render_markdown(results: Results, command: str, plot_name: str | None) -> st
         dv = fmt.format(d.figures[key]) if d else "-"
         mv = fmt.format(m.figures[key]) if m else "-"
         ratio = results.ratios.get(key)
-        lines.append(f"| {label} | {dv} | {mv} | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+        lines.append(f"| {label} | {dv} | {mv} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
     lines.append("")
     if m:
         f = m.figures
@@ -638,11 +805,18 @@ def render_markdown(results: Results, command: str, plot_name: str | None) -> st
         lines += reading(d.figures, m.figures)
     if plot_name:
         lines += [f"![mesh vs direct]({plot_name})", ""]
-    lines += ["Every sample:", "", "| path | " + " | ".join(k for k, _, _ in ROWS) + " |",
-              "|---|" + "---|" * len(ROWS)]
+    lines += [
+        "Every sample:",
+        "",
+        "| path | " + " | ".join(k for k, _, _ in ROWS) + " |",
+        "|---|" + "---|" * len(ROWS),
+    ]
     for smp in results.samples:
-        lines.append(f"| {smp.path} | " + " | ".join(
-            fmt.format(getattr(smp, k)) for k, _, fmt in ROWS) + " |")
+        lines.append(
+            f"| {smp.path} | "
+            + " | ".join(fmt.format(getattr(smp, k)) for k, _, fmt in ROWS)
+            + " |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -682,8 +856,11 @@ def plot(results: Results, path: Path) -> None:
     charts = (
         ("iperf3 (Gbit/s)", ("gbps_1", "1 stream"), ("gbps_8", "8 streams")),
         ("1-byte round trip (µs)", ("rtt_p50_us", "median"), ("rtt_p99_us", "p99")),
-        (f"{results.settings.size} B request at {results.settings.rate}/s (ms)",
-         ("req_p50_ms", "p50"), ("req_p99_ms", "p99")),
+        (
+            f"{results.settings.size} B request at {results.settings.rate}/s (ms)",
+            ("req_p50_ms", "p50"),
+            ("req_p99_ms", "p99"),
+        ),
     )
     paths = [p for p in PATHS if p in results.summaries]
 
@@ -701,19 +878,30 @@ def plot(results: Results, path: Path) -> None:
     w = 0.38
     for ax, (title, *series) in zip(axes[:3], charts, strict=True):
         for offset, (key, label) in zip((-w / 2, w / 2), series, strict=True):
-            ax.bar([x + offset for x in range(len(paths))],
-                   [results.summaries[p].figures[key] for p in paths], w, label=label,
-                   yerr=spread(key), capsize=3)
+            ax.bar(
+                [x + offset for x in range(len(paths))],
+                [results.summaries[p].figures[key] for p in paths],
+                w,
+                label=label,
+                yerr=spread(key),
+                capsize=3,
+            )
         ax.set_title(title)
         ax.set_xticks(range(len(paths)), paths)
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
-    for ax, key, title in ((axes[3], "conn_per_s", "new connections/s"),
-                           (axes[4], "zt_cpu_per_krps", "ztunnel CPUs per 1000 req/s")):
-        ax.bar(range(len(paths)), [results.summaries[p].figures[key] for p in paths],
-               yerr=spread(key), capsize=3)
+    for ax, key, title in (
+        (axes[3], "conn_per_s", "new connections/s"),
+        (axes[4], "zt_cpu_per_krps", "ztunnel CPUs per 1000 req/s"),
+    ):
+        ax.bar(
+            range(len(paths)),
+            [results.summaries[p].figures[key] for p in paths],
+            yerr=spread(key),
+            capsize=3,
+        )
         ax.set_xticks(range(len(paths)), paths)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
@@ -735,7 +923,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.mesh",
         description="Two workloads on two sandbox nodes: the full mesh path (real ztunnels, "
-        "capture, HBONE) vs direct. Needs root.")
+        "capture, HBONE) vs direct. Needs root.",
+    )
     sub = p.add_subparsers(dest="command")
     sv = sub.add_parser("serve", help="(internal) the server workload's apps")
     sv.add_argument("--echo", type=int, required=True)
@@ -758,18 +947,22 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--size", type=int, required=True)
     p.add_argument("--quick", action="store_true", help="smoke run: well under a minute")
     p.add_argument("--seconds", type=int, help="iperf3 duration per run (default 5, quick 1)")
-    p.add_argument("--rtt-count", type=int, help="round trips per run (default 10000, "
-                   "quick 300)")
-    p.add_argument("--conn-count", type=int, help="new connections per run (default 1000, "
-                   "quick 100)")
+    p.add_argument("--rtt-count", type=int, help="round trips per run (default 10000, quick 300)")
+    p.add_argument(
+        "--conn-count", type=int, help="new connections per run (default 1000, quick 100)"
+    )
     p.add_argument("--rate", type=int, help="fixed request rate (default 1000/s, quick 200/s)")
     p.add_argument("--load-seconds", type=int, help="fixed-rate duration (default 10, quick 1)")
-    p.add_argument("--conns", type=int, help="keep-alive connections for the load "
-                   "(default 16, quick 4)")
+    p.add_argument(
+        "--conns", type=int, help="keep-alive connections for the load (default 16, quick 4)"
+    )
     p.add_argument("--repeat", type=int, help="repeats, medians reported (default 5, quick 1)")
-    p.add_argument("--out", type=Path, default=HERE,
-                   help="directory for RESULTS-mesh.md, results-mesh.json and mesh.png "
-                   "(default: bench/)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE,
+        help="directory for RESULTS-mesh.md, results-mesh.json and mesh.png (default: bench/)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return p
 
@@ -781,10 +974,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         return value if value is not None else (quick if q else full)
 
     return Settings(
-        seconds=pick(args.seconds, 5, 1), rtt_count=pick(args.rtt_count, 10_000, 300),
+        seconds=pick(args.seconds, 5, 1),
+        rtt_count=pick(args.rtt_count, 10_000, 300),
         conn_count=pick(args.conn_count, 1000, 100),
-        rate=pick(args.rate, 1000, 200), load_seconds=pick(args.load_seconds, 10, 1),
-        conns=pick(args.conns, 16, 4), repeat=pick(args.repeat, 5, 1),
+        rate=pick(args.rate, 1000, 200),
+        load_seconds=pick(args.load_seconds, 10, 1),
+        conns=pick(args.conns, 16, 4),
+        repeat=pick(args.repeat, 5, 1),
     )
 
 
@@ -799,16 +995,24 @@ def _worker(args: argparse.Namespace) -> int:
     if args.command == "serve":
         uvloop.run(serve(args.echo, args.http, args.size))
     elif args.command == "rtt":
-        lat = measure.ping_pong(args.port, count=args.count, host=args.host,
-                                warmup=min(200, args.count))
+        lat = measure.ping_pong(
+            args.port, count=args.count, host=args.host, warmup=min(200, args.count)
+        )
         print(json.dumps(asdict(lat)))
     elif args.command == "conn":
         rate = measure.connection_rate(args.port, count=args.count, host=args.host)
         print(json.dumps({"conn_per_s": rate}))
     else:
-        res = uvloop.run(fixed_rate_load(args.host, args.port, rate=args.rate,
-                                         seconds=args.seconds, conns=args.conns,
-                                         size=args.size))
+        res = uvloop.run(
+            fixed_rate_load(
+                args.host,
+                args.port,
+                rate=args.rate,
+                seconds=args.seconds,
+                conns=args.conns,
+                size=args.size,
+            )
+        )
         print(json.dumps(asdict(res)))
     return 0
 
@@ -820,9 +1024,16 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if os.geteuid() != 0 or missing:
-        print("bench.mesh: needs root and " + ", ".join(TOOLS)
-              + (f" (missing: {', '.join(missing)}; `make deps`)" if missing else
-                 " (run as root: it builds network namespaces)"), file=sys.stderr)
+        print(
+            "bench.mesh: needs root and "
+            + ", ".join(TOOLS)
+            + (
+                f" (missing: {', '.join(missing)}; `make deps`)"
+                if missing
+                else " (run as root: it builds network namespaces)"
+            ),
+            file=sys.stderr,
+        )
         return 2
     settings = settings_from_args(args)
     if min(asdict(settings).values()) < 1:

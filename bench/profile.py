@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from collections import Counter
@@ -112,3 +113,26 @@ def top_frames(
     if inclusive:
         ranked = [(frame, share) for frame, share in ranked if share < 99.0]
     return ranked[:limit]
+
+
+_SYSCALL = re.compile(
+    r"^(?:\[pid\s+)?(?:\d+\]?\s+)?(read|write|writev|readv|sendmsg|recvmsg|sendto|recvfrom)"
+    r"\((\d+),.*\)\s+=\s+(\d+)$"
+)
+SMALL = 1024
+
+
+def syscall_counts(strace_text: str) -> dict[str, tuple[int, int]]:
+    """Data syscalls of an `strace -f -e trace=...` log: `name` or `name <1KiB` -> (calls,
+    bytes). Small calls are told apart: on a tunnel they are control frames, not payload."""
+    out: dict[str, list[int]] = {}
+    for line in strace_text.splitlines():
+        m = _SYSCALL.match(line.strip())
+        if m is None:
+            continue
+        name, nbytes = m.group(1), int(m.group(3))
+        key = f"{name} <1KiB" if nbytes < SMALL else name
+        entry = out.setdefault(key, [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
+    return {k: (v[0], v[1]) for k, v in sorted(out.items())}

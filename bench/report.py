@@ -301,6 +301,22 @@ def render_markdown(
         mark = {True: "met", False: "MISSED", None: "not measured"}[g.met]
         out.append(f"- **{mark}**: {g.text}: {g.detail}")
     out.append("")
+    traced = [r for r in results if r.syscalls]
+    if traced:
+        out += [
+            "## System calls per GB (strace, separate unmeasured run: `iperf3 -n 1000000000`, "
+            "1 stream)",
+            "",
+            "Counts do not depend on how busy the machine is. `<1KiB`: calls moving less than "
+            "1 KiB (on a tunnel: control frames such as WINDOW_UPDATE, not payload).",
+            "",
+            "| path | relay | system call | calls per GB | mean bytes per call |",
+            "|---|---|---|---:|---:|",
+        ]
+        for r in traced:
+            for side, call, per_gb, mean in r.syscalls:
+                out.append(f"| {r.label} | {side} | {call} | {per_gb:.0f} | {mean:.0f} |")
+        out.append("")
     profiled = [r for r in results if r.profile]
     if profiled:
         out += [

@@ -69,8 +69,7 @@ class LoadResult:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
-async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   req: bytes) -> int:
+async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes) -> int:
     writer.write(req)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
@@ -83,18 +82,28 @@ async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return status
 
 
-async def loadgen(port: int, *, rate: float, seconds: float, connections: int,
-                  paths: Sequence[str], tls: ssl.SSLContext | None, pid: int) -> LoadResult:
+async def loadgen(
+    port: int,
+    *,
+    rate: float,
+    seconds: float,
+    connections: int,
+    paths: Sequence[str],
+    tls: ssl.SSLContext | None,
+    pid: int,
+) -> LoadResult:
     """Drive HTTP/1.1 keep-alive requests at `rate` (0: as fast as possible); `pid` is
     the proxy whose CPU time is sampled at both ends of the measured window."""
     clock = time.perf_counter
     conns = []
     for _ in range(connections):
-        r, w = await asyncio.open_connection(LOOPBACK, port, ssl=tls,
-                                             server_hostname="" if tls else None)
+        r, w = await asyncio.open_connection(
+            LOOPBACK, port, ssl=tls, server_hostname="" if tls else None
+        )
         conns.append((r, w))
-    reqs = [f"GET {p} HTTP/1.1\r\nHost: front.bench.svc.cluster.local\r\n\r\n".encode()
-            for p in paths]
+    reqs = [
+        f"GET {p} HTTP/1.1\r\nHost: front.bench.svc.cluster.local\r\n\r\n".encode() for p in paths
+    ]
     # warm up: every connection, every path
     for r, w in conns:
         for q in reqs:
@@ -143,9 +152,18 @@ async def loadgen(port: int, *, rate: float, seconds: float, connections: int,
         w.close()
     lat.sort()
     ms = [x * 1000 for x in lat]
-    return LoadResult("rate" if rate > 0 else "max", rate, took, len(lat), errors,
-                      len(lat) / took, percentile(ms, 0.5) if ms else 0.0,
-                      percentile(ms, 0.99) if ms else 0.0, cpu, statuses)
+    return LoadResult(
+        "rate" if rate > 0 else "max",
+        rate,
+        took,
+        len(lat),
+        errors,
+        len(lat) / took,
+        percentile(ms, 0.5) if ms else 0.0,
+        percentile(ms, 0.99) if ms else 0.0,
+        cpu,
+        statuses,
+    )
 
 
 def _client_tls(pki: BenchPKI) -> ssl.SSLContext:
@@ -207,14 +225,25 @@ def backend_config(port: int, pki: BenchPKI, workdir: Path, tls_port: int) -> st
     """Backends: plain on BACKENDS[*]:port (behind the waypoint's terminator) and TLS on
     BACKENDS[*]:tls_port (for haproxy); each answers BODY_SIZE bytes naming itself."""
     crt = _pem_bundle(pki, "server", workdir)
-    lines = ["global", "  maxconn 4000", "  nbthread 1", "defaults", "  mode http",
-             "  timeout connect 5s", "  timeout client 60s", "  timeout server 60s"]
+    lines = [
+        "global",
+        "  maxconn 4000",
+        "  nbthread 1",
+        "defaults",
+        "  mode http",
+        "  timeout connect 5s",
+        "  timeout client 60s",
+        "  timeout server 60s",
+    ]
     for name, ip in BACKENDS.items():
         body = (name + ":" + "x" * BODY_SIZE)[:BODY_SIZE]
-        lines += [f"frontend {name}", f"  bind {ip}:{port}",
-                  f"  bind {ip}:{tls_port} ssl crt {crt} ca-file {pki.ca} verify required "
-                  "ssl-min-ver TLSv1.3",
-                  f'  http-request return status 200 content-type text/plain string "{body}"']
+        lines += [
+            f"frontend {name}",
+            f"  bind {ip}:{port}",
+            f"  bind {ip}:{tls_port} ssl crt {crt} ca-file {pki.ca} verify required "
+            "ssl-min-ver TLSv1.3",
+            f'  http-request return status 200 content-type text/plain string "{body}"',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -238,43 +267,79 @@ frontend mesh
   use_backend api if {{ path_beg /api }}
   default_backend front
 backend front
-  server front {b['front']}:{tls_port} {tls_out}
+  server front {b["front"]}:{tls_port} {tls_out}
 backend api
   balance random
-  server v1 {b['api-v1']}:{tls_port} weight 90 {tls_out}
-  server v2 {b['api-v2']}:{tls_port} weight 10 {tls_out}
+  server v1 {b["api-v1"]}:{tls_port} weight 90 {tls_out}
+  server v2 {b["api-v2"]}:{tls_port} weight 10 {tls_out}
 """
 
 
 def waypoint_manifests(port: int) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace",
-         "metadata": {"name": "bench", "labels": {"istio.io/dataplane-mode": "ambient",
-                                                  "istio.io/use-waypoint": "wp"}}},
-        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-         "metadata": {"name": "wp", "namespace": "bench"},
-         "spec": {"gatewayClassName": "istio-waypoint",
-                  "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}},
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": "bench",
+                "labels": {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"},
+            },
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "wp", "namespace": "bench"},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        },
     ]
     for i, (name, ip) in enumerate(BACKENDS.items()):
-        docs.append({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
-                     "metadata": {"name": name, "namespace": "bench",
-                                  "annotations": {"ambit.dev/node": "bench"}},
-                     "spec": {"address": ip, "labels": {"app": name},
-                              "serviceAccount": "server"}})
-        docs.append({"apiVersion": "v1", "kind": "Service",
-                     "metadata": {"name": name, "namespace": "bench"},
-                     "spec": {"selector": {"app": name}, "clusterIP": f"10.96.0.{10 + i}",
-                              "ports": [{"port": 80, "targetPort": port, "name": "http"}]}})
-    docs.append({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-                 "metadata": {"name": "split", "namespace": "bench"},
-                 "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "front",
-                                          "port": 80}],
-                          "rules": [
-                              {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
-                               "backendRefs": [{"name": "api-v1", "port": 80, "weight": 90},
-                                               {"name": "api-v2", "port": 80, "weight": 10}]},
-                              {"backendRefs": [{"name": "front", "port": 80}]}]}})
+        docs.append(
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "WorkloadEntry",
+                "metadata": {
+                    "name": name,
+                    "namespace": "bench",
+                    "annotations": {"ambit.dev/node": "bench"},
+                },
+                "spec": {"address": ip, "labels": {"app": name}, "serviceAccount": "server"},
+            }
+        )
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": "bench"},
+                "spec": {
+                    "selector": {"app": name},
+                    "clusterIP": f"10.96.0.{10 + i}",
+                    "ports": [{"port": 80, "targetPort": port, "name": "http"}],
+                },
+            }
+        )
+    docs.append(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "split", "namespace": "bench"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}],
+                "rules": [
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                        "backendRefs": [
+                            {"name": "api-v1", "port": 80, "weight": 90},
+                            {"name": "api-v2", "port": 80, "weight": 10},
+                        ],
+                    },
+                    {"backendRefs": [{"name": "front", "port": 80}]},
+                ],
+            },
+        }
+    )
     return docs
 
 
@@ -289,28 +354,48 @@ class ProxyResult:
     rss_mib: float = 0.0
 
 
-def measure_proxy(name: str, pid: int, port: int, tls: ssl.SSLContext | None, *,
-                  rates: Sequence[float], seconds: float, connections: int,
-                  log: Any) -> ProxyResult:
+def measure_proxy(
+    name: str,
+    pid: int,
+    port: int,
+    tls: ssl.SSLContext | None,
+    *,
+    rates: Sequence[float],
+    seconds: float,
+    connections: int,
+    log: Any,
+) -> ProxyResult:
     res = ProxyResult(name)
     paths = ["/", "/api/items", "/api/users", "/static/x"]
     for rate in [*rates, 0.0]:
         conns = connections if rate > 0 else 32
-        lr = asyncio.run(loadgen(port, rate=rate, seconds=seconds, connections=conns,
-                                 paths=paths, tls=tls, pid=pid))
+        lr = asyncio.run(
+            loadgen(
+                port, rate=rate, seconds=seconds, connections=conns, paths=paths, tls=tls, pid=pid
+            )
+        )
         vcpu = lr.cpu_seconds / lr.seconds
         per_1000 = vcpu / (lr.rps / 1000) if lr.rps else 0.0
         run = {**asdict(lr), "vcpu": round(vcpu, 4), "vcpu_per_1000_rps": round(per_1000, 4)}
         res.runs.append(run)
-        log(f"{name:9s} {'max' if rate == 0 else f'{rate:.0f}/s':>7s}: {lr.rps:8.1f} req/s "
+        log(
+            f"{name:9s} {'max' if rate == 0 else f'{rate:.0f}/s':>7s}: {lr.rps:8.1f} req/s "
             f"p50 {lr.p50_ms:6.2f} ms p99 {lr.p99_ms:7.2f} ms  {vcpu:5.3f} vCPU "
-            f"({per_1000:5.3f} per 1000 req/s) errors {lr.errors} {lr.statuses}")
+            f"({per_1000:5.3f} per 1000 req/s) errors {lr.errors} {lr.statuses}"
+        )
     res.rss_mib = rss_bytes(pid) / 2**20
     return res
 
 
-def run(workdir: Path, *, rates: Sequence[float], seconds: float, connections: int,
-        log: Any, profile: Path | None = None) -> dict[str, Any]:
+def run(
+    workdir: Path,
+    *,
+    rates: Sequence[float],
+    seconds: float,
+    connections: int,
+    log: Any,
+    profile: Path | None = None,
+) -> dict[str, Any]:
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         raise RuntimeError("haproxy is not installed: apt-get install haproxy")
@@ -319,46 +404,107 @@ def run(workdir: Path, *, rates: Sequence[float], seconds: float, connections: i
     results: dict[str, Any] = {}
     with Processes(workdir) as procs:
         (workdir / "backends.cfg").write_text(backend_config(port, pki, workdir, tls_port))
-        backends = procs.start([haproxy, "-f", str(workdir / "backends.cfg"), "-db"],
-                               "backends")
+        backends = procs.start([haproxy, "-f", str(workdir / "backends.cfg"), "-db"], "backends")
         for ip in BACKENDS.values():
             _wait_tcp(ip, port, backends)
 
         # the waypoint path
         term, tport = procs.start_announcing(
-            _py("bench.waypoint", "terminator", "--ca", str(pki.ca), "--cert",
-                str(pki.server.cert), "--key", str(pki.server.key)), "terminator")
+            _py(
+                "bench.waypoint",
+                "terminator",
+                "--ca",
+                str(pki.ca),
+                "--cert",
+                str(pki.server.cert),
+                "--key",
+                str(pki.server.key),
+            ),
+            "terminator",
+        )
         (workdir / "waypoint.yaml").write_text(
-            "---\n".join(json.dumps(d) + "\n" for d in waypoint_manifests(port)))
+            "---\n".join(json.dumps(d) + "\n" for d in waypoint_manifests(port))
+        )
         wport, metrics, ready = free_port(), free_port(), free_port()
         prof = ["bench.waypoint", "profile", str(profile)] if profile else ["waypoint"]
-        wp = procs.start(_py(*prof, "--gateway", "bench/wp", "--local-config",
-                             str(workdir / "waypoint.yaml"), "--cert", str(pki.server.cert),
-                             "--key", str(pki.server.key), "--ca", str(pki.ca),
-                             "--listen", f"{LOOPBACK}:{wport}",
-                             "--metrics", f"{LOOPBACK}:{metrics}",
-                             "--ready", f"{LOOPBACK}:{ready}",
-                             "--upstream-hbone-port", str(tport), "--no-access-log",
-                             "--log-level", "warning"), "waypoint")
+        wp = procs.start(
+            _py(
+                *prof,
+                "--gateway",
+                "bench/wp",
+                "--local-config",
+                str(workdir / "waypoint.yaml"),
+                "--cert",
+                str(pki.server.cert),
+                "--key",
+                str(pki.server.key),
+                "--ca",
+                str(pki.ca),
+                "--listen",
+                f"{LOOPBACK}:{wport}",
+                "--metrics",
+                f"{LOOPBACK}:{metrics}",
+                "--ready",
+                f"{LOOPBACK}:{ready}",
+                "--upstream-hbone-port",
+                str(tport),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ),
+            "waypoint",
+        )
         wait_listening(wport, wp, "waypoint", timeout=20)
         relay, rport = procs.start_announcing(
-            _py("bench.hbone", "client", "--connect", f"{LOOPBACK}:{wport}",
-                "--target", f"{VIP}:80", "--server-identity", pki.server.spiffe_id,
-                "--ca", str(pki.ca), "--cert", str(pki.client.cert),
-                "--key", str(pki.client.key)), "hbone-client")
+            _py(
+                "bench.hbone",
+                "client",
+                "--connect",
+                f"{LOOPBACK}:{wport}",
+                "--target",
+                f"{VIP}:80",
+                "--server-identity",
+                pki.server.spiffe_id,
+                "--ca",
+                str(pki.ca),
+                "--cert",
+                str(pki.client.cert),
+                "--key",
+                str(pki.client.key),
+            ),
+            "hbone-client",
+        )
         del term, relay
-        results["waypoint"] = asdict(measure_proxy(
-            "waypoint", wp.pid, rport, None, rates=rates, seconds=seconds,
-            connections=connections, log=log))
+        results["waypoint"] = asdict(
+            measure_proxy(
+                "waypoint",
+                wp.pid,
+                rport,
+                None,
+                rates=rates,
+                seconds=seconds,
+                connections=connections,
+                log=log,
+            )
+        )
 
         # the haproxy path
         hport = free_port()
         (workdir / "haproxy.cfg").write_text(haproxy_l7_config(hport, tls_port, pki, workdir))
         hp = procs.start([haproxy, "-f", str(workdir / "haproxy.cfg"), "-db"], "haproxy")
         wait_listening(hport, hp, "haproxy")
-        results["haproxy"] = asdict(measure_proxy(
-            "haproxy", hp.pid, hport, _client_tls(pki), rates=rates, seconds=seconds,
-            connections=connections, log=log))
+        results["haproxy"] = asdict(
+            measure_proxy(
+                "haproxy",
+                hp.pid,
+                hport,
+                _client_tls(pki),
+                rates=rates,
+                seconds=seconds,
+                connections=connections,
+                log=log,
+            )
+        )
     ver = subprocess.run([haproxy, "-v"], capture_output=True, text=True, check=False)
     results["haproxy_version"] = ver.stdout.splitlines()[0] if ver.stdout else "?"
     return results
@@ -381,63 +527,91 @@ def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], timeout: floa
 
 
 def render_markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
-    out = ["# Waypoint vs haproxy (L7, mTLS on both sides)", "",
-           f"Command: `{command}`", "",
-           f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python "
-           f"{machine['python']}, {results.get('haproxy_version', '?')}; run at "
-           f"{machine['when']}.", "",
-           "Same routing in both (`/api*` split 90/10 over two services, the rest to a "
-           "third); 1 KB responses; HTTP/1.1 keep-alive from the load generator. "
-           "The waypoint path is HBONE in (through a client-side HBONE relay) and HBONE "
-           "out (to a terminator standing in for the destination ztunnel); haproxy "
-           "terminates and originates TLS 1.3 with client certificates. CPU is the "
-           "proxy process's own (user+system) time; the load generator, relays and "
-           "backends run on the same machine.", "",
-           "| proxy | load | req/s | p50 ms | p99 ms | vCPU | vCPU per 1000 req/s | errors |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "# Waypoint vs haproxy (L7, mTLS on both sides)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python "
+        f"{machine['python']}, {results.get('haproxy_version', '?')}; run at "
+        f"{machine['when']}.",
+        "",
+        "Same routing in both (`/api*` split 90/10 over two services, the rest to a "
+        "third); 1 KB responses; HTTP/1.1 keep-alive from the load generator. "
+        "The waypoint path is HBONE in (through a client-side HBONE relay) and HBONE "
+        "out (to a terminator standing in for the destination ztunnel); haproxy "
+        "terminates and originates TLS 1.3 with client certificates. CPU is the "
+        "proxy process's own (user+system) time; the load generator, relays and "
+        "backends run on the same machine.",
+        "",
+        "| proxy | load | req/s | p50 ms | p99 ms | vCPU | vCPU per 1000 req/s | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in ("waypoint", "haproxy"):
         r = results[name]
         for run in r["runs"]:
             load = "max (32 conns)" if run["mode"] == "max" else f"{run['target_rps']:.0f}/s"
-            out.append(f"| {name} | {load} | {run['rps']:.0f} | {run['p50_ms']:.2f} | "
-                       f"{run['p99_ms']:.2f} | {run['vcpu']:.3f} | "
-                       f"{run['vcpu_per_1000_rps']:.3f} | {run['errors']} |")
+            out.append(
+                f"| {name} | {load} | {run['rps']:.0f} | {run['p50_ms']:.2f} | "
+                f"{run['p99_ms']:.2f} | {run['vcpu']:.3f} | "
+                f"{run['vcpu_per_1000_rps']:.3f} | {run['errors']} |"
+            )
     w = [r for r in results["waypoint"]["runs"] if r["mode"] == "rate"]
     h = [r for r in results["haproxy"]["runs"] if r["mode"] == "rate"]
     if w and h:
         wbest = w[-1]["vcpu_per_1000_rps"]
         hbest = h[-1]["vcpu_per_1000_rps"]
         verdict = "meets" if wbest <= GOAL_VCPU_PER_1000 else "misses"
-        out += ["", f"At the highest fixed rate the waypoint used {wbest:.3f} vCPU per 1000 "
-                f"req/s ({verdict} the {GOAL_VCPU_PER_1000} goal), haproxy {hbest:.3f} "
-                f"({wbest / hbest if hbest else float('inf'):.1f}x). RSS: waypoint "
-                f"{results['waypoint']['rss_mib']:.0f} MiB, haproxy "
-                f"{results['haproxy']['rss_mib']:.0f} MiB."]
+        out += [
+            "",
+            f"At the highest fixed rate the waypoint used {wbest:.3f} vCPU per 1000 "
+            f"req/s ({verdict} the {GOAL_VCPU_PER_1000} goal), haproxy {hbest:.3f} "
+            f"({wbest / hbest if hbest else float('inf'):.1f}x). RSS: waypoint "
+            f"{results['waypoint']['rss_mib']:.0f} MiB, haproxy "
+            f"{results['haproxy']['rss_mib']:.0f} MiB.",
+        ]
     return "\n".join(out) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.waypoint",
-                                description="Waypoint vs haproxy: req/s, p50/p99, CPU.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.waypoint", description="Waypoint vs haproxy: req/s, p50/p99, CPU."
+    )
     sub = p.add_subparsers(dest="command")
     t = sub.add_parser("terminator", help="(internal) the HBONE destination side")
     t.add_argument("--ca", type=Path, required=True)
     t.add_argument("--cert", type=Path, required=True)
     t.add_argument("--key", type=Path, required=True)
-    pr = sub.add_parser("profile", help="(internal) run the waypoint under cProfile "
-                        "(CPU time, not wall time)")
+    pr = sub.add_parser(
+        "profile", help="(internal) run the waypoint under cProfile (CPU time, not wall time)"
+    )
     pr.add_argument("stats", type=Path)
     pr.add_argument("args", nargs=argparse.REMAINDER)
     p.add_argument("--quick", action="store_true", help="smoke run (a few seconds per load)")
-    p.add_argument("--rates", default="", help="fixed request rates, comma separated "
-                   "(default 250,500,1000; quick 200)")
+    p.add_argument(
+        "--rates",
+        default="",
+        help="fixed request rates, comma separated (default 250,500,1000; quick 200)",
+    )
     p.add_argument("--seconds", type=float, help="seconds per load (default 10, quick 2)")
-    p.add_argument("--connections", type=int, default=16,
-                   help="connections of the fixed-rate runs (default 16)")
-    p.add_argument("--out", type=Path, default=HERE,
-                   help="directory for RESULTS-waypoint.md and results-waypoint.json")
-    p.add_argument("--profile", type=Path, metavar="FILE",
-                   help="run the waypoint under cProfile, stats to FILE")
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=16,
+        help="connections of the fixed-rate runs (default 16)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE,
+        help="directory for RESULTS-waypoint.md and results-waypoint.json",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="run the waypoint under cProfile, stats to FILE",
+    )
     return p
 
 
@@ -469,21 +643,32 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(_terminator(args.ca, args.cert, args.key))
         return 0
     uvloop.install()
-    rates = ([float(x) for x in args.rates.split(",") if x] if args.rates
-             else ([200.0] if args.quick else [250.0, 500.0, 1000.0]))
+    rates = (
+        [float(x) for x in args.rates.split(",") if x]
+        if args.rates
+        else ([200.0] if args.quick else [250.0, 500.0, 1000.0])
+    )
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 10.0)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(),
-               "python": platform.python_version(),
-               "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     with tempfile.TemporaryDirectory(prefix="ambit-bench-wp-") as tmp:
-        results = run(Path(tmp), rates=rates, seconds=seconds,
-                      connections=args.connections, log=_log, profile=args.profile)
+        results = run(
+            Path(tmp),
+            rates=rates,
+            seconds=seconds,
+            connections=args.connections,
+            log=_log,
+            profile=args.profile,
+        )
     results["machine"] = machine
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.waypoint " + shlex.join(sys.argv[1:] if argv is None else argv)
-    (out / "RESULTS-waypoint.md").write_text(render_markdown(results, command.strip(),
-                                                             machine))
+    (out / "RESULTS-waypoint.md").write_text(render_markdown(results, command.strip(), machine))
     (out / "results-waypoint.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out / 'RESULTS-waypoint.md'}")
     return 0

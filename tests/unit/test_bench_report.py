@@ -20,7 +20,7 @@ from bench.measure import (
     parse_proc_stat,
     percentile,
 )
-from bench.profile import top_frames
+from bench.profile import syscall_counts, top_frames
 from bench.relays import stunnel_config
 from bench.report import Machine, evaluate_goals, ratio_rows, render_markdown
 
@@ -192,3 +192,21 @@ def test_stunnel_config_is_mtls_tls13_aes256() -> None:
     assert "client = yes" in conf and "verifyChain = yes" in conf
     assert "sslVersionMin = TLSv1.3" in conf and "TLS_AES_256_GCM_SHA384" in conf
     assert "accept = 127.0.0.1:1" in conf and "connect = 127.0.0.1:2" in conf
+
+
+def test_syscall_counts_split_control_sized_calls() -> None:
+    log = "\n".join(
+        [
+            '1234 read(16, ""..., 262144) = 262144',
+            '1234 read(16, ""..., 262144) = 131072',
+            'write(14, ""..., 37) = 37',
+            "[pid 99] writev(16, [...], 3) = 259000",
+            "1234 read(16, <unfinished ...>",
+            '1234 write(3, "x", 1) = -1 EAGAIN (Resource temporarily unavailable)',
+        ]
+    )
+    assert syscall_counts(log) == {
+        "read": (2, 393216),
+        "write <1KiB": (1, 37),
+        "writev": (1, 259000),
+    }
