@@ -95,6 +95,8 @@ class Propagation:
     streams: int
     workloads_per_delta: list[int]  # workloads upserted in the deltas (expect 1)
     other_cpus: float = 0.0  # other processes' load while the changes were timed, in CPUs
+    # per change: until the server had written the update to the last stream
+    server_fanout_ms: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,26 @@ def measure_model_memory(store: Any, trust_pem: str, scale: Scale) -> tuple[floa
     finally:
         tracemalloc.stop()
     return (current - base) / MiB, (peak - base) / MiB
+
+
+def _time_writes() -> dict[int, list[int]]:
+    """Record when the push server starts writing each delta: version -> monotonic ns.
+
+    Wraps `config.push._send` (the one function every stream message goes through), so
+    the server's side of a fan-out is seen apart from the clients reading it.
+    """
+    import config.push as cp
+
+    written: dict[int, list[int]] = {}
+    original = cp._send
+
+    async def send(writer: asyncio.StreamWriter, msg: Any) -> None:
+        if msg.get("type") == "delta":  # the moment the server hands it to the stream
+            written.setdefault(int(msg["version"]), []).append(time.monotonic_ns())
+        await original(writer, msg)
+
+    cp._send = send
+    return written
 
 
 def _trimmed_rss() -> float:
@@ -449,6 +471,7 @@ async def measure_streams(
     from config.push import PushServer, push_server_context
     from config.validate import Document
 
+    written = _time_writes()
     t0 = time.perf_counter()
     push = PushServer(store, ca, tokens)
     server_start = time.perf_counter() - t0
@@ -491,6 +514,7 @@ async def measure_streams(
             all_ms: list[float] = []
             med_ms: list[float] = []
             commit_ms: list[float] = []
+            fanout_ms: list[float] = []
             wl_counts: list[int] = []
             cpu0 = measure.cpu_snapshot([proc.pid])
             for i in range(scale.changes):
@@ -512,6 +536,9 @@ async def measure_streams(
                 all_ms.append(times[-1])
                 med_ms.append(statistics.median(times))
                 commit_ms.append((t_commit - t_start) / 1e6)
+                writes = [t for v, ts in written.items() if v >= version for t in ts]
+                if len(writes) >= scale.nodes:
+                    fanout_ms.append((sorted(writes)[scale.nodes - 1] - t_start) / 1e6)
                 wl_counts.extend(wl for _, wl in got.values())
                 await asyncio.sleep(0.05)  # acks in, sessions quiet again
             other = measure.other_load(cpu0, measure.cpu_snapshot([proc.pid]))
@@ -536,6 +563,7 @@ async def measure_streams(
         streams=scale.nodes,
         workloads_per_delta=sorted(set(wl_counts)),
         other_cpus=other,
+        server_fanout_ms=fanout_ms,
     )
     return server_start, joins_s, initial, prop, rss
 
@@ -689,6 +717,9 @@ def summary(r: Results) -> dict[str, float]:
         "change_all_streams_max_ms": max(p.all_streams_ms),
         "change_median_stream_ms": statistics.median(p.median_stream_ms),
         "change_commit_median_ms": statistics.median(p.commit_ms),
+        "change_server_fanout_median_ms": (
+            statistics.median(p.server_fanout_ms) if p.server_fanout_ms else float("nan")
+        ),
         "model_mib": r.memory.model_mib,
         "rss_after_sync_mib": r.memory.rss_after_sync_mib,
         "rss_trimmed_mib": r.memory.rss_trimmed_mib,
@@ -774,6 +805,9 @@ def render_markdown(r: Results, command: str, plot_name: str | None) -> str:
         f"| same, reaching the median stream | {s['change_median_stream_ms']:.1f} ms |",
         f"| of which `Store.apply` (commit with fsync) | "
         f"{s['change_commit_median_ms']:.1f} ms (median) |",
+        f"| the server had started writing it to all {p.streams} streams | "
+        f"{s['change_server_fanout_median_ms']:.1f} ms (median; worst "
+        f"{max(p.server_fanout_ms, default=float('nan')):.1f} ms) |",
         f"| workloads in each change's delta | {', '.join(map(str, p.workloads_per_delta))} |",
         f"| model memory (tracemalloc: index, item views, {sc.nodes} node states) | "
         f"{m.model_mib:.0f} MiB (peak while building {m.model_peak_mib:.0f} MiB) |",
@@ -845,6 +879,8 @@ def plot(r: Results, path: Path) -> None:
     ax1.plot(xs, p.all_streams_ms, "o-", label=f"all {p.streams} streams")
     ax1.plot(xs, p.median_stream_ms, "s-", label="median stream")
     ax1.plot(xs, p.commit_ms, "^-", label="Store.apply (commit)")
+    if len(p.server_fanout_ms) == len(xs):
+        ax1.plot(xs, p.server_fanout_ms, "v-", label="server wrote the last stream")
     ax1.axhline(GOAL_MS, color="red", linestyle="--", label=f"goal {GOAL_MS:.0f} ms")
     ax1.set_xlabel("change")
     ax1.set_ylabel("ms")

@@ -17,11 +17,34 @@ REPO = Path(__file__).resolve().parents[2]
 def test_mesh_bench_reports_every_figure_and_cleans_up(tmp_path: Path) -> None:
     require_root_and_tools("ip", "nft", "iperf3", "curl")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench.mesh", "--quick", "--seconds", "1", "--rtt-count",
-           "200", "--conn-count", "30", "--rate", "100", "--load-seconds", "1", "--conns", "2",
-           "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.mesh",
+        "--quick",
+        "--seconds",
+        "1",
+        "--rtt-count",
+        "200",
+        "--conn-count",
+        "30",
+        "--rate",
+        "100",
+        "--load-seconds",
+        "1",
+        "--conns",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
@@ -41,8 +64,18 @@ def test_mesh_bench_reports_every_figure_and_cleans_up(tmp_path: Path) -> None:
     assert [s["path"] for s in doc["samples"]] == ["direct", "mesh"]
     for path in ("direct", "mesh"):
         figures = doc["summaries"][path]["figures"]
-        for key in ("gbps_1", "gbps_8", "rtt_p50_us", "rtt_p99_us", "conn_per_s", "req_p50_ms",
-                    "req_p99_ms", "req_p99_sched_ms", "rps", "zt_rss_mib"):
+        for key in (
+            "gbps_1",
+            "gbps_8",
+            "rtt_p50_us",
+            "rtt_p99_us",
+            "conn_per_s",
+            "req_p50_ms",
+            "req_p99_ms",
+            "req_p99_sched_ms",
+            "rps",
+            "zt_rss_mib",
+        ):
             assert math.isfinite(figures[key]) and figures[key] > 0, (path, key, figures)
         assert figures["rtt_p50_us"] <= figures["rtt_p99_us"]
         assert figures["req_p50_ms"] <= figures["req_p99_ms"]
@@ -52,8 +85,15 @@ def test_mesh_bench_reports_every_figure_and_cleans_up(tmp_path: Path) -> None:
     samples = {s["path"]: s for s in doc["samples"]}
     assert samples["mesh"]["bytes_seen_by_ztunnel"] > 0
     assert samples["direct"]["bytes_seen_by_ztunnel"] == 0
-    assert set(doc["ratios"]) == {"gbps_1", "gbps_8", "rtt_p50_us", "rtt_p99_us", "conn_per_s",
-                                  "req_p50_ms", "req_p99_ms"}
+    assert set(doc["ratios"]) == {
+        "gbps_1",
+        "gbps_8",
+        "rtt_p50_us",
+        "rtt_p99_us",
+        "conn_per_s",
+        "req_p50_ms",
+        "req_p99_ms",
+    }
     assert doc["machine"]["load_before"] and doc["machine"]["load_after"]
     md = (out / "RESULTS-mesh.md").read_text()
     assert "python -m bench.mesh --quick" in md and "Load average" in md
