@@ -62,9 +62,11 @@ from config.snapshot import (
     MeshIndex,
     NodeState,
     NodeViews,
-    apply_delta,
+    ReplicaState,
     content_hash,
     make_delta,
+    replica_apply_delta,
+    replica_from_dict,
     sorted_dict,
 )
 from config.store import HistoryCompacted, Store
@@ -95,6 +97,7 @@ WAYPOINT_KINDS = frozenset(
     }
 )
 MAX_MESSAGE = 256 * 1024 * 1024
+SAVE_INTERVAL = 1.0  # seconds between writes of the proxy's snapshot file
 FULL_SEND_CONCURRENCY = 4  # whole snapshots being written at once
 RAW_SNAPSHOT = "_raw_snapshot"  # internal: a snapshot already encoded as JSON bytes
 CONTROL_PLANE_SA = ("ambit-system", "control-plane")
@@ -667,7 +670,8 @@ class PushClient:
         cert = Certificate.from_pem([c.read_bytes()], k.read_bytes())
         return cert if cert.valid_at(time.time()) else None
 
-    def _saved(self) -> dict[str, Any] | None:
+    def _saved(self) -> tuple[ReplicaState, dict[str, Any]] | None:
+        """The saved snapshot, parsed (None when missing or unusable)."""
         p = self.data_dir / LAST_SNAPSHOT
         if not p.exists():
             return None
@@ -675,18 +679,15 @@ class PushClient:
             data = json.loads(p.read_text())
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            zs.Snapshot.from_dict({k: v for k, v in data.items() if k != L7_RESOURCES})
-        except (zs.SnapshotError, ValueError) as e:
+            return replica_from_dict(data), data
+        except (zs.SnapshotError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring the saved snapshot", path=str(p), reason=str(e))
             return None
-        return data
 
     def last_snapshot(self) -> zs.Snapshot | None:
         """The last snapshot this proxy applied (kept across restarts)."""
-        data = self._saved()
-        if data is None:
-            return None
-        return zs.Snapshot.from_dict({k: v for k, v in data.items() if k != L7_RESOURCES})
+        saved = self._saved()
+        return saved[0].snapshot if saved is not None else None
 
     def _refresh_trust(self, pem: str) -> None:
         """Follow trust bundle changes (root rotation) for future connections."""
@@ -879,15 +880,13 @@ class PushClient:
         Reconnects with jittered exponential backoff; `once` returns after the first
         session ends (tests).
         """
-        current_dict = self._saved()
-        current: zs.Snapshot | None = None
-        if current_dict is not None:
-            current = zs.Snapshot.from_dict(
-                {k: v for k, v in current_dict.items() if k != L7_RESOURCES}
-            )
+        current: ReplicaState | None = None
+        saved = self._saved()
+        if saved is not None:
+            current, data = saved
             if on_resources is not None:
-                await on_resources([parse_resource(m) for m in current_dict.get(L7_RESOURCES, [])])
-            await apply(current)
+                await on_resources([parse_resource(m) for m in data.get(L7_RESOURCES, [])])
+            await apply(current.snapshot)
         delay = 0.5
         while True:
             try:
@@ -895,59 +894,14 @@ class PushClient:
                 async with self._connect(with_cert=True) as (reader, writer):
                     hello: dict[str, Any] = {
                         "type": "subscribe",
-                        "version": current.version if current is not None else 0,
-                        "hash": content_hash(current_dict) if current_dict else "",
+                        "version": current.snapshot.version if current is not None else 0,
+                        "hash": current.hash if current is not None else "",
                     }
                     if self.waypoint_address:
                         hello["address"] = self.waypoint_address
                     await _send(writer, hello)
                     delay = 0.5
-                    while True:
-                        msg = await _recv(reader)
-                        if msg is None:
-                            raise ConnectionError("the control plane closed the stream")
-                        typ = msg.get("type")
-                        if typ == "error":
-                            raise PushError(str(msg.get("rule")), str(msg.get("message")))
-                        if typ == "uptodate":
-                            continue
-                        if typ not in ("snapshot", "delta"):
-                            continue
-                        version = int(msg["version"])
-                        try:
-                            if typ == "snapshot":
-                                new = msg["snapshot"]
-                            else:
-                                if current_dict is None or msg.get("from_hash") != content_hash(
-                                    current_dict
-                                ):
-                                    raise ValueError(
-                                        "delta does not apply to the snapshot this proxy holds"
-                                    )
-                                new = apply_delta(current_dict, msg)
-                            if content_hash(new) != msg.get("hash"):
-                                raise ValueError("snapshot content does not match its hash")
-                            body = {k: v for k, v in new.items() if k != L7_RESOURCES}
-                            snap = zs.Snapshot.from_dict(body)
-                            if on_resources is not None:
-                                await on_resources(
-                                    [parse_resource(m) for m in new.get(L7_RESOURCES, [])]
-                                )
-                            await apply(snap)
-                        except Exception as e:
-                            await _send(
-                                writer,
-                                {
-                                    "type": "nack",
-                                    "version": version,
-                                    "error": f"{type(e).__name__}: {e}",
-                                },
-                            )
-                            continue
-                        current, current_dict = snap, new
-                        self._save_snapshot(new)
-                        self._refresh_trust(snap.trust_bundle_pem)
-                        await _send(writer, {"type": "ack", "version": version})
+                    current = await self._stream(reader, writer, current, apply, on_resources)
             except PushError as e:
                 log.error("control plane refused this proxy", rule=e.rule, reason=e.message)
                 if e.rule in ("join-token", "node-certificate") or once:
@@ -958,6 +912,70 @@ class PushClient:
                     return
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 30.0)
+
+    async def _stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        current: ReplicaState | None,
+        apply: Callable[[zs.Snapshot], Awaitable[None]],
+        on_resources: Callable[[list[Resource]], Awaitable[None]] | None,
+    ) -> ReplicaState | None:
+        """Follow one stream; deltas cost only the items they carry.
+
+        The snapshot file is written at most once a second (and when the stream ends),
+        so bursts of small changes do not each rewrite megabytes.
+        """
+        loop = asyncio.get_running_loop()
+        last_save = -1e9
+        dirty = False
+        try:
+            while True:
+                wait = max(0.0, last_save + SAVE_INTERVAL - loop.time()) if dirty else None
+                try:
+                    async with asyncio.timeout(wait):
+                        msg = await _recv(reader)
+                except TimeoutError:
+                    assert current is not None
+                    self._save_snapshot(current.to_dict())
+                    last_save, dirty = loop.time(), False
+                    continue
+                if msg is None:
+                    raise ConnectionError("the control plane closed the stream")
+                typ = msg.get("type")
+                if typ == "error":
+                    raise PushError(str(msg.get("rule")), str(msg.get("message")))
+                if typ not in ("snapshot", "delta"):
+                    continue
+                version = int(msg["version"])
+                try:
+                    if typ == "snapshot":
+                        cand = replica_from_dict(msg["snapshot"])
+                    else:
+                        if current is None or msg.get("from_hash") != current.hash:
+                            raise ValueError(
+                                "delta does not apply to the snapshot this proxy holds"
+                            )
+                        cand = replica_apply_delta(current, msg)
+                    if cand.hash != msg.get("hash"):
+                        raise ValueError("snapshot content does not match its hash")
+                    if on_resources is not None:
+                        await on_resources(
+                            [parse_resource(m) for m in cand.scalars.get(L7_RESOURCES, [])]
+                        )
+                    await apply(cand.snapshot)
+                except Exception as e:
+                    await _send(
+                        writer,
+                        {"type": "nack", "version": version, "error": f"{type(e).__name__}: {e}"},
+                    )
+                    continue
+                current, dirty = cand, True
+                self._refresh_trust(cand.snapshot.trust_bundle_pem)
+                await _send(writer, {"type": "ack", "version": version})
+        finally:
+            if dirty and current is not None:
+                self._save_snapshot(current.to_dict())
 
 
 async def _expect(reader: asyncio.StreamReader, typ: str) -> dict[str, Any]:

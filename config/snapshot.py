@@ -932,3 +932,94 @@ class NodeViews:
             if k not in new:
                 remove.setdefault(k[0], []).append(k[1])
         return {"upsert": upsert, "remove": remove}
+
+
+# ---------------------------------------------------------------------------
+# the proxy's side: a replica updated item by item
+# ---------------------------------------------------------------------------
+
+_ITEM_CLASSES: dict[str, type] = {
+    "workloads": zs.Workload,
+    "services": zs.Service,
+    "waypoints": zs.Waypoint,
+    "authorization_policies": zs.AuthorizationPolicy,
+    "peer_authentications": zs.PeerAuthentication,
+}
+
+
+@dataclass
+class ReplicaState:
+    """One version of a proxy's snapshot: items with digests and parsed objects."""
+
+    scalars: dict[str, Any]
+    items: dict[ItemKey, tuple[dict[str, Any], int, object]]
+    total: int
+    snapshot: zs.Snapshot
+
+    @property
+    def hash(self) -> str:
+        return f"{(self.total + scalars_digest(self.scalars)) & _MASK:016x}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.scalars)
+        for name in COLLECTIONS:
+            out[name] = []
+        for k in sorted(self.items):
+            out[k[0]].append(self.items[k][0])
+        return out
+
+
+def _build_snapshot(
+    scalars: Mapping[str, Any], items: Mapping[ItemKey, tuple[dict[str, Any], int, object]]
+) -> zs.Snapshot:
+    objs: dict[str, list[object]] = {name: [] for name in COLLECTIONS}
+    for k in sorted(items):
+        objs[k[0]].append(items[k][2])
+    kwargs: dict[str, Any] = {k: v for k, v in scalars.items() if k != L7_RESOURCES}
+    kwargs.update({name: tuple(v) for name, v in objs.items()})
+    try:
+        return zs.Snapshot(**kwargs)
+    except TypeError as e:  # unknown top-level field
+        raise zs.SnapshotError("", str(e)) from None
+
+
+def replica_from_dict(snap: Mapping[str, Any]) -> ReplicaState:
+    """Parse a whole snapshot dict (validated like `Snapshot.from_dict`)."""
+    scalars = {k: v for k, v in snap.items() if k not in COLLECTIONS}
+    items: dict[ItemKey, tuple[dict[str, Any], int, object]] = {}
+    total = 0
+    for name, keyf in COLLECTIONS.items():
+        raw = snap.get(name, [])
+        if not isinstance(raw, list):
+            raise zs.SnapshotError(name, "expected a list")
+        for i, data in enumerate(raw):
+            obj = zs._load(_ITEM_CLASSES[name], data, f"{name}[{i}]")
+            d = item_digest(name, data)
+            items[(name, keyf(data))] = (data, d, obj)
+            total += d
+    return ReplicaState(scalars, items, total, _build_snapshot(scalars, items))
+
+
+def replica_apply_delta(cur: ReplicaState, delta: Mapping[str, Any]) -> ReplicaState:
+    """A new replica state with `delta` applied; only upserted items are parsed."""
+    scalars = {**cur.scalars, **delta.get("set", {})}
+    items = dict(cur.items)
+    total = cur.total
+    for name, keys in delta.get("remove", {}).items():
+        for key in keys:
+            old = items.pop((name, key), None)
+            if old is not None:
+                total -= old[1]
+    for name, ups in delta.get("upsert", {}).items():
+        if name not in COLLECTIONS:
+            raise zs.SnapshotError(name, "unknown collection")
+        keyf = COLLECTIONS[name]
+        for i, data in enumerate(ups):
+            obj = zs._load(_ITEM_CLASSES[name], data, f"{name}[{i}]")
+            d = item_digest(name, data)
+            old = items.get((name, keyf(data)))
+            if old is not None:
+                total -= old[1]
+            items[(name, keyf(data))] = (data, d, obj)
+            total += d
+    return ReplicaState(scalars, items, total, _build_snapshot(scalars, items))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from config.resources import Resource, parse_resource
@@ -384,3 +385,36 @@ def test_full_json_is_the_full_snapshot_encoded() -> None:
     assert decoded == views.full(b)
     assert views.hash_of(a) == views.hash_of(b) == content_hash(decoded)
     assert zs.Snapshot.from_dict(decoded) == idx.node_snapshot("node-a")
+
+
+def test_replica_applies_deltas_item_by_item_like_a_full_parse() -> None:
+    from config.snapshot import (
+        apply_delta,
+        content_hash,
+        make_delta,
+        replica_apply_delta,
+        replica_from_dict,
+        sorted_dict,
+    )
+
+    before = sorted_dict(compute_snapshot(resources(), "node-a", version=1))
+    changed = MESH.replace("address: 10.1.0.12", "address: 10.1.0.14")
+    after = sorted_dict(
+        compute_snapshot(
+            resources(changed + WAYPOINT),
+            "node-a",
+            version=2,
+            waypoint_addresses={("shop", "wp"): "10.1.0.99"},
+        )
+    )
+    rep = replica_from_dict(before)
+    assert rep.snapshot == zs.Snapshot.from_dict(before)
+    assert rep.hash == content_hash(before)
+    new = replica_apply_delta(rep, make_delta(before, after))
+    assert new.snapshot == zs.Snapshot.from_dict(apply_delta(before, make_delta(before, after)))
+    assert new.hash == content_hash(after)
+    assert new.to_dict() == after
+    assert rep.snapshot.version == 1  # the old state is untouched (a nack keeps it)
+    bad = {"upsert": {"workloads": [{"uid": "x", "name": "x"}]}}
+    with pytest.raises(zs.SnapshotError):
+        replica_apply_delta(rep, bad)
