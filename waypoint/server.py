@@ -58,9 +58,9 @@ from waypoint.http1 import (
     strip_hop_by_hop,
 )
 from waypoint.model import Headers, LocalResponse, Response, WaypointConfig
-from waypoint.resilience import Outcome
+from waypoint.resilience import Outcome, PoolLimits
 from waypoint.telemetry import OtlpExporter, RequestRecord, Telemetry, TraceContext, parse_trace
-from waypoint.upstream import Spawn, UpstreamError, Upstreams
+from waypoint.upstream import PoolOverflow, Spawn, UpstreamError, Upstreams
 from ztunnel.hbone.request import Accept, ConnectRequest, Decision
 from ztunnel.hbone.server import HboneServer
 from ztunnel.hbone.stream import HboneStream
@@ -524,11 +524,16 @@ class Waypoint:
                 resp = await self._send(attempt.endpoint, req, headers, payload,
                                         deadline=attempt.deadline, spawn=spawn, h2=h2,
                                         source=req.source_ip, upgrade=bool(ex.upgrade),
-                                        traceparent=trace.traceparent)
+                                        traceparent=trace.traceparent,
+                                        pool=plan.cluster.pool)
                 result = resp.status
             except UpstreamError as e:
                 result = e.outcome
                 rec.details = str(e)
+            except PoolOverflow as e:  # the attempt is abandoned; release() accounts for it
+                rec.flags, rec.details = e.response.flags, e.response.details
+                await self._answer_local(ex, e.response, rec)
+                return
             now = loop.time()
             nxt = plan.after_attempt(attempt, result, now, self.rng, rtt=now - attempt.started)
             if nxt is None or body is None:
@@ -590,7 +595,8 @@ class Waypoint:
     async def _send(self, ep: Any, req: Any, headers: Headers,
                     payload: bytes | AsyncIterator[bytes], *, deadline: float | None,
                     spawn: Spawn, h2: bool, source: str, upgrade: bool,
-                    traceparent: str | None) -> UpstreamResponse:
+                    traceparent: str | None, pool: PoolLimits | None = None
+                    ) -> UpstreamResponse:
         if h2:
             from waypoint.http2 import h2_request
             resp: UpstreamResponse = await h2_request(self.upstreams, ep, req, headers, payload,
@@ -599,7 +605,8 @@ class Waypoint:
             return resp
         return await self.upstreams.h1_request(ep, req, headers, payload, deadline=deadline,
                                                spawn=spawn, source=source,
-                                               traceparent=traceparent, upgrade=upgrade)
+                                               traceparent=traceparent, upgrade=upgrade,
+                                               pool=pool)
 
     async def _mirror(self, m: MirrorPlan, headers: Headers, body: bytes, h2: bool) -> None:
         """Send a copy to a RequestMirror backend; its answer (or failure) is dropped."""

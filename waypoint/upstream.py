@@ -33,21 +33,29 @@ from waypoint.http1 import (
     encode_last_chunk,
     encode_request_head,
 )
-from waypoint.model import Headers, Request, UpstreamEndpoint
-from waypoint.resilience import Outcome
+from waypoint.model import Headers, LocalResponse, Request, UpstreamEndpoint
+from waypoint.resilience import ConnVerdict, Outcome, PoolLimits, overflow_response
 from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.pool import HboneConnectionPool
 from ztunnel.hbone.request import format_authority
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.identity import Certificate, SpiffeId, TrustBundle
 
-__all__ = ["H1Response", "Spawn", "UpstreamError", "Upstreams"]
+__all__ = ["H1Response", "PoolOverflow", "Spawn", "UpstreamError", "Upstreams"]
 
 #: starts a task owned by the caller's TaskGroup (request body senders, readers)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 READ_SIZE = 256 * 1024
 MAX_IDLE_PER_ENDPOINT = 64
+
+
+class PoolOverflow(Exception):
+    """The backend's connection pool and its pending queue are full: answer `response`."""
+
+    def __init__(self, response: LocalResponse) -> None:
+        super().__init__(response.details)
+        self.response = response
 
 
 class UpstreamError(Exception):
@@ -124,6 +132,8 @@ class H1Response:
                 self.length = int(v.strip())
         if any(k == "transfer-encoding" for k, _ in cb.headers):
             self.length = None
+        if upgraded is not None:
+            ups._disown(conn)  # a tunnel now (WebSocket): no longer a pooled connection
         self.bytes_received = 0
         self.ended_at_head = False
         self._done = head_only or (cb.complete and not cb.chunks)
@@ -181,7 +191,7 @@ class H1Response:
         if self._done and self.keep_alive:
             self._ups._put_idle(self._ep, self.conn, self._served + 1)
         else:
-            close_conn(self.conn)
+            self._ups._close(self.conn)
 
     def discard(self) -> None:
         """Drop the response unread (a retry follows): the connection is closed."""
@@ -205,6 +215,8 @@ class Upstreams:
         self.pool = pool or HboneConnectionPool(connect_timeout=connect_timeout)
         self.connect_timeout = connect_timeout
         self._idle: dict[str, list[_Idle]] = {}
+        self._owner: dict[int, PoolLimits] = {}  # connection -> its backend's pool limits
+        self._freed: dict[int, asyncio.Event] = {}  # pool -> a connection came back/closed
         self.connections_opened = 0
 
     async def connect(self, ep: UpstreamEndpoint, *, source: str = "",
@@ -249,24 +261,81 @@ class Upstreams:
         self.connections_opened += 1
         return TcpConn(reader, writer)
 
-    def _take_idle(self, ep: UpstreamEndpoint) -> _Idle | None:
+    # -- connection accounting (DestinationRule connectionPool) ----------------------
+
+    def _close(self, conn: Conn) -> None:
+        close_conn(conn)
+        self._disown(conn)
+
+    def _disown(self, conn: Conn) -> None:
+        pool = self._owner.pop(id(conn), None)
+        if pool is not None:
+            pool.connection_closed()
+            self._wake(pool)
+
+    def _wake(self, pool: PoolLimits) -> None:
+        ev = self._freed.get(id(pool))
+        if ev is not None:
+            ev.set()
+
+    async def _admit(self, ep: UpstreamEndpoint, pool: PoolLimits,
+                     deadline: float | None) -> _Idle | None:
+        """Room for a new connection to `ep` (None) or an idle one that came back; raises
+        PoolOverflow when the pending queue is full, UpstreamError(UT) at the deadline."""
+        verdict = pool.connection_verdict()
+        if verdict is ConnVerdict.OPEN:
+            return None
+        if verdict is ConnVerdict.OVERFLOW:
+            raise PoolOverflow(overflow_response(
+                f"{pool.connections} connections (max {pool.max_connections}) and "
+                f"{pool.pending} pending (max {pool.max_pending}) for {ep.key}"))
+        loop = asyncio.get_running_loop()
+        ev = self._freed.setdefault(id(pool), asyncio.Event())
+        try:
+            while True:
+                ev.clear()
+                remaining = None if deadline is None else deadline - loop.time()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await ev.wait()
+                except TimeoutError:
+                    raise UpstreamError(Outcome.TIMEOUT, f"no connection to {ep.key} came "
+                                        "free before the deadline") from None
+                idle = self._take_idle(ep, pool)
+                if idle is not None:
+                    return idle
+                if pool.connections < pool.max_connections:
+                    return None
+                for lst in self._idle.values():  # an idle one to another endpoint: make room
+                    for other in lst:
+                        if self._owner.get(id(other.conn)) is pool:
+                            lst.remove(other)
+                            self._close(other.conn)
+                            return None
+        finally:
+            pool.dequeued()
+
+    def _take_idle(self, ep: UpstreamEndpoint, pool: PoolLimits | None = None) -> _Idle | None:
         lst = self._idle.get(ep.key)
         while lst:
             idle = lst.pop()
-            if _alive(idle.conn):
+            if _alive(idle.conn) and (pool is None or pool.may_reuse(idle.served)):
                 return idle
-            close_conn(idle.conn)
+            self._close(idle.conn)
         return None
 
     def _put_idle(self, ep: UpstreamEndpoint, conn: Conn, served: int) -> None:
-        if not _alive(conn):
-            close_conn(conn)
+        pool = self._owner.get(id(conn))
+        if not _alive(conn) or (pool is not None and not pool.may_reuse(served)):
+            self._close(conn)
             return
         lst = self._idle.setdefault(ep.key, [])
         if len(lst) >= MAX_IDLE_PER_ENDPOINT:
-            close_conn(conn)
+            self._close(conn)
             return
         lst.append(_Idle(conn, served))
+        if pool is not None:
+            self._wake(pool)
 
     def close_idle(self, keep: set[str] | None = None) -> int:
         """Close idle HTTP/1.1 connections (all, or those to endpoints not in `keep`)."""
@@ -275,7 +344,7 @@ class Upstreams:
             if keep is not None and key in keep:
                 continue
             for idle in self._idle.pop(key):
-                close_conn(idle.conn)
+                self._close(idle.conn)
                 n += 1
         return n
 
@@ -296,6 +365,7 @@ class Upstreams:
         source: str = "",
         traceparent: str | None = None,
         upgrade: bool = False,
+        pool: PoolLimits | None = None,
     ) -> H1Response:
         """Send `request` over HTTP/1.1 and wait for the response head (until `deadline`,
         loop time). `headers` are end-to-end headers (no host, no hop-by-hop); a
@@ -314,19 +384,30 @@ class Upstreams:
             out.append(("connection", "keep-alive"))
         head = encode_request_head(request.method, request.path or "/", out)
         for attempt in range(2):
-            idle = self._take_idle(ep) if attempt == 0 and not streamed else None
+            idle = self._take_idle(ep, pool) if attempt == 0 and not streamed else None
+            if idle is None and pool is not None:
+                idle = await self._admit(ep, pool, deadline)
             if idle is not None:
                 conn, served = idle.conn, idle.served
             else:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     raise UpstreamError(Outcome.TIMEOUT, f"no time left to reach {ep.key}")
+                if pool is not None:
+                    pool.connection_opened()  # counted while connecting, too
                 try:
                     async with asyncio.timeout(remaining):
                         conn = await self.connect(ep, source=source, traceparent=traceparent)
-                except TimeoutError:
-                    raise UpstreamError(Outcome.TIMEOUT,
-                                        f"connecting to {ep.key} took past the deadline") from None
+                except BaseException as e:
+                    if pool is not None:
+                        pool.connection_closed()
+                        self._wake(pool)
+                    if isinstance(e, TimeoutError):
+                        raise UpstreamError(Outcome.TIMEOUT, f"connecting to {ep.key} took "
+                                            "past the deadline") from None
+                    raise
+                if pool is not None:
+                    self._owner[id(conn)] = pool
                 served = 0
             try:
                 if isinstance(body, bytes):
@@ -339,13 +420,13 @@ class Upstreams:
                     spawn(_send_chunked(conn, body))
                 return await self._read_head(ep, conn, served, request.method, deadline)
             except UpstreamError as e:
-                close_conn(conn)
+                self._close(conn)
                 # a reused keep-alive connection the server had closed: try a fresh one
                 if idle is not None and e.outcome is Outcome.RESET and e.nothing_received:
                     continue
                 raise
             except (HboneError, OSError) as e:
-                close_conn(conn)
+                self._close(conn)
                 if idle is not None:
                     continue
                 raise UpstreamError(Outcome.RESET, f"sending to {ep.key} failed: {e}") from e
@@ -368,7 +449,7 @@ class Upstreams:
                     async with asyncio.timeout(remaining):
                         data = await conn.read(READ_SIZE)
             except TimeoutError:
-                close_conn(conn)
+                self._close(conn)
                 raise UpstreamError(Outcome.TIMEOUT,
                                     f"{ep.key} sent no response head before the deadline") \
                     from None
@@ -407,17 +488,11 @@ class Upstreams:
                                   head_only=method == "HEAD", upgraded=upgraded)
 
     async def close(self) -> None:
-        for lst in self._idle.values():
-            for idle in lst:
-                close_conn(idle.conn)
-        self._idle.clear()
+        self.close_idle()
         await self.pool.close()
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
-        for lst in self._idle.values():
-            for idle in lst:
-                close_conn(idle.conn)
-        self._idle.clear()
+        self.close_idle()
         await self.pool.drain(timeout)
 
 

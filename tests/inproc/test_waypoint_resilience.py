@@ -129,3 +129,28 @@ async def test_drain_lets_in_flight_requests_finish() -> None:
         await wp.drain(5.0)
         status, text, _ = await pending
         assert status == 200 and which(text) == "front"
+
+
+async def test_max_connections_queue_then_overflow_and_requests_per_connection() -> None:
+    mesh = Mesh({"front": 1, "a": 1}, [
+        route([{"backendRefs": [backend_ref("a")]}]),
+        dr("a", {"connectionPool": {"tcp": {"maxConnections": 1},
+                                    "http": {"http1MaxPendingRequests": 1,
+                                             "maxRequestsPerConnection": 2}}}),
+    ], {})
+    mesh.backends["a"][0].delay = 0.3
+    async with mesh.running(), mesh.forward("front") as url:
+        conn = aiohttp.TCPConnector(limit=8)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            results = await asyncio.gather(*(get(s, url + "/") for _ in range(3)))
+            statuses = Counter(r[0] for r in results)
+            # one on the only connection, one waits for it, the third overflows
+            assert statuses == Counter({200: 2, 503: 1}), statuses
+            mesh.backends["a"][0].delay = 0.0
+            assert mesh.waypoint is not None
+            ups = mesh.waypoint.upstreams
+            opened = ups.connections_opened
+            for _ in range(6):
+                assert (await get(s, url + "/"))[0] == 200
+            # two requests per connection at most: six requests need three more
+            assert ups.connections_opened - opened == 3
