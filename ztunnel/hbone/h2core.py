@@ -333,6 +333,11 @@ class H2Connection:
         return len(self._streams)
 
     @property
+    def has_output(self) -> bool:
+        """Whether frames are queued for the wire."""
+        return bool(self._out)
+
+    @property
     def usable(self) -> bool:
         """Client side: whether new streams may be opened on this connection."""
         return not (self.terminated or self.goaway_received or self.goaway_sent)

@@ -164,16 +164,20 @@ class _TcpSplice(asyncio.BufferedProtocol):
         n = self.batch_len
         self.batch = []
         self.batch_len = 0
+        self.deliver(batch[0] if len(batch) == 1 else batch, n)
+
+    def deliver(self, data: bytes | memoryview | list[bytes | memoryview], n: int) -> None:
+        """Write DATA payload(s) to the TCP side; credit the window unless it is full."""
         st = self.stream
         conn = st._conn
         t = self.transport
         if t is None or self.lost:  # the TCP side is gone: drop the bytes
             conn.core.acknowledge(st.stream_id, n)
             return
-        if len(batch) == 1:
-            t.write(batch[0])
+        if isinstance(data, list):
+            t.writelines(data)
         else:
-            t.writelines(batch)
+            t.write(data)
         if t.get_write_buffer_size():
             conn._retained = True  # a view is queued: keep its buffer
         if self.write_paused:
@@ -656,6 +660,17 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def _dispatch(self, events: list[Event]) -> None:
         streams = self.streams
+        if len(events) == 1:  # latency path: one DATA frame for a spliced stream
+            ev = events[0]
+            if type(ev) is DataReceived and not ev.end_stream:
+                st = streams.get(ev.stream_id)
+                sink = st._sink if st is not None else None
+                if st is not None and sink is not None and not sink.batch:
+                    st.bytes_received += ev.flow_len
+                    sink.deliver(ev.data, ev.flow_len)
+                    if self.core.has_output:
+                        self._flush()
+                    return
         for ev in events:
             if type(ev) is DataReceived:
                 st = streams.get(ev.stream_id)
