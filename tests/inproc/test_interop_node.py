@@ -88,6 +88,7 @@ async def run_node(
     *,
     client: tuple[Path, Path] | None,
     authority: str | None = None,
+    extra_streams: int = 0,
 ) -> NodeResult:
     cert, key = client if client is not None else (None, None)
     return await node_connect(
@@ -100,6 +101,7 @@ async def run_node(
         cert=cert,
         key=key,
         headers={"forwarded": 'for="127.0.0.1:34567"'},
+        extra_streams=extra_streams,
     )
 
 
@@ -119,6 +121,19 @@ async def test_node_tunnels_bytes_through_our_server_and_half_close_ends_it(
         assert len(s.seen) == 1
         assert s.seen[0].peer_identity == client.identity  # from the certificate
         assert s.seen[0].forwarded_for == "127.0.0.1:34567"
+
+
+async def test_node_multiplexes_concurrent_streams_through_our_server(tmp_path: Path) -> None:
+    async with hbone_server(tmp_path) as s:
+        client = s.pki.issue("default", "node-client")
+        payload = os.urandom(1024 * 1024)  # 6 x 1 MiB in flight: the windows matter
+        result = await run_node(s, payload, client=s.client_files(client), extra_streams=5)
+        assert result.ok, result
+        assert result.received == payload
+        assert result.extra_ok == 5
+        assert len(s.seen) == 6 and s.echo.accepted == 6
+        peers = {req.peer_addr for req in s.seen}
+        assert len(peers) == 1, "all streams must share Node's one HTTP/2 session"
 
 
 async def test_node_without_client_certificate_is_refused(tmp_path: Path) -> None:

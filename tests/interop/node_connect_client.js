@@ -1,10 +1,12 @@
 // HTTP/2 CONNECT client built on Node's own http2 module (nghttp2 inside), for interop tests.
 //
 // usage: node node_connect_client.js CONFIG.json
-// CONFIG: {url, authority, ca, cert?, key?, serverIdentity, payload, output, headers?}
+// CONFIG: {url, authority, ca, cert?, key?, serverIdentity, payload, output, headers?,
+//          extraStreams?}
 //   payload/output: file paths; the payload is sent on the CONNECT stream, the stream is
 //   half-closed (END_STREAM), and everything received until the peer's END_STREAM is
-//   written to output.
+//   written to output. extraStreams: that many more CONNECT streams on the same session,
+//   concurrently, each sending the payload; "extraOk" counts those whose echo matched.
 // Prints one JSON line on stdout: {"ok": true, "status": 200, "received": N} or
 // {"ok": false, "stage": "...", "status": S|null, "error": "...", "received": N}; what was
 // received is written to output either way; exit code 0
@@ -49,6 +51,20 @@ if (cfg.key) options.key = fs.readFileSync(cfg.key);
 
 let stage = 'connect';
 let status = null;
+const payload = fs.readFileSync(cfg.payload);
+const extraStreams = cfg.extraStreams || 0;
+let pending = 1 + extraStreams;
+let extraOk = 0;
+
+function streamDone() {
+  pending -= 1;
+  if (pending === 0) {
+    stage = 'done';
+    clearTimeout(timer);
+    client.close();
+    finish({ ok: true, status, extraOk });
+  }
+}
 const timer = setTimeout(() => finish({ ok: false, stage, status, error: 'timed out' }), 15000);
 
 const client = http2.connect(cfg.url, options);
@@ -68,19 +84,33 @@ req.on('response', (h) => {
     return;
   }
   stage = 'tunnel';
-  req.end(fs.readFileSync(cfg.payload));
+  req.end(payload);
 });
 req.on('data', (chunk) => chunks.push(chunk));
 req.on('end', () => {
-  clearTimeout(timer);
   if (status !== 200) {
     finish({ ok: false, stage, status, error: 'stream ended before a 200 response' });
     return;
   }
-  stage = 'done';
-  client.close();
-  finish({ ok: true, status });
+  streamDone();
 });
+for (let i = 0; i < extraStreams; i++) {
+  const extra = client.request(headers, { endStream: false });
+  const got = [];
+  extra.on('response', (h) => {
+    if (h[':status'] !== 200) {
+      finish({ ok: false, stage: 'extra stream', status: h[':status'], error: 'status ' + h[':status'] });
+      return;
+    }
+    extra.end(payload);
+  });
+  extra.on('data', (chunk) => got.push(chunk));
+  extra.on('end', () => {
+    if (Buffer.concat(got).equals(payload)) extraOk += 1;
+    streamDone();
+  });
+  extra.on('error', (err) => finish({ ok: false, stage: 'extra stream', status, error: String(err.code || err.message) }));
+}
 // The event loop may run dry without any handler above deciding (e.g. the session was
 // torn down silently): still report, so the caller never sees an empty answer.
 process.on('exit', () => {

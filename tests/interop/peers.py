@@ -214,6 +214,7 @@ class NodeResult:
     status: int | None
     error: str | None
     received: bytes
+    extra_ok: int = 0  # extra concurrent streams whose echo matched the payload
 
 
 NODE_TIMEOUT = 30.0
@@ -230,6 +231,7 @@ def _node_files(
     cert: Path | None,
     key: Path | None,
     headers: dict[str, str] | None,
+    extra_streams: int,
 ) -> tuple[Path, Path]:
     """Write the Node client's config and payload; return (config, output) paths."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +247,7 @@ def _node_files(
         "payload": str(payload_path),
         "output": str(output_path),
         "headers": headers or {},
+        "extraStreams": extra_streams,
     }
     if cert is not None and key is not None:
         cfg["cert"], cfg["key"] = str(cert), str(key)
@@ -268,6 +271,7 @@ async def node_connect(
     cert: Path | None = None,
     key: Path | None = None,
     headers: dict[str, str] | None = None,
+    extra_streams: int = 0,
 ) -> NodeResult:
     """Run Node's http2 as a CONNECT client against 127.0.0.1:`port`, without blocking the
     event loop (our server under test runs in it). Sends `payload`, half-closes, and
@@ -283,6 +287,7 @@ async def node_connect(
         cert=cert,
         key=key,
         headers=headers,
+        extra_streams=extra_streams,
     )
     proc = await asyncio.create_subprocess_exec(
         node,
@@ -307,5 +312,9 @@ async def node_connect(
     doc = json.loads(line[-1])
     received = _read_output(output_path)
     return NodeResult(
-        ok=bool(doc["ok"]), status=doc.get("status"), error=doc.get("error"), received=received
+        ok=bool(doc["ok"]),
+        status=doc.get("status"),
+        error=doc.get("error"),
+        received=received,
+        extra_ok=int(doc.get("extraOk", 0)),
     )
