@@ -314,8 +314,8 @@ def _attr(key: str, value: str | int) -> dict[str, Any]:
 
 def span_of(rec: RequestRecord, trace: TraceContext) -> dict[str, Any]:
     """One OTLP JSON span (server kind) for a finished request."""
-    start_ns = int(rec.start_time * 1e9)
-    end_ns = start_ns + int(rec.duration * 1e9)
+    start_ns = round(rec.start_time * 1e6) * 1000  # microseconds: what a float holds exactly
+    end_ns = start_ns + round(rec.duration * 1e9)
     attrs = [
         _attr("http.request.method", rec.method),
         _attr("url.path", rec.path),
