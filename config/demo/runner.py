@@ -433,6 +433,8 @@ class Demo:
         self.sb.teardown()
         if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.dir.parent.rmdir()  # only when no other demo is in there
 
     def explore_text(self) -> str:
         n1, n2 = self.sb.nodes[0].netns, self.sb.nodes[1].netns
@@ -631,6 +633,8 @@ def teardown(prefix: str, root: Path | None = None) -> list[str]:
     if d.exists():
         shutil.rmtree(d, ignore_errors=True)
         done.append(f"removed {d}")
+        with contextlib.suppress(OSError):
+            d.parent.rmdir()  # only when no other demo is in there
     return done
 
 
