@@ -285,13 +285,13 @@ def _carried(found: Sequence[Edge], src: str, dst_prefix: str) -> int:
 def l7_requests(samples: Iterable[Sample]) -> dict[tuple[str, str, str], int]:
     """Waypoint requests per (source workload, destination, response code); the
     destination is the backend Service when the waypoint names it (catalog-v1), else
-    the destination workload."""
+    the destination workload; a source no workload matches is named by its certificate."""
     out: Counter[tuple[str, str, str]] = Counter()
     for s in samples:
         if s.name == REQUESTS:
             dst = (s.label("destination_service_name") or s.label("destination_workload")
                    or "unknown")
-            out[(s.label("source_workload", "unknown"), dst,
+            out[(_peer(s, "source")[0], dst,
                  s.label("response_code", "?"))] += int(s.value)
     return dict(out)
 

@@ -278,7 +278,8 @@ def test_waypoint_requests_are_grouped_by_backend_service(access_log: io.StringI
         'istio_requests_total{reporter="waypoint",source_workload="frontend",'
         'destination_workload="catalog",destination_service_name="catalog-v2",'
         'response_code="503"} 2',
-        'istio_requests_total{reporter="waypoint",source_workload="loadgen",'
+        'istio_requests_total{reporter="waypoint",source_workload="unknown",'
+        'source_principal="cluster.local/ns/shop/sa/loadgen",'
         'destination_workload="frontend",response_code="200"} 200',
         ""])
     l7 = report.l7_requests(report.parse_metrics(text))
