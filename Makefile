@@ -11,7 +11,7 @@ DEBS := ip:iproute2 nft:nftables iperf3:iperf3 curl:curl nc:netcat-openbsd tcpdu
 
 .PHONY: demo test lint typecheck unit deps venv bench docs clean
 
-demo: venv
+demo: deps venv
 	$(PY) -m config demo
 
 test: deps venv lint typecheck
