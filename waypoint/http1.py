@@ -45,10 +45,11 @@ __all__ = [
     "serve_http1",
 ]
 
-#: headers that describe one hop, never forwarded (RFC 9110 section 7.6.1)
+#: headers that describe one hop, never forwarded (RFC 9110 section 7.6.1; `expect` is
+#: answered by the waypoint itself)
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
-    "http2-settings", "proxy-authenticate", "proxy-authorization", "trailer",
+    "http2-settings", "proxy-authenticate", "proxy-authorization", "trailer", "expect",
 })
 
 MAX_HEAD = 64 * 1024
@@ -636,6 +637,11 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
                 first = rest if isinstance(rest, bytes) else b""
                 return await pipe(conn, upstream, first, leftover)
 
+            if not r.body.done and any(k == "expect" and v.lower() == "100-continue"
+                                       for k, v in r.headers):
+                # the client waits for this before sending its body (answered here, as
+                # Envoy does; the upstream gets the body without the expectation)
+                conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             ex = Exchange(req, r.body, resp, r.version, upgrade=upgrade,
                           splice=splice if upgrade else None, started_at=loop.time())
             await handler(ex)

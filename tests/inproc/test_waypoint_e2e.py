@@ -212,7 +212,7 @@ class Mesh:
                             hbones.append(hs)
                             tg.create_task(hs.run())
                             continue
-                        app = web.Application()
+                        app = web.Application(client_max_size=64 << 20)
                         app.router.add_route("*", "/{tail:.*}", b.handle)
                         runner = web.AppRunner(app, access_log=None)
                         await runner.setup()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from tempfile import mkdtemp
 from typing import Any
 
 import aiohttp
@@ -172,3 +175,42 @@ async def test_tcp_port_is_proxied_as_is() -> None:
         v = mesh.waypoint.registry.get_sample_value
         assert any(m.name == "istio_requests" for m in mesh.waypoint.registry.collect())
         del v
+
+
+async def test_large_bodies_stream_both_ways_and_expect_continue() -> None:
+    assert shutil.which("curl"), "curl is required (apt-get install curl)"
+    mesh = Mesh({"front": 1}, [], {})
+
+    async def sized(b: Backend, request: web.Request) -> web.StreamResponse:
+        n = int(request.query.get("n", "0"))
+        if n:
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            chunk = b"z" * 65536
+            for _ in range(n // len(chunk)):
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        body = b.requests[-1]["body"]
+        return web.json_response({"received": len(body), "sum": sum(body[::4096])})
+
+    mesh.backends["front"][0].handler = sized
+    payload = bytes(range(256)) * (3 * 4096)  # 3 MiB: more than the waypoint buffers
+    async with mesh.running(), mesh.forward("front") as url, aiohttp.ClientSession() as s:
+        async with s.post(url + "/up", data=payload) as r:
+            assert r.status == 200
+            assert await r.json() == {"received": len(payload), "sum": sum(payload[::4096])}
+        async with s.get(url + "/down?n=8388608") as r:
+            got = 0
+            async for chunk in r.content.iter_chunked(1 << 16):
+                got += len(chunk)
+            assert r.status == 200 and got == 8388608
+        # curl sends `Expect: 100-continue` for bodies over 1 KB and waits up to 1 s for it
+        (tmp := Path(mkdtemp())).joinpath("body").write_bytes(b"q" * 5000)
+        t0 = time.monotonic()
+        rc, out, err = await _curl("--data-binary", f"@{tmp / 'body'}", url + "/up")
+        assert rc == 0, err
+        assert json.loads(out)["received"] == 5000
+        assert time.monotonic() - t0 < 0.9
+        seen = mesh.backends["front"][0].requests[-1]["headers"]
+        assert "Expect" not in seen and "expect" not in seen
