@@ -326,7 +326,7 @@ class Waypoint:
             rec.status, rec.flags, rec.details = plan.status, plan.flags, plan.details
             stream.reset()
             rec.duration = loop.time() - t0
-            self.telemetry.record(rec)
+            self.telemetry.record_tcp(rec)
             return
         try:
             attempt = plan.first
@@ -352,7 +352,7 @@ class Waypoint:
         finally:
             plan.release(loop.time())
             rec.duration = loop.time() - t0
-            self.telemetry.record(rec)
+            self.telemetry.record_tcp(rec)
 
     # ------------------------------------------------------------------ HTTP
 

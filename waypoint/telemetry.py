@@ -230,6 +230,21 @@ class Telemetry:
             buckets=BYTES_BUCKETS, registry=registry,
         )
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        tcp_labels = tuple(k for k in LABELS if k not in (
+            "request_protocol", "response_code", "grpc_response_status"))
+        self._tcp_index = tuple(LABELS.index(k) for k in tcp_labels)
+        self.tcp_opened = Counter("istio_tcp_connections_opened",
+                                  "TCP connections through the waypoint", tcp_labels,
+                                  registry=registry)
+        self.tcp_closed = Counter("istio_tcp_connections_closed",
+                                  "TCP connections through the waypoint that ended",
+                                  tcp_labels, registry=registry)
+        self.tcp_sent = Counter("istio_tcp_sent_bytes",
+                                "Bytes sent to the client on TCP connections", tcp_labels,
+                                registry=registry)
+        self.tcp_received = Counter("istio_tcp_received_bytes",
+                                    "Bytes received from the client on TCP connections",
+                                    tcp_labels, registry=registry)
 
     def _series(self, values: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
         c = self._children.get(values)
@@ -262,6 +277,28 @@ class Telemetry:
             rec.flags or "-",
             "mutual_tls",
         )
+
+    def record_tcp(self, rec: RequestRecord) -> None:
+        """A finished TCP connection (a port that is not HTTP): Istio's TCP metrics and
+        an access log line (`request_bytes` from the client, `response_bytes` to it)."""
+        values = self.label_values(rec)
+        labels = tuple(values[i] for i in self._tcp_index)
+        self.tcp_opened.labels(*labels).inc()
+        self.tcp_closed.labels(*labels).inc()
+        self.tcp_received.labels(*labels).inc(rec.request_bytes)
+        self.tcp_sent.labels(*labels).inc(rec.response_bytes)
+        if self.access_log_enabled:
+            access_log.info(
+                "connection", protocol="tcp", response_flags=rec.flags or "-",
+                duration_ms=round(rec.duration * 1000.0, 3),
+                bytes_received=rec.request_bytes, bytes_sent=rec.response_bytes,
+                src_addr=rec.source_address, src_identity=rec.source_principal or None,
+                dst_addr=rec.authority, dst_service=rec.destination_service or None,
+                dst_workload=rec.destination_workload or None,
+                dst_identity=rec.destination_principal or None,
+                upstream_host=rec.upstream_host or None, details=rec.details or None,
+                error=rec.details if rec.status != 200 else None,
+            )
 
     def record(self, rec: RequestRecord) -> None:
         """Count, time, log and (when exporting) trace one finished request."""

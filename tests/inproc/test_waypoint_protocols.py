@@ -171,10 +171,24 @@ async def test_tcp_port_is_proxied_as_is() -> None:
         while chunk := await stream.read():
             data += chunk
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"raw")
+        stream.write_eof()  # our FIN: the connection is over both ways
         assert mesh.waypoint is not None
-        v = mesh.waypoint.registry.get_sample_value
-        assert any(m.name == "istio_requests" for m in mesh.waypoint.registry.collect())
-        del v
+        reg = mesh.waypoint.registry
+
+        def tcp_samples() -> dict[str, Any]:
+            return {s.name: s for m in reg.collect() for s in m.samples
+                    if s.name.startswith("istio_tcp_")
+                    and s.labels.get("destination_service") == "db.app.svc.cluster.local"}
+
+        async with asyncio.timeout(5):  # recorded once both directions have ended
+            while not tcp_samples():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        tcp = tcp_samples()
+        assert tcp["istio_tcp_connections_opened_total"].value == 1.0
+        assert tcp["istio_tcp_received_bytes_total"].value == 50.0
+        assert tcp["istio_tcp_sent_bytes_total"].value == len(data)
+        assert not any(s.value for m in reg.collect() if m.name == "istio_requests"
+                       for s in m.samples)
 
 
 async def test_large_bodies_stream_both_ways_and_expect_continue() -> None:
