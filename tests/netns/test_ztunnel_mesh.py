@@ -517,6 +517,101 @@ def test_service_with_a_waypoint_is_sent_to_the_waypoint(mesh: Mesh) -> None:
         _restore(mesh)
 
 
+HBONE_CLIENT = r"""
+import asyncio, sys
+from ztunnel.hbone.pool import HboneConnectionPool
+from ztunnel.identity import Certificate, SpiffeId, TrustBundle
+
+async def main():
+    ip, port, cert_path, key_path, bundle_path = sys.argv[1:6]
+    cert = Certificate.from_pem([open(cert_path, "rb").read()], open(key_path, "rb").read())
+    trust = TrustBundle("cluster.local", open(bundle_path, "rb").read())
+    pool = HboneConnectionPool()
+    try:
+        stream = await pool.open_stream(
+            src_identity_cert=cert, trust=trust,
+            dst_identity=SpiffeId.parse("spiffe://cluster.local/ns/default/sa/web"),
+            src_ip=None, dst=(ip, 15008), authority=f"{ip}:{port}", forwarded_for=None)
+        stream.write(b"rotated\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await stream.read()
+            if not chunk:
+                break
+            data += chunk
+        print(data.decode().strip(), flush=True)
+        stream.write_eof()
+    except Exception as exc:
+        print("FAILED", type(exc).__name__, exc, flush=True)
+    finally:
+        await pool.close()
+
+asyncio.run(main())
+"""
+
+
+def test_root_rotation_needs_no_restart(mesh: Mesh) -> None:
+    """A new root added to the bundle (a rotation) is trusted by the running ztunnels at
+    once: a client with a certificate from the new root reaches a workload through n2's
+    inbound HBONE listener, and n1 accepts a waypoint serving a new-root certificate."""
+    assert mesh.pki is not None
+    new_root = TestPKI(TD)
+    s2, plain = mesh.ip("s2"), mesh.ip("plain")
+    client = new_root.issue("default", "rotated-client")
+    (mesh.tmp / "new-client.pem").write_bytes(client.full_chain_pem)
+    (mesh.tmp / "new-client-key.pem").write_bytes(client.key_pem)
+    both = mesh.pki.root_pem + new_root.root_pem
+    (mesh.tmp / "bundle.pem").write_bytes(both)
+
+    def connect() -> str:
+        r = mesh.sb.exec(mesh.ns("plain"), [PY, "-c", HBONE_CLIENT, s2, str(ECHO_PORT),
+                                            str(mesh.tmp / "new-client.pem"),
+                                            str(mesh.tmp / "new-client-key.pem"),
+                                            str(mesh.tmp / "bundle.pem")],
+                         cwd=str(Path(__file__).parents[2]), timeout=30)
+        return r.stdout.strip() + r.stderr[-500:]
+
+    # before the rotation the new root is unknown to the mesh: refused
+    refused = connect()
+    assert refused.startswith("FAILED HboneError"), refused
+    wp_cert = new_root.issue("default", "waypoint")
+    (mesh.tmp / "wp2.pem").write_bytes(wp_cert.full_chain_pem)
+    (mesh.tmp / "wp2-key.pem").write_bytes(wp_cert.key_pem)
+    wp = mesh.sb.popen(mesh.ns("plain"), [PY, "-c", FAKE_WAYPOINT, plain,
+                                          str(mesh.tmp / "wp2.pem"),
+                                          str(mesh.tmp / "wp2-key.pem"),
+                                          str(mesh.tmp / "bundle.pem")],
+                       stdout=subprocess.PIPE, cwd=str(Path(__file__).parents[2]))
+    doc = copy.deepcopy(mesh.base)
+    doc["trust_bundle_pem"] = both.decode()
+    ref = {"address": plain, "identity": f"spiffe://{TD}/ns/default/sa/waypoint"}
+    doc["waypoints"] = [{"name": "waypoint", "namespace": "default", **ref}]
+    doc["services"].append({
+        "name": "routed", "namespace": "default", "vips": ["10.96.0.21"],
+        "ports": [{"port": 80, "target_port": APP_PORT}], "waypoint": ref,
+        "endpoints": [{"workload_uid": "default/s2"}],
+    })
+    try:
+        assert wp.stdout is not None and wp.stdout.readline().strip() == b"up"
+        mesh.write_config(doc)  # the bundle now holds both roots
+        time.sleep(0.6)  # > one poll interval of both ztunnels
+        # inbound: n2's running listener verifies the new root's client certificate
+        assert connect() == f"{plain} rotated", "n2 refused a client of the new root"
+        mesh.wait_log("n2", direction="inbound",
+                      src_identity=f"spiffe://{TD}/ns/default/sa/rotated-client")
+        # outbound: n1 verifies a server certificate from the new root
+        r = mesh.sb.exec(mesh.ns("a"), ["nc", "-w", "3", "10.96.0.21", "80"], input="",
+                         timeout=10)
+        assert r.stdout.split() == ["10.96.0.21:80", f"spiffe://{TD}/ns/default/sa/client"], (
+            r.stdout, r.stderr, mesh.log_tail("n1"))
+        # the old root is still trusted: existing workloads keep talking
+        assert mesh.echo("a", s2, line="old-root") == f"{mesh.ip('a')} old-root"
+    finally:
+        os.killpg(wp.pid, signal.SIGTERM)
+        wp.wait(timeout=5)
+        _restore(mesh)
+
+
 def test_deny_policy_fails_connection_is_counted_and_removal_restores(mesh: Mesh) -> None:
     s2 = mesh.ip("s2")
     assert mesh.echo("a", s2, line="before") == f"{mesh.ip('a')} before"
