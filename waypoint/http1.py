@@ -326,6 +326,9 @@ class Exchange:
     #: `upstream` (`leftover` = bytes the upstream sent after its 101 head)
     splice: Callable[[Conn, bytes], Awaitable[tuple[int, int]]] | None = None
     started_at: float = 0.0  # loop.time() when the request head was complete
+    #: set by the handler when the exchange broke mid-way: the protocol layer then
+    #: closes the connection (HTTP/1.1) or resets the stream (HTTP/2)
+    aborted: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -645,7 +648,7 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
             ex = Exchange(req, r.body, resp, r.version, upgrade=upgrade,
                           splice=splice if upgrade else None, started_at=loop.time())
             await handler(ex)
-            if spliced:
+            if spliced or ex.aborted:
                 return
             if not resp.started:
                 await _write_simple(conn, 502, b"no response\n")

@@ -291,6 +291,8 @@ class _H2Server:
         resp = self.responders[sid]
         try:
             await self.handler(ex)
+            if ex.aborted:
+                raise ConnectionError("exchange aborted")
             if not resp.started:
                 await resp.start(502, (("content-type", "text/plain"),), length=None,
                                  end=True)

@@ -61,6 +61,7 @@ from waypoint.model import Headers, LocalResponse, Response, WaypointConfig
 from waypoint.resilience import Outcome, PoolLimits
 from waypoint.telemetry import OtlpExporter, RequestRecord, Telemetry, TraceContext, parse_trace
 from waypoint.upstream import PoolOverflow, Spawn, UpstreamError, Upstreams
+from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.request import Accept, ConnectRequest, Decision
 from ztunnel.hbone.server import HboneServer
 from ztunnel.hbone.stream import HboneStream
@@ -424,10 +425,11 @@ class Waypoint:
                 await self._proxy(ex, chain, plan, rec, trace)
             finally:
                 plan.release(loop.time())
-        except (ConnectionError, OSError) as e:
+        except (ConnectionError, OSError, HboneError) as e:
             rec.details = rec.details or f"downstream: {e}"
             if not rec.flags:
                 rec.flags = "DC"
+            ex.aborted = True
         except Exception as e:
             log.exception("request_failed", path=req.path)
             rec.details = f"internal error: {e}"
@@ -585,10 +587,12 @@ class Waypoint:
                 if k == "grpc-status":
                     rec.grpc_status = v
             await ex.responder.end(trailers)
-        except ConnectionError as e:
-            rec.flags = "UPE" if "upstream" in str(e) else "DC"
+        except (ConnectionError, OSError, HboneError) as e:
+            upstream_side = str(e).startswith("upstream")
+            rec.flags = "UC" if upstream_side else "DC"  # upstream / downstream went away
             rec.details = str(e)
             resp.discard()
+            ex.aborted = True  # the client must not take a cut-off body for a whole one
             raise
         resp.finish()
 

@@ -154,3 +154,34 @@ async def test_max_connections_queue_then_overflow_and_requests_per_connection()
                 assert (await get(s, url + "/"))[0] == 200
             # two requests per connection at most: six requests need three more
             assert ups.connections_opened - opened == 3
+
+
+async def test_upstream_dying_mid_response_is_not_a_whole_response() -> None:
+    mesh = Mesh({"front": 1}, [], {})
+
+    async def dies(b: Backend, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # chunked
+        await resp.prepare(request)
+        await resp.write(b"partial " * 100)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()  # the workload crashes mid-body
+        return resp
+
+    mesh.backends["front"][0].handler = dies
+    async with mesh.running(), mesh.forward("front") as url, aiohttp.ClientSession() as s:
+        try:
+            async with s.get(url + "/") as r:
+                assert r.status == 200
+                await r.read()
+            raise AssertionError("a cut-off body was passed off as complete")
+        except aiohttp.ClientPayloadError:
+            pass
+        # the waypoint still serves the next request
+        mesh.backends["front"][0].handler = None
+        assert (await get(s, url + "/"))[0] == 200
+    assert mesh.waypoint is not None
+    flags = {s.labels["response_flags"] for m in mesh.waypoint.registry.collect()
+             if m.name == "istio_requests" for s in m.samples
+             if s.name == "istio_requests_total"}
+    assert "UC" in flags
