@@ -1,0 +1,25 @@
+"""The waypoint benchmark runs end to end (tiny load) and renders its report."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from bench.waypoint import render_markdown, run
+
+
+def test_waypoint_benchmark_smoke(tmp_path: Path) -> None:
+    assert shutil.which("haproxy"), "haproxy is required (apt-get install haproxy)"
+    lines: list[str] = []
+    results = run(tmp_path, rates=[50.0], seconds=0.5, connections=2, log=lines.append)
+    for name in ("waypoint", "haproxy"):
+        runs = results[name]["runs"]
+        assert [r["mode"] for r in runs] == ["rate", "max"]
+        for r in runs:
+            assert r["errors"] == 0 and r["completed"] > 0
+            assert set(r["statuses"]) == {"200"}
+            assert r["p99_ms"] >= r["p50_ms"] > 0
+    text = render_markdown(results, "python -m bench.waypoint --quick",
+                           {"cpus": 2, "platform": "test", "python": "3", "when": "now"})
+    assert "| waypoint | 50/s |" in text and "| haproxy | max (32 conns) |" in text
+    assert len(lines) == 4
