@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import structlog
@@ -46,10 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--local-config", metavar="FILE",
                      help="a manifests file (YAML/JSON) instead of a control plane; "
                      "reloaded when it changes")
-    p.add_argument("--token", default="", help="join token (`ambit token create --waypoint "
-                   "NS/NAME`); needed once, the certificate is kept in --data-dir")
-    p.add_argument("--data-dir", default="/var/lib/ambit/waypoint", metavar="DIR",
-                   help="certificate and last snapshot (control plane mode)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--token", default="", help="join token (`ambit token create --waypoint "
+                     "NS/NAME`); needed once, the certificate is kept in --data-dir")
+    tok.add_argument("--token-file", metavar="FILE", help="read the token from FILE (re-read "
+                     "before every join: a Kubernetes projected ServiceAccount token)")
+    p.add_argument("--data-dir", default="", metavar="DIR",
+                   help="certificate and last snapshot (control plane mode; default "
+                   "/var/lib/ambit/waypoint, or a directory under /tmp when that is read-only)")
     p.add_argument("--address", default="", metavar="IP",
                    help="the address other proxies reach this waypoint on (registered "
                    "with the control plane)")
@@ -73,6 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise OSError(f"cannot read --token-file {path}: {e.strerror}") from e
+
+
+def _data_dir(given: str, gateway: tuple[str, str]) -> Path:
+    """--data-dir, else the default, else (read-only root filesystem) one under /tmp."""
+    if given:
+        return Path(given)
+    default = Path("/var/lib/ambit/waypoint")
+    try:
+        default.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if os.access(default, os.W_OK):
+            return default
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"ambit-waypoint-{gateway[0]}-{gateway[1]}"
+    log.warning("default data dir not writable; using a temporary one",
+                default=str(default), data_dir=str(fallback))
+    return fallback
 
 
 class FileIdentity:
@@ -124,15 +154,17 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         from config.push import NODE_CERT, NODE_KEY, TRUST, PushClient
 
+        d = _data_dir(args.data_dir, args.gateway)
         client = PushClient(args.control_plane, f"{args.gateway[0]}/{args.gateway[1]}",
-                            Path(args.data_dir), trust_domain=args.trust_domain,
+                            d, trust_domain=args.trust_domain,
                             token=args.token, waypoint_address=args.address)
         try:
+            if args.token_file:
+                client.token = _read_token(args.token_file)
             await client.ensure_joined()
         except Exception as e:
             print(f"waypoint: cannot join the mesh: {e}", file=sys.stderr)
             return 1
-        d = Path(args.data_dir)
         identity = FileIdentity(d / NODE_CERT, d / NODE_KEY, d / TRUST, args.trust_domain)
 
     wp = Waypoint(options, identity)
@@ -175,6 +207,8 @@ async def _run(args: argparse.Namespace) -> int:
         while True:
             await asyncio.sleep(60)
             with contextlib.suppress(Exception):
+                if args.token_file:
+                    client.token = _read_token(args.token_file)
                 await client.ensure_joined()
 
     try:

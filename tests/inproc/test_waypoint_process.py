@@ -175,3 +175,56 @@ def test_cli_rejects_bad_arguments() -> None:
 
     assert main(["--gateway", "app/wp"]) == 2
     assert main(["--gateway", "app/wp", "--local-config", "x.yaml"]) == 2
+
+
+async def test_cli_control_plane_mode_joins_with_a_token_file_and_serves(
+        tmp_path: Path) -> None:
+    from tests.inproc.test_waypoint_e2e import free_port
+
+    async with plane(tmp_path) as p:
+        mesh = Mesh({"front": 1}, [], {}, pki=CaIssuer(p.ca))
+        await asyncio.to_thread(p.store.apply, load_text(to_yaml(mesh.manifests), "m.yaml"))
+        token_file = tmp_path / "token"
+        token_file.write_text(p.tokens.create("app/wp") + "\n")
+        hbone, metrics, ready = free_port(), free_port(), free_port()
+        async with mesh.running():
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "waypoint", "--gateway", "app/wp",
+                "--control-plane", p.address, "--token-file", str(token_file),
+                "--data-dir", str(tmp_path / "wp-data"), "--address", "127.0.0.1",
+                "--listen", f"127.0.0.1:{hbone}", "--metrics", f"127.0.0.1:{metrics}",
+                "--ready", f"127.0.0.1:{ready}", "--upstream-hbone-port", str(mesh.hbone_port),
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+            try:
+                async with aiohttp.ClientSession() as s, asyncio.timeout(20):
+                    while True:
+                        try:
+                            async with s.get(f"http://127.0.0.1:{ready}/healthz/ready") as r:
+                                if r.status == 200:
+                                    break
+                        except aiohttp.ClientError:
+                            pass
+                        await asyncio.sleep(0.1)
+                stream = await mesh._pool.open_stream(
+                    src_identity_cert=mesh.client_cert, trust=mesh.trust,
+                    dst_identity=mesh.wp_cert.identity, src_ip=None,
+                    dst=("127.0.0.1", hbone), authority=f"{mesh.vips['front']}:80",
+                    forwarded_for=None)
+                stream.write(b"GET /cp HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := await stream.read():
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200"), data[:200]
+                # the control plane knows where this waypoint listens
+                st = next(s for s in p.push.status()["proxies"] if s["name"] == "app/wp")
+                assert st["kind"] == "waypoint"
+            finally:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        async with asyncio.timeout(10):
+                            await proc.wait()
+                    except TimeoutError:
+                        proc.kill()
+                        await proc.wait()
+        assert (tmp_path / "wp-data" / NODE_CERT).exists()
