@@ -109,6 +109,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
     cp.add_argument(
+        "--source",
+        default="store",
+        choices=("store", "kubernetes"),
+        help="where resources come from: `ambit apply` (store, the default) or the "
+        "Kubernetes API (mirrored into the store; ready after the first full list)",
+    )
+    cp.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        default=None,
+        help="with --source kubernetes: kubeconfig to use (default: the pod's "
+        "ServiceAccount in a cluster, else KUBECONFIG or ~/.kube/config)",
+    )
+    cp.add_argument(
+        "--waypoint-image",
+        default="",
+        metavar="IMAGE",
+        help="with --source kubernetes: create a Deployment and Service of this image for "
+        "each waypoint Gateway (default: create none)",
+    )
+    cp.add_argument(
+        "--waypoint-control-plane",
+        default="",
+        metavar="HOST:PORT",
+        help="address the created waypoints dial (default "
+        "ambit-control-plane.ambit-system.svc:15012)",
+    )
+    cp.add_argument(
         "--service-cidr",
         default="10.96.0.0/16",
         help="range Service VIPs are allocated from (default 10.96.0.0/16)",
@@ -240,6 +268,10 @@ def _control_plane(args: argparse.Namespace) -> int:
         service_cidr=args.service_cidr,
         root_namespace=args.root_namespace,
         proxy_listen=args.proxy_listen,
+        source=args.source,
+        kubeconfig=args.kubeconfig,
+        waypoint_image=args.waypoint_image,
+        waypoint_control_plane=args.waypoint_control_plane,
     )
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

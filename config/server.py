@@ -203,6 +203,15 @@ class ControlPlaneConfig:
     service_cidr: str = DEFAULT_SERVICE_CIDR
     root_namespace: str = "istio-system"
     proxy_listen: str = f"0.0.0.0:{PUSH_PORT}"
+    # "store": resources come from `ambit apply`; "kubernetes": mirrored from the API server
+    source: str = "store"
+    kubeconfig: str | None = None  # kubernetes: None = in-cluster, else KUBECONFIG/~/.kube
+    # kubernetes: image of the waypoint Deployments created per Gateway ("" = create none)
+    waypoint_image: str = ""
+    waypoint_control_plane: str = ""  # address waypoints dial ("" = the in-cluster Service)
+
+
+SOURCES = ("store", "kubernetes")
 
 
 TOKENS_DB = "tokens.db"
@@ -261,8 +270,61 @@ def token_issuer(
     return issue
 
 
+async def _wait_for_kubernetes(
+    cfg: ControlPlaneConfig, store: Store, tg: asyncio.TaskGroup, stop: asyncio.Event
+) -> asyncio.Task[None] | None:
+    """Start the Kubernetes source in `tg`; its task once the store holds the whole
+    cluster, None when `stop` came first. A source that cannot start raises ValueError."""
+    from config.kube_source import KubeApiError, run_source
+    from config.kube_waypoint import WaypointSettings
+
+    waypoints = None
+    if cfg.waypoint_image:
+        waypoints = WaypointSettings(image=cfg.waypoint_image)
+        if cfg.waypoint_control_plane:
+            waypoints = WaypointSettings(
+                image=cfg.waypoint_image, control_plane=cfg.waypoint_control_plane
+            )
+    synced = asyncio.Event()
+    failed: list[str] = []
+
+    async def source() -> None:
+        try:
+            await run_source(
+                store, kubeconfig=cfg.kubeconfig, waypoints=waypoints,
+                on_synced=lambda s: synced.set(),
+            )
+        except KubeApiError as e:
+            failed.append(str(e))
+            stop.set()
+
+    task = tg.create_task(source(), name="kubernetes-source")
+    log.info("waiting for the first full list of the Kubernetes API before serving",
+             kubeconfig=cfg.kubeconfig or "in-cluster")
+    _sd_notify(sdnotify.status, "listing the Kubernetes API")
+    waiters = [asyncio.ensure_future(synced.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    if failed:
+        raise ValueError(f"the Kubernetes source cannot start: {failed[0]}")
+    if not synced.is_set():
+        task.cancel()
+        return None
+    return task
+
+
 async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the control plane until SIGTERM/SIGINT (or `stop` is set)."""
+    """Run the control plane until SIGTERM/SIGINT (or `stop` is set).
+
+    With `cfg.source == "kubernetes"` the cluster is mirrored into the store first: the
+    listeners open, the ready line is printed and systemd is told READY only once the
+    store holds a full list of every watched kind (no proxy gets a partial snapshot).
+    """
+    if cfg.source not in SOURCES:
+        raise ValueError(f"unknown --source {cfg.source!r}: use one of {', '.join(SOURCES)}")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -273,49 +335,16 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
     tokens = TokenStore(Path(cfg.data_dir) / TOKENS_DB)
     servers: list[asyncio.Server] = []
     try:
-        push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace)
-        api = ApiServer(
-            store,
-            trust_domain=cfg.trust_domain,
-            token_issuer=token_issuer(store, tokens, ca=ca),
-            status_provider=push.status,
-        )
-        servers.append(await api.start_unix(cfg.socket))
-        ready = f"ready socket={cfg.socket}"
-        log.info("admin API listening", socket=cfg.socket)
-        if cfg.listen:
-            host, port = parse_hostport(cfg.listen, "--listen")
-            pki = ensure_api_pki(cfg.data_dir, cfg.trust_domain)
-            tls_server = await api.start_tls(host, port, api_server_context(pki))
-            servers.append(tls_server)
-            bound = tls_server.sockets[0].getsockname()
-            ready += f" tls={bound[0]}:{bound[1]}"
-            log.info(
-                "admin API listening on TLS",
-                address=f"{bound[0]}:{bound[1]}",
-                admin_cert=str(pki.admin_cert),
-            )
-        if cfg.proxy_listen:
-            host, port = parse_hostport(cfg.proxy_listen, "--proxy-listen")
-            ctx = push_server_context(ca, Path(cfg.data_dir))
-            push_server = await push.start(host, port, ctx)
-            servers.append(push_server)
-            bound = push_server.sockets[0].getsockname()
-            ready += f" proxies={bound[0]}:{bound[1]}"
-            log.info("proxy config stream listening", address=f"{bound[0]}:{bound[1]}")
-        log.info("control plane ready", data_dir=cfg.data_dir, version=store.version)
-        print(ready, file=sys.stdout, flush=True)
-        _sd_notify(sdnotify.ready, f"config version {store.version}; {ready[6:]}")
         async with asyncio.TaskGroup() as tg:
-            follower = tg.create_task(push.follow_store())
-            await stop.wait()
-            log.info("control plane stopping")
-            _sd_notify(sdnotify.stopping, "closing listeners")
-            follower.cancel()
-            for s in servers:
-                s.close()
-            for session in list(push.sessions.values()):
-                session.writer.close()
+            source: asyncio.Task[None] | None = None
+            if cfg.source == "kubernetes":
+                source = await _wait_for_kubernetes(cfg, store, tg, stop)
+                if source is None:
+                    return
+            await _serve(cfg, ca=ca, store=store, tokens=tokens, servers=servers, tg=tg,
+                         stop=stop)
+            if source is not None:
+                source.cancel()
     finally:
         for s in servers:
             s.close()
@@ -323,3 +352,58 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
         store.close()
         with contextlib.suppress(OSError):
             os.unlink(cfg.socket)
+
+
+async def _serve(
+    cfg: ControlPlaneConfig,
+    *,
+    ca: CertificateAuthority,
+    store: Store,
+    tokens: TokenStore,
+    servers: list[asyncio.Server],
+    tg: asyncio.TaskGroup,
+    stop: asyncio.Event,
+) -> None:
+    push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace)
+    api = ApiServer(
+        store,
+        trust_domain=cfg.trust_domain,
+        token_issuer=token_issuer(store, tokens, ca=ca),
+        status_provider=push.status,
+    )
+    servers.append(await api.start_unix(cfg.socket))
+    ready = f"ready socket={cfg.socket}"
+    log.info("admin API listening", socket=cfg.socket)
+    if cfg.listen:
+        host, port = parse_hostport(cfg.listen, "--listen")
+        pki = ensure_api_pki(cfg.data_dir, cfg.trust_domain)
+        tls_server = await api.start_tls(host, port, api_server_context(pki))
+        servers.append(tls_server)
+        bound = tls_server.sockets[0].getsockname()
+        ready += f" tls={bound[0]}:{bound[1]}"
+        log.info(
+            "admin API listening on TLS",
+            address=f"{bound[0]}:{bound[1]}",
+            admin_cert=str(pki.admin_cert),
+        )
+    if cfg.proxy_listen:
+        host, port = parse_hostport(cfg.proxy_listen, "--proxy-listen")
+        ctx = push_server_context(ca, Path(cfg.data_dir))
+        push_server = await push.start(host, port, ctx)
+        servers.append(push_server)
+        bound = push_server.sockets[0].getsockname()
+        ready += f" proxies={bound[0]}:{bound[1]}"
+        log.info("proxy config stream listening", address=f"{bound[0]}:{bound[1]}")
+    log.info("control plane ready", data_dir=cfg.data_dir, version=store.version,
+             source=cfg.source)
+    print(ready, file=sys.stdout, flush=True)
+    _sd_notify(sdnotify.ready, f"config version {store.version}; {ready[6:]}")
+    follower = tg.create_task(push.follow_store())
+    await stop.wait()
+    log.info("control plane stopping")
+    _sd_notify(sdnotify.stopping, "closing listeners")
+    follower.cancel()
+    for s in servers:
+        s.close()
+    for session in list(push.sessions.values()):
+        session.writer.close()

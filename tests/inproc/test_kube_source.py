@@ -651,3 +651,105 @@ def test_objects_of_unknown_namespaces_wait() -> None:
     d = desired_state({"Pod": {("shop", "p"): pod("shop", "p", "10.0.0.1")}})
     assert d.manifests == {}
     assert "not known yet" in d.skipped["WorkloadEntry shop/p"]
+
+
+# -- the real `ambit control-plane --source kubernetes` process ----------------------------
+
+
+def write_kubeconfig(path: Path, api: KubeApiServer, token: str | None = None) -> Path:
+    path.write_text(f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: test, cluster: {{server: "{api.url}"}}}}]
+users: [{{name: test, user: {{token: {token or api.token}}}}}]
+contexts: [{{name: test, context: {{cluster: test, user: test}}}}]
+current-context: test
+""")
+    return path
+
+
+@contextlib.asynccontextmanager
+async def control_plane_process(tmp_path: Path, *args: str
+                                ) -> AsyncIterator[asyncio.subprocess.Process]:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMBIT_", "KUBECONFIG"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "config", "control-plane", "--data-dir", str(tmp_path / "cp"),
+        "--socket", str(tmp_path / "control.sock"), "--proxy-listen", "127.0.0.1:0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def ambit_get(tmp_path: Path, *args: str) -> Any:
+    import json
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "config", "get", *args, "-o", "json",
+        "--socket", str(tmp_path / "control.sock"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+async def test_control_plane_process_serves_only_after_the_first_full_list(
+        tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api:
+        populate(api)
+        api.unavailable = True  # the API server is not answering yet
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api)
+        async with control_plane_process(tmp_path, "--source", "kubernetes",
+                                         "--kubeconfig", str(kubeconfig)) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            with pytest.raises(TimeoutError):
+                line = await asyncio.wait_for(proc.stdout.readline(), 1.5)
+                pytest.fail(f"ready before the cluster was listed: {line!r}")
+            assert not (tmp_path / "control.sock").exists(), "served before the first list"
+            assert proc.returncode is None
+            api.unavailable = False
+            line = await asyncio.wait_for(proc.stdout.readline(), 15)
+            assert line.startswith(b"ready "), (line, await proc.stderr.read(4096))
+            assert b" proxies=127.0.0.1:" in line
+            # the whole cluster is in the store the moment it says ready
+            got = await ambit_get(tmp_path, "workloadentries", "-n", "shop")
+            names = {i["metadata"]["name"] for i in got["items"]}
+            assert {"web-1", "web-2", "web-3"} <= names
+            # and it keeps following the cluster
+            api.put(PODS, pod("shop", "web-4", "10.244.1.11"))
+            await until_async(lambda: ambit_get(tmp_path, "workloadentries", "web-4",
+                                                "-n", "shop"), "web-4 mirrored")
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def until_async(probe: Callable[[], Any], what: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            await probe()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {limit}s waiting for {what}") from None
+        await asyncio.sleep(0.05)
+
+
+async def test_control_plane_process_without_kubernetes_credentials_says_so(
+        tmp_path: Path) -> None:
+    async with control_plane_process(tmp_path, "--source", "kubernetes", "--kubeconfig",
+                                     str(tmp_path / "absent")) as proc:
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 1
+        assert b"no Kubernetes credentials" in err, err
