@@ -778,7 +778,9 @@ def render_markdown(r: Results, command: str, plot_name: str | None) -> str:
         "",
         "What ran: the real `Store` (SQLite, WAL, synchronous=FULL), `MeshIndex` and "
         "`NodeViews` (config/snapshot.py) and `PushServer` (config/push.py) with TLS 1.3 "
-        f"on loopback, in one process. The {sc.nodes} nodes are one separate client "
+        "on loopback. Apply, compute and tracemalloc run in the driver; the streams in a "
+        "fresh process holding the store and the PushServer (so its RSS is the serving "
+        f"control plane's alone). The {sc.nodes} nodes are one separate client "
         "process holding one real stream per node: each joined with its own token "
         "(`PushClient.join`), subscribed with its node certificate, and reads and "
         "acknowledges every update; it does not turn snapshots into ztunnel objects "
@@ -856,10 +858,17 @@ def render_markdown(r: Results, command: str, plot_name: str | None) -> str:
     if plot_name:
         lines += [f"![change propagation and compute]({plot_name})", ""]
     lines += [
-        "Per change (ms, all streams / median stream / commit): "
+        "Per change (ms, all streams / median stream / server wrote the last stream / "
+        "commit): "
         + ", ".join(
-            f"{a:.0f}/{b:.0f}/{c2:.0f}"
-            for a, b, c2 in zip(p.all_streams_ms, p.median_stream_ms, p.commit_ms, strict=True)
+            f"{a:.0f}/{b:.0f}/{w:.0f}/{c2:.0f}"
+            for a, b, w, c2 in zip(
+                p.all_streams_ms,
+                p.median_stream_ms,
+                p.server_fanout_ms or [float("nan")] * len(p.commit_ms),
+                p.commit_ms,
+                strict=True,
+            )
         ),
         "",
     ]
