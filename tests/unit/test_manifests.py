@@ -336,14 +336,7 @@ def test_every_container_command_line_is_checked() -> None:
     [
         "control-plane.yaml#5/control-plane",
         "ztunnel.yaml#2/ztunnel",
-        pytest.param(
-            "rendered-waypoint/waypoint",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="config/kube_waypoint.py passes --token-file (a projected, rotating "
-                "ServiceAccount token) but waypoint/cli.py has no --token-file yet",
-            ),
-        ),
+        "rendered-waypoint/waypoint",
     ],
 )
 def test_container_command_lines_parse_with_the_real_parsers(where: str) -> None:
