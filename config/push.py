@@ -145,10 +145,45 @@ class Session:
         }
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data`, mode 0600 (never wider, even if `path` was):
+    written to a temporary file in the same directory, fsynced, renamed over `path`, and
+    the directory fsynced, so a crash leaves the old content or the new, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_secret(path: Path, text: str) -> str:
+    """Write a secret (e.g. a join token for `--token-file`) to a 0600 file; returns the path.
+
+    Secrets passed as command-line words are readable by every local user in
+    /proc/PID/cmdline; a 0600 file is readable only by its owner."""
+    write_private(path, text.encode() + b"\n")
+    return str(path)
+
+
+_write_private = write_private
 
 
 def push_server_context(ca: CertificateAuthority, data_dir: Path) -> ssl.SSLContext:

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from config.demo import report
 from config.demo.view import LiveState, View
+from config.push import write_secret
 
 MANIFESTS = Path(__file__).parent / "manifests"
 DEFAULT_ROOT = "/run/ambit-demo"
@@ -250,7 +251,8 @@ class Demo:
             token = api.token(node=node.name)["token"]
             self.start(f"ztunnel-{node.name}", node.netns,
                        [PY, "-m", "ztunnel", "--node", node.name, "--control-plane",
-                        f"{self.sb.fabric_ip}:15012", "--token", token, "--data-dir",
+                        f"{self.sb.fabric_ip}:15012", "--token-file",
+                        write_secret(self.dir / f"ztunnel-{node.name}.token", token), "--data-dir",
                         str(self.dir / f"ztunnel-{node.name}"), "--drain-timeout", "1",
                         "--connect-timeout", "3"])
         for node in self.sb.nodes:
@@ -273,7 +275,9 @@ class Demo:
         netns = self.sb.workload("waypoint").netns
         self.start("waypoint", netns, [PY, "-m", "waypoint", "--gateway", "shop/waypoint",
                                        "--control-plane", f"{self.sb.fabric_ip}:15012",
-                                       "--token", token, "--address", self.ip("waypoint"),
+                                       "--token-file",
+                                       write_secret(self.dir / "waypoint.token", token),
+                                       "--address", self.ip("waypoint"),
                                        "--data-dir", str(self.dir / "waypoint"),
                                        "--drain-timeout", "1"])
         try:

@@ -138,10 +138,14 @@ def test_control_plane_and_waypoint_hold_no_capabilities(name: str) -> None:
     assert svc["DynamicUser"] == ["yes"]
 
 
+CREDENTIALS_DIR = "/run/credentials/unit"
+
+
 def _exec_argv(name: str, env: dict[str, str]) -> tuple[str, list[str]]:
     """ExecStart= of a unit with ${VAR}/$VAR expanded from `env` and %I/%i filled in."""
     line = _parse((UNIT_DIR / name).read_text())["Service"]["ExecStart"][0]
-    line = line.replace("%I", "shop/waypoint").replace("%i", "shop-waypoint")
+    line = (line.replace("%I", "shop/waypoint").replace("%i", "shop-waypoint")
+            .replace("%d", CREDENTIALS_DIR))
     argv: list[str] = []
     for word in shlex.split(line):
         if word.startswith("$") and not word.startswith("${"):
@@ -161,7 +165,7 @@ def test_exec_start_lines_parse_with_the_real_command_lines() -> None:
     from ztunnel.cli import build_parser as ztunnel_parser
 
     env = {"AMBIT_NODE": "node-1", "AMBIT_CONTROL_PLANE": "cp.example.org:15012",
-           "AMBIT_TOKEN": "tok", "AMBIT_CP_ARGS": "--listen 0.0.0.0:15443"}
+           "AMBIT_CP_ARGS": "--listen 0.0.0.0:15443"}
     prog, args = _exec_argv("ambit-control-plane.service", env)
     assert prog == "ambit"
     cp = ambit_parser().parse_args(args)
@@ -169,14 +173,29 @@ def test_exec_start_lines_parse_with_the_real_command_lines() -> None:
     prog, args = _exec_argv("ztunnel.service", env)
     assert prog == "ztunnel"
     zt = ztunnel_parser().parse_args(args)
-    assert (zt.node, zt.control_plane, zt.token) == ("node-1", "cp.example.org:15012", "tok")
+    assert (zt.node, zt.control_plane) == ("node-1", "cp.example.org:15012")
+    assert zt.token_file == f"{CREDENTIALS_DIR}/token" and zt.token == ""
     svc = _parse((UNIT_DIR / "ztunnel.service").read_text())["Service"]
     stop = int(svc["TimeoutStopSec"][0].removesuffix("s"))
     assert 0 < zt.drain_timeout < stop, "the drain must end before systemd kills ztunnel"
-    # after the node has joined the token may be removed from the environment file
-    _, args = _exec_argv("ztunnel.service", {**env, "AMBIT_TOKEN": ""})
-    assert ztunnel_parser().parse_args(args).token == ""
     prog, args = _exec_argv("waypoint@.service", env)
     assert prog == "waypoint"
     wp = waypoint_parser().parse_args(args)
-    assert wp.gateway == "shop/waypoint"
+    assert wp.gateway == ("shop", "waypoint")  # parsed to (namespace, name)
+    assert wp.token_file == f"{CREDENTIALS_DIR}/token" and wp.token == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [("ztunnel.service", "/etc/ambit/ztunnel.token"),
+     ("waypoint@.service", "/etc/ambit/waypoint/%i.token")],
+)
+def test_join_tokens_are_credentials_never_command_line_words(name: str, source: str) -> None:
+    """/proc/PID/cmdline is world-readable: the token comes from a systemd credential."""
+    svc = _parse((UNIT_DIR / name).read_text())["Service"]
+    exec_start = svc["ExecStart"][0]
+    assert "--token " not in exec_start and "TOKEN" not in exec_start, exec_start
+    assert "--token-file %d/token" in exec_start
+    assert svc["LoadCredential"] == [f"token:{source}"]
+    # an empty fallback once the token file is deleted after the first join
+    assert svc["SetCredential"] == ["token:\\n"]
