@@ -45,6 +45,8 @@ $(VENV)/.installed: pyproject.toml
 
 bench: deps venv
 	$(PY) -m bench
+	$(PY) -m bench.mesh
+	$(PY) -m bench.control_plane
 
 docs:
 	docs/render.sh
