@@ -186,20 +186,88 @@ def write_secret(path: Path, text: str) -> str:
 _write_private = write_private
 
 
+SERVER_CERT_TTL = 90 * 86400.0  # the push server's own certificate
+SERVER_CERT = "push-server.pem"
+SERVER_KEY = "push-server-key.pem"
+
+
+class ServerCertificate:
+    """The push server's TLS identity, re-issued from the mesh CA at half-life.
+
+    `ctx` is the live server context: `renew()` loads the new certificate into that same
+    object, so every handshake after it presents the new certificate while connections
+    already open keep theirs. Run `run()` in the control plane's TaskGroup.
+    """
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        data_dir: Path,
+        *,
+        ttl: float = SERVER_CERT_TTL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ca = ca
+        self.data_dir = data_dir
+        self.ttl = ttl
+        self.clock = clock
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        # a joining proxy has no certificate yet; everything else checks for one
+        self.ctx.verify_mode = ssl.CERT_OPTIONAL
+        self.ctx.load_verify_locations(cadata=ca.trust_bundle().roots_pem.decode())
+        self.issued = 0.0
+        self.not_after = 0.0
+        self.renewals = 0
+        self.renew()
+
+    @property
+    def renew_at(self) -> float:
+        """When the certificate reaches half its lifetime (clock seconds)."""
+        return self.issued + (self.not_after - self.issued) / 2
+
+    def renew(self) -> None:
+        """Issue a fresh certificate and key and load them into the live context."""
+        now = self.clock()
+        key = generate_key()
+        identity = control_plane_identity(self.ca.trust_domain)
+        chain = self.ca.sign_csr(make_csr(identity, key), identity, ttl=self.ttl, now=now)
+        cert_path, key_path = self.data_dir / SERVER_CERT, self.data_dir / SERVER_KEY
+        write_private(key_path, private_key_pem(key))
+        write_private(cert_path, b"".join(chain))
+        self.ctx.load_cert_chain(str(cert_path), str(key_path))
+        leaf = x509.load_pem_x509_certificate(chain[0])
+        self.issued = now
+        self.not_after = leaf.not_valid_after_utc.timestamp()
+        log.info("push server certificate issued", identity=str(identity),
+                 expires=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after)))
+        self.renewals += 1
+
+    def renew_if_due(self) -> bool:
+        if self.clock() < self.renew_at:
+            return False
+        self.renew()
+        return True
+
+    async def run(self, retry: float = 60.0) -> None:
+        """Renew at every half-life until cancelled; a failed renewal is retried (the
+        current certificate stays in use meanwhile)."""
+        while True:
+            await asyncio.sleep(max(0.0, self.renew_at - self.clock()))
+            try:
+                self.renew_if_due()
+            except (OSError, ssl.SSLError, CsrRejected) as e:
+                log.error("push server certificate renewal failed; retrying",
+                          error=str(e), retry_in=retry,
+                          expires=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                time.gmtime(self.not_after)))
+                await asyncio.sleep(min(retry, max(0.0, self.not_after - self.clock()) / 4))
+
+
 def push_server_context(ca: CertificateAuthority, data_dir: Path) -> ssl.SSLContext:
-    """TLS 1.3 server context: the control plane's mesh identity; client certs verified if sent."""
-    key = generate_key()
-    identity = control_plane_identity(ca.trust_domain)
-    chain = ca.sign_csr(make_csr(identity, key), identity, ttl=90 * 86400.0)
-    cert_path, key_path = data_dir / "push-server.pem", data_dir / "push-server-key.pem"
-    _write_private(key_path, private_key_pem(key))
-    _write_private(cert_path, b"".join(chain))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.load_verify_locations(cadata=ca.trust_bundle().roots_pem.decode())
-    ctx.load_cert_chain(str(cert_path), str(key_path))
-    return ctx
+    """TLS 1.3 server context: the control plane's mesh identity; client certs verified if
+    sent. Not renewed: long-running servers use ServerCertificate and run its `run()`."""
+    return ServerCertificate(ca, data_dir).ctx
 
 
 class PushServer:

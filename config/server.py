@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from config.api import ApiError, ApiServer, admin_uri
 from config.ca import CertificateAuthority, fingerprint
-from config.push import PUSH_PORT, PushServer, push_server_context
+from config.push import PUSH_PORT, PushServer, ServerCertificate
 from config.store import DEFAULT_SERVICE_CIDR, Store
 from config.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
 from config.tokens import TokenStore, validate_subject
@@ -371,6 +371,7 @@ async def _serve(
         token_issuer=token_issuer(store, tokens, ca=ca),
         status_provider=push.status,
     )
+    background: list[asyncio.Task[None]] = []
     servers.append(await api.start_unix(cfg.socket))
     ready = f"ready socket={cfg.socket}"
     log.info("admin API listening", socket=cfg.socket)
@@ -388,8 +389,9 @@ async def _serve(
         )
     if cfg.proxy_listen:
         host, port = parse_hostport(cfg.proxy_listen, "--proxy-listen")
-        ctx = push_server_context(ca, Path(cfg.data_dir))
-        push_server = await push.start(host, port, ctx)
+        server_cert = ServerCertificate(ca, Path(cfg.data_dir))
+        background.append(tg.create_task(server_cert.run(), name="push-certificate-renewal"))
+        push_server = await push.start(host, port, server_cert.ctx)
         servers.append(push_server)
         bound = push_server.sockets[0].getsockname()
         ready += f" proxies={bound[0]}:{bound[1]}"
@@ -398,11 +400,12 @@ async def _serve(
              source=cfg.source)
     print(ready, file=sys.stdout, flush=True)
     _sd_notify(sdnotify.ready, f"config version {store.version}; {ready[6:]}")
-    follower = tg.create_task(push.follow_store())
+    background.append(tg.create_task(push.follow_store()))
     await stop.wait()
     log.info("control plane stopping")
     _sd_notify(sdnotify.stopping, "closing listeners")
-    follower.cancel()
+    for task in background:
+        task.cancel()
     for s in servers:
         s.close()
     for session in list(push.sessions.values()):

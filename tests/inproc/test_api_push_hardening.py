@@ -3,11 +3,21 @@ limits on unauthenticated connections."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import ssl
 import stat
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from config.push import write_private, write_secret
+from cryptography import x509
+
+from config.ca import CertificateAuthority
+from config.push import PushServer, ServerCertificate, write_private, write_secret
+from config.store import Store
+from config.tokens import TokenStore
 
 
 def _mode(path: Path) -> int:
@@ -31,3 +41,84 @@ def test_secrets_for_token_files_are_owner_only(tmp_path: Path) -> None:
     assert given == str(tmp_path / "node-1.token")
     assert _mode(Path(given)) == 0o600
     assert Path(given).read_text().strip() == "abc.def#sha256:00"
+
+
+@contextlib.asynccontextmanager
+async def push_server(tmp_path: Path, cert: ServerCertificate | None = None,
+                      **limits: float) -> AsyncIterator[tuple[PushServer, str, int]]:
+    data = tmp_path / "cp"
+    data.mkdir(exist_ok=True)
+    ca = CertificateAuthority.load_or_create(data, "cluster.local")
+    with Store(str(data)) as store:
+        tokens = TokenStore(data / "tokens.db")
+        try:
+            push = PushServer(store, ca, tokens, **limits)  # type: ignore[arg-type]
+            cert = cert or ServerCertificate(ca, data)
+            server = await push.start("127.0.0.1", 0, cert.ctx)
+            host, port = server.sockets[0].getsockname()[:2]
+            try:
+                yield push, host, port
+            finally:
+                server.close()
+        finally:
+            tokens.close()
+
+
+def _client_ctx() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _served_certificate(host: str, port: int
+                              ) -> tuple[x509.Certificate, asyncio.StreamWriter]:
+    _, writer = await asyncio.open_connection(host, port, ssl=_client_ctx())
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der), writer
+
+
+async def test_push_server_certificate_is_renewed_at_half_life_in_the_live_context(
+        tmp_path: Path) -> None:
+    data = tmp_path / "cp"
+    data.mkdir()
+    ca = CertificateAuthority.load_or_create(data, "cluster.local")
+    now = [time.time()]
+    cert = ServerCertificate(ca, data, ttl=3600.0, clock=lambda: now[0])
+    assert abs(cert.renew_at - (now[0] + 1800)) < 1
+    async with push_server(tmp_path, cert) as (_, host, port):
+        first, old_conn = await _served_certificate(host, port)
+        now[0] += 1700
+        assert not cert.renew_if_due(), "renewed before half-life"
+        again, w = await _served_certificate(host, port)
+        w.close()
+        assert again.serial_number == first.serial_number
+        now[0] += 200  # past half-life
+        assert cert.renew_if_due()
+        renewed, w = await _served_certificate(host, port)
+        w.close()
+        assert renewed.serial_number != first.serial_number
+        assert renewed.not_valid_after_utc > first.not_valid_after_utc
+        assert abs(cert.renew_at - (now[0] + 1800)) < 1
+        # the files on disk follow, and the open connection is untouched
+        on_disk = x509.load_pem_x509_certificate((data / "push-server.pem").read_bytes())
+        assert on_disk.serial_number == renewed.serial_number
+        assert not old_conn.is_closing()
+        old_conn.close()
+
+
+async def test_renewal_loop_replaces_a_short_lived_certificate(tmp_path: Path) -> None:
+    data = tmp_path / "cp"
+    data.mkdir()
+    ca = CertificateAuthority.load_or_create(data, "cluster.local")
+    cert = ServerCertificate(ca, data, ttl=0.4)
+    async with push_server(tmp_path, cert) as (_, host, port), asyncio.TaskGroup() as tg:
+        first, w = await _served_certificate(host, port)
+        w.close()
+        task = tg.create_task(cert.run())
+        await asyncio.sleep(0.9)  # half-life 0.2 s: renewed at least once meanwhile
+        assert cert.renewals >= 2
+        later, w = await _served_certificate(host, port)
+        w.close()
+        task.cancel()
+        assert later.serial_number != first.serial_number
