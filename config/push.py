@@ -96,7 +96,15 @@ WAYPOINT_KINDS = frozenset(
         "Gateway",
     }
 )
-MAX_MESSAGE = 256 * 1024 * 1024
+MAX_MESSAGE = 256 * 1024 * 1024  # control plane -> proxy (whole snapshots)
+# proxy -> control plane: CSRs, subscribe, acks, nacks (their error cut to NACK_ERROR_MAX):
+# a line longer than this is refused, so an unauthenticated peer cannot make the control
+# plane buffer more than this per connection
+CLIENT_MESSAGE_LIMIT = 64 * 1024
+NACK_ERROR_MAX = 4096
+FIRST_MESSAGE_TIMEOUT = 10.0  # seconds from the TLS handshake to the first message
+HANDSHAKE_TIMEOUT = 10.0
+MAX_UNAUTHENTICATED = 128  # connections not (yet) carrying a client certificate or done
 SAVE_INTERVAL = 1.0  # seconds between writes of the proxy's snapshot file
 FULL_SEND_CONCURRENCY = 4  # whole snapshots being written at once
 RAW_SNAPSHOT = "_raw_snapshot"  # internal: a snapshot already encoded as JSON bytes
@@ -280,10 +288,18 @@ class PushServer:
         tokens: TokenStore,
         *,
         root_namespace: str = "istio-system",
+        first_message_timeout: float = FIRST_MESSAGE_TIMEOUT,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
+        message_limit: int = CLIENT_MESSAGE_LIMIT,
     ) -> None:
         self.store = store
         self.ca = ca
         self.tokens = tokens
+        self.first_message_timeout = first_message_timeout
+        self.max_unauthenticated = max_unauthenticated
+        self.message_limit = message_limit
+        self.unauthenticated = 0  # connections counted against max_unauthenticated
+        self.refused_busy = 0
         self.index = MeshIndex(trust_domain=ca.trust_domain, root_namespace=root_namespace)
         self.index.trust_bundle_pem = ca.trust_bundle().roots_pem.decode()
         version, items = store.snapshot()
@@ -410,30 +426,57 @@ class PushServer:
     # -- connections -------------------------------------------------------------------
 
     async def start(self, host: str, port: int, ctx: ssl.SSLContext) -> asyncio.Server:
-        return await asyncio.start_server(self._handle, host, port, ssl=ctx, limit=MAX_MESSAGE)
+        return await asyncio.start_server(
+            self._handle, host, port, ssl=ctx, limit=self.message_limit,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.unauthenticated >= self.max_unauthenticated:
+            self.refused_busy += 1
+            if self.refused_busy % 100 == 1:
+                log.warning("too many unauthenticated proxy connections; closing new ones",
+                            peer=peer_s, limit=self.max_unauthenticated,
+                            refused=self.refused_busy)
+            writer.close()
+            return
+        pending = _Unauthenticated(self)
         try:
-            await self._converse(reader, writer, peer_s)
+            await self._converse(reader, writer, peer_s, pending)
         except Refused as e:
             log.warning("push request refused", peer=peer_s, rule=e.rule, reason=e.message)
             await _send(writer, {"type": "error", "rule": e.rule, "message": e.message})
+        except _FirstMessageTimeout as e:
+            log.info("proxy connection closed", peer=peer_s, reason=str(e))
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await _send(writer, {"type": "error", "rule": "timeout", "message": str(e)})
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
             pass
         except ValueError as e:
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await _send(writer, {"type": "error", "rule": "protocol", "message": str(e)})
         finally:
+            pending.done()
             writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+                async with asyncio.timeout(5):
+                    await writer.wait_closed()
 
     async def _converse(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        pending: _Unauthenticated,
     ) -> None:
-        msg = await _recv(reader)
+        try:
+            async with asyncio.timeout(self.first_message_timeout):
+                msg = await _recv(reader, self.message_limit)
+        except TimeoutError:
+            raise _FirstMessageTimeout(
+                f"no message within {self.first_message_timeout:g}s of connecting"
+            ) from None
         if msg is None:
             return
         if msg.get("type") == "bundle":  # public: lets a joining proxy check its pin
@@ -466,6 +509,7 @@ class PushServer:
             )
         cert = x509.load_der_x509_certificate(der)
         principal = principal_of(cert, self.ca.trust_domain)
+        pending.done()  # a verified node/waypoint certificate: no longer counted
         expiry = cert.not_valid_after_utc.timestamp()
         session: Session | None = None
         error: Exception | None = None
@@ -485,7 +529,7 @@ class PushServer:
                         self._ack(session, msg)
                     else:
                         raise ValueError(f"unexpected message type {typ!r}")
-                    msg = await _recv(reader)
+                    msg = await _recv(reader, self.message_limit)
             except (
                 Refused,
                 ValueError,
@@ -691,8 +735,29 @@ async def _send(writer: asyncio.StreamWriter, msg: Mapping[str, Any]) -> None:
     await writer.drain()
 
 
-async def _recv(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    line = await reader.readline()
+class _FirstMessageTimeout(Exception):
+    pass
+
+
+class _Unauthenticated:
+    """Counts a connection against PushServer.max_unauthenticated until `done()`."""
+
+    def __init__(self, server: PushServer) -> None:
+        self.server: PushServer | None = server
+        server.unauthenticated += 1
+
+    def done(self) -> None:
+        if self.server is not None:
+            self.server.unauthenticated -= 1
+            self.server = None
+
+
+async def _recv(reader: asyncio.StreamReader, limit: int = 0) -> dict[str, Any] | None:
+    try:
+        line = await reader.readline()
+    except ValueError:  # the StreamReader's limit: no newline within it
+        raise ValueError(f"message longer than {limit} bytes: refused" if limit
+                         else "message too long: refused") from None
     if not line:
         return None
     try:
@@ -1070,7 +1135,8 @@ class PushClient:
                 except Exception as e:
                     await _send(
                         writer,
-                        {"type": "nack", "version": version, "error": f"{type(e).__name__}: {e}"},
+                        {"type": "nack", "version": version,
+                         "error": f"{type(e).__name__}: {e}"[:NACK_ERROR_MAX]},
                     )
                     continue
                 current, dirty = cand, True

@@ -122,3 +122,58 @@ async def test_renewal_loop_replaces_a_short_lived_certificate(tmp_path: Path) -
         w.close()
         task.cancel()
         assert later.serial_number != first.serial_number
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(5):
+        return await reader.read()
+
+
+async def test_an_idle_unauthenticated_connection_is_closed(tmp_path: Path) -> None:
+    async with push_server(tmp_path, first_message_timeout=0.3) as (push, host, port):
+        reader, writer = await asyncio.open_connection(host, port, ssl=_client_ctx())
+        started = time.monotonic()
+        reply = await _reply(reader)  # says why, then EOF
+        assert 0.25 < time.monotonic() - started < 3
+        assert b'"rule":"timeout"' in reply and b"no message within 0.3s" in reply
+        writer.close()
+        assert push.unauthenticated == 0
+
+
+async def test_an_oversized_first_message_is_refused(tmp_path: Path) -> None:
+    async with push_server(tmp_path, message_limit=64 * 1024) as (_, host, port):
+        reader, writer = await asyncio.open_connection(host, port, ssl=_client_ctx())
+        writer.write(b'{"type": "join", "token": "' + b"x" * (100 * 1024) + b'"}\n')
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        reply = await _reply(reader)
+        assert b'"rule":"protocol"' in reply and b"longer than 65536 bytes" in reply
+        writer.close()
+        # a small request still works on a new connection
+        reader, writer = await asyncio.open_connection(host, port, ssl=_client_ctx())
+        writer.write(b'{"type": "bundle"}\n')
+        assert b"BEGIN CERTIFICATE" in await _reply(reader)
+        writer.close()
+
+
+async def test_unauthenticated_connections_are_capped(tmp_path: Path) -> None:
+    async with push_server(tmp_path, max_unauthenticated=2) as (push, host, port):
+        idle = [await asyncio.open_connection(host, port, ssl=_client_ctx()) for _ in range(2)]
+        async with asyncio.timeout(5):
+            while push.unauthenticated < 2:  # noqa: ASYNC110 - the server's own counter
+                await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(host, port, ssl=_client_ctx())
+        writer.write(b'{"type": "bundle"}\n')
+        with contextlib.suppress(ConnectionError):
+            assert await _reply(reader) == b"", "a third unauthenticated connection is served"
+        writer.close()
+        assert push.refused_busy == 1
+        for _, w in idle:
+            w.close()
+        async with asyncio.timeout(5):
+            while push.unauthenticated:  # noqa: ASYNC110 - the server's own counter
+                await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(host, port, ssl=_client_ctx())
+        writer.write(b'{"type": "bundle"}\n')
+        assert b"BEGIN CERTIFICATE" in await _reply(reader)
+        writer.close()
