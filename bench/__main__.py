@@ -11,8 +11,15 @@ import signal
 import sys
 from pathlib import Path
 
-from bench.harness import PATHS, Settings, run
-from bench.report import machine_info, plot, render_markdown, results_json
+from bench.harness import PATHS, PathResult, Settings, run
+from bench.report import (
+    Machine,
+    load_results_json,
+    machine_info,
+    plot,
+    render_markdown,
+    results_json,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="hand-written notes included in RESULTS.md (default: bench/analysis.md if present)",
     )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument(
+        "--render-from",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: rewrite RESULTS.md and the plot from a saved results.json "
+        "(e.g. after editing the analysis notes)",
+    )
     return p
 
 
@@ -73,9 +87,51 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def write_outputs(
+    out: Path,
+    results: list[PathResult],
+    machine: Machine,
+    settings: Settings,
+    *,
+    command: str,
+    analysis_file: Path,
+    with_plot: bool,
+) -> None:
+    """RESULTS.md, results.json and (optionally) results.png in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_name = None
+    if with_plot:
+        plot(results, out / "results.png")
+        plot_name = "results.png"
+    analysis = analysis_file.read_text() if analysis_file.is_file() else ""
+    (out / "RESULTS.md").write_text(
+        render_markdown(
+            results, machine, settings, command=command, plot_name=plot_name, analysis=analysis
+        )
+    )
+    (out / "results.json").write_text(results_json(results, machine, settings, command=command))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.render_from is not None:
+        try:
+            results, machine, settings, command = load_results_json(args.render_from.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"bench: cannot read {args.render_from}: {exc}", file=sys.stderr)
+            return 2
+        write_outputs(
+            args.out,
+            results,
+            machine,
+            settings,
+            command=command,
+            analysis_file=args.analysis,
+            with_plot=not args.no_plot,
+        )
+        print(f"wrote {args.out / 'RESULTS.md'} from {args.render_from}")
+        return 0
     if shutil.which("iperf3") is None:
         print(
             "bench: iperf3 is not installed: `make deps` or apt-get install iperf3", file=sys.stderr
@@ -92,25 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     results = run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info(now, load_before)
-    plot_name = None
-    if not args.no_plot:
-        plot(results, out / "results.png")
-        plot_name = "results.png"
-    analysis = args.analysis.read_text() if args.analysis.is_file() else ""
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    (out / "RESULTS.md").write_text(
-        render_markdown(
-            results,
-            machine,
-            settings,
-            command=command.strip(),
-            plot_name=plot_name,
-            analysis=analysis,
-        )
+    write_outputs(
+        out,
+        results,
+        machine_info(now, load_before),
+        settings,
+        command=command.strip(),
+        analysis_file=args.analysis,
+        with_plot=not args.no_plot,
     )
-    (out / "results.json").write_text(results_json(results, machine, settings))
     for r in results:
         if r.error is not None:
             print(f"{r.name}: FAILED: {r.error}")

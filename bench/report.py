@@ -336,15 +336,37 @@ def render_markdown(
     return "\n".join(out)
 
 
-def results_json(results: Sequence[PathResult], machine: Machine, settings: Settings) -> str:
+def results_json(
+    results: Sequence[PathResult], machine: Machine, settings: Settings, *, command: str
+) -> str:
     """Everything measured, machine-readable."""
     doc = {
+        "command": command,
         "machine": dataclasses.asdict(machine),
         "settings": dataclasses.asdict(settings),
         "results": [dataclasses.asdict(r) for r in results],
         "goals": [dataclasses.asdict(g) for g in evaluate_goals(results)],
     }
     return json.dumps(doc, indent=2) + "\n"
+
+
+def load_results_json(text: str) -> tuple[list[PathResult], Machine, Settings, str]:
+    """Read back what `results_json` wrote: (results, machine, settings, command)."""
+    doc = json.loads(text)
+    m = dict(doc["machine"])
+    m["load_before"] = tuple(m.get("load_before", (0.0, 0.0, 0.0)))
+    m["load_after"] = tuple(m.get("load_after", (0.0, 0.0, 0.0)))
+    machine = Machine(**m)
+    st = dict(doc["settings"])
+    st["paths"] = tuple(st["paths"])
+    settings = Settings(**st)
+    results = []
+    for raw in doc["results"]:
+        r = dict(raw)
+        r["profile"] = {k: [(f, float(v)) for f, v in frames] for k, frames in r["profile"].items()}
+        r["syscalls"] = [tuple(row) for row in r.get("syscalls", [])]
+        results.append(PathResult(**r))
+    return results, machine, settings, str(doc.get("command", "python -m bench"))
 
 
 def _errors(rs: Sequence[PathResult], key: str) -> tuple[list[float], list[float]]:

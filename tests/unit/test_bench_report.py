@@ -22,7 +22,14 @@ from bench.measure import (
 )
 from bench.profile import syscall_counts, top_frames
 from bench.relays import stunnel_config
-from bench.report import Machine, evaluate_goals, ratio_rows, render_markdown
+from bench.report import (
+    Machine,
+    evaluate_goals,
+    load_results_json,
+    ratio_rows,
+    render_markdown,
+    results_json,
+)
 
 MACHINE = Machine(
     date="2026-01-01 00:00 UTC",
@@ -210,3 +217,17 @@ def test_syscall_counts_split_control_sized_calls() -> None:
         "write <1KiB": (1, 37),
         "writev": (1, 259000),
     }
+
+
+def test_results_json_round_trip() -> None:
+    r = PathResult(
+        name="hbone",
+        label="(a) HBONE",
+        gbps_single=2.0,
+        runs=[{"gbps_single": 2.0, "cpu_s_per_gb_single": None}],
+        profile={"throughput, client side, self": [("read ()", 30.0)]},
+        syscalls=[("server", "write <1KiB", 1655.0, 41.0)],
+    )
+    settings = Settings(seconds=1, repeat=1, paths=("hbone",))
+    text = results_json([r], MACHINE, settings, command="python -m bench --quick")
+    assert load_results_json(text) == ([r], MACHINE, settings, "python -m bench --quick")
