@@ -191,7 +191,57 @@ def write_secret(path: Path, text: str) -> str:
     return str(path)
 
 
-_write_private = write_private
+NEXT = ".next"  # suffix of a credential pair being installed
+
+
+def _pair(cert: Path, key: Path) -> Certificate | None:
+    """The certificate+key pair in these files, None if absent, unreadable or mismatched."""
+    try:
+        return Certificate.from_pem([cert.read_bytes()], key.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def store_credential_pair(cert: Path, key: Path, chain_pem: bytes, key_pem: bytes) -> None:
+    """Install a certificate chain and its key so a crash never leaves a mismatched pair.
+
+    Both are written (0600, fsynced) next to their final names with the suffix `.next`,
+    then renamed key first, cert second; `recover_credential_pair` finishes an install
+    that a crash interrupted between the two renames.
+    """
+    cert_next, key_next = cert.with_name(cert.name + NEXT), key.with_name(key.name + NEXT)
+    write_private(cert_next, chain_pem)
+    write_private(key_next, key_pem)
+    os.replace(key_next, key)
+    os.replace(cert_next, cert)
+    _fsync_dir(cert.parent)
+
+
+def recover_credential_pair(cert: Path, key: Path) -> Certificate | None:
+    """The installed pair, after finishing an interrupted `store_credential_pair`.
+
+    The current files win when they match each other (leftover `.next` files of an
+    install that never reached its renames are removed); otherwise the `.next` files are
+    rolled forward when they complete a matching pair. None when no matching pair exists.
+    """
+    cert_next, key_next = cert.with_name(cert.name + NEXT), key.with_name(key.name + NEXT)
+    current = _pair(cert, key)
+    if current is None:
+        new_cert = cert_next if cert_next.exists() else cert
+        new_key = key_next if key_next.exists() else key
+        if (new_cert, new_key) != (cert, key) and _pair(new_cert, new_key) is not None:
+            log.warning("finishing an interrupted certificate install", cert=str(cert))
+            if new_key != key:
+                os.replace(new_key, key)
+            if new_cert != cert:
+                os.replace(new_cert, cert)
+            _fsync_dir(cert.parent)
+            return _pair(cert, key)
+        return None
+    for leftover in (cert_next, key_next):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    return current
 
 
 SERVER_CERT_TTL = 90 * 86400.0  # the push server's own certificate
@@ -241,8 +291,7 @@ class ServerCertificate:
         identity = control_plane_identity(self.ca.trust_domain)
         chain = self.ca.sign_csr(make_csr(identity, key), identity, ttl=self.ttl, now=now)
         cert_path, key_path = self.data_dir / SERVER_CERT, self.data_dir / SERVER_KEY
-        write_private(key_path, private_key_pem(key))
-        write_private(cert_path, b"".join(chain))
+        store_credential_pair(cert_path, key_path, b"".join(chain), private_key_pem(key))
         self.ctx.load_cert_chain(str(cert_path), str(key_path))
         leaf = x509.load_pem_x509_certificate(chain[0])
         self.issued = now
@@ -832,11 +881,13 @@ class PushClient:
         return node_identity(self.trust_domain)
 
     def node_certificate(self) -> Certificate | None:
+        """The node (or waypoint) certificate in the data dir, if it is a valid, matching
+        pair (finishing an install a crash interrupted)."""
         c, k = self.data_dir / NODE_CERT, self.data_dir / NODE_KEY
-        if not c.exists() or not k.exists():
+        if not c.exists() and not c.with_name(c.name + NEXT).exists():
             return None
-        cert = Certificate.from_pem([c.read_bytes()], k.read_bytes())
-        return cert if cert.valid_at(time.time()) else None
+        cert = recover_credential_pair(c, k)
+        return cert if cert is not None and cert.valid_at(time.time()) else None
 
     def _saved(self) -> tuple[ReplicaState, dict[str, Any]] | None:
         """The saved snapshot, parsed (None when missing or unusable)."""
@@ -861,7 +912,7 @@ class PushClient:
         """Follow trust bundle changes (root rotation) for future connections."""
         path = self.data_dir / TRUST
         if pem and (not path.exists() or path.read_text() != pem):
-            _write_private(path, pem.encode())
+            write_private(path, pem.encode())
 
     def _save_snapshot(self, d: Mapping[str, Any]) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -883,6 +934,7 @@ class PushClient:
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(cadata=pinned_root)
         elif with_cert and trust.exists():
+            recover_credential_pair(self.data_dir / NODE_CERT, self.data_dir / NODE_KEY)
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(str(trust))
             ctx.load_cert_chain(str(self.data_dir / NODE_CERT), str(self.data_dir / NODE_KEY))
@@ -1010,10 +1062,11 @@ class PushClient:
         chain = [str(c).encode() for c in reply["chain"]]
         cert = Certificate.from_pem(chain, private_key_pem(key))
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_private(self.data_dir / NODE_KEY, private_key_pem(key))
-        _write_private(self.data_dir / NODE_CERT, b"".join(chain))
+        store_credential_pair(
+            self.data_dir / NODE_CERT, self.data_dir / NODE_KEY, b"".join(chain),
+            private_key_pem(key))
         if reply.get("trust_bundle"):
-            _write_private(self.data_dir / TRUST, str(reply["trust_bundle"]).encode())
+            write_private(self.data_dir / TRUST, str(reply["trust_bundle"]).encode())
         return cert
 
     async def fetch_certificate(self, identity: SpiffeId, csr_pem: bytes) -> list[bytes]:

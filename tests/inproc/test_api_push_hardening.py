@@ -15,9 +15,20 @@ from pathlib import Path
 from cryptography import x509
 
 from config.ca import CertificateAuthority
-from config.push import PushServer, ServerCertificate, write_private, write_secret
+from config.push import (
+    NODE_CERT,
+    NODE_KEY,
+    PushClient,
+    PushServer,
+    ServerCertificate,
+    recover_credential_pair,
+    store_credential_pair,
+    write_private,
+    write_secret,
+)
 from config.store import Store
 from config.tokens import TokenStore
+from ztunnel.identity import generate_key, make_csr, node_identity, private_key_pem
 
 
 def _mode(path: Path) -> int:
@@ -177,3 +188,55 @@ async def test_unauthenticated_connections_are_capped(tmp_path: Path) -> None:
         writer.write(b'{"type": "bundle"}\n')
         assert b"BEGIN CERTIFICATE" in await _reply(reader)
         writer.close()
+
+
+def _node_pair(ca: CertificateAuthority) -> tuple[bytes, bytes]:
+    key = generate_key()
+    identity = node_identity(ca.trust_domain)
+    chain = ca.sign_csr(make_csr(identity, key), identity)
+    return b"".join(chain), private_key_pem(key)
+
+
+def test_credential_pair_survives_a_crash_between_its_renames(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "cp", "cluster.local")
+    d = tmp_path / "proxy"
+    d.mkdir()
+    cert, key = d / NODE_CERT, d / NODE_KEY
+    old_chain, old_key = _node_pair(ca)
+    cert.write_bytes(old_chain)  # a pair written by an older version, world-readable
+    key.write_bytes(old_key)
+    cert.chmod(0o644)
+    key.chmod(0o644)
+    new_chain, new_key = _node_pair(ca)
+    store_credential_pair(cert, key, new_chain, new_key)
+    assert (cert.read_bytes(), key.read_bytes()) == (new_chain, new_key)
+    assert _mode(cert) == _mode(key) == 0o600
+    assert sorted(p.name for p in d.iterdir()) == [NODE_CERT, NODE_KEY]
+
+    # killed after the key was renamed into place, before the certificate was
+    newer_chain, newer_key = _node_pair(ca)
+    write_private(d / (NODE_CERT + ".next"), newer_chain)
+    write_private(key, newer_key)
+    client = PushClient("127.0.0.1:1", "node-a", d)
+    got = client.node_certificate()
+    assert got is not None and got.key_pem == newer_key, "rolled forward to the new pair"
+    assert cert.read_bytes() == newer_chain
+    assert not (d / (NODE_CERT + ".next")).exists()
+
+    # killed while writing the next pair: the installed pair stays, leftovers go
+    write_private(d / (NODE_KEY + ".next"), b"half a key")
+    got = client.node_certificate()
+    assert got is not None and got.key_pem == newer_key
+    assert sorted(p.name for p in d.iterdir()) == [NODE_CERT, NODE_KEY]
+
+
+def test_a_mismatched_pair_is_not_used(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "cp", "cluster.local")
+    d = tmp_path / "proxy"
+    d.mkdir()
+    chain, _ = _node_pair(ca)
+    _, other_key = _node_pair(ca)
+    write_private(d / NODE_CERT, chain)
+    write_private(d / NODE_KEY, other_key)
+    assert recover_credential_pair(d / NODE_CERT, d / NODE_KEY) is None
+    assert PushClient("127.0.0.1:1", "node-a", d).node_certificate() is None  # joins again
