@@ -240,7 +240,7 @@ def render_markdown(
         "(ztunnel.hbone pool) to `bench.hbone server` (ztunnel.hbone server), which connects "
         "to the target.",
         "- (b) `bench.relays tls-client` / `tls-server`: the same shape with plain mTLS, no "
-        "HTTP/2 (uvloop protocols, one TLS connection per TCP connection).",
+        "HTTP/2 (buffered uvloop protocols, one TLS connection per TCP connection).",
         "- (c) two `stunnel` processes, client and server mode, the same certificates.",
         "- (d) the client talks to the target directly.",
         "",
@@ -301,6 +301,10 @@ def render_markdown(
         mark = {True: "met", False: "MISSED", None: "not measured"}[g.met]
         out.append(f"- **{mark}**: {g.text}: {g.detail}")
     out.append("")
+    if plot_name is not None:
+        out += ["## Plot", "", f"![throughput, latency and CPU per path]({plot_name})", ""]
+    if analysis.strip():
+        out += ["## Analysis", "", analysis.strip(), ""]
     traced = [r for r in results if r.syscalls]
     if traced:
         out += [
@@ -329,10 +333,6 @@ def render_markdown(
                 out += [f"{r.label}, {part} (% of samples):", "", "```"]
                 out += [f"{share:5.1f}%  {frame}" for frame, share in frames]
                 out += ["```", ""]
-    if analysis.strip():
-        out += ["## Analysis", "", analysis.strip(), ""]
-    if plot_name is not None:
-        out += ["## Plot", "", f"![throughput, latency and CPU per path]({plot_name})", ""]
     return "\n".join(out)
 
 
