@@ -18,6 +18,7 @@ from pathlib import Path
 from bench.harness import PathResult, Settings
 
 THROUGHPUT_SHARE_OF_TLS = 0.90
+MEASURED_CODE = ("ztunnel/hbone", "ztunnel/tls.py", "ztunnel/identity.py", "bench/*.py")
 RTT_MARGIN_US = 15.0
 
 
@@ -44,6 +45,7 @@ class Machine:
     tools: dict[str, str]
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    revision: str = ""
 
 
 def _first_line(cmd: Sequence[str]) -> str:
@@ -56,6 +58,28 @@ def _first_line(cmd: Sequence[str]) -> str:
             continue
         return ln.strip()
     return "unknown"
+
+
+def code_revision(repo: Path) -> str:
+    """The commit measured, and whether the HBONE or bench code differed from it."""
+    if shutil.which("git") is None:
+        return ""
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if head.returncode != 0:
+        return ""
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", *MEASURED_CODE],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    note = f" with uncommitted changes in {', '.join(MEASURED_CODE)}" if dirty else ""
+    return head.stdout.strip() + note
 
 
 def machine_info(
@@ -92,6 +116,7 @@ def machine_info(
         },
         load_before=load_before,
         load_after=os.getloadavg(),
+        revision=code_revision(Path(__file__).resolve().parents[1]),
     )
 
 
@@ -218,7 +243,8 @@ def render_markdown(
         command,
         "```",
         "",
-        f"- date: {machine.date}",
+        f"- date: {machine.date}"
+        + (f"; code: commit {machine.revision}" if machine.revision else ""),
         f"- machine: {machine.nproc} CPUs ({machine.cpu}), Linux {machine.kernel}",
         f"- Python {machine.python}, {machine.openssl}; "
         + ", ".join(f"{k} {v}" for k, v in machine.packages.items()),
