@@ -722,7 +722,8 @@ def test_workload_enrolled_within_a_second_and_unenrolled(mesh: Mesh) -> None:
 # or stuck connection does not hold up the next (a SYN sent while nothing listens is
 # retransmitted only after 1 s, 3 s...). Each gets a generous timeout: a slow connection
 # on a loaded machine is not a failure; a refusal, a reset, an answer that never comes
-# (10 s) or a wrong answer is. One line per connection: "<started> <ended> <outcome>".
+# (10 s) or a wrong answer is. One line per connection:
+# "<started> <ended> <client port, 0 if not connected> <outcome>".
 CONNECTION_TIMEOUT = 10.0
 LOAD_SCRIPT = """
 import socket, sys, threading, time
@@ -730,10 +731,11 @@ host, port, seconds, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 lock = threading.Lock()
 
 def one():
-    t = time.time()
+    t = time.time(); sport = 0
     try:
-        s = socket.create_connection((host, port), timeout=timeout)
+        s = socket.socket(); s.settimeout(timeout)
         try:
+            s.connect((host, port)); sport = s.getsockname()[1]
             s.sendall(b"x\\n")
             line = s.makefile("rb").readline()
         finally:
@@ -748,7 +750,7 @@ def one():
     except OSError as e:
         outcome = "error-%s" % (e.errno,)
     with lock:
-        print("%.3f %.3f %s" % (t, time.time(), outcome), flush=True)
+        print("%.3f %.3f %d %s" % (t, time.time(), sport, outcome), flush=True)
 
 threads = []
 end = time.time() + seconds
@@ -766,6 +768,7 @@ for th in threads:
 class Sample:
     started: float
     ended: float
+    port: int
     outcome: str
 
     @property
@@ -780,8 +783,14 @@ def _load(mesh: Mesh, client: str, host: str, seconds: float) -> subprocess.Pope
 
 
 def _samples(out: bytes) -> list[Sample]:
-    return [Sample(float(t), float(e), outcome)
-            for t, e, outcome in (ln.split() for ln in out.decode().splitlines())]
+    return [Sample(float(t), float(e), int(p), outcome)
+            for t, e, p, outcome in (ln.split() for ln in out.decode().splitlines())]
+
+
+def _log_of(mesh: Mesh, node: str, client: str, samples: list[Sample]) -> list[str]:
+    """The access-log lines of `node` for these samples' connections (by client port)."""
+    addrs = {f"{mesh.ip(client)}:{x.port}" for x in samples if x.port}
+    return [json.dumps(e) for e in mesh.log_lines(node) if e.get("src_addr") in addrs]
 
 
 def test_rolling_restart_takes_over_listeners(mesh: Mesh) -> None:
@@ -810,7 +819,8 @@ def test_rolling_restart_takes_over_listeners(mesh: Mesh) -> None:
           f"old ztunnel exited {exited - killed:.3f}s after SIGTERM; slowest connection "
           f"{slowest:.3f}s")
     assert len(samples) > 20
-    assert not failed, f"{len(failed)} connections failed during the rolling restart: {failed}"
+    assert not failed, (f"{len(failed)} connections failed during the rolling restart: {failed}",
+                        _log_of(mesh, "n1", "a", [x for x in samples if not x.ok]))
     mesh.wait_ready("n1")
 
 
