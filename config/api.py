@@ -26,7 +26,8 @@ log = structlog.get_logger("ambit.api")
 
 DEFAULT_SOCKET = "/run/ambit/control.sock"
 MAX_HEADER = 64 * 1024
-MAX_BODY = 64 * 1024 * 1024
+MAX_BODY = 32 * 1024 * 1024  # read only from admin callers
+REQUEST_TIMEOUT = 30.0  # seconds to send the request head, and again for the body
 
 TokenIssuer = Callable[[str, str], Mapping[str, Any]]  # (kind "node"|"waypoint", name) -> token
 StatusProvider = Callable[[], Mapping[str, Any]]
@@ -71,9 +72,13 @@ class ApiServer:
         trust_domain: str = "cluster.local",
         token_issuer: TokenIssuer | None = None,
         status_provider: StatusProvider | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_body: int = MAX_BODY,
     ) -> None:
         self.store = store
         self.trust_domain = trust_domain
+        self.request_timeout = request_timeout
+        self.max_body = max_body
         self.token_issuer = token_issuer
         self.status_provider = status_provider
         self._write_lock = asyncio.Lock()
@@ -147,9 +152,12 @@ class ApiServer:
 
     async def _one_request(self, reader: asyncio.StreamReader, caller: Caller) -> tuple[int, Any]:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            async with asyncio.timeout(self.request_timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             return 431, {"error": "request headers too large"}
+        except TimeoutError:
+            return 408, {"error": f"no complete request within {self.request_timeout:g}s"}
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -160,10 +168,27 @@ class ApiServer:
             if ":" in ln:
                 k, v = ln.split(":", 1)
                 headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length", "0") or 0)
-        if length > MAX_BODY:
-            return 413, {"error": f"request body over {MAX_BODY} bytes"}
-        raw = await reader.readexactly(length) if length else b""
+        if not caller.admin:  # before reading a single byte of the body
+            log.info("api request", method=method, path=urlsplit(target).path,
+                     caller=caller.identity, status=403)
+            return 403, {
+                "error": f"{caller.identity} is not an admin credential: the API "
+                "needs the admin certificate (admin.pem in the control "
+                "plane's data dir) or root on the local socket"
+            }
+        if "transfer-encoding" in headers:
+            return 411, {"error": "send the body with a Content-Length (no Transfer-Encoding)"}
+        text = headers.get("content-length", "0") or "0"
+        if not text.isascii() or not text.isdigit():
+            return 400, {"error": f"bad Content-Length {text[:40]!r}: expected a byte count"}
+        length = int(text)
+        if length > self.max_body:
+            return 413, {"error": f"request body over {self.max_body} bytes"}
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                raw = await reader.readexactly(length) if length else b""
+        except TimeoutError:
+            return 408, {"error": f"request body not received within {self.request_timeout:g}s"}
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
@@ -171,13 +196,6 @@ class ApiServer:
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
-            if not caller.admin:
-                raise ApiError(
-                    403,
-                    f"{caller.identity} is not an admin credential: the API "
-                    "needs the admin certificate (admin.pem in the control "
-                    "plane's data dir) or root on the local socket",
-                )
             result = await self.dispatch(method, url.path, query, data)
             log.info(
                 "api request", method=method, path=url.path, caller=caller.identity, status=200

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import stat
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -207,3 +209,62 @@ async def test_changes_endpoint_resumes_from_a_version(tmp_path: Path) -> None:
             ("put", "Namespace", "shop"),
             ("put", "Service", "web"),
         ]
+
+
+# -- hostile or broken clients ------------------------------------------------------------
+
+
+async def raw_unix(cp: Running, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(cp.socket)
+    writer.write(request)
+    await writer.drain()
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("length", ["-5", "abc", "1e3", "+10", "1 2", "١٢"])
+async def test_bad_content_length_is_a_400(tmp_path: Path, length: str) -> None:
+    async with api(tmp_path) as cp:
+        answer = await raw_unix(
+            cp, f"POST /v1/apply HTTP/1.1\r\nContent-Length: {length}\r\n\r\n{{}}".encode())
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b"bad Content-Length" in answer
+
+
+async def test_a_non_admin_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    async with api(tmp_path) as cp:
+        cert, key = issue_api_credential(
+            str(cp.data), "viewer", "spiffe://cluster.local/ambit/viewer")
+        ctx = ssl.create_default_context(cafile=str(cp.data / "api-ca.pem"))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(cert), str(key))
+        host, port = cp.tls.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+        # announces 30 MiB and sends none of it: the answer must not wait for the body
+        writer.write(b"POST /v1/apply HTTP/1.1\r\nContent-Length: 31457280\r\n\r\n")
+        async with asyncio.timeout(3):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 403 "), answer
+        assert b"is not an admin credential" in answer
+
+
+async def test_oversized_body_is_a_413_and_chunked_a_411(tmp_path: Path) -> None:
+    async with api(tmp_path, max_body=1024) as cp:
+        answer = await raw_unix(cp, b"POST /v1/apply HTTP/1.1\r\nContent-Length: 1025\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 413 "), answer
+        answer = await raw_unix(cp, b"POST /v1/apply HTTP/1.1\r\nTransfer-Encoding: chunked"
+                                b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 411 "), answer
+
+
+async def test_idle_connections_are_closed(tmp_path: Path) -> None:
+    async with api(tmp_path, request_timeout=0.3) as cp:
+        started = time.monotonic()
+        answer = await raw_unix(cp, b"")  # connects and says nothing
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        answer = await raw_unix(cp, b"POST /v1/apply HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        assert answer.startswith(b"HTTP/1.1 408 "), answer  # a body that never completes
+        assert time.monotonic() - started < 3
