@@ -300,6 +300,24 @@ def test_ztunnel_daemonset_has_what_capture_needs_and_nothing_more() -> None:
     assert 0 < drain < pod["terminationGracePeriodSeconds"], "drain must end before SIGKILL"
 
 
+def _pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    out = [(where, d["spec"]["template"]["spec"]) for where, d in _all_docs()
+           if d["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job")]
+    out += [("rendered-waypoint", o["spec"]["template"]["spec"])
+            for o in render_waypoint(_gateway()) if o["kind"] == "Deployment"]
+    return out
+
+
+def test_host_network_pods_declare_no_ports() -> None:
+    """hostNetwork turns every containerPort into a hostPort: a second pod on the node
+    (the surge pod of a maxSurge upgrade) could never be scheduled."""
+    host_network = [(w, p) for w, p in _pod_templates() if p.get("hostNetwork")]
+    assert host_network, "the ztunnel DaemonSet runs in the node's network namespace"
+    for where, pod in host_network:
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            assert not c.get("ports"), f"{where}/{c['name']} declares ports {c['ports']}"
+
+
 def _containers() -> list[tuple[str, dict[str, Any]]]:
     out = [(f"{where}/{c['name']}", c) for where, d in _all_docs()
            if d["kind"] in ("Deployment", "DaemonSet")
