@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.harness import PATHS, PathResult, Settings, run
@@ -22,6 +23,7 @@ from bench.report import (
 )
 
 HERE = Path(__file__).resolve().parent
+QUICK_OUT = Path(tempfile.gettempdir()) / "ambit-bench-quick"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=HERE,
-        help="directory for RESULTS.md, results.json and results.png (default: bench/)",
+        help="directory for RESULTS.md, results.json and results.png (default: bench/, or "
+        "a directory under /tmp with --quick so a smoke run never replaces the recorded "
+        "results)",
     )
     p.add_argument(
         "--analysis",
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: cannot read {args.render_from}: {exc}", file=sys.stderr)
             return 2
         write_outputs(
-            args.out,
+            args.out or HERE,
             results,
             machine,
             settings,
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             analysis_file=args.analysis,
             with_plot=not args.no_plot,
         )
-        print(f"wrote {args.out / 'RESULTS.md'} from {args.render_from}")
+        print(f"wrote {(args.out or HERE) / 'RESULTS.md'} from {args.render_from}")
         return 0
     if shutil.which("iperf3") is None:
         print(
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
     results = run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    out: Path = args.out
+    out: Path = args.out or (QUICK_OUT if args.quick else HERE)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     write_outputs(
         out,
