@@ -131,6 +131,19 @@ def test_ztunnel_capabilities_are_exactly_what_capture_and_setns_need() -> None:
     assert svc["WatchdogSec"] == ["30s"]  # ztunnel pings it (ztunnel.sdnotify.watchdog)
 
 
+def test_ztunnel_can_enable_request_migration_in_workload_netns() -> None:
+    """ztunnel writes /proc/sys/net/ipv4/tcp_migrate_req inside each workload netns for
+    loss-free listener handover; ProtectKernelTunables= would make /proc/sys read-only."""
+    svc = _parse((UNIT_DIR / "ztunnel.service").read_text())["Service"]
+    assert "ProtectKernelTunables" not in svc
+    assert not any(p.startswith(("/proc/sys", "-/proc/sys"))
+                   for v in svc.get("ReadOnlyPaths", []) + svc.get("InaccessiblePaths", [])
+                   for p in v.split())
+    for name in ("ambit-control-plane.service", "waypoint@.service"):  # they write none
+        assert _parse((UNIT_DIR / name).read_text())["Service"]["ProtectKernelTunables"] == [
+            "yes"]
+
+
 @pytest.mark.parametrize("name", ("ambit-control-plane.service", "waypoint@.service"))
 def test_control_plane_and_waypoint_hold_no_capabilities(name: str) -> None:
     svc = _parse((UNIT_DIR / name).read_text())["Service"]
