@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import http.client
 import json
 import os
@@ -137,6 +138,7 @@ class ApiServer:
         body = json.dumps(payload, sort_keys=True).encode()
         head = (
             f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}\r\n"
+            f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode()
@@ -373,6 +375,7 @@ class ApiClient:
         self.server = server
         self.creds = creds
         self.timeout = timeout
+        self.last_date: str | None = None  # the Date header of the last answer
 
     def where(self) -> str:
         return self.server or self.socket_path
@@ -410,6 +413,7 @@ class ApiClient:
             conn.request(method, target, body=payload, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             raw = resp.read()
+            self.last_date = resp.getheader("Date")
         except (FileNotFoundError, ConnectionRefusedError):
             raise ClientError(
                 f"cannot reach the control plane at {self.where()}: is `ambit "

@@ -82,7 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     from config.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
-    sub.add_parser("check", help="preflight checks for this host")
+    ck = sub.add_parser(
+        "check",
+        parents=[_client_options(False)],
+        help="preflight checks for this host: capture, ports, control plane, clock",
+    )
+    ck.add_argument(
+        "--role",
+        choices=("node", "control-plane"),
+        default="node",
+        help="what will run here: a node's ztunnel (ports 15000/15020/15021 free, the "
+        "default) or the control plane (port 15012 free)",
+    )
     client = _client_options(False)
 
     cp = sub.add_parser("control-plane", help="run the control plane")
@@ -237,10 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_from_args(args)
     if args.command == "check":
-        import importlib
+        from config.check import run_cli as run_check
 
-        check = importlib.import_module("netsetup.check")
-        return int(check.run_cli())
+        return run_check(args)
     if args.command == "control-plane":
         _configure_logging(args.cp_log_level)
         return _control_plane(args)

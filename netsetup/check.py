@@ -296,7 +296,8 @@ def check(netns_name: str | None = None) -> list[CheckResult]:
     return results
 
 
-def render_table(results: Sequence[CheckResult]) -> str:
+def render_table(results: Sequence[CheckResult],
+                 failed_note: str = "transparent capture will not work") -> str:
     """The report `ambit check` prints: one row per check, the remedy under each failure."""
     width = max([len("CHECK"), *(len(r.name) for r in results)])
     lines = [f"{'CHECK':<{width}}  RESULT  DETAIL"]
@@ -306,7 +307,7 @@ def render_table(results: Sequence[CheckResult]) -> str:
             lines.append(f"{'':<{width}}  {'':<6}  fix: {r.remedy}")
     failed = sum(not r.ok for r in results)
     if failed:
-        lines.append(f"{failed} of {len(results)} checks failed: transparent capture will not work")
+        lines.append(f"{failed} of {len(results)} checks failed: {failed_note}")
     else:
         lines.append(f"all {len(results)} checks passed")
     return "\n".join(lines) + "\n"

@@ -400,3 +400,77 @@ def test_control_plane_tells_systemd_when_it_is_ready(tmp_path: Path) -> None:
             assert f"MAINPID={cp.proc.pid}" in msg.splitlines()
             cp.proc.send_signal(signal.SIGTERM)
             assert "STOPPING=1" in sd.recv(4096).decode().splitlines()
+
+
+# -- `ambit check`: ports, control plane, clock (the capture rows need root + netns and
+#    are tested in tests/netns/test_preflight.py) -------------------------------------
+
+
+def test_check_port_rows_pass_when_free_and_fail_when_taken() -> None:
+    import socket
+
+    from config.check import port_checks
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        rows = port_checks([(free, "ztunnel admin"), (busy, "ztunnel metrics")], "127.0.0.1")
+    assert [(r.name, r.ok) for r in rows] == [(f"port {free} free", True),
+                                               (f"port {busy} free", False)]
+    assert rows[0].detail == "free (ztunnel admin)"
+    assert rows[1].detail == "in use (ztunnel metrics needs it)"
+    assert f"ss -ltnp 'sport = :{busy}'" in rows[1].remedy
+
+
+def _check_rows(argv: list[str], env: dict[str, str]) -> dict[str, object]:
+    """`ambit check ARGV` in-process without the capture rows; {name: CheckResult}."""
+    from config.check import run_cli
+    from config.cli import build_parser
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        args = build_parser().parse_args(["check", *argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    printed: list[str] = []
+    status = run_cli(args, capture=list, out=printed.append)
+    rows = {line.split("  ")[0].strip(): line for line in printed[0].splitlines()}
+    return {"status": status, "table": printed[0], **rows}
+
+
+def test_check_reaches_the_control_plane_and_compares_clocks(tmp_path: Path) -> None:
+    with control_plane(tmp_path) as cp:
+        env = cp.env()
+        rows = _check_rows(["--role", "control-plane"], env)  # --socket from $AMBIT_SOCKET
+        assert "PASS    answered at " + cp.socket in str(rows["control plane"]), rows["table"]
+        assert "PASS" in str(rows["clock skew"]) and "against the control plane" in str(
+            rows["clock skew"])
+        assert "PASS" in str(rows["clock"])
+        # over TLS with the admin credential, as given on the command line
+        rows = _check_rows(["--server", cp.tls, "--cert", str(cp.data / "admin.pem"),
+                            "--key", str(cp.data / "admin-key.pem"),
+                            "--cacert", str(cp.data / "api-ca.pem")], env)
+        assert f"PASS    answered at {cp.tls}" in str(rows["control plane"]), rows["table"]
+    rows = _check_rows([], env)  # the same socket, the control plane gone
+    assert "FAIL    unreachable at " + cp.socket in str(rows["control plane"]), rows["table"]
+    assert "fix: start it (`systemctl start ambit-control-plane`)" in str(rows["table"])
+    assert "clock skew" not in rows
+    assert rows["status"] == 1
+
+
+def test_check_without_a_control_plane_named_skips_that_row(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
+    if os.path.exists("/run/ambit/control.sock"):
+        env["AMBIT_SOCKET"] = str(tmp_path / "absent.sock")  # named, so checked: fails
+        rows = _check_rows([], env)
+        assert "FAIL    unreachable at" in str(rows["control plane"])
+        return
+    rows = _check_rows([], env)
+    assert "PASS    not checked: no --server/--socket" in str(rows["control plane"])

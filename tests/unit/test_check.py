@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from config.check import Reachability, clock_checks, control_plane_check, host_checks
 from netsetup.check import (
     CAP_NET_ADMIN,
     CAP_SYS_ADMIN,
@@ -92,3 +95,68 @@ def test_test_tables_are_multiline_nft_syntax() -> None:
         "  }\n"
         "}\n"
     )
+
+
+# -- `ambit check`: clock and control plane rows (config/check.py) ----------------------
+
+NOW = 1_795_000_000.0  # 2026-11-18
+
+
+def test_clock_in_the_present_passes() -> None:
+    [row] = clock_checks(NOW, None)
+    assert (row.name, row.ok, row.remedy) == ("clock", True, "")
+    assert row.detail.startswith("2026-")
+
+
+def test_clock_before_2024_fails_with_the_remedy() -> None:
+    [row] = clock_checks(86400.0, None)  # 1970-01-02: an unset RTC
+    assert not row.ok
+    assert "before 2024" in row.detail
+    assert "timedatectl set-ntp true" in row.remedy
+
+
+def test_skew_against_the_control_plane() -> None:
+    near = Reachability("/run/ambit/control.sock", server_time=NOW - 5)
+    rows = clock_checks(NOW, near)
+    assert [(r.name, r.ok) for r in rows] == [("clock", True), ("clock skew", True)]
+    assert rows[1].detail.startswith("+5s against the control plane")
+    far = Reachability("cp:15443", server_time=NOW + 90)
+    skew = clock_checks(NOW, far)[1]
+    assert not skew.ok and "-90s" in skew.detail and "more than 60s" in skew.detail
+    assert "on this host and on the control plane's" in skew.remedy
+    # unreachable, or an answer without a Date header: no skew row
+    assert len(clock_checks(NOW, Reachability("cp:15443", error="refused"))) == 1
+    assert len(clock_checks(NOW, Reachability("cp:15443"))) == 1
+
+
+def test_control_plane_row() -> None:
+    skipped = control_plane_check(None)
+    assert skipped.ok and skipped.detail.startswith("not checked")
+    ok = control_plane_check(Reachability("/run/ambit/control.sock", server_time=NOW))
+    assert ok.ok and ok.detail == "answered at /run/ambit/control.sock"
+    down = control_plane_check(Reachability("cp:15443", error="connection refused"))
+    assert not down.ok and down.detail == "unreachable at cp:15443: connection refused"
+    assert "systemctl start ambit-control-plane" in down.remedy
+    assert "--server HOST:PORT" in down.remedy
+
+
+def test_host_checks_pick_the_ports_of_the_role() -> None:
+    import argparse
+
+    asked: list[list[int]] = []
+
+    def ports(p: Sequence[tuple[int, str]]) -> list[CheckResult]:
+        asked.append([n for n, _ in p])
+        return [CheckResult(f"port {n} free", True, "free", "") for n, _ in p]
+
+    rows = host_checks(argparse.Namespace(role="control-plane"), now=lambda: NOW,
+                       reach=lambda a: None, check_ports=ports)
+    assert [r.name for r in rows] == ["port 15012 free", "control plane", "clock"]
+    host_checks(argparse.Namespace(role="node"), now=lambda: NOW, reach=lambda a: None,
+                check_ports=ports)
+    assert asked == [[15012], [15000, 15020, 15021]]
+
+
+def test_footer_of_the_host_table() -> None:
+    table = render_table(FAILING, "fix them before running ambit here")
+    assert table.splitlines()[-1] == "2 of 3 checks failed: fix them before running ambit here"
