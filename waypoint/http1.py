@@ -246,9 +246,9 @@ class Body:
         while True:
             if size > limit:
                 return None
-            if not self._chunks and not self.done and self.length is None and size:
-                # streaming (gRPC, chunked upload): don't wait for an end that may never come
-                # before the response; keep what arrived.
+            if not self._chunks and not self.done and self.length is None:
+                # a stream (gRPC, chunked upload) still open: its end may only come after
+                # the response starts (bidirectional streaming), so never wait for it
                 return None
             chunk = await self.next()
             if not chunk:

@@ -298,11 +298,13 @@ class Mesh:
             stream = await self.tunnel(svc, cert)
             await stream.splice_socket(sock)
 
+        conns: list[asyncio.Task[None]] = []
+
         async def accept(tg: asyncio.TaskGroup) -> None:
             while True:
                 sock, _ = await loop.sock_accept(lsock)
                 sock.setblocking(False)
-                tg.create_task(conn(sock))
+                conns.append(tg.create_task(conn(sock)))
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -311,6 +313,8 @@ class Mesh:
                     yield f"http://127.0.0.1:{port}"
                 finally:
                     acceptor.cancel()
+                    for t in conns:  # clients that keep idle connections open (grpc)
+                        t.cancel()
         finally:
             lsock.close()
 

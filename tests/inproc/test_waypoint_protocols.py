@@ -32,10 +32,19 @@ def _grpc_handler() -> Any:
         await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
         return b""
 
+    async def total(requests: AsyncIterator[bytes], context: Any) -> bytes:
+        return str(sum([int(r) async for r in requests])).encode()
+
+    async def chat(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for r in requests:
+            yield b"re: " + r
+
     return grpc.method_handlers_generic_handler("test.Echo", {
         "Hello": grpc.unary_unary_rpc_method_handler(unary),
         "Count": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Total": grpc.stream_unary_rpc_method_handler(total),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
     })
 
 
@@ -75,6 +84,26 @@ async def test_grpc_unary_and_server_streaming_pass_through() -> None:
     # both endpoints served calls, each reached with the waypoint's identity
     assert all(b.peers and set(b.peers) == {"spiffe://cluster.local/ns/app/sa/wp"}
                for b in mesh.backends["echo"])
+
+
+async def test_grpc_client_streaming_and_interactive_bidi() -> None:
+    mesh = Mesh({"echo": 1}, [], {"echo": "grpc"}, grpc_handlers={"echo": _grpc_handler()})
+    async with (mesh.running(), mesh.forward("echo") as url,
+                grpc.aio.insecure_channel(url.removeprefix("http://")) as ch):
+
+        async def numbers() -> AsyncIterator[bytes]:
+            for i in range(100):
+                yield str(i).encode()
+
+        assert await ch.stream_unary("/test.Echo/Total")(numbers(), timeout=10) == b"4950"
+        # ping-pong: each message is sent only after the previous answer came back,
+        # so the waypoint must carry both directions at once
+        call = ch.stream_stream("/test.Echo/Chat")(timeout=10)
+        for i in range(5):
+            await call.write(f"m{i}".encode())
+            assert await call.read() == f"re: m{i}".encode()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
 
 
 async def test_grpc_deny_is_a_grpc_permission_denied() -> None:
