@@ -55,6 +55,7 @@ import structlog
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from config.kube_waypoint import GATEWAY_NAME_LABEL, WaypointDeployer, WaypointSettings
+from config.nodeauth import NodePrincipal, Refused
 from config.resources import (
     DATAPLANE_MODE_LABEL,
     KINDS,
@@ -863,6 +864,124 @@ class KubeSource:
         return n
 
 
+# -- ServiceAccount tokens as proxy credentials (TokenReview) ------------------------------
+
+TOKEN_AUDIENCE = "ambit"  # the projected tokens' audience (deploy/kubernetes/ztunnel.yaml)
+ZTUNNEL_SERVICE_ACCOUNT = ("ambit-system", "ztunnel")
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+SA_PREFIX = "system:serviceaccount:"
+TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+def _first(extra: Mapping[str, Any], key: str) -> str:
+    values = extra.get(key) or []
+    return str(values[0]) if isinstance(values, list) and values else ""
+
+
+def authorize_review(status: Mapping[str, Any], subject: str, *, pod_node: str = "",
+                     audience: str = TOKEN_AUDIENCE,
+                     node_account: tuple[str, str] = ZTUNNEL_SERVICE_ACCOUNT) -> NodePrincipal:
+    """Who a reviewed ServiceAccount token may join as (pure; raises Refused).
+
+    A node `subject` needs a token of ztunnel's ServiceAccount whose pod runs on that
+    node (the `node-name` extra of the review, else `pod_node`, the pod's spec.nodeName);
+    a waypoint `NS/NAME` needs a token of the ServiceAccount NS/NAME (its Deployment's).
+    """
+    rule = "service-account-token"
+    if not status.get("authenticated"):
+        why = str(status.get("error") or "the API server did not authenticate it")
+        raise Refused(rule, f"ServiceAccount token refused by the TokenReview: {why}")
+    audiences = status.get("audiences")
+    if audiences is not None and audience not in audiences:
+        raise Refused(rule, f"token audiences {audiences} lack {audience!r}: mount a projected "
+                      f"ServiceAccount token with audience {audience!r}")
+    user = status.get("user") or {}
+    username = str(user.get("username") or "")
+    if not username.startswith(SA_PREFIX) or username.count(":") != 3:
+        raise Refused(rule, f"{username or 'the token'} is not a ServiceAccount")
+    ns, _, name = username[len(SA_PREFIX):].partition(":")
+    try:
+        principal = NodePrincipal.from_subject(subject)
+    except ValueError as exc:
+        raise Refused(rule, str(exc)) from None
+    if principal.kind == "waypoint":
+        if principal.name != f"{ns}/{name}":
+            raise Refused("service-account", f"a token of ServiceAccount {ns}/{name} cannot "
+                          f"join as waypoint {principal.name}: use the waypoint's own "
+                          "ServiceAccount (same namespace and name as its Gateway)")
+        return principal
+    if (ns, name) != node_account:
+        raise Refused("service-account", f"a token of ServiceAccount {ns}/{name} cannot join "
+                      f"as node {subject}: only ztunnel's ServiceAccount "
+                      f"{node_account[0]}/{node_account[1]} can")
+    extra = user.get("extra") or {}
+    node = _first(extra, NODE_NAME_EXTRA) or pod_node
+    if not node:
+        raise Refused(rule, "the token is not bound to a pod on a node: mount a projected "
+                      "ServiceAccount token (it carries the pod and node)")
+    if node != subject:
+        raise Refused("node-impersonation", f"the token belongs to a ztunnel pod on node "
+                      f"{node}, not on {subject}")
+    return principal
+
+
+class ServiceAccountAuthenticator:
+    """Check a proxy's ServiceAccount token with a TokenReview (authentication.k8s.io/v1)
+    against the API server; `authenticate(token, subject)` -> NodePrincipal or Refused."""
+
+    def __init__(self, configuration: Configuration, *, audience: str = TOKEN_AUDIENCE,
+                 timeout: float = 10.0) -> None:
+        self.configuration = configuration
+        self.audience = audience
+        self.timeout = timeout
+
+    async def _call(self, api: ApiClient, method: str, path: str,
+                    body: Mapping[str, Any] | None = None) -> tuple[int, Any]:
+        resp: aiohttp.ClientResponse = await api.call_api(
+            path, method, body=body,
+            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            auth_settings=["BearerToken"], _preload_content=False,
+            _request_timeout=aiohttp.ClientTimeout(total=self.timeout))
+        try:
+            raw = await resp.read()
+        finally:
+            resp.release()
+        try:
+            return resp.status, json.loads(raw) if raw else {}
+        except ValueError:
+            return resp.status, {"message": raw[:200].decode(errors="replace")}
+
+    async def authenticate(self, token: str, subject: str) -> NodePrincipal:
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                  "spec": {"token": token, "audiences": [self.audience]}}
+        try:
+            async with asyncio.timeout(self.timeout), ApiClient(self.configuration) as api:
+                code, answer = await self._call(api, "POST", TOKEN_REVIEW_PATH, review)
+                if code not in (200, 201):
+                    raise Refused("service-account-token", f"TokenReview failed ({code}: "
+                                  f"{answer.get('message', '')}): check that the ClusterRole "
+                                  "ambit-control-plane may create tokenreviews")
+                status = answer.get("status") or {}
+                pod_node = ""
+                extra = (status.get("user") or {}).get("extra") or {}
+                pod = _first(extra, POD_NAME_EXTRA)
+                if status.get("authenticated") and pod and not _first(extra, NODE_NAME_EXTRA):
+                    username = str((status.get("user") or {}).get("username") or "")
+                    ns = username[len(SA_PREFIX):].partition(":")[0]
+                    code, obj = await self._call(api, "GET", f"/api/v1/namespaces/{ns}/pods/{pod}")
+                    if code == 200:
+                        pod_node = str((obj.get("spec") or {}).get("nodeName") or "")
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise Refused("service-account-token", f"the TokenReview could not be made "
+                          f"({type(e).__name__}: {e}): is the Kubernetes API reachable?"
+                          ) from None
+        principal = authorize_review(status, subject, pod_node=pod_node, audience=self.audience)
+        log.info("ServiceAccount token accepted", subject=subject,
+                 service_account=(status.get("user") or {}).get("username"))
+        return principal
+
+
 async def run_source(
     store: Store,
     *,
@@ -905,7 +1024,9 @@ __all__ = [
     "KubeApiError",
     "KubeSource",
     "LineSplitter",
+    "ServiceAccountAuthenticator",
     "WatchedKind",
+    "authorize_review",
     "desired_state",
     "load_configuration",
     "node_locality",

@@ -70,7 +70,7 @@ from config.snapshot import (
     sorted_dict,
 )
 from config.store import HistoryCompacted, Store
-from config.tokens import TokenStore
+from config.tokens import TOKEN_PREFIX, TokenStore
 from ztunnel import snapshot as zs
 from ztunnel.identity import (
     Certificate,
@@ -83,6 +83,9 @@ from ztunnel.identity import (
 )
 
 log = structlog.get_logger("ambit.push")
+
+# (token, subject) -> who may join, or Refused: a Kubernetes ServiceAccount token check
+ServiceAccountCheck = Callable[[str, str], Awaitable[NodePrincipal]]
 
 PUSH_PORT = 15012
 WAYPOINT_KINDS = frozenset(
@@ -340,6 +343,7 @@ class PushServer:
         first_message_timeout: float = FIRST_MESSAGE_TIMEOUT,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
         message_limit: int = CLIENT_MESSAGE_LIMIT,
+        service_accounts: ServiceAccountCheck | None = None,
     ) -> None:
         self.store = store
         self.ca = ca
@@ -347,6 +351,8 @@ class PushServer:
         self.first_message_timeout = first_message_timeout
         self.max_unauthenticated = max_unauthenticated
         self.message_limit = message_limit
+        # Kubernetes: join with a ServiceAccount token instead of a join token
+        self.service_accounts = service_accounts
         self.unauthenticated = 0  # connections counted against max_unauthenticated
         self.refused_busy = 0
         self.index = MeshIndex(trust_domain=ca.trust_domain, root_namespace=root_namespace)
@@ -532,13 +538,12 @@ class PushServer:
             await _send(writer, {"type": "bundle", "trust_bundle": self.index.trust_bundle_pem})
             return
         if msg.get("type") == "join":
-            chain = issue_node_certificate(
-                self.ca,
-                self.tokens,
-                str(msg.get("token", "")),
-                str(msg.get("subject", "")),
-                str(msg.get("csr", "")).encode(),
-            )
+            token, subject = str(msg.get("token", "")), str(msg.get("subject", ""))
+            csr = str(msg.get("csr", "")).encode()
+            if self.service_accounts is not None and not token.startswith(TOKEN_PREFIX):
+                chain = await self._join_with_service_account(token, subject, csr)
+            else:
+                chain = issue_node_certificate(self.ca, self.tokens, token, subject, csr)
             log.info("proxy joined", subject=msg.get("subject"), peer=peer)
             await _send(
                 writer,
@@ -596,6 +601,23 @@ class PushServer:
                     session.wake.set()
         if error is not None:
             raise error
+
+    async def _join_with_service_account(
+        self, token: str, subject: str, csr: bytes
+    ) -> list[bytes]:
+        """A node or waypoint certificate for a reviewed Kubernetes ServiceAccount token."""
+        assert self.service_accounts is not None
+        principal = await self.service_accounts(token, subject)
+        if principal.kind == "waypoint":
+            ns, _, name = principal.name.partition("/")
+            if self.store.get("Gateway", ns, name) is None:
+                raise Refused("join-token", f"Gateway {ns}/{name} not found: a waypoint "
+                              "joins only for a declared Gateway (class istio-waypoint)")
+        try:
+            return self.ca.sign_csr(csr, principal.identity(self.ca.trust_domain),
+                                    subject_common_name=principal.common_name)
+        except CsrRejected as e:
+            raise Refused("csr", e.reason) from None
 
     async def _csr(
         self, writer: asyncio.StreamWriter, principal: NodePrincipal, msg: Mapping[str, Any]

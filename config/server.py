@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from config.api import ApiError, ApiServer, admin_uri
 from config.ca import CertificateAuthority, fingerprint
-from config.push import PUSH_PORT, PushServer, ServerCertificate
+from config.push import PUSH_PORT, PushServer, ServerCertificate, ServiceAccountCheck
 from config.store import DEFAULT_SERVICE_CIDR, Store
 from config.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
 from config.tokens import TokenStore, validate_subject
@@ -272,11 +272,22 @@ def token_issuer(
 
 async def _wait_for_kubernetes(
     cfg: ControlPlaneConfig, store: Store, tg: asyncio.TaskGroup, stop: asyncio.Event
-) -> asyncio.Task[None] | None:
-    """Start the Kubernetes source in `tg`; its task once the store holds the whole
-    cluster, None when `stop` came first. A source that cannot start raises ValueError."""
-    from config.kube_source import KubeApiError, run_source
+) -> tuple[asyncio.Task[None], ServiceAccountCheck] | None:
+    """Start the Kubernetes source in `tg`; once the store holds the whole cluster, its
+    task and the ServiceAccount token check for joining proxies; None when `stop` came
+    first. A source that cannot start raises ValueError."""
+    from config.kube_source import (
+        KubeApiError,
+        ServiceAccountAuthenticator,
+        load_configuration,
+        run_source,
+    )
     from config.kube_waypoint import WaypointSettings
+
+    try:
+        authenticator = ServiceAccountAuthenticator(await load_configuration(cfg.kubeconfig))
+    except KubeApiError as e:
+        raise ValueError(f"the Kubernetes source cannot start: {e}") from None
 
     waypoints = None
     if cfg.waypoint_image:
@@ -313,7 +324,7 @@ async def _wait_for_kubernetes(
     if not synced.is_set():
         task.cancel()
         return None
-    return task
+    return task, authenticator.authenticate
 
 
 async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> None:
@@ -337,12 +348,14 @@ async def run(cfg: ControlPlaneConfig, stop: asyncio.Event | None = None) -> Non
     try:
         async with asyncio.TaskGroup() as tg:
             source: asyncio.Task[None] | None = None
+            service_accounts: ServiceAccountCheck | None = None
             if cfg.source == "kubernetes":
-                source = await _wait_for_kubernetes(cfg, store, tg, stop)
-                if source is None:
+                started = await _wait_for_kubernetes(cfg, store, tg, stop)
+                if started is None:
                     return
+                source, service_accounts = started
             await _serve(cfg, ca=ca, store=store, tokens=tokens, servers=servers, tg=tg,
-                         stop=stop)
+                         stop=stop, service_accounts=service_accounts)
             if source is not None:
                 source.cancel()
     finally:
@@ -363,8 +376,10 @@ async def _serve(
     servers: list[asyncio.Server],
     tg: asyncio.TaskGroup,
     stop: asyncio.Event,
+    service_accounts: ServiceAccountCheck | None = None,
 ) -> None:
-    push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace)
+    push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace,
+                      service_accounts=service_accounts)
     api = ApiServer(
         store,
         trust_domain=cfg.trust_domain,

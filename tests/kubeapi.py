@@ -19,7 +19,13 @@ controller relies on:
   allocated ClusterIP), invalid objects refused with 422 after checking them against the
   Kubernetes schemas;
 - bearer-token authentication (401), unknown collections (404, like a CRD not installed),
-  503 while `unavailable`.
+  503 while `unavailable`;
+- GET of one namespaced object (`/api/v1/namespaces/NS/pods/NAME`);
+- TokenReview (POST `authentication.k8s.io/v1` `tokenreviews`) of the ServiceAccount
+  tokens a test minted with `service_account_token`: bound tokens carry the pod and node
+  in `status.user.extra` (`authentication.kubernetes.io/pod-name`, `.../node-name`, as
+  kube-apiserver 1.30+ does); unknown tokens and tokens of other audiences are answered
+  `authenticated: false` with an error, like the real server.
 
 Tests drive it with put/delete/compact/drop_watches/bookmark/unavailable.
 """
@@ -42,6 +48,7 @@ import yaml
 from aiohttp import web
 
 Key = tuple[str, str]
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 _OBJECT_PATH = re.compile(
     r"^/(api/v1|apis/[^/]+/[^/]+)/namespaces/([^/]+)/([^/]+)/([^/]+)(/status)?$")
 
@@ -90,6 +97,8 @@ class KubeApiServer:
         self.validate = True  # check applied objects against the Kubernetes schemas (422)
         self.applied: list[tuple[str, str]] = []  # (field manager, object path)
         self._next_ip = 1
+        self.service_account_tokens: dict[str, dict[str, Any]] = {}
+        self.token_reviews = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -99,6 +108,7 @@ class KubeApiServer:
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._handle)
         app.router.add_route("PATCH", "/{tail:.*}", self._apply)
+        app.router.add_route("POST", TOKEN_REVIEWS, self._token_review)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -143,6 +153,27 @@ class KubeApiServer:
         gone["metadata"]["resourceVersion"] = str(self.rv)
         self._record(c, _Event(self.rv, "DELETED", gone, prev))
 
+    def service_account_token(self, namespace: str, name: str, *, pod: str = "",
+                              node: str = "", audiences: Iterable[str] = ("ambit",)) -> str:
+        """Mint a ServiceAccount token (JWT-shaped, opaque here) the TokenReview accepts."""
+        token = ("eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ." +
+                 base64.urlsafe_b64encode(f"{namespace}:{name}:{pod}".encode()).decode().rstrip("=")
+                 + "." + uuid.uuid4().hex)
+        extra: dict[str, list[str]] = {}
+        if pod:
+            extra["authentication.kubernetes.io/pod-name"] = [pod]
+            extra["authentication.kubernetes.io/pod-uid"] = [str(uuid.uuid4())]
+        if node:
+            extra["authentication.kubernetes.io/node-name"] = [node]
+        self.service_account_tokens[token] = {
+            "user": {"username": f"system:serviceaccount:{namespace}:{name}",
+                     "uid": str(uuid.uuid4()),
+                     "groups": ["system:serviceaccounts",
+                                f"system:serviceaccounts:{namespace}", "system:authenticated"],
+                     "extra": extra},
+            "audiences": list(audiences)}
+        return token
+
     def compact(self) -> None:
         """Forget all history up to now (etcd compaction): older versions get 410."""
         self.floor = self.rv
@@ -185,6 +216,15 @@ class KubeApiServer:
             return web.json_response(_status(503, "ServiceUnavailable", "apiserver is "
                                              "shutting down"), status=503)
         c = self.collections.get(path)
+        m = _OBJECT_PATH.match(path)
+        if c is None and m is not None and not m.group(5):  # GET one object
+            coll = f"/{m.group(1)}/{m.group(3)}"
+            oc = self.collections.get(coll)
+            obj = oc.objects.get((m.group(2), m.group(4))) if oc is not None else None
+            if obj is None or coll in self.unserved:
+                return web.json_response(_status(404, "NotFound", f"{m.group(3)} "
+                                                 f"{m.group(4)!r} not found"), status=404)
+            return web.json_response(obj)
         if c is None or path in self.unserved:
             return web.json_response(_status(404, "NotFound", "the server could not find the "
                                              "requested resource"), status=404)
@@ -250,6 +290,36 @@ class KubeApiServer:
                 return web.json_response(prev)
         stored = self.put(coll, new)
         return web.json_response(stored, status=200 if prev else 201)
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        self.requests.append((request.path, dict(request.query)))
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+        if self.unavailable:
+            return web.json_response(_status(503, "ServiceUnavailable", "apiserver is "
+                                             "shutting down"), status=503)
+        review = await request.json()
+        if (review.get("apiVersion"), review.get("kind")) != (
+                "authentication.k8s.io/v1", "TokenReview"):
+            return web.json_response(_status(400, "BadRequest", "expected an "
+                                             "authentication.k8s.io/v1 TokenReview"), status=400)
+        self.token_reviews += 1
+        spec = review.get("spec") or {}
+        wanted = list(spec.get("audiences") or ["https://kubernetes.default.svc"])
+        known = self.service_account_tokens.get(str(spec.get("token") or ""))
+        status: dict[str, Any]
+        if known is None:
+            status = {"user": {}, "error": "[invalid bearer token, service account token "
+                      "has been invalidated]"}
+        elif not set(wanted) & set(known["audiences"]):
+            status = {"user": {}, "error": f"[invalid bearer token, token audiences "
+                      f"{known['audiences']} is invalid for the target audiences {wanted}]"}
+        else:
+            status = {"authenticated": True, "user": copy.deepcopy(known["user"]),
+                      "audiences": [a for a in wanted if a in known["audiences"]]}
+        return web.json_response({"kind": "TokenReview", "apiVersion":
+                                  "authentication.k8s.io/v1", "metadata": {},
+                                  "spec": spec, "status": status}, status=201)
 
     def _state_at(self, c: _Collection, rv: int) -> dict[Key, dict[str, Any]]:
         state = dict(c.objects)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import Configuration
 
+from config.ca import CertificateAuthority
 from config.kube_source import (
     ENDPOINTS_LABEL,
     OWNER_ANNOTATION,
@@ -25,15 +27,18 @@ from config.kube_source import (
     KubeApiError,
     KubeSource,
     LineSplitter,
+    ServiceAccountAuthenticator,
     TranslationMemo,
     desired_state,
     run_source,
     trim,
 )
 from config.kube_waypoint import WaypointDeployer, WaypointSettings
+from config.push import PushClient, PushError, PushServer, ServerCertificate
 from config.resources import ResourceKey
 from config.snapshot import compute_snapshot
 from config.store import Store
+from config.tokens import TokenStore
 from config.validate import Document
 from tests.kubeapi import KubeApiServer
 
@@ -753,3 +758,126 @@ async def test_control_plane_process_without_kubernetes_credentials_says_so(
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 1
         assert b"no Kubernetes credentials" in err, err
+
+
+# -- proxies joining with their Kubernetes ServiceAccount token (TokenReview) ---------------
+
+
+@contextlib.asynccontextmanager
+async def push_with_service_accounts(tmp_path: Path, api: KubeApiServer
+                                     ) -> AsyncIterator[tuple[str, Store, TokenStore]]:
+    data = tmp_path / "cp"
+    data.mkdir(exist_ok=True)
+    ca = CertificateAuthority.load_or_create(data, "cluster.local")
+    with Store(str(data)) as store:
+        tokens = TokenStore(data / "tokens.db")
+        try:
+            push = PushServer(store, ca, tokens, service_accounts=ServiceAccountAuthenticator(
+                config_for(api)).authenticate)
+            server = await push.start("127.0.0.1", 0, ServerCertificate(ca, data).ctx)
+            host, port = server.sockets[0].getsockname()[:2]
+            try:
+                yield f"{host}:{port}", store, tokens
+            finally:
+                server.close()
+        finally:
+            tokens.close()
+
+
+async def join(tmp_path: Path, address: str, subject: str, token: str) -> Any:
+    client = PushClient(address, subject, tmp_path / subject.replace("/", "_"), token=token,
+                        timeout=5)
+    return await client.join()
+
+
+def common_name(cert: Any) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    leaf = x509.load_pem_x509_certificate(cert.cert_pem)
+    return str(leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+async def test_ztunnel_joins_with_its_service_account_token(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api, push_with_service_accounts(
+            tmp_path, api) as (address, _, _):
+        token = api.service_account_token("ambit-system", "ztunnel", pod="ztunnel-x7k2p",
+                                          node="node-a")
+        cert = await join(tmp_path, address, "node-a", token)
+        assert str(cert.identity) == "spiffe://cluster.local/ns/ambit-system/sa/ztunnel"
+        assert common_name(cert) == "node:node-a"
+        assert api.token_reviews == 1
+
+
+async def test_node_comes_from_the_pod_when_the_review_has_no_node_name(
+        tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api, push_with_service_accounts(
+            tmp_path, api) as (address, _, _):
+        api.put(PODS, pod("ambit-system", "ztunnel-b", "10.0.0.2", node="node-b",
+                          sa="ztunnel"))
+        token = api.service_account_token("ambit-system", "ztunnel", pod="ztunnel-b")
+        with pytest.raises(PushError, match="on node node-b, not on node-a") as e:
+            await join(tmp_path, address, "node-a", token)
+        assert e.value.rule == "node-impersonation"
+        assert common_name(await join(tmp_path, address, "node-b", token)) == "node:node-b"
+
+
+@pytest.mark.parametrize(
+    ("mint", "subject", "rule", "says"),
+    [
+        (lambda api: api.service_account_token("default", "default", pod="p", node="node-a"),
+         "node-a", "service-account",
+         "ServiceAccount default/default cannot join as node node-a: only ztunnel's"),
+        (lambda api: "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.forged", "node-a",
+         "service-account-token", "invalid bearer token"),
+        (lambda api: api.service_account_token("ambit-system", "ztunnel", pod="p",
+                                               node="node-a", audiences=["vault"]),
+         "node-a", "service-account-token", "is invalid for the target audiences"),
+        (lambda api: api.service_account_token("ambit-system", "ztunnel", pod="p",
+                                               node="node-b"),
+         "node-a", "node-impersonation", "on node node-b, not on node-a"),
+        (lambda api: api.service_account_token("ambit-system", "ztunnel"),
+         "node-a", "service-account-token", "not bound to a pod"),
+        (lambda api: api.service_account_token("ambit-system", "ztunnel", pod="p",
+                                               node="node-a"),
+         "shop/waypoint", "service-account", "cannot join as waypoint shop/waypoint"),
+    ],
+    ids=["other-service-account", "unauthenticated", "other-audience", "other-node",
+         "unbound-token", "node-token-as-waypoint"],
+)
+async def test_service_account_tokens_that_may_not_join_are_refused(
+        tmp_path: Path, mint: Callable[[KubeApiServer], str], subject: str, rule: str,
+        says: str) -> None:
+    async with KubeApiServer(COLLECTIONS) as api, push_with_service_accounts(
+            tmp_path, api) as (address, _, _):
+        with pytest.raises(PushError, match=re.escape(says)) as e:
+            await join(tmp_path, address, subject, mint(api))
+        assert e.value.rule == rule
+        assert not (tmp_path / subject.replace("/", "_") / "node-cert.pem").exists()
+
+
+async def test_waypoint_joins_with_its_own_service_account(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api, push_with_service_accounts(
+            tmp_path, api) as (address, store, _):
+        token = api.service_account_token("shop", "waypoint", pod="waypoint-5d9f",
+                                          node="node-a")
+        with pytest.raises(PushError, match="Gateway shop/waypoint not found"):
+            await join(tmp_path, address, "shop/waypoint", token)
+        store.apply([Document("gw.yaml", 1, {
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+            Document("gw.yaml", 2, {
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": "shop"},
+                "spec": {"gatewayClassName": "istio-waypoint", "listeners": [
+                    {"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})])
+        cert = await join(tmp_path, address, "shop/waypoint", token)
+        assert str(cert.identity) == "spiffe://cluster.local/ns/shop/sa/waypoint"
+        assert common_name(cert) == "waypoint:shop/waypoint"
+
+
+async def test_join_tokens_still_work_next_to_service_account_tokens(tmp_path: Path) -> None:
+    async with KubeApiServer(COLLECTIONS) as api, push_with_service_accounts(
+            tmp_path, api) as (address, _, tokens):
+        cert = await join(tmp_path, address, "vm-1", tokens.create("vm-1"))
+        assert common_name(cert) == "node:vm-1"
+        assert api.token_reviews == 0
