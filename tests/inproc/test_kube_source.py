@@ -735,6 +735,12 @@ async def test_control_plane_process_serves_only_after_the_first_full_list(
             api.put(PODS, pod("shop", "web-4", "10.244.1.11"))
             await until_async(lambda: ambit_get(tmp_path, "workloadentries", "web-4",
                                                 "-n", "shop"), "web-4 mirrored")
+            # a ztunnel joins with its ServiceAccount token (TokenReview), no join token
+            proxies = line.split(b" proxies=")[1].split()[0].decode()
+            token = api.service_account_token("ambit-system", "ztunnel", pod="ztunnel-a",
+                                              node="node-a")
+            cert = await join(tmp_path, proxies, "node-a", token)
+            assert common_name(cert) == "node:node-a" and api.token_reviews == 1
             proc.terminate()
             assert await asyncio.wait_for(proc.wait(), 10) == 0
 
