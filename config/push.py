@@ -321,7 +321,7 @@ class ServerCertificate:
                           error=str(e), retry_in=retry,
                           expires=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                 time.gmtime(self.not_after)))
-                await asyncio.sleep(min(retry, max(0.0, self.not_after - self.clock()) / 4))
+                await asyncio.sleep(max(1.0, min(retry, (self.not_after - self.clock()) / 4)))
 
 
 def push_server_context(ca: CertificateAuthority, data_dir: Path) -> ssl.SSLContext:

@@ -240,3 +240,24 @@ def test_a_mismatched_pair_is_not_used(tmp_path: Path) -> None:
     write_private(d / NODE_KEY, other_key)
     assert recover_credential_pair(d / NODE_CERT, d / NODE_KEY) is None
     assert PushClient("127.0.0.1:1", "node-a", d).node_certificate() is None  # joins again
+
+
+async def test_a_failed_renewal_keeps_the_certificate_and_is_retried(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    data = tmp_path / "cp"
+    data.mkdir()
+    now = [time.time()]
+    cert = ServerCertificate(ca, data, ttl=3600.0, clock=lambda: now[0])
+    for p in data.iterdir():
+        p.unlink()
+    data.rmdir()  # renewal cannot write its files now
+    now[0] += 1801
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(cert.run(retry=0.1))
+        await asyncio.sleep(0.3)
+        assert cert.renewals == 1, "nothing renewed while the directory is gone"
+        data.mkdir()
+        await asyncio.sleep(1.5)  # failed renewals are retried at least a second apart
+        task.cancel()
+    assert cert.renewals == 2
+    assert (data / "push-server.pem").exists()
