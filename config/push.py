@@ -886,13 +886,25 @@ class PushClient:
         self.subject = subject
         self.data_dir = Path(data_dir)
         self.trust_domain = trust_domain
-        # a token may carry the CA's root fingerprint: `<token>#sha256:<hex>`
-        secret, _, pin = token.partition("#")
-        self.token = secret
-        self.ca_pin = pin.removeprefix("sha256:").lower() if pin else ""
+        self.ca_pin = ""
+        self._token = ""
+        self.token = token
         self.waypoint_address = waypoint_address
         self.timeout = timeout
         self._ids = 0
+
+    @property
+    def token(self) -> str:
+        """The join token's secret part (without a `#sha256:` pin)."""
+        return self._token
+
+    @token.setter
+    def token(self, value: str) -> None:
+        """Set the token as printed by `ambit token create` (or read from a token file): it
+        may carry the CA's root fingerprint, `<token>#sha256:<hex>`, kept as `ca_pin`."""
+        secret, _, pin = value.strip().partition("#")
+        self._token = secret
+        self.ca_pin = pin.removeprefix("sha256:").lower() if pin else ""
 
     # -- files ---------------------------------------------------------------------
 

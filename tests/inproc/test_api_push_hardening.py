@@ -261,3 +261,14 @@ async def test_a_failed_renewal_keeps_the_certificate_and_is_retried(tmp_path: P
         task.cancel()
     assert cert.renewals == 2
     assert (data / "push-server.pem").exists()
+
+
+def test_a_token_set_after_construction_keeps_its_root_pin(tmp_path: Path) -> None:
+    """Proxies read --token-file after building the client: the pin must still be split off
+    (else the whole `<token>#sha256:<hex>` is sent and refused as unknown)."""
+    client = PushClient("127.0.0.1:15012", "shop/waypoint", tmp_path)
+    assert (client.token, client.ca_pin) == ("", "")
+    client.token = "ambit-join.abc#sha256:ABCD\n"
+    assert (client.token, client.ca_pin) == ("ambit-join.abc", "abcd")
+    client.token = "eyJhbGciOiJSUzI1NiJ9.e30.sig"  # a ServiceAccount token: no pin
+    assert (client.token, client.ca_pin) == ("eyJhbGciOiJSUzI1NiJ9.e30.sig", "")
