@@ -144,13 +144,15 @@ class ApiServer:
         ).encode()
         try:
             writer.write(head + body)
-            await writer.drain()
-        except (ConnectionError, ssl.SSLError):
+            async with asyncio.timeout(self.request_timeout):  # a client that stops reading
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError, TimeoutError):
             pass
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+                async with asyncio.timeout(self.request_timeout):
+                    await writer.wait_closed()
 
     async def _one_request(self, reader: asyncio.StreamReader, caller: Caller) -> tuple[int, Any]:
         try:
