@@ -290,17 +290,24 @@ class Waypoint:
         if proto == "tcp":
             await self._serve_tcp(stream, info, b"")
             return
+        first = b""
         try:
             async with asyncio.timeout(self.options.sniff_timeout if not proto else None):
                 first = await stream.read()
+                # a first segment too short to tell (part of the HTTP/2 preface): read on
+                while first and len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
+                    more = await stream.read()
+                    if not more:
+                        break
+                    first += more
         except TimeoutError:
-            first = b""
-            if not proto:  # a server-first protocol on an undeclared port
-                await self._serve_tcp(stream, info, b"")
-                return
+            # a server-first protocol on an undeclared port (or a client that stalled
+            # inside the HTTP/2 preface): carry it as TCP with what arrived
+            await self._serve_tcp(stream, info, first)
+            return
         if not first:
             return
-        if first.startswith(H2_PREFACE[: min(len(first), len(H2_PREFACE))]):
+        if first.startswith(H2_PREFACE):
             from waypoint.http2 import serve_http2
             await serve_http2(stream, self.handle, info=info, initial=first)
         elif proto or _HTTP1_START.match(first):

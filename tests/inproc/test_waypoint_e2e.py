@@ -108,7 +108,9 @@ def base_manifests(services: dict[str, list[str]], ports: dict[str, int],
                          "spec": {"address": ip, "labels": {"app": svc},
                                   "serviceAccount": svc}})
         port: dict[str, Any] = {"port": 80, "targetPort": ports[svc], "name": "http"}
-        if svc in appproto:
+        if appproto.get(svc) == "":  # undeclared: the waypoint sniffs
+            port["name"] = "web"
+        elif svc in appproto:
             port["appProtocol"] = appproto[svc]
             port["name"] = appproto[svc]
         docs.append({"apiVersion": "v1", "kind": "Service",

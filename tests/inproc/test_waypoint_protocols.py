@@ -15,7 +15,7 @@ import aiohttp
 import grpc
 from aiohttp import web
 
-from tests.inproc.test_waypoint_e2e import Backend, Mesh, backend_ref, route
+from tests.inproc.test_waypoint_e2e import Backend, Mesh, backend_ref, get, route
 
 
 def _grpc_handler() -> Any:
@@ -257,3 +257,34 @@ async def test_large_bodies_stream_both_ways_and_expect_continue() -> None:
         assert time.monotonic() - t0 < 0.9
         seen = mesh.backends["front"][0].requests[-1]["headers"]
         assert "Expect" not in seen and "expect" not in seen
+
+
+async def test_undeclared_port_is_sniffed_http_or_tcp() -> None:
+    mesh = Mesh({"web": 1}, [], {"web": ""})
+    async with mesh.running():
+        async with mesh.forward("web") as url, aiohttp.ClientSession() as s:
+            status, text, _ = await get(s, url + "/sniffed")
+            assert status == 200 and json.loads(text)["path"] == "/sniffed"
+        assert mesh.waypoint is not None
+        assert mesh.waypoint.registry.get_sample_value(
+            "istio_requests_total", {**_metric_labels("web"), "response_code": "200"}) == 1.0
+        # not HTTP: the bytes reach the backend untouched (its own HTTP parser answers)
+        stream = await mesh.tunnel("web")
+        stream.write(b"\x16\x03\x01 not http at all\r\n\r\n")
+        data = b""
+        while chunk := await stream.read():
+            data += chunk
+        assert data.startswith(b"HTTP/1.") and b" 400 " in data.split(b"\r\n")[0], data[:300]
+        assert b"bad request\n" not in data  # not the waypoint's own 400
+
+
+def _metric_labels(svc: str) -> dict[str, str]:
+    return {"reporter": "waypoint", "source_workload": "unknown",
+            "source_workload_namespace": "app",
+            "source_principal": "cluster.local/ns/app/sa/client", "source_app": "unknown",
+            "destination_workload": svc, "destination_workload_namespace": "app",
+            "destination_principal": f"cluster.local/ns/app/sa/{svc}", "destination_app": svc,
+            "destination_service": f"{svc}.app.svc.cluster.local",
+            "destination_service_name": svc, "destination_service_namespace": "app",
+            "request_protocol": "http", "grpc_response_status": "-", "response_flags": "-",
+            "connection_security_policy": "mutual_tls"}
