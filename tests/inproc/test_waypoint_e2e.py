@@ -506,3 +506,35 @@ async def test_metrics_access_log_and_trace_headers() -> None:
         assert label in line, (label, line)
     assert line.endswith(" 2.0")
     assert "istio_request_duration_milliseconds_bucket{" in metrics
+
+
+async def test_head_http10_and_bodiless_statuses_keep_the_connection_in_sync() -> None:
+    mesh = Mesh({"front": 1}, [], {})
+
+    async def varied(b: Backend, r: web.Request) -> web.StreamResponse:
+        if r.path == "/empty":
+            return web.Response(status=204)
+        return web.Response(text="x" * 100)
+
+    mesh.backends["front"][0].handler = varied
+    async with mesh.running():
+        stream = await mesh.tunnel("front")
+        # HEAD keeps content-length but sends no body; then a 204; then a GET: the
+        # three answers must line up on one connection
+        stream.write(b"HEAD /h HTTP/1.1\r\nHost: front\r\n\r\n"
+                     b"GET /empty HTTP/1.1\r\nHost: front\r\n\r\n"
+                     b"GET /g HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := await stream.read():
+            data += chunk
+        parts = data.split(b"HTTP/1.1 ")[1:]
+        assert [p[:3] for p in parts] == [b"200", b"204", b"200"], data
+        assert b"content-length: 100" in parts[0].lower() and parts[0].endswith(b"\r\n\r\n")
+        assert parts[2].endswith(b"x" * 100)
+        # an HTTP/1.0 client: answered, then the connection closes
+        stream = await mesh.tunnel("front")
+        stream.write(b"GET /old HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := await stream.read():
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"x" * 100)
