@@ -58,6 +58,7 @@ class Sample:
     cpu_multi: float
     rss_bytes: int
     other_cpus: float = 0.0  # other processes' load during the throughput runs, in CPUs
+    cpu_per_rtt_us: float | None = None  # relay CPU time per 1-byte round trip
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class PathResult:
     gbps_multi: float = 0.0
     rtt_median_us: float = 0.0
     rtt_p99_us: float = 0.0
+    relay_cpu_per_rtt_us: float | None = None
     conn_per_s: float = 0.0
     cpu_s_per_gb_single: float | None = None
     cpu_s_per_gb_multi: float | None = None
@@ -318,9 +320,15 @@ def measure_once(name: str, pki: BenchPKI, workdir: Path, *, echo_port: int, s: 
         rss = sum(measure.rss_bytes(p) for p in chain.relay_pids)
     with Processes(workdir) as procs:
         chain = start(procs, pki, echo_port)
+        rtt_cpu0 = measure.cpu_seconds(chain.relay_pids)
         latency = measure.ping_pong(chain.entry_port, count=s.rtt_count)
+        rtt_cpu = measure.cpu_seconds(chain.relay_pids) - rtt_cpu0
         conn_per_s = measure.connection_rate(chain.entry_port, count=s.conn_count)
-    return Sample(single, multi, latency, conn_per_s, cpu1 - cpu0, cpu2 - cpu1, rss, other)
+    # warm-up round trips are included in the CPU time: count them too
+    cpu_per_rtt_us = rtt_cpu / (s.rtt_count + 200) * 1e6 if chain.relay_pids else None
+    return Sample(
+        single, multi, latency, conn_per_s, cpu1 - cpu0, cpu2 - cpu1, rss, other, cpu_per_rtt_us
+    )
 
 
 def _median(values: Sequence[float]) -> float:
@@ -330,6 +338,7 @@ def _median(values: Sequence[float]) -> float:
 def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
     """Median of each figure over the repeats of one path."""
     has_relays = name != "direct"
+    rtt_cpu = [x.cpu_per_rtt_us for x in samples if x.cpu_per_rtt_us is not None]
 
     def per_gb(cpu: Sequence[float], tput: Sequence[measure.Throughput]) -> float | None:
         if not has_relays:
@@ -343,6 +352,7 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
         gbps_multi=_median([x.multi.bits_per_second / 1e9 for x in samples]),
         rtt_median_us=_median([x.latency.median_us for x in samples]),
         rtt_p99_us=_median([x.latency.p99_us for x in samples]),
+        relay_cpu_per_rtt_us=_median(rtt_cpu) if has_relays and rtt_cpu else None,
         conn_per_s=_median([x.conn_per_s for x in samples]),
         cpu_s_per_gb_single=per_gb([x.cpu_single for x in samples], [x.single for x in samples]),
         cpu_s_per_gb_multi=per_gb([x.cpu_multi for x in samples], [x.multi for x in samples]),
@@ -355,6 +365,7 @@ def summarise(name: str, samples: Sequence[Sample]) -> PathResult:
                 "gbps_multi": x.multi.bits_per_second / 1e9,
                 "rtt_median_us": x.latency.median_us,
                 "rtt_p99_us": x.latency.p99_us,
+                "relay_cpu_per_rtt_us": x.cpu_per_rtt_us,
                 "conn_per_s": x.conn_per_s,
                 "other_cpus": x.other_cpus,
                 "cpu_s_per_gb_single": per_gb([x.cpu_single], [x.single]),

@@ -275,18 +275,20 @@ def render_markdown(
         "Each cell: median over the runs, and (when there are several) the lowest and highest run.",
         "",
         "| path | 1 stream Gbit/s | 8 streams Gbit/s | RTT median us | RTT p99 us "
-        "| new connections/s | relay CPU-s/GB (1 / 8 streams) | relay RSS MiB "
+        "| relay CPU us per round trip | new connections/s "
+        "| relay CPU-s/GB (1 / 8 streams) | relay RSS MiB "
         "| other load, CPUs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error is not None:
-            out.append(f"| {r.label} | failed: {r.error} | | | | | | | |")
+            out.append(f"| {r.label} | failed: {r.error} | | | | | | | | |")
             continue
         out.append(
             f"| {r.label} | {_spread(r, 'gbps_single', '.2f')} "
             f"| {_spread(r, 'gbps_multi', '.2f')} | {_spread(r, 'rtt_median_us', '.1f')} "
-            f"| {_spread(r, 'rtt_p99_us', '.0f')} | {_spread(r, 'conn_per_s', '.0f')} "
+            f"| {_spread(r, 'rtt_p99_us', '.0f')} | {_spread(r, 'relay_cpu_per_rtt_us', '.1f')} "
+            f"| {_spread(r, 'conn_per_s', '.0f')} "
             f"| {_spread(r, 'cpu_s_per_gb_single', '.2f')} / "
             f"{_spread(r, 'cpu_s_per_gb_multi', '.2f')} | {_fmt(r.relay_rss_mib, '.1f')} "
             f"| {_spread(r, 'other_cpus', '.2f')} |"
@@ -294,7 +296,9 @@ def render_markdown(
     out += [
         "",
         "CPU-s/GB: user+system CPU seconds of both relay processes (from /proc/PID/stat) "
-        "per 10^9 bytes received by iperf3. New connections/s: one client opening "
+        "per 10^9 bytes received by iperf3. Relay CPU per round trip: the same, over the "
+        "1-byte round trips (both relays together, each handles one message each way). "
+        "New connections/s: one client opening "
         "connections one after another (connect, one 1-byte round trip, close); for (b) and "
         "(c) each is a new TLS handshake, for (a) a new stream on the pooled HBONE "
         "connection. Other load: CPU time used by processes that are not part of the benchmark "

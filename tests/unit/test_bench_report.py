@@ -143,8 +143,8 @@ def test_markdown_has_command_machine_table_goals_and_plot() -> None:
     )
     assert "```\npython -m bench\n```" in md
     assert "2 CPUs (Test CPU)" in md
-    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200 | 0 | 3.00 / 3.00 | n/a | 0.00 |" in md
-    assert "| (c) s | failed: boom |" in md
+    assert "| (a) HBONE | 2.00 | 4.00 | 100.0 | 200 | n/a | 0 | 3.00 / 3.00 | n/a | 0.00 |" in md
+    assert "| (c) s | failed: boom | | | | | | | | |" in md
     assert "## Goals" in md and "Hand-written notes." in md
     assert "![" in md and "(results.png)" in md
 
