@@ -7,10 +7,10 @@
 Downstream, every stream becomes an `http1.Exchange` (the same handler serves both
 protocols); request bodies stream with flow control (a stream's window opens as
 the handler consumes it), responses respect the peer's windows, and trailers
-(`grpc-status`) pass through both ways. Upstream, each request opens an h2c
-connection inside a fresh HBONE stream to the endpoint (prior knowledge: the
-service port declared `http2`/`grpc`, or the client spoke HTTP/2 on an undeclared
-port); its reader task runs in the caller's TaskGroup (`spawn`).
+(`grpc-status`) pass through both ways. Upstream (prior knowledge: the service port
+declared `http2`/`grpc`, or the client spoke HTTP/2 on an undeclared port), requests
+share h2c connections per endpoint (`H2Pool`, each inside one HBONE stream, closed
+after a minute idle); their reader tasks run in the waypoint's TaskGroup.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from waypoint.resilience import Outcome
 from waypoint.upstream import Spawn, UpstreamError, Upstreams
 from ztunnel.hbone.errors import HboneError
 
-__all__ = ["H2Response", "h2_request", "serve_http2"]
+__all__ = ["H2Pool", "H2Response", "H2Upstream", "h2_request", "serve_http2"]
 
 log = structlog.get_logger("waypoint")
 
@@ -315,15 +315,128 @@ async def serve_http2(conn: Conn, handler: Handler, *, info: ConnInfo,
 # ----------------------------------------------------------------------------- upstream
 
 
-class H2Response:
-    """An upstream HTTP/2 response on its own h2c connection: head, body, trailers."""
+class H2Upstream:
+    """One h2c connection to an endpoint (inside an HBONE stream or TCP), shared by the
+    requests of many clients; its reader task dispatches frames to their streams."""
 
-    def __init__(self, conn: Conn, h2c: h2.connection.H2Connection, sid: int,
-                 ep: UpstreamEndpoint) -> None:
+    def __init__(self, conn: Conn, ep: UpstreamEndpoint, *, single_use: bool) -> None:
         self.conn = conn
-        self.h2c = h2c
-        self.sid = sid
         self.ep = ep
+        self.single_use = single_use  # close once its one stream is done
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding="utf-8", validate_inbound_headers=False))
+        h2c.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        h2c.initiate_connection()
+        h2c.increment_flow_control_window(4 * WINDOW - 65535)
+        self.h2c = h2c
+        self.streams: dict[int, H2Response] = {}
+        self.writable = _Waiters()
+        self.closed = False
+        self.goaway = False
+        self.idle_since = asyncio.get_running_loop().time()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2c.data_to_send()
+        if data and not self.closed:
+            with contextlib.suppress(HboneError, OSError, RuntimeError):
+                self.conn.write(data)
+
+    def can_open(self) -> bool:
+        if self.closed or self.goaway:
+            return False
+        limit = min(self.h2c.remote_settings.max_concurrent_streams, 1000)
+        return self.h2c.open_outbound_streams < limit
+
+    def open(self, headers: list[tuple[str, str]], *, end_stream: bool) -> H2Response:
+        sid = self.h2c.get_next_available_stream_id()
+        self.h2c.send_headers(sid, headers, end_stream=end_stream)
+        resp = H2Response(self, sid)
+        self.streams[sid] = resp
+        self.flush()
+        return resp
+
+    def forget(self, resp: H2Response) -> None:
+        if self.streams.pop(resp.sid, None) is not None and not self.streams:
+            self.idle_since = asyncio.get_running_loop().time()
+        if self.single_use and not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(Exception):
+            self.h2c.close_connection()
+            self.flush()
+        self.closed = True
+        self._fail_all("connection closed")
+        with contextlib.suppress(Exception):
+            self.conn.write_eof()
+        close_conn(self.conn)
+
+    def _fail_all(self, why: str) -> None:
+        for st in list(self.streams.values()):
+            st._fail(why)
+        self.writable.wake()
+
+    async def reader(self, idle_timeout: float | None = None) -> None:
+        """Read frames until the connection ends (or stays idle past `idle_timeout`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.closed:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        data = await self.conn.read(READ_SIZE)
+                except TimeoutError:
+                    if not self.streams and loop.time() - self.idle_since >= (idle_timeout or 0):
+                        self.close()
+                        return
+                    continue
+                if not data:
+                    self._fail_all("upstream closed the HTTP/2 connection")
+                    return
+                try:
+                    events = self.h2c.receive_data(data)
+                except h2.exceptions.ProtocolError as e:
+                    self._fail_all(f"upstream HTTP/2 protocol error: {e}")
+                    return
+                for ev in events:
+                    sid = getattr(ev, "stream_id", 0)
+                    st = self.streams.get(sid) if sid else None
+                    if st is not None:
+                        st._event(ev)
+                    if isinstance(ev, (h2.events.WindowUpdated,
+                                       h2.events.RemoteSettingsChanged)):
+                        self.writable.wake()
+                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                        self.goaway = True
+                        last = ev.last_stream_id if ev.last_stream_id is not None else 0
+                        for other in list(self.streams.values()):
+                            if other.sid > last or ev.error_code:
+                                other._fail(f"upstream sent GOAWAY ({ev.error_code})")
+                self.flush()
+                if self.single_use and not self.streams:
+                    return
+        except (HboneError, OSError, ConnectionError) as e:
+            self._fail_all(f"upstream connection failed: {e}")
+        finally:
+            self.closed = True
+            self._fail_all("connection closed")
+            close_conn(self.conn)
+
+
+class H2Response:
+    """An upstream HTTP/2 response: one stream of an `H2Upstream`."""
+
+    def __init__(self, up: H2Upstream, sid: int) -> None:
+        self.up = up
+        self.conn = up.conn
+        self.h2c = up.h2c
+        self.sid = sid
+        self.ep = up.ep
         self.status = 0
         self.headers: Headers = ()
         self.length: int | None = None
@@ -335,7 +448,7 @@ class H2Response:
         self.ended = False
         self.ended_at_head = False  # a trailers-only answer (gRPC errors)
         self.error: str | None = None
-        self.writable = _Waiters()
+        self.writable = up.writable
         self._closed = False
 
     @property
@@ -343,10 +456,7 @@ class H2Response:
         return self._trailers
 
     def flush(self) -> None:
-        data = self.h2c.data_to_send()
-        if data and not self._closed:
-            with contextlib.suppress(HboneError, OSError, RuntimeError):
-                self.conn.write(data)
+        self.up.flush()
 
     def _dead(self) -> bool:
         return self._closed or self.error is not None
@@ -366,36 +476,17 @@ class H2Response:
             self.flush()
         return b"".join(parts)
 
-    async def reader(self) -> None:
-        try:
-            while not self._closed:
-                data = await self.conn.read(READ_SIZE)
-                if not data:
-                    self._fail("upstream closed the HTTP/2 connection")
-                    return
-                try:
-                    events = self.h2c.receive_data(data)
-                except h2.exceptions.ProtocolError as e:
-                    self._fail(f"upstream HTTP/2 protocol error: {e}")
-                    return
-                for ev in events:
-                    self._event(ev)
-                self.flush()
-                if self.ended:
-                    return
-        except (HboneError, OSError, ConnectionError) as e:
-            self._fail(f"upstream connection failed: {e}")
-
     def _fail(self, why: str) -> None:
         if not self.ended and self.error is None:
             self.error = why
         if not self._head.done():
-            self._head.set_exception(UpstreamError(Outcome.RESET, f"{self.ep.key}: {why}"))
+            self._head.set_exception(UpstreamError(Outcome.RESET, f"{self.ep.key}: {why}",
+                                                   nothing_received=True))
+            self._head.exception()  # retrieved: nobody may be waiting any more
         self._more.set()
-        self.writable.wake()
 
     def _event(self, ev: Any) -> None:
-        if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == self.sid:
+        if isinstance(ev, h2.events.ResponseReceived):
             hdrs = [(str(k), str(v)) for k, v in ev.headers]
             status = next((v for k, v in hdrs if k == ":status"), "0")
             if status.startswith("1"):
@@ -410,20 +501,16 @@ class H2Response:
                 self.ended_at_head = True
             if not self._head.done():
                 self._head.set_result(None)
-        elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == self.sid:
+        elif isinstance(ev, h2.events.DataReceived):
             self._chunks.append((ev.data, ev.flow_controlled_length))
             self._more.set()
-        elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_id == self.sid:
+        elif isinstance(ev, h2.events.TrailersReceived):
             self._trailers = tuple((str(k), str(v)) for k, v in ev.headers)
-        elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == self.sid:
+        elif isinstance(ev, h2.events.StreamEnded):
             self.ended = True
             self._more.set()
-        elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == self.sid:
+        elif isinstance(ev, h2.events.StreamReset):
             self._fail(f"upstream reset the stream (error {ev.error_code})")
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            self._fail(f"upstream sent GOAWAY ({ev.error_code})")
-        elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
-            self.writable.wake()
 
     async def send_body(self, body: bytes | AsyncIterator[bytes]) -> None:
         try:
@@ -462,20 +549,59 @@ class H2Response:
             await self._more.wait()
 
     def finish(self) -> None:
+        """Done with this stream (the connection stays for others unless single-use)."""
         if self._closed:
             return
         self._closed = True
         self.writable.wake()
-        with contextlib.suppress(Exception):
-            self.h2c.close_connection()
-            data = self.h2c.data_to_send()
-            if data:
-                self.conn.write(data)
-        self.conn.write_eof()
-        close_conn(self.conn)
+        with contextlib.suppress(h2.exceptions.H2Error):
+            if not self.ended:
+                self.h2c.reset_stream(self.sid, h2.errors.ErrorCodes.CANCEL)
+        self.flush()
+        self.up.forget(self)
 
     def discard(self) -> None:
         self.finish()
+
+
+class H2Pool:
+    """Shared h2c connections per endpoint; reader tasks run in the owner's TaskGroup
+    (`spawn`, set while the waypoint runs)."""
+
+    def __init__(self, ups: Upstreams, *, idle_timeout: float = 60.0) -> None:
+        self.ups = ups
+        self.idle_timeout = idle_timeout
+        self.spawn: Spawn | None = None
+        self._conns: dict[str, list[H2Upstream]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.connections_opened = 0
+
+    async def get(self, ep: UpstreamEndpoint, *, source: str,
+                  traceparent: str | None) -> H2Upstream:
+        lst = self._conns.setdefault(ep.key, [])
+        lst[:] = [c for c in lst if not c.closed]
+        for c in lst:
+            if c.can_open():
+                return c
+        lock = self._locks.setdefault(ep.key, asyncio.Lock())
+        async with lock:
+            lst[:] = [c for c in lst if not c.closed]
+            for c in lst:
+                if c.can_open():
+                    return c
+            conn = await self.ups.connect(ep, source=source, traceparent=traceparent)
+            up = H2Upstream(conn, ep, single_use=False)
+            assert self.spawn is not None
+            self.spawn(up.reader(self.idle_timeout))
+            lst.append(up)
+            self.connections_opened += 1
+            return up
+
+    def close(self) -> None:
+        for lst in self._conns.values():
+            for c in lst:
+                c.close()
+        self._conns.clear()
 
 
 async def h2_request(
@@ -489,38 +615,37 @@ async def h2_request(
     spawn: Spawn,
     source: str = "",
     traceparent: str | None = None,
+    pool: H2Pool | None = None,
 ) -> H2Response:
-    """Send `request` over a new h2c connection to `ep`; the response head before
-    `deadline` (loop time). Raises UpstreamError (UF / UR / UT)."""
+    """Send `request` over HTTP/2 to `ep` (a pooled connection when `pool` runs, else a
+    connection of its own); the response head before `deadline` (loop time). Raises
+    UpstreamError (UF / UR / UT)."""
     loop = asyncio.get_running_loop()
     remaining = None if deadline is None else deadline - loop.time()
     if remaining is not None and remaining <= 0:
         raise UpstreamError(Outcome.TIMEOUT, f"no time left to reach {ep.key}")
-    try:
-        async with asyncio.timeout(remaining):
-            conn = await ups.connect(ep, source=source, traceparent=traceparent)
-    except TimeoutError:
-        raise UpstreamError(Outcome.TIMEOUT,
-                            f"connecting to {ep.key} took past the deadline") from None
-    h2c = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, header_encoding="utf-8", validate_inbound_headers=False))
-    h2c.local_settings = h2.settings.Settings(client=True, initial_values={
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-        h2.settings.SettingCodes.ENABLE_PUSH: 0,
-    })
-    h2c.initiate_connection()
-    h2c.increment_flow_control_window(4 * WINDOW - 65535)
-    sid = h2c.get_next_available_stream_id()
     hdrs = [(":method", request.method), (":scheme", request.scheme or "http"),
             (":path", request.path or "/"), (":authority", request.authority or ep.key)]
     hdrs += [(k, v) for k, v in _h2_headers(headers) if k != "content-length"]
     if isinstance(body, bytes) and (body or request.method in ("POST", "PUT", "PATCH")):
         hdrs.append(("content-length", str(len(body))))
     empty = isinstance(body, bytes) and not body
-    h2c.send_headers(sid, hdrs, end_stream=empty)
-    resp = H2Response(conn, h2c, sid, ep)
-    resp.flush()
-    spawn(resp.reader())
+    try:
+        async with asyncio.timeout(remaining):
+            if pool is not None and pool.spawn is not None:
+                up = await pool.get(ep, source=source, traceparent=traceparent)
+            else:
+                conn = await ups.connect(ep, source=source, traceparent=traceparent)
+                up = H2Upstream(conn, ep, single_use=True)
+                spawn(up.reader())
+    except TimeoutError:
+        raise UpstreamError(Outcome.TIMEOUT,
+                            f"connecting to {ep.key} took past the deadline") from None
+    try:
+        resp = up.open(hdrs, end_stream=empty)
+    except h2.exceptions.H2Error as e:
+        raise UpstreamError(Outcome.RESET, f"{ep.key}: cannot open a stream: {e}",
+                            nothing_received=True) from e
     if not empty:
         spawn(resp.send_body(body))
     remaining = None if deadline is None else deadline - loop.time()

@@ -166,6 +166,9 @@ class Waypoint:
         self.telemetry = Telemetry(self.registry, exporter=self.exporter,
                                    access_log_enabled=options.access_log)
         self.upstreams = Upstreams(identity, hbone_port=options.upstream_hbone_port)
+        from waypoint.http2 import H2Pool
+
+        self.h2_pool = H2Pool(self.upstreams)
         self.rng = rng or random.Random()
         self.readiness = Readiness("config", "listeners")
         self._state = ChainState()
@@ -222,6 +225,11 @@ class Waypoint:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+
+                def spawn(coro: Coroutine[Any, Any, None]) -> None:
+                    tg.create_task(coro)
+
+                self.h2_pool.spawn = spawn
                 tg.create_task(self._hbone.run())
                 if opts.ready_address is not None:
                     self.ready_listener = ReadyListener(
@@ -239,6 +247,8 @@ class Waypoint:
                 self.readiness.mark("listeners")
                 self._started.set()
                 await self._stop.wait()
+                self.h2_pool.spawn = None
+                self.h2_pool.close()
                 for lst in self._listeners:
                     await lst.drain(1.0)
                 if exporter_task is not None:
@@ -610,9 +620,9 @@ class Waypoint:
                     ) -> UpstreamResponse:
         if h2:
             from waypoint.http2 import h2_request
-            resp: UpstreamResponse = await h2_request(self.upstreams, ep, req, headers, payload,
-                                    deadline=deadline, spawn=spawn, source=source,
-                                    traceparent=traceparent)
+            resp: UpstreamResponse = await h2_request(
+                self.upstreams, ep, req, headers, payload, deadline=deadline, spawn=spawn,
+                source=source, traceparent=traceparent, pool=self.h2_pool)
             return resp
         return await self.upstreams.h1_request(ep, req, headers, payload, deadline=deadline,
                                                spawn=spawn, source=source,

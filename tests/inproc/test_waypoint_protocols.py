@@ -68,7 +68,12 @@ async def test_grpc_unary_and_server_streaming_pass_through() -> None:
                 assert e.details() == "no such thing"
             for i in range(20):  # many calls share the client's connection
                 assert await hello(str(i).encode(), timeout=10) == f"hello {i} via ?".encode()
+            # ... and the waypoint's: one h2c connection (one HBONE stream) per endpoint
+            calls = await asyncio.gather(*(hello(b"c", timeout=10) for _ in range(30)))
+            assert set(calls) == {b"hello c via ?"}
         assert mesh.waypoint is not None
+        assert mesh.waypoint.h2_pool.connections_opened <= 2
+        assert mesh.waypoint.upstreams.connections_opened <= 2
         metrics = mesh.waypoint.registry
         total = metrics.get_sample_value("istio_requests_total", {
             "reporter": "waypoint", "source_workload": "unknown",
