@@ -185,3 +185,39 @@ async def test_upstream_dying_mid_response_is_not_a_whole_response() -> None:
              if m.name == "istio_requests" for s in m.samples
              if s.name == "istio_requests_total"}
     assert "UC" in flags
+
+
+async def test_rate_limit_429_and_fault_delay() -> None:
+    rl = {"apiVersion": "ambit.dev/v1alpha1", "kind": "RateLimit",
+          "metadata": {"name": "rl", "namespace": "app"},
+          "spec": {"tokenBucket": {"maxTokens": 3, "fillInterval": "60s"}}}
+    delay = {"apiVersion": "ambit.dev/v1alpha1", "kind": "HTTPFault",
+             "metadata": {"name": "slow", "namespace": "app"},
+             "spec": {"delay": {"fixedDelay": "200ms"}}}
+
+    def ext(kind: str, name: str) -> dict[str, Any]:
+        return {"type": "ExtensionRef",
+                "extensionRef": {"group": "ambit.dev", "kind": kind, "name": name}}
+
+    mesh = Mesh({"front": 1, "a": 1}, [route([
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/limited"}}],
+         "filters": [ext("RateLimit", "rl")], "backendRefs": [backend_ref("a")]},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+         "filters": [ext("HTTPFault", "slow")], "backendRefs": [backend_ref("a")]},
+        {"backendRefs": [backend_ref("a")]},
+    ]), rl, delay], {})
+    async with mesh.running(), mesh.forward("front") as url, aiohttp.ClientSession() as s:
+        got = [(await get(s, url + "/limited"))[0] for _ in range(5)]
+        assert got == [200, 200, 200, 429, 429]
+        async with s.get(url + "/limited") as r:
+            assert r.status == 429 and int(r.headers["retry-after"]) >= 1
+        assert (await get(s, url + "/other"))[0] == 200  # other rules are not limited
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await get(s, url + "/slow"))[0] == 200
+        assert loop.time() - t0 >= 0.19
+    assert mesh.waypoint is not None
+    flags = {(smp.labels["response_code"], smp.labels["response_flags"])
+             for m in mesh.waypoint.registry.collect() if m.name == "istio_requests"
+             for smp in m.samples if smp.name == "istio_requests_total"}
+    assert ("429", "RL") in flags and ("200", "DI") in flags
