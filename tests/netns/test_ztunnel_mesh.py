@@ -12,6 +12,7 @@ netns.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -294,12 +295,23 @@ def test_same_node_traffic_is_captured_too(mesh: Mesh) -> None:
                   connection_security_policy="mutual_tls")
 
 
+def _dropped(tcpdump_stderr: str) -> int:
+    m = re.search(r"(\d+) packets? dropped by kernel", tcpdump_stderr)
+    return int(m.group(1)) if m else 0
+
+
 def test_underlay_carries_tls_not_plaintext(mesh: Mesh) -> None:
+    # Capture only n2's underlay link (ul0), with a ring large enough for the burst of a
+    # handshake. `-i any` with libpcap's default 2 MiB ring (TPACKET_V2 frames sized for
+    # 64 KiB GRO packets: ~30 frames) recorded every packet up to three times (ul0, br0,
+    # the workload's veth) and, on a loaded machine, the kernel dropped frames before
+    # tcpdump drained them: sometimes the ClientHello itself.
     pcap = mesh.tmp / "underlay.pcap"
-    dump = mesh.sb.popen(mesh.node_ns("n2"), ["tcpdump", "--immediate-mode", "-i", "any", "-Z",
-                                              "root", "-U", "-n", "-s", "0", "-w", str(pcap),
-                                              "tcp"],
+    dump = mesh.sb.popen(mesh.node_ns("n2"), ["tcpdump", "--immediate-mode", "-i", "ul0",
+                                              "-B", "32768", "-Z", "root", "-U", "-n",
+                                              "-s", "0", "-w", str(pcap), "tcp"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = ""
     try:
         assert dump.stderr is not None
         banner = ""
@@ -307,12 +319,12 @@ def test_underlay_carries_tls_not_plaintext(mesh: Mesh) -> None:
             line = dump.stderr.readline().decode()
             assert line, f"tcpdump did not start: {banner}"
             banner += line
-        # the capture is live once it records a packet: poke the node until it does
+        # the capture is live once it records a packet: poke across the underlay (a
+        # closed port of the fabric answers with a reset) until it does
         deadline = time.monotonic() + 5
         while pcap.stat().st_size <= 24:
             assert time.monotonic() < deadline, "tcpdump records nothing"
-            mesh.sb.exec(mesh.node_ns("n2"), ["nc", "-z", "-w", "1", mesh.ip("s2"),
-                                              str(APP_PORT)])
+            mesh.sb.exec(mesh.node_ns("n2"), ["nc", "-z", "-w", "1", mesh.sb.fabric_ip, "9"])
             time.sleep(0.1)
         # s1 never talked to s3 before: a fresh pooled connection, so a fresh handshake
         out = mesh.echo("s1", mesh.ip("s3"), line=MARKER)
@@ -325,13 +337,16 @@ def test_underlay_carries_tls_not_plaintext(mesh: Mesh) -> None:
             if CLIENT_HELLO.search(data) and b"\x17\x03\x03" in data:
                 break
             time.sleep(0.1)
-        time.sleep(0.2)
     finally:
         os.killpg(dump.pid, signal.SIGINT)
-        dump.wait(timeout=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _, err = dump.communicate(timeout=5)
+            stderr = err.decode(errors="replace")
     data = pcap.read_bytes()
     assert len(data) > 200, "tcpdump captured nothing on the underlay"
     assert MARKER.encode() not in data, "the marker crossed the underlay in plaintext"
+    # every packet of the exchange must be in the capture, or absence proves nothing
+    assert _dropped(stderr) == 0, f"the capture lost packets, rerun: {stderr.strip()}"
     # a TLS handshake (ClientHello record: 0x16 0x03 0x01, then handshake type 1) and
     # TLS application-data records (0x17 0x03 0x03) cross the underlay
     assert CLIENT_HELLO.search(data), "no TLS ClientHello seen"
