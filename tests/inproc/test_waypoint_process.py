@@ -156,6 +156,30 @@ async def test_cli_local_config_serves_reports_ready_and_drains_on_sigterm(
                 assert data.startswith(b"HTTP/1.1 200") and b'"/cli"' in data, data
                 async with s.get(f"http://127.0.0.1:{metrics}/metrics") as r:
                     assert 'response_code="200"' in await r.text()
+
+                async def fetch() -> bytes:
+                    st = await mesh._pool.open_stream(
+                        src_identity_cert=mesh.client_cert, trust=mesh.trust,
+                        dst_identity=mesh.wp_cert.identity, src_ip=None,
+                        dst=("127.0.0.1", hbone), authority=f"{mesh.vips['front']}:80",
+                        forwarded_for=None)
+                    st.write(b"GET /cli HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
+                    out = b""
+                    while part := await st.read():
+                        out += part
+                    return out
+
+                # the file changes: the process picks it up (a DENY on /cli now)
+                deny = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                        "metadata": {"name": "no-cli", "namespace": "app"},
+                        "spec": {"targetRefs": [{"group": "", "kind": "Service",
+                                                 "name": "front"}],
+                                 "action": "DENY",
+                                 "rules": [{"to": [{"operation": {"paths": ["/cli"]}}]}]}}
+                (tmp_path / "mesh.yaml").write_text(to_yaml([*mesh.manifests, deny]))
+                async with asyncio.timeout(10):
+                    while not (await fetch()).startswith(b"HTTP/1.1 403"):  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(10):
                 rc = await proc.wait()
