@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ztunnel.listeners.dns_server import UpstreamServer
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -12,6 +16,15 @@ def _hostport(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _upstreams(text: str) -> tuple[UpstreamServer, ...]:
+    from ztunnel.listeners.dns_server import parse_upstreams
+
+    try:
+        return parse_upstreams(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close connections idle this long (default 3600)")
     p.add_argument("--max-connections", type=int, default=10_000, metavar="N",
                    help="refuse connections above this many at once (default 10000)")
+    p.add_argument("--dns-upstream", type=_upstreams, default=(), metavar="IP[:PORT],...",
+                   help="the node's resolvers for names the mesh does not answer "
+                        "(default: the nameservers of /etc/resolv.conf)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -96,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_timeout=args.idle_timeout,
             drain_timeout=args.drain_timeout,
         ),
+        dns_upstream=args.dns_upstream,
     )
     try:
         uvloop.run(Ztunnel(options, source).run())

@@ -18,6 +18,7 @@ from ztunnel.hbone.pool import HboneConnectionPool, PoolKey
 from ztunnel.identity import Fetcher, IdentityManager, SpiffeId, TrustBundle
 from ztunnel.listeners._base import Limits, ProxyContext, connect, onward_socket
 from ztunnel.listeners.admin import AdminListener
+from ztunnel.listeners.dns_server import UpstreamResolver, UpstreamServer, set_default_upstream
 from ztunnel.listeners.metrics import MetricsListener, ZtunnelMetrics
 from ztunnel.listeners.ready import Readiness, ReadyListener
 from ztunnel.localconfig import (
@@ -188,6 +189,8 @@ class ZtunnelOptions:
     ports: ProcessPorts = field(default_factory=ProcessPorts)
     workload_ports: WorkloadPorts = field(default_factory=WorkloadPorts)
     limits: Limits = field(default_factory=Limits)
+    #: the node's DNS upstreams (--dns-upstream); empty: ztunnel's /etc/resolv.conf
+    dns_upstream: tuple[UpstreamServer, ...] = ()
 
 
 class Ztunnel:
@@ -307,6 +310,9 @@ class Ztunnel:
             node=opts.node, snapshot=snapshot, metrics=self.metrics, identities=identities,
             pool=pool, trust=self.source.trust(snapshot), limits=opts.limits,
         )
+        # One resolver for every workload's DNS proxy (names the mesh does not own).
+        upstream = UpstreamResolver(opts.dns_upstream)
+        set_default_upstream(upstream)
         self.manager = WorkloadManager(self.ctx, manage_capture=opts.manage_capture,
                                        ports=opts.workload_ports, data_dir=opts.data_dir)
         self.readiness.mark("config")
@@ -329,7 +335,9 @@ class Ztunnel:
             manager_task = tg.create_task(self.manager.run())
             self.started.set()
             log.info("ztunnel started", node=opts.node, workloads=len(snapshot.local_workloads),
-                     admin=self.admin.address, metrics=self.metrics_listener.address)
+                     admin=self.admin.address, metrics=self.metrics_listener.address,
+                     dns_upstreams=[str(s) for s in upstream.servers]
+                     or "none: forwarding to the resolver each client asked")
             await self._stop.wait()
             log.info("draining", timeout=opts.limits.drain_timeout)
             self.ready_listener.draining = True
@@ -342,6 +350,7 @@ class Ztunnel:
             for ep in endpoints:
                 await ep.drain(1.0)
             notifier.cancel()
+        await upstream.close()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
             loop.remove_signal_handler(signal.SIGINT)

@@ -95,7 +95,9 @@ class Mesh:
                 self.node_ns(node),
                 [PY, "-m", "ztunnel", "--node", node, "--local-config",
                  str(self.tmp / f"{node}.json"), "--data-dir", str(self.tmp / f"data-{node}"),
-                 "--drain-timeout", "2", "--connect-timeout", "3", *extra],
+                 "--drain-timeout", "2", "--connect-timeout", "3",
+                 # the node's resolver: in the fabric (test_dns_proxy_... runs it there)
+                 "--dns-upstream", self.sb.fabric_ip, *extra],
                 stdout=subprocess.DEVNULL, stderr=out, cwd=str(Path(__file__).parents[2]),
             )
         self.ztunnels[node] = proc
@@ -451,8 +453,10 @@ print(src, socket.inet_ntoa(m.answers[0].rdata))
 
 
 def test_dns_proxy_answers_mesh_names_and_forwards_the_rest(mesh: Mesh) -> None:
+    # the client asks its node's bridge address; ztunnel answers mesh names itself and
+    # asks the node's upstream (--dns-upstream, in the fabric) for the rest
     resolver = mesh.sb.node("n1").bridge_ip
-    upstream = mesh.sb.popen(mesh.node_ns("n1"), [PY, "-c", UPSTREAM_DNS, resolver],
+    upstream = mesh.sb.popen(mesh.sb.fabric_netns, [PY, "-c", UPSTREAM_DNS, mesh.sb.fabric_ip],
                              stdout=subprocess.PIPE, cwd=str(Path(__file__).parents[2]))
     try:
         assert upstream.stdout is not None and upstream.stdout.readline().strip() == b"up"
