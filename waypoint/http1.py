@@ -35,6 +35,7 @@ __all__ = [
     "Body",
     "Conn",
     "ConnInfo",
+    "Draining",
     "Exchange",
     "Handler",
     "Responder",
@@ -523,9 +524,34 @@ async def _write_simple(conn: Conn, status: int, body: bytes) -> None:
         await conn.drain()
 
 
+class Draining:
+    """Graceful shutdown shared by a server's HTTP/1.1 connections: once `start()`ed,
+    idle keep-alive connections are closed (FIN) and busy ones answer their current
+    request with `connection: close`."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self._idle: dict[int, Conn] = {}
+
+    def start(self) -> None:
+        self.on = True
+        for conn in list(self._idle.values()):
+            with contextlib.suppress(Exception):
+                conn.write_eof()
+        self._idle.clear()
+
+    def idle(self, conn: Conn, idle: bool) -> None:
+        if idle:
+            self._idle[id(conn)] = conn
+        else:
+            self._idle.pop(id(conn), None)
+
+
 async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
-                      initial: bytes = b"", scheme: str = "http") -> None:
-    """Serve HTTP/1.1 requests on `conn` until the client closes or asks to."""
+                      initial: bytes = b"", scheme: str = "http",
+                      draining: Draining | None = None) -> None:
+    """Serve HTTP/1.1 requests on `conn` until the client closes or asks to (or the
+    server drains)."""
     cb = _ParserCallbacks()
     parser = httptools.HttpRequestParser(cb)
     cb.parser = parser
@@ -601,7 +627,15 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
                 if state["eof"]:
                     return
                 if reader_task is None and not stopped:
-                    await read_once()  # idle connection: read in this task
+                    if draining is not None:
+                        if draining.on and not cb.current:
+                            return  # idle while draining: close
+                        draining.idle(conn, cb.current is None)
+                    try:
+                        await read_once()  # idle connection: read in this task
+                    finally:
+                        if draining is not None:
+                            draining.idle(conn, False)
                     continue
                 if stopped and reader_task is None:
                     return
@@ -626,7 +660,7 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
                 dest_ip=info.dest_ip, dest_port=info.dest_port, source_ip=info.source_ip,
                 source_principal=info.source_principal,
             )
-            keep = r.keep_alive and not upgrade
+            keep = r.keep_alive and not upgrade and not (draining is not None and draining.on)
             resp = _H1Responder(conn, r.version, r.method, keep)
             spliced = False
 

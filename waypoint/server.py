@@ -52,6 +52,7 @@ from waypoint.chain import (
 from waypoint.http1 import (
     Conn,
     ConnInfo,
+    Draining,
     Exchange,
     pipe,
     serve_http1,
@@ -180,6 +181,7 @@ class Waypoint:
         self._started = asyncio.Event()
         self._stop = asyncio.Event()
         self._listeners: list[HttpListener] = []
+        self.draining = Draining()
         self.ready_listener: ReadyListener | None = None
         self.metrics_listener: HttpListener | None = None
 
@@ -268,6 +270,7 @@ class Waypoint:
         """Stop taking connections (GOAWAY), let requests finish, then stop `run()`."""
         if self.ready_listener is not None:
             self.ready_listener.draining = True
+        self.draining.start()  # idle HTTP/1.1 connections close, busy ones after a reply
         if self._hbone is not None:
             await self._hbone.drain(timeout)
         self._stop.set()
@@ -321,7 +324,8 @@ class Waypoint:
             from waypoint.http2 import serve_http2
             await serve_http2(stream, self.handle, info=info, initial=first)
         elif proto or _HTTP1_START.match(first):
-            await serve_http1(stream, self.handle, info=info, initial=first)
+            await serve_http1(stream, self.handle, info=info, initial=first,
+                              draining=self.draining)
         else:
             await self._serve_tcp(stream, info, first)
 

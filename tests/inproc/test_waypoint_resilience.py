@@ -221,3 +221,14 @@ async def test_rate_limit_429_and_fault_delay() -> None:
              for m in mesh.waypoint.registry.collect() if m.name == "istio_requests"
              for smp in m.samples if smp.name == "istio_requests_total"}
     assert ("429", "RL") in flags and ("200", "DI") in flags
+
+
+async def test_drain_closes_idle_keep_alive_connections_at_once() -> None:
+    mesh = Mesh({"front": 1}, [], {})
+    async with mesh.running(), mesh.forward("front") as url, aiohttp.ClientSession() as s:
+        assert (await get(s, url + "/"))[0] == 200  # leaves a kept-alive connection idle
+        assert mesh.waypoint is not None
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await mesh.waypoint.drain(5.0)
+        assert loop.time() - t0 < 2.0  # not the whole drain timeout
