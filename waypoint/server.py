@@ -58,7 +58,7 @@ from waypoint.http1 import (
     serve_http1,
     strip_hop_by_hop,
 )
-from waypoint.model import Headers, LocalResponse, Response, WaypointConfig
+from waypoint.model import Headers, LocalResponse, Response, UpstreamEndpoint, WaypointConfig
 from waypoint.resilience import Outcome, PoolLimits
 from waypoint.telemetry import OtlpExporter, RequestRecord, Telemetry, TraceContext, parse_trace
 from waypoint.upstream import PoolOverflow, Spawn, UpstreamError, Upstreams
@@ -389,15 +389,15 @@ class Waypoint:
             rec.source_namespace = principal.split("/ns/", 1)[1].split("/", 1)[0]
 
     def _dest_labels(self, chain: Chain, rec: RequestRecord, plan: RequestPlan,
-                     ep: Any) -> None:
+                     ep: UpstreamEndpoint) -> None:
         b = plan.backend
-        td = chain.config.snapshot.trust_domain or "cluster.local"
+        snap = chain.config.snapshot
         svc = chain.config.service(b.namespace, b.name)
-        rec.destination_service = (svc.hostname if svc is not None and svc.hostname
-                                   else b.hostname or f"{b.name}.{b.namespace}.svc.cluster.local")
+        rec.destination_service = (
+            svc.hostname if svc is not None and svc.hostname
+            else b.hostname or f"{b.name}.{b.namespace}.svc.{snap.dns_domain or 'cluster.local'}")
         rec.destination_service_name = b.name
         rec.destination_service_namespace = b.namespace
-        del td
         rec.upstream_host = ep.key
         rec.destination_principal = ep.identity
         w = chain.config.snapshot.workload_by_uid(ep.workload_uid)
