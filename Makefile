@@ -47,6 +47,7 @@ bench: deps venv
 	$(PY) -m bench
 	$(PY) -m bench.mesh
 	$(PY) -m bench.control_plane
+	$(PY) -m bench.waypoint
 
 docs:
 	docs/render.sh
