@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 import time
@@ -135,9 +136,18 @@ async def upstream_server() -> AsyncIterator[tuple[Upstream, int]]:
         finally:
             writer.close()
 
-    tcp = await asyncio.start_server(tcp_client, "127.0.0.1", 0)
-    port = tcp.sockets[0].getsockname()[1]
-    udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(up), local_addr=("127.0.0.1", port))
+    for attempt in range(32):  # a port number free for TCP and for UDP
+        tcp = await asyncio.start_server(tcp_client, "127.0.0.1", 0)
+        port = tcp.sockets[0].getsockname()[1]
+        try:
+            udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(up),
+                                                         local_addr=("127.0.0.1", port))
+            break
+        except OSError as exc:
+            tcp.close()
+            await tcp.wait_closed()
+            if exc.errno != errno.EADDRINUSE or attempt == 31:
+                raise
     try:
         yield up, port
     finally:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -503,6 +504,22 @@ def _orig_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
     return None
 
 
+def _bind_pair(netns: str | None, host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets on one port; with port 0, a number free for both."""
+    for attempt in range(32 if port == 0 else 1):
+        udp = listener_socket(netns, host, port, kind=socket.SOCK_DGRAM)
+        try:
+            return udp, listener_socket(netns, host, udp.getsockname()[1])
+        except OSError as exc:
+            udp.close()
+            if port != 0 or exc.errno != errno.EADDRINUSE or attempt == 31:
+                raise
+        except BaseException:
+            udp.close()
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class DnsListener:
     """UDP + TCP DNS proxy for one workload.
 
@@ -525,12 +542,7 @@ class DnsListener:
         self.netns = netns
         self._workload = workload
         self.upstream = upstream
-        self.udp = listener_socket(netns, host, port, kind=socket.SOCK_DGRAM)
-        try:
-            tcp = listener_socket(netns, host, self.udp.getsockname()[1])
-        except BaseException:
-            self.udp.close()
-            raise
+        self.udp, tcp = _bind_pair(netns, host, port)
         self.tcp = TcpAcceptor(tcp, ctx, self._handle_tcp, f"dns {workload.name}")
         self.address: tuple[str, int] = self.udp.getsockname()[:2]
         self._stop = asyncio.Event()
