@@ -396,6 +396,8 @@ class UpstreamResolver:
                 log.info("dns upstreams changed", resolv_conf=self.resolv_conf,
                          upstreams=[str(s) for s in servers])
             self.servers = servers
+            if not servers:  # not asked until some come back (`available` is False)
+                self._resolvers.clear()
             for resolver in self._resolvers.values():
                 resolver.nameservers = [str(s) for s in servers]
 
