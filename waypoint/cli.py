@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -106,27 +107,81 @@ def _data_dir(given: str, gateway: tuple[str, str]) -> Path:
 
 
 class FileIdentity:
-    """The waypoint's certificate and roots from files, re-read when they change."""
+    """The waypoint's certificate and roots from files, re-read when they change.
+
+    Called for every new TLS handshake (inbound and outbound); a stat of the three
+    files when nothing changed. A renewal that is half written (a certificate whose
+    key is not there yet) or unreadable keeps the previous pair, with a warning, and
+    is tried again at the next call.
+    """
 
     def __init__(self, cert: Path, key: Path, ca: Path, trust_domain: str) -> None:
         self.paths = (cert, key, ca)
         self.trust_domain = trust_domain
-        self._stamp: tuple[float, ...] = ()
+        self._stamp: tuple[int, ...] = ()
+        self._failed: tuple[int, ...] = ()
         self._value: tuple[Certificate, TrustBundle] | None = None
 
     def __call__(self) -> tuple[Certificate, TrustBundle]:
         try:
-            stamp = tuple(p.stat().st_mtime for p in self.paths)
+            stamp = tuple(p.stat().st_mtime_ns for p in self.paths)
         except OSError as e:
             if self._value is not None:
                 return self._value
             raise SystemExit(f"waypoint: cannot read {e.filename}: {e.strerror}") from e
-        if self._value is None or stamp != self._stamp:
-            cert_p, key_p, ca_p = self.paths
+        if self._value is not None and stamp == self._stamp:
+            return self._value
+        cert_p, key_p, ca_p = self.paths
+        try:
             cert = Certificate.from_pem(split_pem(cert_p.read_bytes()), key_p.read_bytes())
             trust = TrustBundle(self.trust_domain, ca_p.read_bytes())
-            self._value, self._stamp = (cert, trust), stamp
+            if not trust.roots():
+                raise ValueError(f"{ca_p} holds no root certificate")
+        except (OSError, ValueError) as e:
+            if self._value is None:
+                raise SystemExit(f"waypoint: cannot load the certificate {cert_p}, key "
+                                 f"{key_p} and roots {ca_p}: {e}") from e
+            if stamp != self._failed:  # once per change of the files, not per handshake
+                self._failed = stamp
+                old = self._value[0]
+                log.warning("cannot load the renewed certificate, key or roots; keeping "
+                            "the previous ones: check that the files belong together",
+                            cert=str(cert_p), key=str(key_p), roots=str(ca_p), error=str(e),
+                            current_not_after=old.not_after)
+            return self._value
+        if self._value is not None and cert != self._value[0]:
+            log.info("certificate renewed", identity=str(cert.identity),
+                     serial=cert.describe()["serial"], not_after=cert.not_after)
+        self._value, self._stamp = (cert, trust), stamp
         return self._value
+
+    def current(self) -> Certificate | None:
+        """The certificate last loaded (None before the first load)."""
+        return self._value[0] if self._value is not None else None
+
+
+#: how often the control-plane mode checks whether its certificate is past half-life
+RENEW_CHECK_INTERVAL = 60.0
+
+
+async def renew_once(client: Any, token_file: str | None, identity: FileIdentity) -> bool:
+    """Renew (or re-join) through `client` when due; the new files reach the next
+    handshakes through `identity`. False, with an error logged, when it failed."""
+    try:
+        if token_file:
+            client.token = _read_token(token_file)
+        await client.ensure_joined()
+        identity()
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        cert = identity.current()
+        log.error("certificate renewal failed; retrying in a minute: is the control plane "
+                  "reachable, and is the join token still valid?",
+                  error=str(e) or type(e).__name__,
+                  expires=cert.not_after if cert is not None else None)
+        return False
+    return True
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -205,11 +260,8 @@ async def _run(args: argparse.Namespace) -> int:
     async def renew() -> None:
         assert client is not None
         while True:
-            await asyncio.sleep(60)
-            with contextlib.suppress(Exception):
-                if args.token_file:
-                    client.token = _read_token(args.token_file)
-                await client.ensure_joined()
+            await asyncio.sleep(RENEW_CHECK_INTERVAL)
+            await renew_once(client, args.token_file, identity)
 
     try:
         async with asyncio.TaskGroup() as tg:

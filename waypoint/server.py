@@ -27,6 +27,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ from ztunnel.listeners._http import HttpListener, bind_tcp
 from ztunnel.listeners._http import Request as AdminRequest
 from ztunnel.listeners._http import Response as AdminResponse
 from ztunnel.listeners.ready import Readiness, ReadyListener
-from ztunnel.tls import cached_server_context
+from ztunnel.tls import cached_server_context, server_context
 
 __all__ = [
     "ConfigError",
@@ -177,6 +178,9 @@ class Waypoint:
         self._config_event = asyncio.Event()
         self._hbone_sock = hbone_sock
         self._hbone: HboneServer | None = None
+        self._listening_ssl: ssl.SSLContext | None = None
+        self._serving_ssl: ssl.SSLContext | None = None
+        self._serving: tuple[Certificate, TrustBundle] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._started = asyncio.Event()
         self._stop = asyncio.Event()
@@ -221,7 +225,7 @@ class Waypoint:
         """Serve until `drain()` / `close()`; every task lives in this TaskGroup."""
         opts = self.options
         sock = self._hbone_sock or bind_tcp(*opts.hbone_address)
-        self._hbone = HboneServer(sock, self._server_context(), self._identity()[1],
+        self._hbone = HboneServer(sock, self._listening_context(), self._identity()[1],
                                   self._on_connect,
                                   max_concurrent_streams=opts.max_concurrent_streams)
         try:
@@ -262,9 +266,53 @@ class Waypoint:
                     await self.exporter.flush()
             await self.upstreams.close()
 
-    def _server_context(self) -> Any:
+    def _listening_context(self) -> ssl.SSLContext:
+        """The context the listener is created with, for good. Its SNI callback runs
+        for every ClientHello (with or without SNI) and switches the handshake to the
+        context of the current certificate and trust bundle, so a renewed certificate
+        or a rotated root applies to the next client without restarting the listener
+        (as ztunnel's inbound listener does)."""
         cert, trust = self._identity()
-        return cached_server_context(cert, trust)
+        ctx = server_context(cert, trust)  # not the cached one: it gets a callback
+        ctx.sni_callback = self._select_context
+        self._serving = (cert, trust)
+        self._listening_ssl = self._serving_ssl = ctx
+        return ctx
+
+    def _current_context(self) -> ssl.SSLContext:
+        """The server context of the identity's current certificate and roots."""
+        cert, trust = self._identity()
+        assert self._serving is not None and self._serving_ssl is not None
+        old_cert, old_trust = self._serving
+        if cert is old_cert and trust is old_trust:
+            return self._serving_ssl
+        if cert == old_cert and trust == old_trust:
+            self._serving = (cert, trust)  # equal content: skip the comparison next time
+            return self._serving_ssl
+        ctx = cached_server_context(cert, trust)
+        if cert != old_cert:
+            log.info("serving renewed certificate", identity=str(cert.identity),
+                     serial=cert.describe()["serial"], not_after=cert.not_after)
+        if trust != old_trust:
+            log.info("verifying clients with the new trust bundle",
+                     roots=len(trust.roots()))
+        self._serving, self._serving_ssl = (cert, trust), ctx
+        return ctx
+
+    def _select_context(self, tls: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                        listening: ssl.SSLContext) -> None:
+        """SNI callback: serve the current certificate, verify against the current roots."""
+        try:
+            ctx = self._current_context()
+        except (OSError, ValueError, ssl.SSLError, SystemExit) as e:
+            assert self._serving is not None
+            cert = self._serving[0]
+            log.warning("cannot load the renewed certificate or trust bundle; serving the "
+                        "previous ones: check the files the identity is read from",
+                        identity=str(cert.identity), not_after=cert.not_after, error=str(e))
+            return
+        if ctx is not listening:
+            tls.context = ctx
 
     async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Stop taking connections (GOAWAY), let requests finish, then stop `run()`."""

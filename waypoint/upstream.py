@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+import structlog
 
 from waypoint.http1 import (
     Conn,
@@ -42,6 +43,8 @@ from ztunnel.hbone.stream import HboneStream
 from ztunnel.identity import Certificate, SpiffeId, TrustBundle
 
 __all__ = ["H1Response", "PoolOverflow", "Spawn", "UpstreamError", "Upstreams"]
+
+log = structlog.get_logger("waypoint")
 
 #: starts a task owned by the caller's TaskGroup (request body senders, readers)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
@@ -218,12 +221,30 @@ class Upstreams:
         self._owner: dict[int, PoolLimits] = {}  # connection -> its backend's pool limits
         self._freed: dict[int, asyncio.Event] = {}  # pool -> a connection came back/closed
         self.connections_opened = 0
+        self._presenting: Certificate | None = None  # the certificate of pooled connections
+
+    def _check_renewal(self, cert: Certificate) -> None:
+        """A renewed certificate: pooled HBONE connections (opened with the previous
+        one) get GOAWAY, so their streams finish and new streams open new connections
+        that present the renewed certificate."""
+        old = self._presenting
+        self._presenting = cert
+        if old is None or cert == old:
+            return
+        conns = self.pool.connections()
+        for c in conns:
+            c.goaway()
+        log.info("presenting the renewed certificate to endpoints; connections opened "
+                 "with the previous one drain", identity=str(cert.identity),
+                 not_after=cert.not_after, draining=len(conns))
 
     async def connect(self, ep: UpstreamEndpoint, *, source: str = "",
                       traceparent: str | None = None) -> Conn:
         """A new byte stream to `ep` (HBONE CONNECT or TCP). Raises UpstreamError(UF)."""
         if ep.hbone:
             cert, trust = self._identity()
+            if cert is not self._presenting:
+                self._check_renewal(cert)
             try:
                 dst_id = SpiffeId.parse(ep.identity)
             except ValueError as e:
