@@ -21,6 +21,11 @@ Client -> control plane, first message of a connection:
   (so a reconnect, even to a restarted control plane, resends nothing). The proxy
   answers every snapshot/delta with ``{"type": "ack", "version"}`` or
   ``{"type": "nack", "version", "error"}``; after a nack the next update is a full one.
+* a node, after subscribing: ``{"type": "claims", "addresses": {IP: NETNS}}``, the
+  addresses that live in network namespaces on its host (the whole set, re-sent when it
+  changes; at most ``placement.MAX_CLAIMS``). They place WorkloadEntries that have no
+  ``ambit.dev/node`` annotation (see ``config.placement``); they are dropped when the
+  node disconnects.
 
 Errors: ``{"type": "error", "rule": R, "message": M}`` then the connection closes.
 The node is always the one named by the client certificate: a node reads only its own
@@ -55,6 +60,7 @@ from config.nodeauth import (
     issue_node_certificate,
     principal_of,
 )
+from config.placement import MAX_CLAIMS, ClaimsError, parse_claims
 from config.resources import FieldError, Resource, ResourceKey, parse_resource
 from config.snapshot import (
     L7_RESOURCES,
@@ -109,6 +115,7 @@ FIRST_MESSAGE_TIMEOUT = 10.0  # seconds from the TLS handshake to the first mess
 HANDSHAKE_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED = 128  # connections not (yet) carrying a client certificate or done
 SAVE_INTERVAL = 1.0  # seconds between writes of the proxy's snapshot file
+CLAIMS_CHECK = 0.25  # seconds between checks for new address claims to send
 FULL_SEND_CONCURRENCY = 4  # whole snapshots being written at once
 RAW_SNAPSHOT = "_raw_snapshot"  # internal: a snapshot already encoded as JSON bytes
 CONTROL_PLANE_SA = ("ambit-system", "control-plane")
@@ -435,7 +442,19 @@ class PushServer:
             "root_expiry": root.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "roots": len(self.ca.roots()),
         }
-        return {"proxies": sorted(out, key=lambda p: (p["kind"], p["name"])), "ca": ca}
+        conflicts = self.index.unplaced_conflicts()
+        for c in conflicts:  # shown in `ambit status` next to the nodes
+            out.append({"kind": "WorkloadEntry", "name": c.workload, "version": "-",
+                        "state": f"unplaced: {c.address} claimed by {', '.join(c.nodes)}",
+                        "cert_expiry": "-"})
+        return {
+            "proxies": sorted(out, key=lambda p: (p["kind"], p["name"])),
+            "ca": ca,
+            "unplaced": [
+                {"workload": c.workload, "address": c.address, "nodes": list(c.nodes)}
+                for c in conflicts
+            ],
+        }
 
     # -- per principal view ------------------------------------------------------------
 
@@ -581,6 +600,8 @@ class PushServer:
                         tg.create_task(self._sender(session))
                     elif typ in ("ack", "nack") and session is not None:
                         self._ack(session, msg)
+                    elif typ == "claims" and session is not None and principal.kind == "node":
+                        self._claims(principal.name, msg)
                     else:
                         raise ValueError(f"unexpected message type {typ!r}")
                     msg = await _recv(reader, self.message_limit)
@@ -596,6 +617,8 @@ class PushServer:
                 if session is not None:
                     if self.sessions.get(_skey(principal)) is session:
                         del self.sessions[_skey(principal)]
+                        if principal.kind == "node":
+                            self._set_claims(principal.name, None)
                     log.info("proxy disconnected", kind=principal.kind, name=principal.name)
                     session.state = "closed"
                     session.wake.set()
@@ -687,6 +710,24 @@ class PushServer:
         )
         s.state = "pending"
         s.wake.set()
+
+    def _claims(self, node: str, msg: Mapping[str, Any]) -> None:
+        try:
+            claims = parse_claims(msg.get("addresses"))
+        except ClaimsError as e:
+            raise ValueError(f"{e} (node {node})") from None
+        self._set_claims(node, claims)
+
+    def _set_claims(self, node: str, claims: Mapping[str, str] | None) -> None:
+        """Record what `node` claims; log placements that become contested."""
+        before = {c.workload for c in self.index.unplaced_conflicts()}
+        if not self.index.set_claims(node, claims):
+            return
+        for c in self.index.unplaced_conflicts():
+            if c.workload not in before:
+                log.warning("workload address claimed by several nodes", workload=c.workload,
+                            address=c.address, nodes=list(c.nodes), reason=c.message())
+        self._dirty.set()
 
     def _ack(self, s: Session, msg: Mapping[str, Any]) -> None:
         version = int(msg.get("version", -1))
@@ -892,6 +933,21 @@ class PushClient:
         self.waypoint_address = waypoint_address
         self.timeout = timeout
         self._ids = 0
+        # addresses in this node's netns (address -> netns), sent on the config stream;
+        # None: this proxy reports none (waypoints, static tests)
+        self._claims: dict[str, str] | None = None
+        self._claims_gen = 0
+
+    def set_claims(self, claims: Mapping[str, str]) -> None:
+        """Report these addresses (address -> netns) to the control plane: sent on the
+        open config stream within CLAIMS_CHECK seconds, and again on every reconnect."""
+        if len(claims) > MAX_CLAIMS:
+            log.warning("too many addresses to report; sending the first ones",
+                        found=len(claims), limit=MAX_CLAIMS)
+            claims = {k: claims[k] for k in sorted(claims)[:MAX_CLAIMS]}
+        if claims != self._claims:
+            self._claims = dict(claims)
+            self._claims_gen += 1
 
     @property
     def token(self) -> str:
@@ -1184,16 +1240,23 @@ class PushClient:
         loop = asyncio.get_running_loop()
         last_save = -1e9
         dirty = False
+        claims_sent = -1
         try:
             while True:
+                if self._claims is not None and claims_sent != self._claims_gen:
+                    claims_sent = self._claims_gen
+                    await _send(writer, {"type": "claims", "addresses": self._claims})
                 wait = max(0.0, last_save + SAVE_INTERVAL - loop.time()) if dirty else None
+                if self._claims is not None:
+                    wait = CLAIMS_CHECK if wait is None else min(wait, CLAIMS_CHECK)
                 try:
                     async with asyncio.timeout(wait):
                         msg = await _recv(reader)
                 except TimeoutError:
-                    assert current is not None
-                    self._save_snapshot(current.to_dict())
-                    last_save, dirty = loop.time(), False
+                    if dirty and loop.time() >= last_save + SAVE_INTERVAL:
+                        assert current is not None
+                        self._save_snapshot(current.to_dict())
+                        last_save, dirty = loop.time(), False
                     continue
                 if msg is None:
                     raise ConnectionError("the control plane closed the stream")

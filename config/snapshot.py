@@ -26,6 +26,15 @@ from typing import Any
 
 import structlog
 
+from config.placement import EMPTY as NO_PLACEMENT
+from config.placement import (
+    ClaimsError,
+    Conflict,
+    Placement,
+    canonical,
+    conflicts_for,
+    plan_placement,
+)
 from config.resources import (
     DATAPLANE_MODE_LABEL,
     USE_WAYPOINT_LABEL,
@@ -50,6 +59,13 @@ CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/n
 def workload_uid(namespace: str, name: str) -> str:
     """The uid a WorkloadEntry gets in snapshots."""
     return f"{namespace}/WorkloadEntry/{name}"
+
+
+def _canonical_or_none(address: str) -> str | None:
+    try:
+        return canonical(address)
+    except ClaimsError:
+        return None
 
 
 def _locality(text: str) -> zs.Locality:
@@ -165,6 +181,10 @@ class MeshIndex:
         self.trust_bundle_pem = ""
         self.resources: dict[ResourceKey, Resource] = {}
         self.waypoint_addresses: dict[tuple[str, str], str] = {}  # registered at connect
+        # addresses each connected node reports in its netns (address -> netns); they
+        # place WorkloadEntries that have no ambit.dev/node annotation
+        self.claims: dict[str, dict[str, str]] = {}
+        self.placement: Placement = NO_PLACEMENT
         self._ns_labels: dict[str, Mapping[str, str]] = {}
         self._by_kind_ns: dict[tuple[str, str], dict[str, Resource]] = {}
         # caches, dropped per namespace when something in it changes
@@ -205,6 +225,49 @@ class MeshIndex:
         else:
             self.waypoint_addresses[(namespace, name)] = address
         self._invalidate_all()
+
+    def set_claims(self, node: str, claims: Mapping[str, str] | None) -> bool:
+        """A node reported the addresses in its netns (None: it left). True when the
+        placement of some unannotated WorkloadEntry changed."""
+        if claims is None:
+            if self.claims.pop(node, None) is None:
+                return False
+        elif self.claims.get(node) == claims:
+            return False
+        else:
+            self.claims[node] = dict(claims)
+        old, self.placement = self.placement, plan_placement(self.claims)
+        changed = old.changed_addresses(self.placement)
+        if not changed:
+            return False
+        hit = False
+        for (kind, ns), items in self._by_kind_ns.items():
+            if kind != "WorkloadEntry":
+                continue
+            for name, r in items.items():
+                spec = r.spec
+                assert isinstance(spec, WorkloadEntrySpec)
+                if spec.node or _canonical_or_none(spec.address) not in changed:
+                    continue
+                hit = True
+                self._wl.pop(ns, None)
+                self._svc.pop(ns, None)
+                self._wl_memo.pop(workload_uid(ns, name), None)
+        return hit
+
+    def unplaced_conflicts(self) -> list[Conflict]:
+        """Unannotated WorkloadEntries whose address several nodes claim."""
+        if not self.placement.conflicts:
+            return []
+        unannotated: list[tuple[str, str]] = []
+        for (kind, ns), items in self._by_kind_ns.items():
+            if kind == "WorkloadEntry":
+                for name, r in items.items():
+                    spec = r.spec
+                    assert isinstance(spec, WorkloadEntrySpec)
+                    if not spec.node:
+                        unannotated.append((f"{ns}/{name}", spec.address))
+        return conflicts_for(self.placement, unannotated)
 
     def _put(self, r: Resource) -> None:
         old = self.resources.get(r.key)
@@ -325,7 +388,13 @@ class MeshIndex:
             labels = {**r.meta.labels, **spec.labels}
             enrolled = ns_ambient and labels.get(DATAPLANE_MODE_LABEL) != "none"
             wp = self._waypoint_ref(ns, _waypoint_name(labels, ns_labels), "workload")
-            canonical = next((labels[k] for k in CANONICAL_NAME_LABELS if k in labels), "")
+            canonical_name = next(
+                (labels[k] for k in CANONICAL_NAME_LABELS if k in labels), "")
+            node, netns = spec.node, spec.netns
+            if not node:  # placed by the node that claims the address, if exactly one does
+                claim = self.placement.lookup(spec.address)
+                if claim is not None:
+                    node, netns = claim.node, netns or claim.netns
             w: zs.Workload | None
             try:
                 w = zs.Workload(
@@ -334,16 +403,16 @@ class MeshIndex:
                     namespace=ns,
                     ip=spec.address,
                     ip6=None,
-                    node=spec.node or UNKNOWN_NODE,
+                    node=node or UNKNOWN_NODE,
                     service_account=spec.service_account or "default",
-                    netns=spec.netns or None,
+                    netns=netns or None,
                     labels=zs.FrozenMap(labels),
                     locality=_locality(spec.locality),
                     weight=max(1, spec.weight),
                     enrolled=enrolled,
                     waypoint=wp if enrolled else None,
                     trust_domain=self.trust_domain,
-                    canonical_name=canonical,
+                    canonical_name=canonical_name,
                 )
             except zs.SnapshotError as e:
                 log.warning(

@@ -157,7 +157,18 @@ class ControlPlaneSource:
                 await task
 
     async def watch(self, apply: Apply) -> None:
-        await self.client.follow(apply)
+        # Also report the addresses in this host's netns: they place WorkloadEntries
+        # that carry no ambit.dev/node annotation on this node.
+        from ztunnel.discovery import PREFIX_ENV, AddressDiscovery
+
+        discovery = AddressDiscovery(self.client.set_claims,
+                                     name_prefix=os.environ.get(PREFIX_ENV) or None)
+        async with asyncio.TaskGroup() as tg:
+            scanner = tg.create_task(discovery.run())
+            try:
+                await self.client.follow(apply)
+            finally:
+                scanner.cancel()
 
     async def fetch_certificate(self, identity: SpiffeId, csr_pem: bytes) -> list[bytes]:
         return await self.client.fetch_certificate(identity, csr_pem)
