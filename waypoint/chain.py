@@ -112,9 +112,11 @@ __all__ = [
     "Cluster",
     "MirrorPlan",
     "RequestPlan",
+    "SourcePlan",
     "build_chain",
     "declared_protocol",
     "plan_request",
+    "plan_source",
     "plan_tcp",
     "port_protocol",
 ]
@@ -920,3 +922,53 @@ def plan_tcp(
         return l7authz.denied_response(dec)
     return _start(chain, request, request, sc.default.target, cluster=sc.default,
                   retry=_TCP_RETRY, timeouts=Timeouts(), now=now, rng=rng, policy=dec.policy)
+
+
+# ----------------------------------------------------------------------------- source
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """Which source address a tunnelled connection is judged by (ipBlocks, telemetry).
+
+    `ignored` is the `forwarded: for=` address when it was not trusted (None when it
+    was used or absent); `reason` says why: `unknown_workload` or
+    `identity_mismatch`.
+    """
+
+    ip: str
+    ignored: str | None = None
+    reason: str = ""
+
+
+def forwarded_ip(forwarded_for: str) -> str:
+    """The address of a `forwarded: for=` value (`ip`, `ip:port`, `[v6]`, `[v6]:port`)."""
+    fwd = forwarded_for.strip().strip('"')
+    if fwd.startswith("["):
+        end = fwd.find("]")
+        return fwd[1:end] if end > 0 else fwd[1:]
+    host, sep, port = fwd.rpartition(":")
+    return host if sep and port.isdigit() and host.count(":") == 0 else fwd
+
+
+def plan_source(snapshot: zs.Snapshot, *, forwarded_for: str | None, peer_ip: str,
+                peer_identity: str) -> SourcePlan:
+    """Trust `forwarded: for=` only when the authenticated peer speaks for that address.
+
+    In ambient mode the HBONE client is the source workload's ztunnel presenting the
+    source workload's certificate, so the claim holds when the workload that owns the
+    forwarded address in the snapshot has exactly the peer's identity. Anything else
+    (an address the snapshot does not know, or one owned by another identity) could
+    be forged by the client: the TCP peer address is used instead.
+    """
+    if not forwarded_for:
+        return SourcePlan(peer_ip)
+    ip = forwarded_ip(forwarded_for)
+    if ip == peer_ip:
+        return SourcePlan(ip)
+    w = snapshot.workload_by_ip(ip)
+    if w is None:
+        return SourcePlan(peer_ip, ip, "unknown_workload")
+    if w.identity != peer_identity:
+        return SourcePlan(peer_ip, ip, "identity_mismatch")
+    return SourcePlan(ip)

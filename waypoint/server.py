@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import structlog
 import yaml
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from config.resources import Resource, parse_resource
 from config.snapshot import MeshIndex
@@ -47,6 +47,7 @@ from waypoint.chain import (
     RequestPlan,
     build_chain,
     plan_request,
+    plan_source,
     plan_tcp,
     port_protocol,
 )
@@ -137,16 +138,6 @@ class WaypointOptions:
 IdentityFn = Callable[[], tuple[Certificate, TrustBundle]]
 
 
-def _source_ip(creq: ConnectRequest) -> str:
-    fwd = creq.forwarded_for
-    if fwd:
-        if fwd.startswith("["):
-            return fwd[1 : fwd.find("]")]
-        host, sep, port = fwd.rpartition(":")
-        return host if sep and port.isdigit() and host.count(":") == 0 else fwd
-    return creq.peer_addr[0]
-
-
 class Waypoint:
     """One waypoint: owns the HBONE listener, upstreams, telemetry and the current chain."""
 
@@ -168,6 +159,12 @@ class Waypoint:
         self.telemetry = Telemetry(self.registry, exporter=self.exporter,
                                    access_log_enabled=options.access_log)
         self.upstreams = Upstreams(identity, hbone_port=options.upstream_hbone_port)
+        self._forwarded_ignored = Counter(
+            "ambit_waypoint_forwarded_ignored",
+            "HBONE streams whose forwarded source address was not trusted (the peer "
+            "certificate is not the identity of the workload owning that address)",
+            ["reason"], registry=self.registry)
+        self._forwarded_logged: dict[str, float] = {}
         from waypoint.http2 import H2Pool
 
         self.h2_pool = H2Pool(self.upstreams)
@@ -338,13 +335,34 @@ class Waypoint:
     async def _on_connect(self, creq: ConnectRequest) -> Decision:
         return Accept(serve=functools.partial(self._serve_stream, creq))
 
+    def _source_ip(self, chain: Chain, creq: ConnectRequest) -> str:
+        """The source address to judge the stream by: `forwarded: for=` only when the
+        peer's certificate is the identity of the workload owning that address."""
+        peer = str(creq.peer_identity)
+        src = plan_source(chain.config.snapshot, forwarded_for=creq.forwarded_for,
+                          peer_ip=creq.peer_addr[0], peer_identity=peer)
+        if src.ignored is not None:
+            self._forwarded_ignored.labels(src.reason).inc()
+            now = time.monotonic()
+            if now - self._forwarded_logged.get(peer, -60.0) >= 10.0:  # at most every 10 s
+                if len(self._forwarded_logged) > 4096:
+                    self._forwarded_logged.clear()
+                self._forwarded_logged[peer] = now
+                log.warning("ignoring the forwarded source address: the client's certificate "
+                            "is not the identity of the workload owning it (a forged header, "
+                            "or a snapshot that lags behind); using the peer address",
+                            claimed=src.ignored, reason=src.reason, peer_identity=peer,
+                            peer_address=creq.peer_addr[0])
+        return src.ip
+
     async def _serve_stream(self, creq: ConnectRequest, stream: HboneStream) -> None:
         chain = self._chain
         if chain is None:
             await asyncio.wait_for(self._config_event.wait(), 10.0)
             chain = self._chain
             assert chain is not None
-        info = ConnInfo(dest_ip=creq.host, dest_port=creq.port, source_ip=_source_ip(creq),
+        info = ConnInfo(dest_ip=creq.host, dest_port=creq.port,
+                        source_ip=self._source_ip(chain, creq),
                         source_principal=str(creq.peer_identity),
                         peer_address=f"{creq.peer_addr[0]}:{creq.peer_addr[1]}")
         proto = port_protocol(chain, creq.host, creq.port)
