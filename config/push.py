@@ -1247,7 +1247,7 @@ class PushClient:
                     claims_sent = self._claims_gen
                     await _send(writer, {"type": "claims", "addresses": self._claims})
                 wait = max(0.0, last_save + SAVE_INTERVAL - loop.time()) if dirty else None
-                if self._claims is not None:
+                if "/" not in self.subject:  # a node: its claims may change any time
                     wait = CLAIMS_CHECK if wait is None else min(wait, CLAIMS_CHECK)
                 try:
                     async with asyncio.timeout(wait):
