@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     zlog.configure(args.log_level)
+    # Before the loop allocates anything: glibc thresholds sized for relay buffers, as
+    # ztunnel does (HBONE in and out both relay; a no-op off glibc).
+    from ztunnel.hbone.tuning import tune_allocator
+
+    if not tune_allocator():
+        log.info("malloc tuning not applied (not glibc): HBONE relaying costs more CPU")
     try:
         import uvloop
 
