@@ -1,0 +1,142 @@
+"""Tier 3: WorkloadEntries with only an address are enrolled by the node whose netns hold it.
+
+A real control plane in the sandbox's fabric netns and a real ztunnel per node; the
+WorkloadEntries carry no `ambit.dev/node` or `ambit.dev/netns` annotation. Each ztunnel
+reports the addresses it finds in its node's workload netns (scoped by name prefix:
+the sandbox's nodes share one host), so the client is placed on n1 and the server on
+n2, each enrolled only there, and the traffic between them is mTLS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from netsetup.sandbox import Sandbox, unique_prefix
+from tests.conftest import require_root_and_tools
+from ztunnel.discovery import PREFIX_ENV
+
+PY = sys.executable
+ROOT = str(Path(__file__).parents[2])
+ECHO_PORT = 9000
+ECHO_SERVER = r"""
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(128)
+def serve(c, a):
+    with c:
+        f = c.makefile("rwb")
+        for line in f:
+            f.write(a[0].encode() + b" " + line); f.flush()
+while True:
+    c, a = s.accept(); threading.Thread(target=serve, args=(c, a), daemon=True).start()
+"""
+
+
+def _manifests(sb: Sandbox) -> str:
+    docs = [
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n"
+        "    istio.io/dataplane-mode: ambient\n",
+    ]
+    for name, wl in (("client", "w1-1"), ("server", "w2-1")):
+        docs.append(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+            f"metadata:\n  name: {name}\n  namespace: shop\n"
+            f"spec:\n  address: {sb.workload(wl).ip}\n  serviceAccount: {name}\n"
+        )
+    return "---\n".join(docs)
+
+
+def _wait(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address() -> None:
+    require_root_and_tools("ip", "nft", "nc", "curl")
+    sb = Sandbox(unique_prefix("place"), nodes=2, workloads_per_node=1)
+    tmp = Path(tempfile.mkdtemp(prefix="placement-"))
+    cp_log = open(tmp / "cp.log", "wb")  # noqa: SIM115 - closed in finally
+    try:
+        sb.build()
+        sock = str(tmp / "control.sock")
+        cp = sb.popen(sb.fabric_netns, [PY, "-m", "config", "control-plane", "--data-dir",
+                                        str(tmp / "cp"), "--socket", sock, "--proxy-listen",
+                                        f"{sb.fabric_ip}:15012"],
+                      stdout=subprocess.PIPE, stderr=cp_log, cwd=ROOT)
+        assert cp.stdout is not None
+        ready = cp.stdout.readline().decode()
+        assert ready.startswith("ready "), (tmp / "cp.log").read_text()
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")},
+               "AMBIT_SOCKET": sock}
+
+        def ambit(*args: str, stdin: str | None = None) -> str:
+            r = subprocess.run([PY, "-m", "config", *args], input=stdin, env=env, cwd=ROOT,
+                               capture_output=True, text=True, check=False, timeout=30)
+            assert r.returncode == 0, r.stderr
+            return r.stdout
+
+        ambit("apply", "-f", "-", stdin=_manifests(sb))
+        client, server = sb.workload("w1-1"), sb.workload("w2-1")
+        sb.popen(server.netns, [PY, "-c", ECHO_SERVER, str(ECHO_PORT)],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        logs: dict[str, Path] = {}
+        for i, node in ((1, "n1"), (2, "n2")):
+            logs[node] = tmp / f"zt-{node}.log"
+            token = ambit("token", "create", "--node", node).strip()
+            with open(logs[node], "ab") as out:
+                sb.popen(
+                    sb.node(node).netns,
+                    [PY, "-m", "ztunnel", "--node", node, "--control-plane",
+                     f"{sb.fabric_ip}:15012", "--token", token, "--data-dir",
+                     str(tmp / f"zt-{node}"), "--drain-timeout", "1"],
+                    stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT,
+                    env={**env, PREFIX_ENV: f"{sb.prefix}-w{i}-"})
+
+        def enrolled(node: str) -> set[str]:
+            out = set()
+            for line in logs[node].read_text(errors="replace").splitlines():
+                if '"workload enrolled"' in line:
+                    out.add(json.loads(line)["workload"])
+            return out
+
+        t0 = time.monotonic()
+        _wait(lambda: enrolled("n1") == {"shop/client"}, "the client enrolled on n1", 15)
+        _wait(lambda: enrolled("n2") == {"shop/server"}, "the server enrolled on n2", 15)
+        took = time.monotonic() - t0
+        assert took < 10, f"placement took {took:.1f}s"
+
+        r = sb.exec(client.netns, ["nc", "-N", "-w", "5", server.ip, str(ECHO_PORT)],
+                    input="placed\n", timeout=15)
+        assert r.stdout.strip() == f"{client.ip} placed", r.stderr
+        # meshed: the server's node saw the client's mTLS identity
+        _wait(lambda: "spiffe://cluster.local/ns/shop/sa/client"
+              in logs["n2"].read_text(errors="replace"),
+              "the client's principal in the server node's access log", 10)
+
+        # each node holds the other's workload only as a remote one, on the right node
+        for node, mine, other in (("n1", "client", "server"), ("n2", "server", "client")):
+            dump = sb.exec(sb.node(node).netns,
+                           ["curl", "-s", "http://127.0.0.1:15000/config_dump"])
+            snap = json.loads(dump.stdout)["snapshot"]
+            placed = {w["name"]: w["node"] for w in snap["workloads"]}
+            assert placed[mine] == node, placed
+            assert placed.get(other, "n2" if node == "n1" else "n1") != node, placed
+        assert enrolled("n1") == {"shop/client"} and enrolled("n2") == {"shop/server"}
+        status = ambit("status")
+        assert "unplaced" not in status, status
+    finally:
+        cp_log.close()
+        sb.teardown()
+        shutil.rmtree(tmp, ignore_errors=True)
