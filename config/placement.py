@@ -10,6 +10,7 @@ Everything here is pure: claims and workloads in, a typed placement out.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 MAX_CLAIMS = 512
 #: longest netns name or path accepted in a claim
 MAX_NETNS_LEN = 128
+#: largest encoded claims message a node sends (the control plane reads 64 KiB lines)
+MAX_CLAIMS_BYTES = 48 * 1024
 
 
 class ClaimsError(ValueError):
@@ -99,6 +102,28 @@ def parse_claims(raw: object) -> dict[str, str]:
             raise ClaimsError(f"claims: bad netns {netns[:MAX_NETNS_LEN]!r} for {addr}")
         out[canonical(addr)] = netns
     return out
+
+
+def bound_claims(claims: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """What a node may send: (claims that fit, addresses left out).
+
+    Leaves out netns names or paths longer than MAX_NETNS_LEN, and then the highest
+    addresses (sorted as text) beyond MAX_CLAIMS or MAX_CLAIMS_BYTES, so the message is
+    always accepted.
+    """
+    kept: dict[str, str] = {}
+    left: list[str] = []
+    size = 64  # the message around the entries
+    for addr in sorted(claims):
+        netns = claims[addr]
+        entry = len(json.dumps(addr)) + len(json.dumps(netns)) + 2
+        if (not netns or len(netns) > MAX_NETNS_LEN or "\x00" in netns
+                or len(kept) >= MAX_CLAIMS or size + entry > MAX_CLAIMS_BYTES):
+            left.append(addr)
+            continue
+        kept[addr] = netns
+        size += entry
+    return kept, left
 
 
 def plan_placement(claims: Mapping[str, Mapping[str, str]]) -> Placement:

@@ -60,7 +60,7 @@ from config.nodeauth import (
     issue_node_certificate,
     principal_of,
 )
-from config.placement import MAX_CLAIMS, ClaimsError, parse_claims
+from config.placement import MAX_CLAIMS, ClaimsError, bound_claims, parse_claims
 from config.resources import FieldError, Resource, ResourceKey, parse_resource
 from config.snapshot import (
     L7_RESOURCES,
@@ -941,12 +941,14 @@ class PushClient:
     def set_claims(self, claims: Mapping[str, str]) -> None:
         """Report these addresses (address -> netns) to the control plane: sent on the
         open config stream within CLAIMS_CHECK seconds, and again on every reconnect."""
-        if len(claims) > MAX_CLAIMS:
-            log.warning("too many addresses to report; sending the first ones",
-                        found=len(claims), limit=MAX_CLAIMS)
-            claims = {k: claims[k] for k in sorted(claims)[:MAX_CLAIMS]}
-        if claims != self._claims:
-            self._claims = dict(claims)
+        kept, left = bound_claims(claims)
+        if kept != self._claims:
+            if left:
+                log.warning("some local addresses are not reported (too many, or netns "
+                            "names too long): annotate their WorkloadEntries with "
+                            "ambit.dev/node", left_out=left[:10], count=len(left),
+                            limit=MAX_CLAIMS)
+            self._claims = kept
             self._claims_gen += 1
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import pytest
@@ -9,9 +10,12 @@ import yaml
 
 from config.placement import (
     MAX_CLAIMS,
+    MAX_CLAIMS_BYTES,
+    MAX_NETNS_LEN,
     Claim,
     ClaimsError,
     Conflict,
+    bound_claims,
     conflicts_for,
     parse_claims,
     plan_placement,
@@ -191,3 +195,15 @@ async def test_discovery_reports_what_each_scan_finds() -> None:
     plan = await d.step()
     assert plan.added == ("10.3.0.8",)
     assert reported == [{"10.3.0.7": "w1"}, {"10.3.0.7": "w1", "10.3.0.8": "w2"}]
+
+
+def test_bound_claims_always_fits_what_the_control_plane_accepts() -> None:
+    many = {f"fd00:1234:5678:9abc::{i + 1:x}": f"/run/netns/{'x' * 100}{i}" for i in range(600)}
+    many["10.0.0.1"] = "y" * (MAX_NETNS_LEN + 1)
+    kept, left = bound_claims(many)
+    assert "10.0.0.1" in left and len(kept) + len(left) == len(many)
+    message = json.dumps({"type": "claims", "addresses": kept}, separators=(",", ":"))
+    assert len(message) <= MAX_CLAIMS_BYTES
+    assert parse_claims(json.loads(message)["addresses"]) == kept
+    small = {"10.0.0.2": "w"}
+    assert bound_claims(small) == (small, [])
