@@ -343,6 +343,12 @@ class Waypoint:
                           peer_ip=creq.peer_addr[0], peer_identity=peer)
         if src.ignored is not None:
             self._forwarded_ignored.labels(src.reason).inc()
+            if src.reason != "identity_mismatch":
+                # a source outside the waypoint's snapshot (only the workloads behind its
+                # services are in it): the usual case, not a sign of forgery
+                log.debug("forwarded source address not in the snapshot; using the peer "
+                          "address", claimed=src.ignored, peer_identity=peer)
+                return src.ip
             now = time.monotonic()
             if now - self._forwarded_logged.get(peer, -60.0) >= 10.0:  # at most every 10 s
                 if len(self._forwarded_logged) > 4096:
