@@ -91,35 +91,37 @@ def plan_claims(
 class HostScanner:
     """The blocking scan: every netns on the host except this process's own.
 
-    A netns seen for the first time is read at once; one already known is re-read when
-    its addresses are older than `refresh` seconds (one netlink dump costs a few ms, so
-    a host with many netns is not re-read in full every second). With `name_prefix`,
-    only named netns starting with it. Namespaces that vanish while read are skipped.
+    A netns is read on every scan during its first `refresh` seconds (a workload being
+    set up gets its address after its netns exists), then once every `refresh` seconds
+    (one netlink dump costs a few ms: a host with many netns is not re-read in full
+    every second). With `name_prefix`, only named netns starting with it. Namespaces
+    that vanish while being read are skipped.
     """
 
     def __init__(self, name_prefix: str | None = None, *, refresh: float = REFRESH) -> None:
         self.name_prefix = name_prefix
         self.refresh = refresh
-        self._known: dict[tuple[int, int], tuple[float, frozenset[str]]] = {}
+        # (dev, inode) -> (first seen, last read, addresses)
+        self._known: dict[tuple[int, int], tuple[float, float, frozenset[str]]] = {}
 
     def __call__(self) -> list[NetnsScan]:
         now = time.monotonic()
         own = os.stat("/proc/self/ns/net")
         out: list[NetnsScan] = []
-        seen: dict[tuple[int, int], tuple[float, frozenset[str]]] = {}
+        seen: dict[tuple[int, int], tuple[float, float, frozenset[str]]] = {}
         for cand in iter_netns(self.name_prefix):
             key = (cand.dev, cand.inode)
             if key == (own.st_dev, own.st_ino):
                 continue  # the node's own addresses are never a workload's
-            cached = self._known.get(key)
-            if cached is None or now - cached[0] >= self.refresh:
+            first, last, addrs = self._known.get(key, (now, -1e18, frozenset()))
+            if now - first < self.refresh or now - last >= self.refresh:
                 try:
-                    cached = (now, frozenset(addresses_in_netns(cand.ref)))
+                    addrs, last = frozenset(addresses_in_netns(cand.ref)), now
                 except (NetnsError, OSError):
                     continue  # gone while scanning (process exited, netns deleted)
-            seen[key] = cached
-            if cached[1]:
-                out.append(NetnsScan(cand.ref, cached[1]))
+            seen[key] = (first, last, addrs)
+            if addrs:
+                out.append(NetnsScan(cand.ref, addrs))
         self._known = seen
         return out
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from netsetup.sandbox import Sandbox, unique_prefix
 from tests.conftest import require_root_and_tools
-from ztunnel.discovery import PREFIX_ENV
+from ztunnel.discovery import PREFIX_ENV, HostScanner, plan_claims
 
 PY = sys.executable
 ROOT = str(Path(__file__).parents[2])
@@ -52,6 +52,13 @@ def _manifests(sb: Sandbox) -> str:
             f"spec:\n  address: {sb.workload(wl).ip}\n  serviceAccount: {name}\n"
         )
     return "---\n".join(docs)
+
+
+def _inode(ref: str) -> int | None:
+    try:
+        return os.stat(ref if "/" in ref else f"/run/netns/{ref}").st_ino
+    except OSError:
+        return None  # gone since the scan
 
 
 def _wait(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
@@ -140,3 +147,29 @@ def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address(
         cp_log.close()
         sb.teardown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_host_scan_finds_an_address_added_to_a_process_held_netns_after_it_appeared() -> None:
+    require_root_and_tools("ip", "unshare")
+    addr = f"10.253.{os.getpid() % 250}.{os.getpid() // 250 % 250 + 1}"
+    script = ("ip link add pl0 type veth peer name pl1 && ip link set pl0 up && echo ready && "
+              f"read go && ip addr add {addr}/32 dev pl0 && echo added && exec sleep 60")
+    proc = subprocess.Popen(["unshare", "--net", "sh", "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        scan = HostScanner()
+        path = f"/proc/{proc.pid}/ns/net"
+        first = plan_claims({}, scan())
+        assert addr not in first.claims
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "added"
+        second = plan_claims(first.claims, scan())
+        assert second.claims[addr] == path and addr in second.added
+        own = os.stat("/proc/self/ns/net").st_ino
+        assert own not in {_inode(s.ref) for s in scan()}  # the scanner's own netns: never
+    finally:
+        proc.kill()
+        proc.wait()
