@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import httptools
+import structlog
 
 from waypoint.model import Headers, Request
 
@@ -45,6 +46,8 @@ __all__ = [
     "pipe",
     "serve_http1",
 ]
+
+log = structlog.get_logger("waypoint")
 
 #: headers that describe one hop, never forwarded (RFC 9110 section 7.6.1; `expect` is
 #: answered by the waypoint itself)
@@ -525,13 +528,15 @@ async def _write_simple(conn: Conn, status: int, body: bytes) -> None:
 
 
 class Draining:
-    """Graceful shutdown shared by a server's HTTP/1.1 connections: once `start()`ed,
-    idle keep-alive connections are closed (FIN) and busy ones answer their current
-    request with `connection: close`."""
+    """Graceful shutdown shared by a server's downstream connections: once `start()`ed,
+    idle HTTP/1.1 keep-alive connections are closed (FIN) and busy ones answer their
+    current request with `connection: close`; HTTP/2 connections that registered with
+    `on_start` are told (GOAWAY, see `waypoint.http2`)."""
 
     def __init__(self) -> None:
         self.on = False
         self._idle: dict[int, Conn] = {}
+        self._callbacks: dict[int, Callable[[], None]] = {}
 
     def start(self) -> None:
         self.on = True
@@ -539,6 +544,22 @@ class Draining:
             with contextlib.suppress(Exception):
                 conn.write_eof()
         self._idle.clear()
+        callbacks, self._callbacks = list(self._callbacks.values()), {}
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("drain_callback_failed")
+
+    def on_start(self, owner: object, cb: Callable[[], None]) -> None:
+        """Run `cb` when draining starts (at once if it has); `forget(owner)` undoes."""
+        if self.on:
+            cb()
+        else:
+            self._callbacks[id(owner)] = cb
+
+    def forget(self, owner: object) -> None:
+        self._callbacks.pop(id(owner), None)
 
     def idle(self, conn: Conn, idle: bool) -> None:
         if idle:

@@ -29,12 +29,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import structlog
+from hyperframe.frame import GoAwayFrame
 
 from waypoint.http1 import (
     HOP_BY_HOP,
     Body,
     Conn,
     ConnInfo,
+    Draining,
     Exchange,
     Handler,
     close_conn,
@@ -50,6 +52,9 @@ log = structlog.get_logger("waypoint")
 
 READ_SIZE = 256 * 1024
 WINDOW = 4 << 20  # receive window per stream and (x4) per connection
+#: after a drained connection's last stream ended and the waypoint half-closed it, how
+#: long the client gets to close its side before the stream is reset
+CLOSE_GRACE = 2.0
 _H2_DROP = HOP_BY_HOP - {"te"}
 
 
@@ -163,10 +168,16 @@ class _H2Responder:
 
 
 class _H2Server:
-    def __init__(self, conn: Conn, handler: Handler, info: ConnInfo) -> None:
+    def __init__(self, conn: Conn, handler: Handler, info: ConnInfo,
+                 draining: Draining | None = None) -> None:
         self.conn = conn
         self.handler = handler
         self.info = info
+        self.draining = draining
+        self.going_away = False  # GOAWAY sent: streams up to last_sid finish, no new ones
+        self.last_sid = 0
+        self.ended = False  # half-closed after the last stream of a drain
+        self._grace: asyncio.TimerHandle | None = None
         cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
                                         validate_inbound_headers=True)
         self.h2c = h2.connection.H2Connection(cfg)
@@ -186,6 +197,33 @@ class _H2Server:
             self.h2c.acknowledge_received_data(n, sid)
             self.flush()
 
+    def goaway(self) -> None:
+        """Drain: GOAWAY(NO_ERROR) naming the last stream received; those streams are
+        served to the end, later ones refused, then the connection is closed."""
+        if self.going_away or self.closed:
+            return
+        self.going_away = True
+        self.last_sid = self.h2c.highest_inbound_stream_id
+        self.flush()
+        # h2 sends nothing more after its own GOAWAY (close_connection), not even the
+        # answers of the streams that should finish: write the frame ourselves
+        frame = GoAwayFrame(0, last_stream_id=self.last_sid, error_code=0)
+        with contextlib.suppress(HboneError, OSError, RuntimeError):
+            self.conn.write(frame.serialize())
+        self._end_if_done()
+
+    def _end_if_done(self) -> None:
+        """After a GOAWAY, once no stream is left: half-close, and reset the
+        connection if the client does not close its side within CLOSE_GRACE."""
+        if not self.going_away or self.responders or self.ended or self.closed:
+            return
+        self.ended = True
+        self.flush()
+        with contextlib.suppress(HboneError, OSError, RuntimeError):
+            self.conn.write_eof()
+        self._grace = asyncio.get_running_loop().call_later(
+            CLOSE_GRACE, close_conn, self.conn)
+
     async def run(self, initial: bytes) -> None:
         h2c = self.h2c
         h2c.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -195,6 +233,7 @@ class _H2Server:
         h2c.initiate_connection()
         h2c.increment_flow_control_window(4 * WINDOW - 65535)
         self.flush()
+        watching = False
         async with asyncio.TaskGroup() as tg:
             data = initial
             try:
@@ -210,6 +249,10 @@ class _H2Server:
                         for ev in events:
                             self._event(ev, tg)
                         self.flush()
+                    if not watching and self.draining is not None:
+                        # after the first requests are taken: they are served in a drain
+                        watching = True
+                        self.draining.on_start(self, self.goaway)
                     if self.closed:
                         break
                     data = await self.conn.read(READ_SIZE)
@@ -219,6 +262,10 @@ class _H2Server:
                 pass
             finally:
                 self.closed = True
+                if self.draining is not None:
+                    self.draining.forget(self)
+                if self._grace is not None:
+                    self._grace.cancel()
                 for b in self.bodies.values():
                     b.fail(ConnectionError("client connection closed"))
                 self.writable.wake()
@@ -227,6 +274,11 @@ class _H2Server:
         body: Body | None
         if isinstance(ev, h2.events.RequestReceived):
             sid = ev.stream_id
+            if self.going_away and sid > self.last_sid:
+                # sent before the client saw our GOAWAY: not processed, safe to retry
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2c.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             hdrs = [(str(k), str(v)) for k, v in ev.headers]
             pseudo = {k: v for k, v in hdrs if k.startswith(":")}
             regular = [(k, v) for k, v in hdrs if not k.startswith(":")]
@@ -304,12 +356,16 @@ class _H2Server:
         finally:
             self.bodies.pop(sid, None)
             self.responders.pop(sid, None)
+            self._end_if_done()
 
 
 async def serve_http2(conn: Conn, handler: Handler, *, info: ConnInfo,
-                      initial: bytes = b"") -> None:
-    """Serve HTTP/2 (prior knowledge, as inside HBONE) on `conn` until the client ends."""
-    await _H2Server(conn, handler, info).run(initial)
+                      initial: bytes = b"", draining: Draining | None = None) -> None:
+    """Serve HTTP/2 (prior knowledge, as inside HBONE) on `conn` until the client ends.
+
+    When `draining` starts, the client gets GOAWAY: the streams it already opened are
+    served to the end, then the connection is closed."""
+    await _H2Server(conn, handler, info, draining).run(initial)
 
 
 # ----------------------------------------------------------------------------- upstream

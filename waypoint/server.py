@@ -315,7 +315,9 @@ class Waypoint:
         """Stop taking connections (GOAWAY), let requests finish, then stop `run()`."""
         if self.ready_listener is not None:
             self.ready_listener.draining = True
-        self.draining.start()  # idle HTTP/1.1 connections close, busy ones after a reply
+        # idle HTTP/1.1 connections close, busy ones after a reply; HTTP/2 clients get
+        # GOAWAY and their connections close once their streams are done
+        self.draining.start()
         if self._hbone is not None:
             await self._hbone.drain(timeout)
         self._stop.set()
@@ -394,7 +396,8 @@ class Waypoint:
             return
         if first.startswith(H2_PREFACE):
             from waypoint.http2 import serve_http2
-            await serve_http2(stream, self.handle, info=info, initial=first)
+            await serve_http2(stream, self.handle, info=info, initial=first,
+                              draining=self.draining)
         elif proto or _HTTP1_START.match(first):
             await serve_http1(stream, self.handle, info=info, initial=first,
                               draining=self.draining)
