@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,15 +172,20 @@ async def renew_once(client: Any, token_file: str | None, identity: FileIdentity
         if token_file:
             client.token = _read_token(token_file)
         await client.ensure_joined()
-        identity()
+        cert = identity()[0]
     except asyncio.CancelledError:
         raise
     except Exception as e:
-        cert = identity.current()
+        current = identity.current()
         log.error("certificate renewal failed; retrying in a minute: is the control plane "
                   "reachable, and is the join token still valid?",
                   error=str(e) or type(e).__name__,
-                  expires=cert.not_after if cert is not None else None)
+                  expires=current.not_after if current is not None else None)
+        return False
+    if time.time() >= cert.renewal_time():  # the client logged why, and kept the old one
+        log.error("certificate still not renewed past its half-life; retrying in a minute: "
+                  "see the renewal warning above", identity=str(cert.identity),
+                  expires=cert.not_after)
         return False
     return True
 

@@ -197,3 +197,58 @@ async def test_upstream_connections_present_the_renewed_certificate(tmp_path: Pa
         finally:
             await ups.close()
             server.close()
+
+
+async def test_renewal_at_half_life_through_the_control_plane_reaches_the_listener(
+        tmp_path: Path) -> None:
+    from config.push import NODE_CERT, NODE_KEY, TRUST, PushClient
+    from tests.inproc.test_api_push import plane
+    from tests.inproc.test_waypoint_process import CaIssuer
+    from ztunnel.identity import generate_key, make_csr, private_key_pem
+
+    async with plane(tmp_path) as p:
+        data = tmp_path / "wp-data"
+        client = PushClient(p.address, "app/wp", data, trust_domain="cluster.local",
+                            token=p.tokens.create("app/wp"))
+        await client.ensure_joined()
+        joined = x509.load_pem_x509_certificate((data / NODE_CERT).read_bytes())
+        cn = joined.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        ident = SpiffeId("cluster.local", "app", "wp")
+        identity = FileIdentity(data / NODE_CERT, data / NODE_KEY, data / TRUST,
+                                "cluster.local")
+        # a renewal the control plane refuses (a workload certificate, not the one a
+        # join gave) is reported, not taken for done
+        key = generate_key()
+        chain = p.ca.sign_csr(make_csr(ident, key), ident, ttl=4, now=time.time() - 2.5)
+        write_pair(Certificate.from_pem(chain, private_key_pem(key)), data / NODE_CERT,
+                   data / NODE_KEY)
+        with structlog.testing.capture_logs() as logs:
+            assert not await renew_once(client, None, identity)
+        assert any(e["log_level"] == "error" and "not renewed" in e["event"] for e in logs)
+
+        # a 4 s certificate 2.5 s into its life: past half-life, still valid
+        key = generate_key()
+        chain = p.ca.sign_csr(make_csr(ident, key), ident, ttl=4, now=time.time() - 2.5,
+                              subject_common_name=str(cn))
+        write_pair(Certificate.from_pem(chain, private_key_pem(key)), data / NODE_CERT,
+                   data / NODE_KEY)
+        short = identity()[0]
+        assert time.time() >= short.renewal_time()
+        mesh = Mesh({"front": 1}, [], {}, pki=CaIssuer(p.ca))
+        async with mesh.running(identity=identity):
+            assert mesh.waypoint is not None
+            address = mesh.waypoint.address
+            async def presented() -> int:
+                ctx = client_context(mesh.client_cert, p.ca.trust_bundle())
+                _, writer = await asyncio.open_connection(*address, ssl=ctx)
+                try:
+                    return serial(writer.get_extra_info("ssl_object")
+                                  .getpeercert(binary_form=True))
+                finally:
+                    writer.close()
+
+            assert await presented() == cert_serial(short)
+            assert await renew_once(client, None, identity)
+            renewed = identity()[0]
+            assert renewed != short and renewed.not_after > short.not_after + 3600
+            assert await presented() == cert_serial(renewed)
