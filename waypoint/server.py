@@ -16,6 +16,14 @@ request runs `waypoint.chain.plan_request` (authorization, faults, routes, filte
 retries and timeouts, endpoint choice) and is re-originated by `waypoint.upstream`;
 `waypoint.telemetry` records it. Config comes from a local manifests file
 (`load_local_config`) or the control plane's push stream (`follow_control_plane`).
+
+`identity()` is asked again at every new TLS handshake, inbound (an SNI callback
+swaps in the context of the current certificate and roots) and outbound (pooled
+HBONE connections opened with a previous certificate get GOAWAY), so a renewal or a
+root rotation needs no restart. The source address used for `ipBlocks` and telemetry
+is the `forwarded: for=` one only when the peer certificate is the identity of the
+workload owning it (`chain.plan_source`); else the peer address. Drain closes idle
+HTTP/1.1 connections and sends GOAWAY to HTTP/2 ones; both finish what is in flight.
 """
 
 from __future__ import annotations
