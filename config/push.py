@@ -916,6 +916,7 @@ class PushClient:
         *,
         trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
         token: str = "",
+        token_file: Path | None = None,
         waypoint_address: str = "",
         timeout: float = 10.0,
     ) -> None:
@@ -930,6 +931,9 @@ class PushClient:
         self.ca_pin = ""
         self._token = ""
         self.token = token
+        # re-read before every join: mounted credentials (Kubernetes projected service
+        # account tokens) rotate while the proxy runs
+        self.token_file = token_file
         self.waypoint_address = waypoint_address
         self.timeout = timeout
         self._ids = 0
@@ -1084,6 +1088,15 @@ class PushClient:
 
     async def join(self) -> Certificate:
         """Exchange the join token for this proxy's certificate (kept in data_dir)."""
+        if self.token_file is not None:
+            try:
+                self.token = self.token_file.read_text()
+            except OSError as exc:
+                raise PushError(
+                    "join-token",
+                    f"cannot read the token file {self.token_file}: {exc.strerror}: "
+                    "is the credential mounted?",
+                ) from None
         if not self.token:
             raise PushError(
                 "join-token",

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dns-upstream", type=_upstreams, default=(), metavar="IP[:PORT],...",
                    help="the node's resolvers for names the mesh does not answer "
                         "(default: the nameservers of /etc/resolv.conf)")
+    p.add_argument("--discovery-netns-prefix", metavar="PREFIX", default=None,
+                   help="report only addresses of named netns starting with PREFIX (and "
+                        "process netns) to the control plane for placing WorkloadEntries "
+                        "without an ambit.dev/node annotation (default: every netns)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -100,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_config:
         source = LocalFileSource(args.local_config, args.data_dir, node=args.node)
     else:
-        source = ControlPlaneSource(args.control_plane, args.node, args.data_dir, args.token)
+        source = ControlPlaneSource(args.control_plane, args.node, args.data_dir, args.token,
+                                    token_file=args.token_file,
+                                    discovery_prefix=args.discovery_netns_prefix)
     options = ZtunnelOptions(
         node=args.node,
         data_dir=args.data_dir,

@@ -120,13 +120,16 @@ class ControlPlaneSource:
     when the control plane is unreachable.
     """
 
-    def __init__(self, address: str, node: str, data_dir: str, token: str) -> None:
+    def __init__(self, address: str, node: str, data_dir: str, token: str, *,
+                 token_file: str | None = None, discovery_prefix: str | None = None) -> None:
         from pathlib import Path
 
         from config.push import PushClient
 
-        self.client = PushClient(address, node, Path(data_dir), token=token)
+        self.client = PushClient(address, node, Path(data_dir), token=token,
+                                 token_file=Path(token_file) if token_file else None)
         self.data_dir = data_dir
+        self.discovery_prefix = discovery_prefix
         self._first: asyncio.Future[Snapshot] | None = None
         self._apply: Apply | None = None
 
@@ -161,8 +164,8 @@ class ControlPlaneSource:
         # that carry no ambit.dev/node annotation on this node.
         from ztunnel.discovery import PREFIX_ENV, AddressDiscovery
 
-        discovery = AddressDiscovery(self.client.set_claims,
-                                     name_prefix=os.environ.get(PREFIX_ENV) or None)
+        prefix = self.discovery_prefix or os.environ.get(PREFIX_ENV) or None
+        discovery = AddressDiscovery(self.client.set_claims, name_prefix=prefix)
         async with asyncio.TaskGroup() as tg:
             scanner = tg.create_task(discovery.run())
             try:

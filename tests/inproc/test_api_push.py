@@ -430,3 +430,19 @@ async def test_follower_relists_when_history_moved_past_it(tmp_path: Path) -> No
             st = await wait_state(p, "node-a", "synced")
             assert st["version"] == p.store.version
             task.cancel()
+
+
+async def test_join_rereads_the_token_file_so_rotated_credentials_work(tmp_path: Path) -> None:
+    async with plane(tmp_path) as p:
+        token_file = tmp_path / "token"
+        token_file.write_text("ambit-join.expired-long-ago\n")
+        client = PushClient(p.address, "node-t", tmp_path / "t", token_file=token_file, timeout=5)
+        with pytest.raises(PushError, match="join-token: unknown join token"):
+            await client.join()
+        # the credential is rotated on disk while the proxy runs: the next join reads it
+        token_file.write_text(p.tokens.create("node-t") + "\n")
+        cert = await client.join()
+        assert cert.identity.service_account == "ztunnel"
+        token_file.unlink()
+        with pytest.raises(PushError, match=r"cannot read the token file .*: is the credential"):
+            await client.join()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from netsetup.sandbox import Sandbox, unique_prefix
 from tests.conftest import require_root_and_tools
-from ztunnel.discovery import PREFIX_ENV, HostScanner, plan_claims
+from ztunnel.discovery import HostScanner, plan_claims
 
 PY = sys.executable
 ROOT = str(Path(__file__).parents[2])
@@ -101,15 +101,17 @@ def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address(
         logs: dict[str, Path] = {}
         for i, node in ((1, "n1"), (2, "n2")):
             logs[node] = tmp / f"zt-{node}.log"
-            token = ambit("token", "create", "--node", node).strip()
+            token_file = tmp / f"token-{node}"
+            token_file.write_text(ambit("token", "create", "--node", node))
+            token_file.chmod(0o600)
             with open(logs[node], "ab") as out:
                 sb.popen(
                     sb.node(node).netns,
                     [PY, "-m", "ztunnel", "--node", node, "--control-plane",
-                     f"{sb.fabric_ip}:15012", "--token", token, "--data-dir",
-                     str(tmp / f"zt-{node}"), "--drain-timeout", "1"],
-                    stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT,
-                    env={**env, PREFIX_ENV: f"{sb.prefix}-w{i}-"})
+                     f"{sb.fabric_ip}:15012", "--token-file", str(token_file), "--data-dir",
+                     str(tmp / f"zt-{node}"), "--drain-timeout", "1",
+                     "--discovery-netns-prefix", f"{sb.prefix}-w{i}-"],
+                    stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT, env=env)
 
         def enrolled(node: str) -> set[str]:
             out = set()
