@@ -27,7 +27,11 @@ __all__ = [
     "CaError",
     "CertificateAuthority",
     "CsrRejected",
+    "build_ca_certificate",
+    "build_leaf_certificate",
+    "ca_key_usage",
     "fingerprint",
+    "leaf_key_usage",
 ]
 
 DEFAULT_TTL = 24 * 3600.0
@@ -141,6 +145,124 @@ def _spki(key: object) -> bytes:
     )
 
 
+def ca_key_usage() -> x509.KeyUsage:
+    """Key usage of a CA certificate: signs certificates and CRLs (and digital signatures)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def leaf_key_usage(*, key_encipherment: bool = True, key_agreement: bool = False) -> x509.KeyUsage:
+    """Key usage of a workload certificate: digital signature (plus the two flags given)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=key_agreement,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_ca_certificate(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    not_before: float,
+    not_after: float,
+    issuer: x509.Certificate | None = None,
+    issuer_key: SigningKey | None = None,
+    path_length: int | None = None,
+    trust_domain: str | None = None,
+) -> x509.Certificate:
+    """A CA certificate for `key`, valid from `not_before` to `not_after` (Unix seconds).
+
+    Self-signed unless `issuer` and `issuer_key` are given (then it also carries an
+    authority key identifier). With `trust_domain` it carries the URI SAN
+    spiffe://<trust_domain>, which is how a root names its trust domain.
+    """
+    signer_key: SigningKey = key if issuer_key is None else issuer_key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_ts(not_before))
+        .not_valid_after(_ts(not_after))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if trust_domain is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
+            critical=False,
+        )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
+            critical=False,
+        )
+    return builder.sign(signer_key, hashes.SHA256())
+
+
+def build_leaf_certificate(
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    issuer: x509.Name,
+    signer_key: SigningKey,
+    not_before: float,
+    not_after: float,
+    san: Sequence[x509.GeneralName],
+    subject: x509.Name | None = None,
+    san_critical: bool = True,
+    key_usage: x509.KeyUsage | None = None,
+) -> x509.Certificate:
+    """A workload (end-entity) certificate for `public_key`, signed by `signer_key`.
+
+    Server and client auth, an authority key identifier, the subject alternative names
+    `san` (critical by default: the subject is empty unless `subject` is given) and
+    `key_usage` (default `leaf_key_usage()`).
+    """
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject if subject is not None else x509.Name([]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_ts(not_before))
+        .not_valid_after(_ts(not_after))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage or leaf_key_usage(), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(san), critical=san_critical)
+        .sign(signer_key, hashes.SHA256())
+    )
+
+
 def _new_root(trust_domain: str, now: float) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     stamp = _ts(now).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -151,37 +273,12 @@ def _new_root(trust_domain: str, now: float) -> tuple[x509.Certificate, ec.Ellip
             x509.NameAttribute(NameOID.COMMON_NAME, f"Ambit root CA {trust_domain} {stamp}"),
         ]
     )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_ts(now - BACKDATE))
-        .not_valid_after(_ts(now + ROOT_TTL))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
+    cert = build_ca_certificate(
+        name,
+        key,
+        not_before=now - BACKDATE,
+        not_after=now + ROOT_TTL,
+        trust_domain=trust_domain,
     )
     return cert, key
 
@@ -539,44 +636,15 @@ class CertificateAuthority:
             if subject_common_name
             else []
         )
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self._signer.subject)
-            .public_key(pub)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_ts(now - BACKDATE))
-            .not_valid_after(_ts(not_after))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-                critical=not subject_common_name,  # critical when the subject is empty
-            )
-            .sign(self._key, hashes.SHA256())
+        leaf = build_leaf_certificate(
+            pub,
+            subject=subject,
+            issuer=self._signer.subject,
+            signer_key=self._key,
+            not_before=now - BACKDATE,
+            not_after=not_after,
+            san=[x509.UniformResourceIdentifier(str(identity))],
+            san_critical=not subject_common_name,  # critical when the subject is empty
         )
         return [_pem(leaf), *(_pem(c) for c in self._served_chain)]
 

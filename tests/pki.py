@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import ssl
@@ -14,17 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
+from config.ca import build_ca_certificate, build_leaf_certificate
 from ztunnel.identity import Certificate, SpiffeId, TrustBundle, private_key_pem
 
 _PEM = serialization.Encoding.PEM
-
-
-def _ts(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
 
 def _ca_cert(
@@ -43,43 +39,16 @@ def _ca_cert(
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_ts(now - 86400))
-        .not_valid_after(_ts(now + 10 * 86400))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
-            critical=False,
-        )
+    return build_ca_certificate(
+        subject,
+        key,
+        not_before=now - 86400,
+        not_after=now + 10 * 86400,
+        issuer=issuer,
+        issuer_key=issuer_key,
+        path_length=path_length,
+        trust_domain=trust_domain,
     )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
 
 
 class TestPKI:
@@ -152,41 +121,13 @@ class TestPKI:
             san = [x509.DNSName(f"{service_account}.{namespace}.svc")]
         else:
             san = [x509.UniformResourceIdentifier(uri or str(identity))]
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(signer.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_ts(start))
-            .not_valid_after(_ts(start + ttl))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName(san), critical=True)
-            .sign(signer_key, hashes.SHA256())
+        leaf = build_leaf_certificate(
+            key.public_key(),
+            issuer=signer.subject,
+            signer_key=signer_key,
+            not_before=start,
+            not_after=start + ttl,
+            san=san,
         )
         chain = self.intermediate.public_bytes(_PEM) if self.intermediate else b""
         return Certificate(
