@@ -13,38 +13,26 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from netsetup.sandbox import Sandbox, unique_prefix
 from tests.conftest import require_root_and_tools
+from tests.netns.meshkit import (
+    ECHO_PORT,
+    ECHO_SERVER,
+    PY,
+    ambient_namespace,
+    start_control_plane,
+    start_ztunnel,
+    wait_for,
+)
 from ztunnel.discovery import HostScanner, plan_claims
-
-PY = sys.executable
-ROOT = str(Path(__file__).parents[2])
-ECHO_PORT = 9000
-ECHO_SERVER = r"""
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(128)
-def serve(c, a):
-    with c:
-        f = c.makefile("rwb")
-        for line in f:
-            f.write(a[0].encode() + b" " + line); f.flush()
-while True:
-    c, a = s.accept(); threading.Thread(target=serve, args=(c, a), daemon=True).start()
-"""
 
 
 def _manifests(sb: Sandbox) -> str:
-    docs = [
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n"
-        "    istio.io/dataplane-mode: ambient\n",
-    ]
+    docs = [ambient_namespace("shop")]
     for name, wl in (("client", "w1-1"), ("server", "w2-1")):
         docs.append(
             "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
@@ -61,15 +49,6 @@ def _inode(ref: str) -> int | None:
         return None  # gone since the scan
 
 
-def _wait(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address() -> None:
     require_root_and_tools("ip", "nft", "nc", "curl")
     sb = Sandbox(unique_prefix("place"), nodes=2, workloads_per_node=1)
@@ -77,24 +56,8 @@ def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address(
     cp_log = open(tmp / "cp.log", "wb")  # noqa: SIM115 - closed in finally
     try:
         sb.build()
-        sock = str(tmp / "control.sock")
-        cp = sb.popen(sb.fabric_netns, [PY, "-m", "config", "control-plane", "--data-dir",
-                                        str(tmp / "cp"), "--socket", sock, "--proxy-listen",
-                                        f"{sb.fabric_ip}:15012"],
-                      stdout=subprocess.PIPE, stderr=cp_log, cwd=ROOT)
-        assert cp.stdout is not None
-        ready = cp.stdout.readline().decode()
-        assert ready.startswith("ready "), (tmp / "cp.log").read_text()
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")},
-               "AMBIT_SOCKET": sock}
-
-        def ambit(*args: str, stdin: str | None = None) -> str:
-            r = subprocess.run([PY, "-m", "config", *args], input=stdin, env=env, cwd=ROOT,
-                               capture_output=True, text=True, check=False, timeout=30)
-            assert r.returncode == 0, r.stderr
-            return r.stdout
-
-        ambit("apply", "-f", "-", stdin=_manifests(sb))
+        cp = start_control_plane(sb, tmp, cp_log)
+        cp.ambit("apply", "-f", "-", stdin=_manifests(sb))
         client, server = sb.workload("w1-1"), sb.workload("w2-1")
         sb.popen(server.netns, [PY, "-c", ECHO_SERVER, str(ECHO_PORT)],
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -102,16 +65,10 @@ def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address(
         for i, node in ((1, "n1"), (2, "n2")):
             logs[node] = tmp / f"zt-{node}.log"
             token_file = tmp / f"token-{node}"
-            token_file.write_text(ambit("token", "create", "--node", node))
+            token_file.write_text(cp.ambit("token", "create", "--node", node))
             token_file.chmod(0o600)
-            with open(logs[node], "ab") as out:
-                sb.popen(
-                    sb.node(node).netns,
-                    [PY, "-m", "ztunnel", "--node", node, "--control-plane",
-                     f"{sb.fabric_ip}:15012", "--token-file", str(token_file), "--data-dir",
-                     str(tmp / f"zt-{node}"), "--drain-timeout", "1",
-                     "--discovery-netns-prefix", f"{sb.prefix}-w{i}-"],
-                    stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT, env=env)
+            start_ztunnel(sb, tmp, node, "--token-file", str(token_file),
+                          "--discovery-netns-prefix", f"{sb.prefix}-w{i}-", env=cp.env)
 
         def enrolled(node: str) -> set[str]:
             out = set()
@@ -121,8 +78,8 @@ def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address(
             return out
 
         t0 = time.monotonic()
-        _wait(lambda: enrolled("n1") == {"shop/client"}, "the client enrolled on n1", 15)
-        _wait(lambda: enrolled("n2") == {"shop/server"}, "the server enrolled on n2", 15)
+        wait_for(lambda: enrolled("n1") == {"shop/client"}, "the client enrolled on n1", 15)
+        wait_for(lambda: enrolled("n2") == {"shop/server"}, "the server enrolled on n2", 15)
         took = time.monotonic() - t0
         assert took < 10, f"placement took {took:.1f}s"
 
@@ -130,9 +87,9 @@ def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address(
                     input="placed\n", timeout=15)
         assert r.stdout.strip() == f"{client.ip} placed", r.stderr
         # meshed: the server's node saw the client's mTLS identity
-        _wait(lambda: "spiffe://cluster.local/ns/shop/sa/client"
-              in logs["n2"].read_text(errors="replace"),
-              "the client's principal in the server node's access log", 10)
+        wait_for(lambda: "spiffe://cluster.local/ns/shop/sa/client"
+                 in logs["n2"].read_text(errors="replace"),
+                 "the client's principal in the server node's access log", 10)
 
         # each node holds the other's workload only as a remote one, on the right node
         for node, mine, other in (("n1", "client", "server"), ("n2", "server", "client")):
@@ -143,7 +100,7 @@ def test_unannotated_workloads_are_enrolled_by_the_node_that_owns_their_address(
             assert placed[mine] == node, placed
             assert placed.get(other, "n2" if node == "n1" else "n1") != node, placed
         assert enrolled("n1") == {"shop/client"} and enrolled("n2") == {"shop/server"}
-        status = ambit("status")
+        status = cp.ambit("status")
         assert "unplaced" not in status, status
     finally:
         cp_log.close()

@@ -13,10 +13,8 @@ ztunnel sees the waypoint's identity. direct's traffic never touches the waypoin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,18 +24,16 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
 
 from netsetup.sandbox import Sandbox, unique_prefix
 from tests.conftest import require_root_and_tools
+from tests.netns.meshkit import PY, ROOT, write_local_ca
 from tests.pki import TestPKI
 
-PY = sys.executable
 TD = "cluster.local"
 WEB_VIP, DIRECT_VIP = "10.96.0.10", "10.96.0.11"
 WP_ID = f"spiffe://{TD}/ns/default/sa/wp"
 CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
-ROOT = str(Path(__file__).parents[2])
 
 
 @dataclass
@@ -173,11 +169,7 @@ def world() -> Iterator[World]:
     try:
         sb.build()
         pki = TestPKI(TD)
-        (tmp / "ca.pem").write_bytes(pki.root_pem)
-        (tmp / "ca-key.pem").write_bytes(pki.root_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        os.chmod(tmp / "ca-key.pem", 0o600)
+        write_local_ca(pki, tmp)
         cert, key, ca = pki.write_files(pki.issue("default", "wp"), tmp / "wp")
         (tmp / "waypoint.yaml").write_text(yaml.safe_dump_all(_waypoint_manifests(sb)))
         for name in ("s1", "s2", "d1"):

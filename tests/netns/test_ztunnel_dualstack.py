@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives import serialization
 
 from netsetup.sandbox import Sandbox, unique_prefix
 from tests.conftest import require_root_and_tools
-from tests.netns.test_ztunnel_mesh import ECHO_PORT, PY, Mesh, _wait_port
+from tests.netns.meshkit import ECHO_PORT, PY
+from tests.netns.test_ztunnel_mesh import Mesh, _wait_port
 from tests.pki import TestPKI
 
 ECHO_SERVER_DUAL = r"""

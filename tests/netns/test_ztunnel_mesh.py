@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,35 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from netsetup.sandbox import Sandbox, unique_prefix
 from tests.conftest import require_root_and_tools
+from tests.netns.meshkit import ECHO_PORT, ECHO_SERVER, PY, write_local_ca
 from tests.pki import TestPKI
 
-PY = sys.executable
 VIP = "10.96.0.10"
 APP_PORT = 8080
-ECHO_PORT = 9000
 MARKER = "AMBIT-PLAINTEXT-MARKER-7f3a"
 TD = "cluster.local"
 # a TLS record of type handshake (0x16, version 0x0301/0x0303) holding a ClientHello (1)
 CLIENT_HELLO = re.compile(rb"\x16\x03[\x01\x03]..\x01", re.DOTALL)
-
-# A tiny line echo server (stock Python): answers every line with "<peer ip> <line>".
-ECHO_SERVER = r"""
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(128)
-def serve(c, a):
-    with c:
-        f = c.makefile("rwb")
-        for line in f:
-            f.write(a[0].encode() + b" " + line); f.flush()
-while True:
-    c, a = s.accept(); threading.Thread(target=serve, args=(c, a), daemon=True).start()
-"""
-
 
 @dataclass
 class Mesh:
@@ -213,11 +195,7 @@ def mesh() -> Iterator[Mesh]:
     try:
         sb.build()
         pki = TestPKI(TD)
-        (tmp / "ca.pem").write_bytes(pki.root_pem)
-        (tmp / "ca-key.pem").write_bytes(pki.root_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        os.chmod(tmp / "ca-key.pem", 0o600)
+        write_local_ca(pki, tmp)
         base = _base_config(sb, tmp)
         m = Mesh(sb, tmp, base, pki)
         for name in ("s1", "s2", "s3", "ext"):
