@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import PATHS, PathResult, Settings, run
+from bench.measure import exit_on_signal
 from bench.report import (
     Machine,
     load_results_json,
@@ -85,11 +86,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM unwinds like Ctrl-C, so every child process is stopped by pid on the way out
-    raise SystemExit(128 + signum)
-
-
 def write_outputs(
     out: Path,
     results: list[PathResult],
@@ -117,7 +113,7 @@ def write_outputs(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, exit_on_signal)
     if args.render_from is not None:
         try:
             results, machine, settings, command = load_results_json(args.render_from.read_text())

@@ -24,7 +24,6 @@ import ipaddress
 import json
 import logging
 import os
-import platform
 import re
 import resource
 import shlex
@@ -728,28 +727,6 @@ def summary(r: Results) -> dict[str, float]:
     }
 
 
-def machine(now: datetime.datetime, load_before: tuple[float, float, float]) -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": os.cpu_count() or 0,
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "openssl": ssl.OPENSSL_VERSION,
-        "load_before": list(load_before),
-        "load_after": list(os.getloadavg()),
-    }
-
-
 def render_markdown(r: Results, command: str, plot_name: str | None) -> str:
     s = summary(r)
     p, c, m, sc = r.propagation, r.compute, r.memory, r.scale
@@ -952,17 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, measure.exit_on_signal)
     import structlog
     import uvloop
 
@@ -980,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "push":
         uvloop.install()
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-        args.result.write_text(json.dumps(push_phase(args.data, scale, _log)))
+        args.result.write_text(json.dumps(push_phase(args.data, scale, measure.log_progress)))
         return 0
     problem = check_scale(scale)
     if problem:
@@ -993,11 +962,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="ambit-bench-cp-") as tmp:
-        results = run(scale, Path(tmp), _log)
+        results = run(scale, Path(tmp), measure.log_progress)
     results = Results(
         **{
             **{f: getattr(results, f) for f in results.__dataclass_fields__},
-            "machine": machine(now, load_before),
+            "machine": measure.machine_facts(now, load_before),
         }
     )
     out: Path = args.out

@@ -1,15 +1,20 @@
-"""Measurements: iperf3 throughput, 1-byte round trips, process CPU time from /proc."""
+"""Measurements: iperf3 throughput, 1-byte round trips, process CPU time from /proc, the machine."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import platform
 import socket
+import ssl
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -190,3 +195,46 @@ def rss_bytes(pid: int) -> int:
     """Resident set size of `pid`."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" when it names none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine_facts(
+    now: datetime.datetime,
+    load_before: tuple[float, float, float],
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Where the numbers come from, as a JSON-ready dict: date, CPUs, kernel, Python,
+    OpenSSL, then `extra` (e.g. tool versions), then the load average before and now."""
+    return {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count() or 0,
+        "cpu": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        **(extra or {}),
+        "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
+    }
+
+
+def log_progress(msg: str) -> None:
+    """One timestamped progress line on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def exit_on_signal(signum: int, frame: object) -> None:
+    """A signal handler that unwinds like Ctrl-C (SIGTERM: every child process is
+    stopped by pid on the way out), exiting 128 + the signal number."""
+    raise SystemExit(128 + signum)

@@ -29,12 +29,10 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -704,29 +702,10 @@ def run(settings: Settings, workdir: Path, log: Callable[[str], None]) -> Result
 
 
 def machine(now: datetime.datetime, load_before: tuple[float, float, float]) -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     iperf = subprocess.run(
         ["iperf3", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()
-    return {
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": os.cpu_count() or 0,
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "openssl": ssl.OPENSSL_VERSION,
-        "iperf3": iperf[0] if iperf else "unknown",
-        "load_before": list(load_before),
-        "load_after": list(os.getloadavg()),
-    }
+    return measure.machine_facts(now, load_before, {"iperf3": iperf[0] if iperf else "unknown"})
 
 
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -984,11 +963,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the sandbox is torn down on the way out
-    raise SystemExit(128 + signum)
-
-
 def _worker(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -1019,7 +993,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, measure.exit_on_signal)
     if args.command is not None:
         return _worker(args)
     missing = [t for t in TOOLS if shutil.which(t) is None]

@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.harness import PathResult, Settings
+from bench.measure import cpu_model
 
 THROUGHPUT_SHARE_OF_TLS = 0.90
 MEASURED_CODE = ("ztunnel/hbone", "ztunnel/tls.py", "ztunnel/identity.py", "bench/*.py")
@@ -86,15 +87,6 @@ def machine_info(
     now: datetime.datetime, load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
 ) -> Machine:
     """Facts about this machine and the software versions in play (load: 1/5/15 min)."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     packages = {}
     for dist in ("uvloop", "h2", "hpack", "cryptography"):
         try:
@@ -105,7 +97,7 @@ def machine_info(
     return Machine(
         date=now.strftime("%Y-%m-%d %H:%M UTC"),
         nproc=os.cpu_count() or 0,
-        cpu=cpu,
+        cpu=cpu_model(),
         kernel=platform.release(),
         python=platform.python_version(),
         openssl=ssl.OPENSSL_VERSION,

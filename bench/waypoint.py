@@ -40,7 +40,7 @@ from typing import Any
 
 from bench.certs import BenchPKI, write_pki
 from bench.harness import Processes, free_port, wait_listening
-from bench.measure import cpu_seconds, percentile, rss_bytes
+from bench.measure import cpu_seconds, exit_on_signal, log_progress, percentile, rss_bytes
 
 HERE = Path(__file__).resolve().parent
 LOOPBACK = "127.0.0.1"
@@ -625,17 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, exit_on_signal)
     import uvloop
 
     if args.command == "profile":
@@ -672,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             rates=rates,
             seconds=seconds,
             connections=args.connections,
-            log=_log,
+            log=log_progress,
             profile=args.profile,
         )
     results["machine"] = machine
