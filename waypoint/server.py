@@ -22,7 +22,10 @@ swaps in the context of the current certificate and roots) and outbound (pooled
 HBONE connections opened with a previous certificate get GOAWAY), so a renewal or a
 root rotation needs no restart. The source address used for `ipBlocks` and telemetry
 is the `forwarded: for=` one only when the peer certificate is the identity of the
-workload owning it (`chain.plan_source`); else the peer address. Drain closes idle
+workload owning it (`chain.plan_source`); else the peer address. The snapshot names
+every enrolled workload (clients in compact form): they are looked up for that and
+for the source telemetry labels, but only the workloads the waypoint serves (bound
+to it, or behind its services) are destinations (`served_config`). Drain closes idle
 HTTP/1.1 connections and sends GOAWAY to HTTP/2 ones; both finish what is in flight.
 """
 
@@ -38,7 +41,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,8 +73,17 @@ from waypoint.http1 import (
 )
 from waypoint.model import Headers, LocalResponse, Response, UpstreamEndpoint, WaypointConfig
 from waypoint.resilience import Outcome, PoolLimits
-from waypoint.telemetry import OtlpExporter, RequestRecord, Telemetry, TraceContext, parse_trace
+from waypoint.telemetry import (
+    OtlpExporter,
+    RequestRecord,
+    Telemetry,
+    TraceContext,
+    parse_trace,
+    source_labels,
+    workload_label,
+)
 from waypoint.upstream import PoolOverflow, Spawn, UpstreamError, Upstreams
+from ztunnel import snapshot as zs
 from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.request import Accept, ConnectRequest, Decision
 from ztunnel.hbone.server import HboneServer
@@ -180,6 +192,8 @@ class Waypoint:
         self.readiness = Readiness("config", "listeners")
         self._state = ChainState()
         self._chain: Chain | None = None
+        # the whole snapshot (clients too): who owns a source address
+        self._sources: zs.Snapshot | None = None
         self._config_event = asyncio.Event()
         self._hbone_sock = hbone_sock
         self._hbone: HboneServer | None = None
@@ -202,6 +216,8 @@ class Waypoint:
 
     def set_config(self, config: WaypointConfig) -> None:
         """Swap to a new configuration; requests in flight keep their chain."""
+        self._sources = config.snapshot
+        config = served_config(config)
         self._chain = build_chain(config, self._state)
         # endpoints no longer in the configuration: drop their idle connections
         keep = {e.key for s in config.snapshot.services for p in s.ports
@@ -349,13 +365,14 @@ class Waypoint:
         """The source address to judge the stream by: `forwarded: for=` only when the
         peer's certificate is the identity of the workload owning that address."""
         peer = str(creq.peer_identity)
-        src = plan_source(chain.config.snapshot, forwarded_for=creq.forwarded_for,
+        src = plan_source(self._sources or chain.config.snapshot,
+                          forwarded_for=creq.forwarded_for,
                           peer_ip=creq.peer_addr[0], peer_identity=peer)
         if src.ignored is not None:
             self._forwarded_ignored.labels(src.reason).inc()
             if src.reason != "identity_mismatch":
-                # a source outside the waypoint's snapshot (only the workloads behind its
-                # services are in it): the usual case, not a sign of forgery
+                # a source the snapshot does not know (not enrolled, or a snapshot
+                # that lags behind): not a sign of forgery
                 log.debug("forwarded source address not in the snapshot; using the peer "
                           "address", claimed=src.ignored, peer_identity=peer)
                 return src.ip
@@ -463,13 +480,8 @@ class Waypoint:
 
     def _source_labels(self, chain: Chain, rec: RequestRecord, ip: str,
                        principal: str | None) -> None:
-        w = chain.config.snapshot.workload_by_ip(ip) if ip else None
-        if w is not None:
-            rec.source_workload = w.canonical_name or w.labels.get("app", "") or w.name
-            rec.source_namespace = w.namespace
-            rec.source_app = w.labels.get("app", "")
-        elif principal and "/ns/" in principal:
-            rec.source_namespace = principal.split("/ns/", 1)[1].split("/", 1)[0]
+        snap = self._sources or chain.config.snapshot
+        source_labels(rec, snap.workload_by_ip(ip) if ip else None, principal)
 
     def _dest_labels(self, chain: Chain, rec: RequestRecord, plan: RequestPlan,
                      ep: UpstreamEndpoint) -> None:
@@ -485,7 +497,7 @@ class Waypoint:
         rec.destination_principal = ep.identity
         w = chain.config.snapshot.workload_by_uid(ep.workload_uid)
         if w is not None:
-            rec.destination_workload = w.canonical_name or w.labels.get("app", "") or w.name
+            rec.destination_workload = workload_label(w)
             rec.destination_namespace = w.namespace
             rec.destination_app = w.labels.get("app", "")
         if plan.route:
@@ -793,6 +805,22 @@ def load_local_config(path: str | Path, gateway: tuple[str, str], *,
                                  trust_bundle_pem=trust_bundle_pem, version=version)
 
 
+def served_config(config: WaypointConfig) -> WaypointConfig:
+    """`config` with only the workloads the waypoint serves: those bound to it and the
+    endpoints of its services. The others in the snapshot are its possible clients
+    (known for `forwarded:` checks and source labels), never destinations."""
+    snap = config.snapshot
+    own = {wp.identity for wp in snap.waypoints
+           if (wp.namespace, wp.name) == (config.gateway_namespace, config.gateway_name)}
+    backing = {ep.workload_uid for s in snap.services for ep in s.endpoints}
+    served = tuple(w for w in snap.workloads
+                   if w.uid in backing or (w.waypoint is not None
+                                           and (not own or w.waypoint.identity in own)))
+    if len(served) == len(snap.workloads):
+        return config
+    return replace(config, snapshot=replace(snap, workloads=served))
+
+
 def config_from_resources(resources: Iterable[Resource], gateway: tuple[str, str], *,
                           address: str = "", trust_bundle_pem: str = "",
                           version: int = 1) -> WaypointConfig:
@@ -808,7 +836,6 @@ def config_from_resources(resources: Iterable[Resource], gateway: tuple[str, str
         idx.set_waypoint_address(gateway[0], gateway[1], "0.0.0.0")
     snap = idx.waypoint_snapshot(*gateway)
     if trust_bundle_pem:
-        from dataclasses import replace
         snap = replace(snap, trust_bundle_pem=trust_bundle_pem)
     return WaypointConfig.from_resources(snap, [(r, i) for i, r in enumerate(res)],
                                          gateway=gateway)

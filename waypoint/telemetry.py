@@ -8,8 +8,10 @@
 Metrics use Istio's names and labels (`istio_requests_total`,
 `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`,
 reporter `waypoint`), so existing dashboards work. `parse_trace` / `TraceContext` are
-pure; `OtlpExporter.run()` is the one task (owned by the server's TaskGroup) that
-posts batches of spans as OTLP/HTTP JSON.
+pure; `source_labels` names the client from the workload owning the source address
+(the control plane gives waypoints every enrolled workload, in compact form) when the
+client's certificate is that workload's identity. `OtlpExporter.run()` is the one
+task (owned by the server's TaskGroup) that posts batches of spans as OTLP/HTTP JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from urllib.parse import urlsplit
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from ztunnel import snapshot as zs
+
 __all__ = [
     "DURATION_BUCKETS",
     "OtlpExporter",
@@ -34,6 +38,7 @@ __all__ = [
     "Telemetry",
     "TraceContext",
     "parse_trace",
+    "source_labels",
 ]
 
 access_log = structlog.get_logger("waypoint.access")
@@ -177,6 +182,7 @@ class RequestRecord:
     source_workload: str = ""
     source_namespace: str = ""
     source_app: str = ""
+    source_version: str = ""
     destination_service: str = ""
     destination_service_name: str = ""
     destination_service_namespace: str = ""
@@ -197,6 +203,38 @@ class RequestRecord:
 
 def _principal_label(p: str) -> str:
     return p.removeprefix("spiffe://") if p else "unknown"
+
+
+#: labels that carry a workload's version, most specific first (Istio's order)
+VERSION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+
+
+def workload_label(w: zs.Workload) -> str:
+    """The `*_workload` label value of a workload: its canonical name, else its `app`
+    label, else its name."""
+    return w.canonical_name or w.labels.get("app", "") or w.name
+
+
+def source_labels(rec: RequestRecord, workload: zs.Workload | None, principal: str | None) -> None:
+    """Fill the source labels of `rec`.
+
+    `workload` owns the request's source address in the snapshot (None: no workload
+    does). It names the client only when the client's certificate (`principal`) is
+    that workload's identity, so an address claim cannot borrow another workload's
+    name; otherwise only the namespace of `principal` is known.
+    """
+    if principal:
+        rec.source_principal = principal
+    if workload is not None and (not principal or principal == workload.identity):
+        rec.source_workload = workload_label(workload)
+        rec.source_namespace = workload.namespace
+        rec.source_app = workload.labels.get("app", "")
+        rec.source_version = next(
+            (workload.labels[k] for k in VERSION_LABELS if k in workload.labels), "")
+        if not rec.source_principal:
+            rec.source_principal = workload.identity
+    elif principal and "/ns/" in principal:
+        rec.source_namespace = principal.split("/ns/", 1)[1].split("/", 1)[0]
 
 
 class Telemetry:
@@ -293,6 +331,8 @@ class Telemetry:
                 duration_ms=round(rec.duration * 1000.0, 3),
                 bytes_received=rec.request_bytes, bytes_sent=rec.response_bytes,
                 src_addr=rec.source_address, src_identity=rec.source_principal or None,
+                src_workload=rec.source_workload or None,
+                src_namespace=rec.source_namespace or None,
                 dst_addr=rec.authority, dst_service=rec.destination_service or None,
                 dst_workload=rec.destination_workload or None,
                 dst_identity=rec.destination_principal or None,
@@ -324,6 +364,8 @@ class Telemetry:
                 src_addr=rec.source_address,
                 src_identity=rec.source_principal or None,
                 src_workload=rec.source_workload or None,
+                src_namespace=rec.source_namespace or None,
+                src_version=rec.source_version or None,
                 dst_service=rec.destination_service or None,
                 dst_workload=rec.destination_workload or None,
                 dst_identity=rec.destination_principal or None,
@@ -361,6 +403,8 @@ def span_of(rec: RequestRecord, trace: TraceContext) -> dict[str, Any]:
         _attr("network.protocol.name", rec.protocol),
         _attr("istio.response_flags", rec.flags or "-"),
         _attr("istio.source_principal", rec.source_principal or "unknown"),
+        _attr("istio.source_workload", rec.source_workload or "unknown"),
+        _attr("istio.source_namespace", rec.source_namespace or "unknown"),
         _attr("istio.destination_service", rec.destination_service or "unknown"),
         _attr("upstream.address", rec.upstream_host or ""),
     ]

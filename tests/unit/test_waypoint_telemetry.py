@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from waypoint.telemetry import OtlpExporter, RequestRecord, Telemetry, parse_trace, span_of
+from waypoint.telemetry import (
+    OtlpExporter,
+    RequestRecord,
+    Telemetry,
+    parse_trace,
+    source_labels,
+    span_of,
+)
+from ztunnel import snapshot as zs
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -91,6 +99,35 @@ def test_metrics_use_istio_names_and_labels() -> None:
     assert samples["istio_request_duration_milliseconds_sum"].value == 12.5
     assert samples["istio_request_bytes_sum"].value == 10.0
     assert samples["istio_response_bytes_sum"].value == 20.0
+
+
+LOADGEN = zs.Workload(uid="load/loadgen", name="loadgen-7f9c", namespace="load",
+                      ip="10.2.0.5", node="node-c", service_account="loadgen",
+                      labels=zs.FrozenMap({"app": "loadgen", "version": "v3"}),
+                      canonical_name="loadgen", trust_domain="cluster.local")
+
+
+def test_source_labels_name_the_workload_its_identity_proves() -> None:
+    reg = CollectorRegistry()
+    tel = Telemetry(reg, access_log_enabled=False)
+    rec = _record()
+    source_labels(rec, LOADGEN, "spiffe://cluster.local/ns/load/sa/loadgen")
+    assert (rec.source_workload, rec.source_namespace, rec.source_app, rec.source_version) == (
+        "loadgen", "load", "loadgen", "v3")
+    values = dict(zip(("source_workload", "source_workload_namespace", "source_principal",
+                       "source_app"), tel.label_values(rec)[1:5], strict=True))
+    assert values == {"source_workload": "loadgen", "source_workload_namespace": "load",
+                      "source_principal": "cluster.local/ns/load/sa/loadgen",
+                      "source_app": "loadgen"}
+    # another identity at that address: only the namespace its certificate names
+    rec = _record()
+    source_labels(rec, LOADGEN, "spiffe://cluster.local/ns/other/sa/x")
+    assert (rec.source_workload, rec.source_namespace, rec.source_app) == ("", "other", "")
+    # no workload at the address
+    rec = _record()
+    source_labels(rec, None, "spiffe://cluster.local/ns/load/sa/loadgen")
+    assert (rec.source_workload, rec.source_namespace) == ("", "load")
+    assert tel.label_values(rec)[1] == "unknown"
 
 
 def test_otlp_span_and_request_body() -> None:
