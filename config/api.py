@@ -32,6 +32,8 @@ REQUEST_TIMEOUT = 30.0  # seconds to send the request head, and again for the bo
 
 TokenIssuer = Callable[[str, str], Mapping[str, Any]]  # (kind "node"|"waypoint", name) -> token
 StatusProvider = Callable[[], Mapping[str, Any]]
+# (step "status"|"begin"|"complete"|"retire", request body) -> the CA's roots afterwards
+CaOperator = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
 
 class ApiError(Exception):
@@ -73,6 +75,7 @@ class ApiServer:
         trust_domain: str = "cluster.local",
         token_issuer: TokenIssuer | None = None,
         status_provider: StatusProvider | None = None,
+        ca_operator: CaOperator | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
         max_body: int = MAX_BODY,
     ) -> None:
@@ -82,6 +85,7 @@ class ApiServer:
         self.max_body = max_body
         self.token_issuer = token_issuer
         self.status_provider = status_provider
+        self.ca_operator = ca_operator
         self._write_lock = asyncio.Lock()
 
     async def start_unix(self, path: str) -> asyncio.Server:
@@ -240,6 +244,15 @@ class ApiServer:
                 return await self._label(data)
             if route == ("POST", "/v1/tokens"):
                 return self._token(data)
+            if route == ("GET", "/v1/ca"):
+                return self._ca("status", {})
+            if route == ("POST", "/v1/ca/rotate"):
+                step = data.get("step") if isinstance(data, dict) else None
+                if step not in ("begin", "complete", "retire"):
+                    raise ApiError(
+                        400, 'bad request: expected {"step": "begin"|"complete"|"retire"}'
+                    )
+                return self._ca(str(step), data)
             if route == ("GET", "/v1/changes"):
                 since = int(query.get("since", "0"))
                 return {
@@ -314,6 +327,12 @@ class ApiServer:
         async with self._write_lock:
             r = await asyncio.to_thread(self.store.label, key, set_labels, remove)
         return {"version": self.store.version, "results": [r.to_json()]}
+
+    def _ca(self, step: str, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`ambit ca status` (step "status", GET) and the rotation steps (POST)."""
+        if self.ca_operator is None:
+            raise ApiError(501, "this control plane has no CA to rotate")
+        return self.ca_operator(step, data)
 
     def _token(self, data: Any) -> Mapping[str, Any]:
         if self.token_issuer is None:
@@ -495,6 +514,17 @@ class ApiClient:
 
     def token(self, *, node: str = "", waypoint: str = "") -> Any:
         return self.call("POST", "/v1/tokens", {"node": node, "waypoint": waypoint})
+
+    def ca_status(self) -> Any:
+        return self.call("GET", "/v1/ca")
+
+    def ca_rotate(self, step: str, fingerprint: str = "", force: bool = False) -> Any:
+        body: dict[str, Any] = {"step": step}
+        if fingerprint:
+            body["fingerprint"] = fingerprint
+        if force:
+            body["force"] = True
+        return self.call("POST", "/v1/ca/rotate", body)
 
 
 async def serve_forever(servers: list[asyncio.Server], stop: Callable[[], Awaitable[None]]) -> None:

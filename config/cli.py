@@ -226,6 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--waypoint", metavar="NS/NAME", help="waypoint Gateway the token is for")
 
     sub.add_parser("status", parents=[client], help="control plane, nodes and waypoints")
+
+    cap = sub.add_parser("ca", help="the mesh CA: roots and root rotation")
+    casub = cap.add_subparsers(dest="ca_command", required=True, parser_class=_Parser)
+    casub.add_parser(
+        "status", parents=[client], help="trusted roots, which one signs, when they expire"
+    )
+    rot = casub.add_parser(
+        "rotate",
+        parents=[client],
+        help="rotate the root: begin (trust a new root), complete (sign with it), "
+        "retire FINGERPRINT (stop trusting the old one)",
+    )
+    rot.add_argument("step", choices=("begin", "complete", "retire"), help="rotation step")
+    rot.add_argument(
+        "fingerprint", nargs="?", default="", help="retire: SHA-256 fingerprint of the root"
+    )
+    rot.add_argument(
+        "--force",
+        action="store_true",
+        help="retire: even if the root signed certificates that may still be in use",
+    )
     return p
 
 
@@ -315,6 +336,8 @@ def _client_command(args: argparse.Namespace) -> int:
             return _token(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "ca":
+            return _ca(args)
     except ClientError as e:
         details = e.details if isinstance(e.details, list) else []
         if len(details) > 1:
@@ -602,7 +625,7 @@ def _status(args: argparse.Namespace) -> int:
             str(p.get("kind", "")),
             str(p.get("name", "")),
             str(p.get("version", "")),
-            str(data.get("version")),
+            str(data.get("config_version", data.get("version"))),
             str(p.get("state", "")),
             str(p.get("cert_expiry", "")),
         ]
@@ -610,3 +633,44 @@ def _status(args: argparse.Namespace) -> int:
     ]
     print(_render(header, rows))
     return 0
+
+
+def _ca(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.ca_command == "status":
+        _print_roots(client.ca_status())
+        return 0
+    if args.step == "retire" and not args.fingerprint:
+        raise CliError(
+            "retire needs the root's fingerprint: see `ambit ca status` "
+            "(e.g. `ambit ca rotate retire 3f2a...`)"
+        )
+    if args.step != "retire" and (args.fingerprint or args.force):
+        raise CliError(f"`ambit ca rotate {args.step}` takes no fingerprint or --force")
+    data = client.ca_rotate(args.step, args.fingerprint, args.force)
+    done = {
+        "begin": "new root added to the trust bundle (not signing yet); once every proxy "
+        "holds it (`ambit status`), run `ambit ca rotate complete`",
+        "complete": "the new root signs from now on; the previous root stays trusted "
+        "until `ambit ca rotate retire FINGERPRINT`, once certificates it signed expired",
+        "retire": "root removed from the trust bundle",
+    }[args.step]
+    print(f"{done} (config version {data.get('version')})")
+    _print_roots(data)
+    return 0
+
+
+def _print_roots(data: Mapping[str, Any]) -> None:
+    print(f"trust domain {data.get('trust_domain')}, signer {data.get('signer')}")
+    header = ["FINGERPRINT (SHA-256)", "STATE", "SIGNS", "NOT-AFTER", "STOPPED-SIGNING"]
+    rows = [
+        [
+            str(r.get("fingerprint", "")),
+            str(r.get("state", "")),
+            "yes" if r.get("signing") else "no",
+            str(r.get("not_after", "")),
+            str(r.get("stopped_signing") or "-"),
+        ]
+        for r in data.get("roots", [])
+    ]
+    print(_render(header, rows))

@@ -367,6 +367,13 @@ class PushServer:
         version, items = store.snapshot()
         parsed = [r for r in (_parse_stored(i.key, i.body) for i in items) if r is not None]
         self.index.load(parsed, version)
+        # the store version the index reflects; config versions run `_bundle_changes`
+        # ahead of it (one per trust bundle change since start), so every pushed change
+        # has a version of its own
+        self._store_version = version
+        self._bundle_changes = 0
+        # server contexts that verify proxies' certificates: told about new roots
+        self.verify_contexts: list[ssl.SSLContext] = []
         self.sessions: dict[tuple[str, str], Session] = {}
         self.views = NodeViews(self.index)
         self._dirty = asyncio.Event()
@@ -381,8 +388,10 @@ class PushServer:
             tg.create_task(self._publish())
             while True:
                 try:
-                    async for ch in self.store.watch(self.index.version):
-                        self.index.apply(ch.key, _parse_stored(ch.key, ch.body), ch.version)
+                    async for ch in self.store.watch(self._store_version):
+                        self._store_version = ch.version
+                        self.index.apply(ch.key, _parse_stored(ch.key, ch.body),
+                                         ch.version + self._bundle_changes)
                         self._dirty.set()
                 except HistoryCompacted as e:
                     log.warning("change history moved past this watcher; relisting", reason=str(e))
@@ -400,7 +409,31 @@ class PushServer:
             if cur is not None and dict(cur.body) == {k: v for k, v in item.body.items()}:
                 continue
             self.index.apply(item.key, _parse_stored(item.key, item.body), version)
-        self.index.version = version
+        self._store_version = version
+        self.index.version = version + self._bundle_changes
+
+    def refresh_trust_bundle(self) -> bool:
+        """Push the CA's current trust bundle, after a rotation step, as a new config version.
+
+        Every connected proxy gets it as an ordinary delta (acked like any other), and the
+        push listener starts accepting certificates of a newly added root. A root retired
+        from the bundle stays accepted by this listener until the control plane restarts
+        (its node certificates are gone by then: retiring waits out their lifetime).
+        Returns False when the bundle did not change.
+        """
+        pem = self.ca.trust_bundle().roots_pem.decode()
+        if pem == self.index.trust_bundle_pem:
+            return False
+        for ctx in self.verify_contexts:
+            ctx.load_verify_locations(cadata=pem)
+        self.index.trust_bundle_pem = pem
+        self._bundle_changes += 1
+        self.index.version = max(self.index.version, self._store_version) + 1
+        self._bundle_changes = self.index.version - self._store_version
+        log.info("trust bundle changed; pushing it to every proxy",
+                 roots=len(self.ca.roots()), version=self.index.version)
+        self._dirty.set()
+        return True
 
     async def _publish(self) -> None:
         """After each burst of changes: fold them into the views once, wake every session."""
@@ -449,6 +482,8 @@ class PushServer:
                         "cert_expiry": "-"})
         return {
             "proxies": sorted(out, key=lambda p: (p["kind"], p["name"])),
+            # the version proxies are brought to: the store's, plus trust bundle changes
+            "config_version": self.index.version,
             "ca": ca,
             "unplaced": [
                 {"workload": c.workload, "address": c.address, "nodes": list(c.nodes)}

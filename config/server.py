@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from config.api import ApiError, ApiServer, admin_uri
-from config.ca import CertificateAuthority, fingerprint
+from config.ca import CaError, CertificateAuthority, fingerprint
 from config.push import PUSH_PORT, PushServer, ServerCertificate, ServiceAccountCheck
 from config.store import DEFAULT_SERVICE_CIDR, Store
 from config.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
@@ -270,6 +270,104 @@ def token_issuer(
     return issue
 
 
+def _iso(t: dt.datetime | float) -> str:
+    if isinstance(t, float):
+        t = dt.datetime.fromtimestamp(t, tz=dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ca_state(ca: CertificateAuthority) -> dict[str, Any]:
+    """The CA's roots for `ambit ca status`: which signs, which waits, which are retiring."""
+    signing = fingerprint(ca.signing_root)
+    pending = ca._next[0] if ca._next is not None else None  # read only: ca.py has no accessor
+    pending_fp = fingerprint(pending) if pending is not None else ""
+    roots = []
+    for r in ca.roots():
+        fp = fingerprint(r)
+        stopped = ca._rotations.get(fp)  # read only: ca.py has no accessor
+        if fp == signing:
+            state = "signing"
+        elif fp == pending_fp:
+            state = "next"  # trusted everywhere, signs after `ambit ca rotate complete`
+        elif stopped is not None:
+            state = "previous"  # trusted until retired
+        else:
+            state = "trusted"
+        roots.append({
+            "fingerprint": fp,
+            "subject": r.subject.rfc4514_string(),
+            "not_after": _iso(r.not_valid_after_utc),
+            "signing": fp == signing,
+            "state": state,
+            "stopped_signing": _iso(stopped) if stopped is not None else "",
+        })
+    return {
+        "trust_domain": ca.trust_domain,
+        "signer": ca.signer.subject.rfc4514_string(),
+        "rotation": "begun" if pending is not None else "",
+        "roots": roots,
+    }
+
+
+def ca_operator(
+    ca: CertificateAuthority, push: PushServer, server_cert: ServerCertificate | None
+) -> Callable[[str, Mapping[str, Any]], Mapping[str, Any]]:
+    """Root rotation for the admin API; each step pushes the new trust bundle to every proxy.
+
+    `begin`: a new root joins the bundle (does not sign yet). `complete`: it signs from
+    now on (the push listener's own certificate is re-issued from it), the old root stays
+    trusted. `retire` (fingerprint, force): the old root leaves the bundle.
+    """
+
+    def operate(action: str, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        try:
+            if action == "status":
+                return ca_state(ca)
+            if action == "begin":
+                cert = ca.begin_rotation()
+                log.info("root rotation begun", next_root=fingerprint(cert))
+            elif action == "complete":
+                old = fingerprint(ca.signing_root)
+                ca.complete_rotation()
+                log.info("root rotation completed", signing_root=fingerprint(ca.signing_root),
+                         previous_root=old)
+            elif action == "retire":
+                fp = str(data.get("fingerprint", ""))
+                if not fp:
+                    raise ApiError(400, "bad request: give the fingerprint of the root to retire")
+                ca.retire_root(fp, force=bool(data.get("force", False)))
+                log.info("root retired", fingerprint=fp.lower().replace(":", ""),
+                         forced=bool(data.get("force", False)))
+            else:
+                raise ApiError(404, f"no rotation step {action!r}: use begin, complete or retire")
+        except CaError as e:
+            raise ApiError(409, _with_hint(str(e))) from None
+        push.refresh_trust_bundle()
+        if action == "complete" and server_cert is not None:
+            server_cert.renew()  # proxies keep trusting it once the old root is retired
+        out = ca_state(ca)
+        out["version"] = push.index.version
+        return out
+
+    return operate
+
+
+def _with_hint(message: str) -> str:
+    """CA refusals phrased with the command that resolves them."""
+    hints = {
+        "rotate first": "rotate first (`ambit ca rotate begin`, then `ambit ca rotate complete`)",
+        "complete or abandon rotation": "run `ambit ca rotate complete` first",
+        "call begin_rotation first": "run `ambit ca rotate begin` first",
+        "(or force it)": "(or add --force)",
+    }
+    for k, v in hints.items():
+        message = message.replace(k, v)
+    return message.replace(
+        "with add_root, then restart",
+        "to the trust bundle, then restart",
+    )
+
+
 async def _wait_for_kubernetes(
     cfg: ControlPlaneConfig, store: Store, tg: asyncio.TaskGroup, stop: asyncio.Event
 ) -> tuple[asyncio.Task[None], ServiceAccountCheck] | None:
@@ -380,11 +478,15 @@ async def _serve(
 ) -> None:
     push = PushServer(store, ca, tokens, root_namespace=cfg.root_namespace,
                       service_accounts=service_accounts)
+    server_cert = ServerCertificate(ca, Path(cfg.data_dir)) if cfg.proxy_listen else None
+    if server_cert is not None:
+        push.verify_contexts.append(server_cert.ctx)
     api = ApiServer(
         store,
         trust_domain=cfg.trust_domain,
         token_issuer=token_issuer(store, tokens, ca=ca),
         status_provider=push.status,
+        ca_operator=ca_operator(ca, push, server_cert),
     )
     background: list[asyncio.Task[None]] = []
     servers.append(await api.start_unix(cfg.socket))
@@ -402,9 +504,8 @@ async def _serve(
             address=f"{bound[0]}:{bound[1]}",
             admin_cert=str(pki.admin_cert),
         )
-    if cfg.proxy_listen:
+    if cfg.proxy_listen and server_cert is not None:
         host, port = parse_hostport(cfg.proxy_listen, "--proxy-listen")
-        server_cert = ServerCertificate(ca, Path(cfg.data_dir))
         background.append(tg.create_task(server_cert.run(), name="push-certificate-renewal"))
         push_server = await push.start(host, port, server_cert.ctx)
         servers.append(push_server)
