@@ -10,18 +10,19 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import structlog
 
 from netsetup.netns import socket_in_netns
+from ztunnel.accesslog import ConnectionRecord, log_connection
 from ztunnel.authz import ConnectionInfo, Decision, denied_connections
 from ztunnel.hbone.pool import HboneConnectionPool
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.identity import IdentityManager, TrustBundle
 from ztunnel.listeners.metrics import ZtunnelMetrics
-from ztunnel.snapshot import Snapshot
+from ztunnel.snapshot import Snapshot, Workload
 
 log = structlog.get_logger("ztunnel")
 
@@ -245,6 +246,13 @@ def reset_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def record_denied(ctx: ProxyContext, rec: ConnectionRecord, reason: str) -> None:
+    """Count and log `rec` as a connection refused for `reason` (the caller refuses it)."""
+    denied = replace(rec, error=reason, denied=True)
+    ctx.metrics.connection_denied(denied)
+    log_connection(denied)
+
+
 def addr_str(addr: Any) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -347,3 +355,44 @@ class TcpAcceptor:
             await asyncio.wait(set(self._tasks), timeout=timeout)
         for t in list(self._tasks):
             t.cancel()
+
+
+class WorkloadTcpListener(TcpAcceptor):
+    """A TCP listener in one workload's netns, named `<kind> <namespace>/<name>` in logs.
+
+    Subclasses set `kind`, `default_host` and `default_port` and implement `_handle`;
+    `current_workload()` is the workload as the latest snapshot has it.
+    """
+
+    kind: ClassVar[str]
+    default_host: ClassVar[str]
+    default_port: ClassVar[int]
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        workload: Workload,
+        netns: str | None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.workload_uid = workload.uid
+        self.netns = netns
+        self._workload = workload
+        if sock is None:
+            sock = listener_socket(
+                netns,
+                self.default_host if host is None else host,
+                self.default_port if port is None else port,
+            )
+        name = f"{self.kind} {workload.namespace}/{workload.name}"
+        super().__init__(sock, ctx, self._handle, name)
+
+    def current_workload(self) -> Workload:
+        """This listener's workload in the current snapshot (as started, if it left)."""
+        return self.ctx.snapshot.workload_by_uid(self.workload_uid) or self._workload
+
+    async def _handle(self, client: socket.socket, peer: Any) -> None:
+        raise NotImplementedError

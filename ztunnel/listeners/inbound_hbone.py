@@ -21,6 +21,7 @@ from ztunnel.listeners._base import (
     listener_socket,
     log,
     onward_socket,
+    record_denied,
     splice_with_idle_timeout,
 )
 from ztunnel.plan import InboundReject, plan_inbound
@@ -138,16 +139,12 @@ class InboundHboneListener:
         )
         plan = plan_inbound(snap, req.authority, workload=wl)
         if isinstance(plan, InboundReject):
-            denied = replace(rec, error=plan.reason, denied=True)
-            ctx.metrics.connection_denied(denied)
-            log_connection(denied)
+            record_denied(ctx, rec, plan.reason)
             return Refuse(plan.status, plan.reason)
         info = ConnectionInfo(req.peer_identity, src_ip, wl, plan.port, plan.host)
         decision = evaluate(snap, info)
         if not decision.allowed:
-            denied = replace(rec, error=decision.reason, denied=True)
-            ctx.metrics.connection_denied(denied)
-            log_connection(denied)
+            record_denied(ctx, rec, decision.reason)
             return Refuse(401, decision.reason)
         try:
             up = onward_socket(self.netns, plan.host, source_ip=src_ip)

@@ -10,40 +10,25 @@ from typing import Any
 from ztunnel.accesslog import ConnectionRecord, log_connection
 from ztunnel.authz import ConnectionInfo, evaluate
 from ztunnel.listeners._base import (
-    ProxyContext,
-    TcpAcceptor,
+    WorkloadTcpListener,
     addr_str,
     connect,
-    listener_socket,
     onward_socket,
+    record_denied,
     reset_close,
 )
 from ztunnel.relay import RelayHandle, relay
-from ztunnel.snapshot import ZTUNNEL_PORTS, Workload
+from ztunnel.snapshot import ZTUNNEL_PORTS
 
 INBOUND_PLAIN_PORT = 15006
 
 
-class InboundPlainListener(TcpAcceptor):
+class InboundPlainListener(WorkloadTcpListener):
     """Plaintext TCP to the workload from outside the mesh, TPROXY'd to :15006."""
 
-    def __init__(
-        self,
-        ctx: ProxyContext,
-        workload: Workload,
-        netns: str | None,
-        *,
-        host: str = "0.0.0.0",
-        port: int = INBOUND_PLAIN_PORT,
-        sock: socket.socket | None = None,
-    ) -> None:
-        self.workload_uid = workload.uid
-        self.netns = netns
-        self._workload = workload
-        if sock is None:
-            sock = listener_socket(netns, host, port)
-        name = f"inbound-plain {workload.namespace}/{workload.name}"
-        super().__init__(sock, ctx, self._handle, name)
+    kind = "inbound-plain"
+    default_host = "0.0.0.0"
+    default_port = INBOUND_PLAIN_PORT
 
     async def _handle(self, client: socket.socket, peer: Any) -> None:
         ctx = self.ctx
@@ -51,7 +36,7 @@ class InboundPlainListener(TcpAcceptor):
         dst_ip, dst_port = client.getsockname()[:2]
         src_ip = peer[0]
         snap = ctx.snapshot
-        wl = snap.workload_by_uid(self.workload_uid) or self._workload
+        wl = self.current_workload()
         src_wl = snap.workload_by_ip(src_ip)
         rec = ConnectionRecord(
             direction="inbound",
@@ -68,17 +53,13 @@ class InboundPlainListener(TcpAcceptor):
         if dst_port in ZTUNNEL_PORTS or not wl.accepts_port(dst_port):
             reason = f"port {dst_port} is not served by workload {wl.namespace}/{wl.name}"
             reset_close(client)
-            denied = replace(rec, error=reason, denied=True)
-            ctx.metrics.connection_denied(denied)
-            log_connection(denied)
+            record_denied(ctx, rec, reason)
             return
         info = ConnectionInfo(None, src_ip, wl, dst_port, dst_ip)
         decision = evaluate(snap, info)
         if not decision.allowed:
             reset_close(client)
-            denied = replace(rec, error=decision.reason, denied=True)
-            ctx.metrics.connection_denied(denied)
-            log_connection(denied)
+            record_denied(ctx, rec, decision.reason)
             return
         ctx.metrics.connection_opened(rec)
         error: str | None = None

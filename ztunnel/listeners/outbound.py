@@ -13,52 +13,34 @@ from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.request import forwarded_for, new_traceparent
 from ztunnel.identity import IdentityUnavailable, SpiffeId
 from ztunnel.listeners._base import (
-    ProxyContext,
-    TcpAcceptor,
+    WorkloadTcpListener,
     addr_str,
     connect,
-    listener_socket,
     onward_socket,
+    record_denied,
     reset_close,
     splice_with_idle_timeout,
 )
 from ztunnel.plan import Hbone, HboneViaWaypoint, Passthrough, Reject, plan_outbound
 from ztunnel.relay import relay
-from ztunnel.snapshot import Workload
 
 OUTBOUND_PORT = 15001
 
 
-class OutboundListener(TcpAcceptor):
+class OutboundListener(WorkloadTcpListener):
     """TPROXY target for the workload's outgoing TCP; the accepted socket's name is the
     original destination."""
 
-    def __init__(
-        self,
-        ctx: ProxyContext,
-        workload: Workload,
-        netns: str | None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = OUTBOUND_PORT,
-        sock: socket.socket | None = None,
-    ) -> None:
-        self.workload_uid = workload.uid
-        self.netns = netns
-        self._workload = workload
-        if sock is None:
-            sock = listener_socket(netns, host, port)
-        super().__init__(sock, ctx, self._handle, f"outbound {workload.namespace}/{workload.name}")
-
-    def _source(self) -> Workload:
-        return self.ctx.snapshot.workload_by_uid(self.workload_uid) or self._workload
+    kind = "outbound"
+    default_host = "127.0.0.1"
+    default_port = OUTBOUND_PORT
 
     async def _handle(self, client: socket.socket, peer: Any) -> None:
         ctx = self.ctx
         start = time.monotonic()
         dst_ip, dst_port = client.getsockname()[:2]
         src_ip, src_port = peer[0], peer[1]
-        source = self._source()
+        source = self.current_workload()
         snap = ctx.snapshot
         plan = plan_outbound(snap, source, (dst_ip, dst_port), rng=ctx.rng)
         base = ConnectionRecord(
@@ -71,9 +53,7 @@ class OutboundListener(TcpAcceptor):
         )
         if isinstance(plan, Reject):
             reset_close(client)
-            rec = replace(base, error=plan.reason, denied=True)
-            ctx.metrics.connection_denied(rec)
-            log_connection(rec)
+            record_denied(ctx, base, plan.reason)
             return
         dest = plan.destination
         svc = plan.service
