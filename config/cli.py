@@ -652,7 +652,8 @@ def _ca(args: argparse.Namespace) -> int:
         "begin": "new root added to the trust bundle (not signing yet); once every proxy "
         "holds it (`ambit status`), run `ambit ca rotate complete`",
         "complete": "the new root signs from now on; the previous root stays trusted "
-        "until `ambit ca rotate retire FINGERPRINT`, once certificates it signed expired",
+        "until `ambit ca rotate retire FINGERPRINT`, once certificates it signed expired; "
+        "join tokens created before now name the previous root: create new ones",
         "retire": "root removed from the trust bundle",
     }[args.step]
     print(f"{done} (config version {data.get('version')})")

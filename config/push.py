@@ -427,7 +427,6 @@ class PushServer:
         for ctx in self.verify_contexts:
             ctx.load_verify_locations(cadata=pem)
         self.index.trust_bundle_pem = pem
-        self._bundle_changes += 1
         self.index.version = max(self.index.version, self._store_version) + 1
         self._bundle_changes = self.index.version - self._store_version
         log.info("trust bundle changed; pushing it to every proxy",
@@ -1089,6 +1088,17 @@ class PushClient:
             raise ConnectionError(
                 f"connection to the control plane at {self.address} timed "
                 f"out: is port {self.port} reachable?"
+            ) from None
+        except ssl.SSLCertVerificationError as e:
+            if pinned_root:
+                raise PushError(
+                    "join-token",
+                    f"the control plane at {self.address} presents a certificate the CA "
+                    f"the token names (sha256:{self.ca_pin[:16]}...) did not sign: if its "
+                    "root was rotated since the token was created, create a new token",
+                ) from None
+            raise ConnectionError(
+                f"TLS with the control plane at {self.address} failed: {e.reason or e}"
             ) from None
         except ssl.SSLError as e:
             raise ConnectionError(

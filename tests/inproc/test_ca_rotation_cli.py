@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from config.ca import fingerprint
-from config.push import PushClient
+from config.push import PushClient, PushError
 from tests.inproc.test_cli import NS, ambit, control_plane, error_of
 from tests.pki import handshake
 from ztunnel import snapshot as zs
@@ -143,6 +144,7 @@ async def test_rotate_begin_complete_retire_reaches_a_following_proxy(tmp_path: 
                 overlap.trust_bundle_pem.encode())]) == old_fp
 
             # complete: new certificates chain to the new root; both generations talk
+            early = (await run("token", "create", "--node", "node-b", env=env)).strip()
             status = await run("ca", "rotate", "complete", env=env)
             assert "the new root signs from now on" in status
             roots = roots_of(status.split("\n", 1)[1])
@@ -154,6 +156,14 @@ async def test_rotate_begin_complete_retire_reaches_a_following_proxy(tmp_path: 
             assert issuer_root(old_leaf, trust.roots()) == old_fp
             assert_handshake(old_leaf, new_leaf, trust)
             assert_handshake(new_leaf, old_leaf, trust)
+
+            # a join token names the root that signed the control plane's certificate
+            with pytest.raises(PushError, match="root was rotated since the token was created"):
+                await PushClient(cp.proxies, "node-b", tmp_path / "b1", token=early).join()
+            late = (await run("token", "create", "--node", "node-b", env=env)).strip()
+            assert late.endswith(f"#sha256:{new_fp}")
+            node_b = await PushClient(cp.proxies, "node-b", tmp_path / "b2", token=late).join()
+            assert issuer_root(node_b, trust.roots()) == new_fp
 
             # retire: refused for the signing root and (without --force) too early
             err = await fails("ca", "rotate", "retire", new_fp, env=env)
