@@ -188,6 +188,51 @@ def test_large_transfer_respects_windows_and_batches_updates() -> None:
     assert updates <= 2 * (total // (1024 * 1024))
 
 
+def test_bulk_relay_reopens_windows_rarely_and_in_one_write() -> None:
+    """64 MiB relayed as a proxy does: a few WINDOW_UPDATE writes, not one per MiB."""
+    p = Pair()
+    sid = p.open()
+    total = 64 * 1024 * 1024
+    chunk = b"r" * (256 * 1024)
+    sent = received_total = 0
+    update_frames = update_writes = 0
+    while received_total < total:
+        # The client relay reads one chunk from TCP and sends what the windows allow.
+        if sent < total:
+            p.client.send_data(sid, chunk)
+            sent += len(chunk)
+        for ev in p.server.receive(p.client.data_to_send()):
+            if isinstance(ev, DataReceived):  # written to the upstream at once: consumed
+                p.server.acknowledge(sid, ev.flow_len)
+                received_total += len(ev.data)
+        out = p.server.data_to_send()  # one write per TLS read, as the adapter flushes
+        updates = [f for f in parse_frames(out) if f[0] == WINDOW_UPDATE]
+        if updates:
+            update_frames += len(updates)
+            update_writes += 1
+            # Stream and connection credit travel together.
+            assert {f[2] for f in updates} == {0, sid}
+        p.client.receive(out)
+    assert received_total == total
+    assert p.client.pending(sid) == 0
+    # One write per half stream window (2 MiB), each with both frames: 32 writes, 64
+    # frames. Re-opening every 1 MiB in separate writes would have cost 128 of each.
+    assert update_writes <= total // (2 * 1024 * 1024)
+    assert update_frames <= 2 * update_writes
+
+
+def test_connection_window_alone_is_reopened_at_half() -> None:
+    """Data that is never consumed still gets connection credit back, at half the window."""
+    p = Pair()
+    sids = [p.open() for _ in range(4)]
+    for sid in sids:  # 4 x 3 MiB: within each 4 MiB stream window, 12 of the 16 MiB
+        p.client.send_data(sid, b"c" * (3 * 1024 * 1024))
+    events = p.server.receive(p.client.data_to_send())
+    assert sum(len(e.data) for e in events if isinstance(e, DataReceived)) == 12 * 1024 * 1024
+    updates = [f for f in parse_frames(p.server.data_to_send()) if f[0] == WINDOW_UPDATE]
+    assert [(f[2], struct.unpack(">I", f[3])[0]) for f in updates] == [(0, 8 * 1024 * 1024)]
+
+
 def test_data_beyond_window_is_a_flow_control_error() -> None:
     server = H2Connection(client=False, stream_window=65535)
     server.initiate()

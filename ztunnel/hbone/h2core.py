@@ -15,12 +15,15 @@ Usage (both roles)::
     transport.write(conn.data_to_send())
 
 Flow control: received DATA counts against the connection window, which is re-opened
-immediately (in batches), and against the stream window, which is re-opened only when
-the application calls `acknowledge(stream_id, n)` after it has consumed the bytes. So the
-memory a stream can pin is bounded by its window (4 MiB by default). Outgoing data is
-queued per stream by `send_data` and framed as the peer's windows allow; `pending()` says
-how much is still queued (the adapter applies backpressure to its TCP side from it) and a
-`StreamWritable` event says a stream's queue has been flushed by a WINDOW_UPDATE.
+as data arrives, and against the stream window, which is re-opened only when the
+application calls `acknowledge(stream_id, n)` after it has consumed the bytes. So the
+memory a stream can pin is bounded by its window (4 MiB by default). Each window is
+re-opened once half of it is used, and a stream's WINDOW_UPDATE carries the connection
+credit due in the same buffer: a bulk transfer costs one small write per 2 MiB.
+Outgoing data is queued per stream by `send_data` and framed as the peer's windows
+allow; `pending()` says how much is still queued (the adapter applies backpressure to its
+TCP side from it) and a `StreamWritable` event says a stream's queue has been flushed by
+a WINDOW_UPDATE.
 """
 
 from __future__ import annotations
@@ -292,9 +295,12 @@ class H2Connection:
         self._conn_send_window = DEFAULT_WINDOW
         self._conn_recv_window = connection_window
         self._conn_recv_unacked = 0
-        # Connection WINDOW_UPDATEs are batched too, but more often than the stream's:
-        # many streams share this window and must not stall on it.
-        self._conn_update_at = max(connection_window >> 4, 1)
+        # Both windows are re-opened once half of them is used: the stream's when half
+        # of it has been consumed (`acknowledge`), the connection's when half of it has
+        # been received. A stream update also carries any connection credit due, in the
+        # same write, so a bulk transfer costs one small record per half stream window.
+        self._stream_update_at = max(stream_window >> 1, 1)
+        self._conn_update_at = max(connection_window >> 1, 1)
         self._blocked: dict[int, None] = {}  # streams with data waiting for window
 
         self._encoder = hpack.Encoder()
@@ -540,11 +546,23 @@ class H2Connection:
         if s is None or s.remote_closed or n <= 0:
             return
         s.recv_unacked += n
-        if s.recv_unacked >= self.local_stream_window >> 2:
+        if s.recv_unacked >= self._stream_update_at:
             inc = s.recv_unacked
             s.recv_unacked = 0
             s.recv_window += inc
-            self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(inc))
+            if self._conn_recv_unacked:
+                # Connection credit rides along: both frames in one buffer, one write.
+                conn_inc = self._conn_recv_unacked
+                self._conn_recv_unacked = 0
+                self._conn_recv_window += conn_inc
+                self._out.append(
+                    _pack_hdr(4 << 8 | WINDOW_UPDATE, 0, 0)
+                    + _U32.pack(conn_inc)
+                    + _pack_hdr(4 << 8 | WINDOW_UPDATE, 0, stream_id)
+                    + _U32.pack(inc)
+                )
+            else:
+                self._out.append(_pack_hdr(4 << 8 | WINDOW_UPDATE, 0, stream_id) + _U32.pack(inc))
 
     def ping(self, payload: bytes | None = None) -> bytes:
         """Send a PING (8 bytes); its ack arrives as `PingAcked`."""
@@ -819,8 +837,7 @@ class H2Connection:
         inc = self._conn_recv_unacked
         self._conn_recv_unacked = 0
         self._conn_recv_window += inc
-        self._out.append(_pack_hdr(4 << 8 | WINDOW_UPDATE, 0, 0))
-        self._out.append(_U32.pack(inc))
+        self._out.append(_pack_hdr(4 << 8 | WINDOW_UPDATE, 0, 0) + _U32.pack(inc))
 
     def _start_data(self, flags: int, sid: int, length: int) -> None:
         """A DATA frame header: its payload follows as pieces (`_data_piece`)."""

@@ -482,19 +482,29 @@ class HboneStream:
         self.bytes_sent += n
         conn = self._conn
         core = conn.core
-        conn._flush()  # queued control frames first: frames must stay in order
+        # Queued control frames (e.g. WINDOW_UPDATEs) go first, in the same write.
+        control = core.take_output() if core.has_output else None
         frame = sink.frame
         t = conn.transport
         sid = self.stream_id
         if t is not None and not t.is_closing() and core.prepare_data_frame(sid, frame, n):
-            t.write(frame[: 9 + n])
+            if control:
+                control.append(frame[: 9 + n])
+                t.writelines(control)
+            else:
+                t.write(frame[: 9 + n])
             if t.get_write_buffer_size():  # the transport kept a reference: don't reuse
                 sink.renew_buffer()
             full = conn.write_paused  # nothing was queued in the core
         else:
             # Queued behind the peer's window: copy (cheaper than a fresh zeroed buffer).
             core.send_data(sid, frame[9 : 9 + n].tobytes())
-            conn._flush()
+            out = core.take_output()
+            if control:
+                control.extend(out)
+                out = control
+            if out and t is not None and not t.is_closing():
+                t.writelines(out)
             full = core.pending(sid) > HIGH_WATER or conn.write_paused
         source = sink.transport
         if full and source is not None and not self._reading_paused:
