@@ -11,6 +11,10 @@ Rules (Istio ambient semantics):
   service (all services are visible to all nodes), the workloads of the namespaces
   its own workloads live in, the policies that can apply to its own workloads and
   the trust bundle. It never receives another node's workloads beyond those.
+* A waypoint receives the services and workloads bound to it, their endpoints, and
+  (`MeshIndex(waypoint_clients=True)`) a compact view (`client_view`) of every enrolled
+  workload, its possible clients: it names request sources in telemetry and checks
+  `forwarded: for=` with them.
 
 `MeshIndex` keeps the translated objects between changes so a change costs only the
 objects it touches (see `apply`); `node_snapshot` then assembles a node's view.
@@ -173,8 +177,11 @@ class MeshIndex:
         trust_domain: str = zs.DEFAULT_TRUST_DOMAIN,
         root_namespace: str = zs.DEFAULT_ROOT_NAMESPACE,
         dns_domain: str = zs.DEFAULT_DNS_DOMAIN,
+        waypoint_clients: bool = False,
     ) -> None:
         self.trust_domain = trust_domain
+        #: waypoint snapshots list every enrolled workload (compact) as possible clients
+        self.waypoint_clients = waypoint_clients
         self.root_namespace = root_namespace
         self.dns_domain = dns_domain
         self.version = 0
@@ -193,6 +200,8 @@ class MeshIndex:
         self._pol: dict[str, tuple[zs.AuthorizationPolicy, ...]] = {}
         self._pa: dict[str, tuple[zs.PeerAuthentication, ...]] = {}
         self._waypoints: dict[tuple[str, str], zs.Waypoint] | None = None
+        # compact client views per namespace, valid while `_wl[ns]` is the same dict
+        self._clients: dict[str, tuple[dict[str, zs.Workload], tuple[zs.Workload, ...]]] = {}
         # per-object translations, reused while their resource and context are unchanged
         self._ns_gen: dict[str, int] = {}
         self._gw_gen = 0
@@ -513,6 +522,17 @@ class MeshIndex:
         self._svc[ns] = out
         return out
 
+    def client_views_in(self, ns: str) -> tuple[zs.Workload, ...]:
+        """`client_view` of the enrolled workloads of `ns` (what waypoints get of clients);
+        recomputed only when the namespace's workloads changed."""
+        wls = self.workloads_in(ns)
+        cached = self._clients.get(ns)
+        if cached is not None and cached[0] is wls:
+            return cached[1]
+        views = tuple(client_view(w) for w in wls.values() if w.enrolled)
+        self._clients[ns] = (wls, views)
+        return views
+
     def policies_in(self, ns: str) -> tuple[zs.AuthorizationPolicy, ...]:
         cached = self._pol.get(ns)
         if cached is None:
@@ -581,13 +601,17 @@ class MeshIndex:
         )
 
     def waypoint_snapshot(self, namespace: str, name: str) -> zs.Snapshot:
-        """The snapshot for waypoint `namespace/name` (services and workloads bound to it)."""
+        """The snapshot for waypoint `namespace/name`: services and workloads bound to it,
+        plus (with `waypoint_clients`) the compact view of the enrolled workloads that may
+        be its clients."""
         return _waypoint_snapshot(self, namespace, name)
 
 
 def _waypoint_snapshot(idx: MeshIndex, namespace: str, name: str) -> zs.Snapshot:
     """What a waypoint needs: the services and workloads bound to it, their endpoints,
-    and the policies of their namespaces (those with targetRefs are the waypoint's)."""
+    the policies of their namespaces (those with targetRefs are the waypoint's) and,
+    when it serves anything and `idx.waypoint_clients` is on, its possible clients
+    (`_add_clients`)."""
     ref = idx.waypoints().get((namespace, name))
     services: list[zs.Service] = []
     workloads: dict[str, zs.Workload] = {}
@@ -606,6 +630,8 @@ def _waypoint_snapshot(idx: MeshIndex, namespace: str, name: str) -> zs.Snapshot
                     namespaces.add(ns)
                     for ep in s.endpoints:
                         workloads.setdefault(ep.workload_uid, wls[ep.workload_uid])
+    if idx.waypoint_clients and (workloads or services):
+        _add_clients(idx, workloads, services)
     policy_ns = sorted(namespaces | {idx.root_namespace})
     return zs.Snapshot(
         version=idx.version,
@@ -620,6 +646,57 @@ def _waypoint_snapshot(idx: MeshIndex, namespace: str, name: str) -> zs.Snapshot
         peer_authentications=tuple(p for ns in policy_ns for p in idx.peer_authentications_in(ns)),
         trust_bundle_pem=idx.trust_bundle_pem,
     )
+
+
+#: labels a client's compact entry keeps: what telemetry reads (`source_app`,
+#: `source_version`, the canonical name)
+CLIENT_LABELS = frozenset({
+    *CANONICAL_NAME_LABELS,
+    "version",
+    "app.kubernetes.io/version",
+    "service.istio.io/canonical-revision",
+})
+
+
+def client_view(w: zs.Workload) -> zs.Workload:
+    """`w` reduced to what a waypoint needs to recognise it as a client: identity,
+    addresses and the labels telemetry reads (no placement, locality or waypoint)."""
+    return zs.Workload(
+        uid=w.uid,
+        name=w.name,
+        namespace=w.namespace,
+        ip=w.ip,
+        ip6=w.ip6,
+        node=w.node,
+        service_account=w.service_account,
+        labels=zs.FrozenMap({k: v for k, v in w.labels.items() if k in CLIENT_LABELS}),
+        enrolled=w.enrolled,
+        trust_domain=w.trust_domain,
+        canonical_name=w.canonical_name,
+    )
+
+
+def _add_clients(
+    idx: MeshIndex, workloads: dict[str, zs.Workload], services: Iterable[zs.Service]
+) -> None:
+    """Add to a waypoint's `workloads` the compact view of every enrolled workload (any
+    of them can reach the waypoint's services through its ztunnel), so the waypoint can
+    name request sources and check `forwarded: for=`. An address two clients share, or
+    that is already a served workload's or a VIP, is left out: it would not say who."""
+    taken: set[str] = {a for w in workloads.values() for a in w.addresses}
+    taken.update(v for s in services for v in s.vips)
+    candidates: dict[str, zs.Workload] = {}
+    seen: dict[str, int] = {}
+    for ns in idx.namespaces():
+        for c in idx.client_views_in(ns):
+            if c.uid in workloads:
+                continue
+            candidates[c.uid] = c
+            for a in c.addresses:
+                seen[a] = seen.get(a, 0) + 1
+    for uid, c in candidates.items():
+        if all(seen[a] == 1 and a not in taken for a in c.addresses):
+            workloads[uid] = c
 
 
 def _drop_missing(s: zs.Service, workloads: Mapping[str, zs.Workload]) -> zs.Service | None:
@@ -710,7 +787,7 @@ def content_hash(snap: Mapping[str, Any]) -> str:
     total = scalars_digest(snap)
     for name in COLLECTIONS:
         for item in snap.get(name, []):
-            total += item_digest(name, item)
+            total += _DUMPS.digest(name, item)
     return f"{total & _MASK:016x}"
 
 
@@ -745,12 +822,78 @@ def apply_delta(old: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, A
     return out
 
 
+class _DumpCache:
+    """Dumps (and digests) of snapshot items by object identity.
+
+    The index hands out the same object while what it translates is unchanged, so
+    `sorted_dict` and `content_hash` of a recomputed snapshot (a waypoint's lists every
+    enrolled workload) only encode and hash the items that changed. Entries hold their
+    object, so an id is never reused while cached; once stale entries dominate, those
+    none of the last `KEEP_CALLS` calls used go.
+    """
+
+    KEEP_CALLS = 64
+
+    def __init__(self) -> None:
+        # id(obj) -> [obj, data, collection, digest or None, last call]; id(data) -> same
+        self.by_obj: dict[int, list[Any]] = {}
+        self.by_data: dict[int, list[Any]] = {}
+        self.calls = 0
+        self.peak = 0  # most items one call used since the last trim
+
+    def begin(self) -> None:
+        self.calls += 1
+
+    def dump(self, collection: str, obj: object) -> dict[str, Any]:
+        e = self.by_obj.get(id(obj))
+        if e is None or e[0] is not obj:
+            data = zs._dump(obj)
+            e = [obj, data, collection, None, 0]
+            self.by_obj[id(obj)] = e
+            self.by_data[id(data)] = e
+        e[4] = self.calls
+        data = e[1]
+        assert isinstance(data, dict)
+        return data
+
+    def end(self, used: int) -> None:
+        self.peak = max(self.peak, used)
+        if len(self.by_obj) > 2 * self.peak + 4096:
+            oldest = self.calls - self.KEEP_CALLS
+            self.by_obj = {k: e for k, e in self.by_obj.items() if e[4] > oldest}
+            self.by_data = {id(e[1]): e for e in self.by_obj.values()}
+            self.peak = used
+
+    def digest(self, collection: str, item: Mapping[str, Any]) -> int:
+        e = self.by_data.get(id(item))
+        if e is None or e[1] is not item or e[2] != collection:
+            return item_digest(collection, item)
+        if e[3] is None:
+            e[3] = item_digest(collection, item)
+        return int(e[3])
+
+
+_DUMPS = _DumpCache()
+
+
 def sorted_dict(snap: zs.Snapshot) -> dict[str, Any]:
-    """`snap.to_dict()` with every collection sorted by key."""
-    d = snap.to_dict()
-    for name, keyf in COLLECTIONS.items():
-        if name in d:
-            d[name] = sorted(d[name], key=keyf)
+    """`snap.to_dict()` with every collection sorted by key.
+
+    Items are shared with other calls' results while their object is unchanged: treat
+    them as read-only.
+    """
+    d: dict[str, Any] = {}
+    used = 0
+    _DUMPS.begin()
+    for f in zs._field_info(type(snap)):
+        value = getattr(snap, f.name)
+        keyf = COLLECTIONS.get(f.key)
+        if keyf is None:
+            d[f.key] = zs._dump(value)
+        else:
+            d[f.key] = sorted((_DUMPS.dump(f.key, v) for v in value), key=keyf)
+            used += len(value)
+    _DUMPS.end(used)
     return d
 
 

@@ -826,7 +826,7 @@ def config_from_resources(resources: Iterable[Resource], gateway: tuple[str, str
                           version: int = 1) -> WaypointConfig:
     """The waypoint's view of a set of resources (what a local config file holds)."""
     res = list(resources)
-    idx = MeshIndex()
+    idx = MeshIndex(waypoint_clients=True)  # the snapshot names its possible clients
     idx.load(res, version)
     if address:
         idx.set_waypoint_address(gateway[0], gateway[1], address)

@@ -85,7 +85,11 @@ class Backend:
 
 
 def base_manifests(services: dict[str, list[str]], ports: dict[str, int],
-                   appproto: dict[str, str]) -> list[dict[str, Any]]:
+                   appproto: dict[str, str], *, client_enrolled: bool = False
+                   ) -> list[dict[str, Any]]:
+    client_labels = {"app": "client"}
+    if not client_enrolled:  # outside the mesh: the waypoint cannot name it
+        client_labels["istio.io/dataplane-mode"] = "none"
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": "app", "labels": {"istio.io/dataplane-mode": "ambient",
@@ -97,7 +101,7 @@ def base_manifests(services: dict[str, list[str]], ports: dict[str, int],
         {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
          "metadata": {"name": "client", "namespace": "app",
                       "annotations": {"ambit.dev/node": "node-1"}},
-         "spec": {"address": "127.0.1.1", "labels": {"app": "client"},
+         "spec": {"address": "127.0.1.1", "labels": client_labels,
                   "serviceAccount": "client"}},
     ]
     for i, (svc, ips) in enumerate(services.items()):
@@ -137,11 +141,15 @@ def backend_ref(name: str, weight: int | None = None) -> dict[str, Any]:
 
 
 class Mesh:
-    """Backends, their HBONE stand-ins, a waypoint and a client identity, all on loopback."""
+    """Backends, their HBONE stand-ins, a waypoint and a client identity, all on loopback.
+
+    The client (127.0.1.1, service account `client`) is outside the mesh unless
+    `client_enrolled`: then the waypoint knows it and names it in its telemetry.
+    """
 
     def __init__(self, services: dict[str, int], extra: list[dict[str, Any]],
                  appproto: dict[str, str], *, grpc_handlers: dict[str, Any] | None = None,
-                 pki: Any = None, **options: Any) -> None:
+                 pki: Any = None, client_enrolled: bool = False, **options: Any) -> None:
         self.grpc_handlers = grpc_handlers or {}
         self.pki = pki or TestPKI()  # anything with issue(ns, sa) and bundle
         self.wp_cert = self.pki.issue("app", "wp")
@@ -158,7 +166,8 @@ class Mesh:
                 self.backends.setdefault(svc, []).append(Backend(svc, f"{svc}-{j}", ip))
         self.ports = {svc: free_port() for svc in services}
         self.hbone_port = free_port()
-        self.manifests = base_manifests(ips, self.ports, appproto) + extra
+        self.manifests = base_manifests(ips, self.ports, appproto,
+                                        client_enrolled=client_enrolled) + extra
         self.options = options
         self.waypoint: Waypoint | None = None
         self._pool = HboneConnectionPool()
@@ -280,24 +289,27 @@ class Mesh:
 
         return handler
 
-    async def tunnel(self, svc: str, cert: Certificate | None = None) -> Any:
-        """An HBONE stream to the waypoint for `svc`'s VIP:80 (as a source ztunnel opens)."""
+    async def tunnel(self, svc: str, cert: Certificate | None = None,
+                     source: str = "127.0.1.1", authority: str = "") -> Any:
+        """An HBONE stream to the waypoint for `svc`'s VIP:80 (as a source ztunnel opens),
+        claiming `forwarded: for=` the client address `source`."""
         assert self.waypoint is not None
         return await self._pool.open_stream(
             src_identity_cert=cert or self.client_cert, trust=self.trust,
             dst_identity=self.wp_cert.identity, src_ip=None, dst=self.waypoint.address,
-            authority=f"{self.vips[svc]}:80", forwarded_for='for="127.0.1.1:40000"')
+            authority=authority or f"{self.vips[svc]}:80",
+            forwarded_for=f'for="{source}:40000"')
 
     @contextlib.asynccontextmanager
-    async def forward(self, svc: str, cert: Certificate | None = None
-                      ) -> AsyncIterator[str]:
+    async def forward(self, svc: str, cert: Certificate | None = None,
+                      source: str = "127.0.1.1", authority: str = "") -> AsyncIterator[str]:
         """A local TCP port whose connections go through HBONE to `svc` (base URL)."""
         loop = asyncio.get_running_loop()
         lsock = bound("127.0.0.1", 0)
         port = lsock.getsockname()[1]
 
         async def conn(sock: socket.socket) -> None:
-            stream = await self.tunnel(svc, cert)
+            stream = await self.tunnel(svc, cert, source, authority)
             await stream.splice_socket(sock)
 
         conns: list[asyncio.Task[None]] = []

@@ -418,3 +418,137 @@ def test_replica_applies_deltas_item_by_item_like_a_full_parse() -> None:
     bad = {"upsert": {"workloads": [{"uid": "x", "name": "x"}]}}
     with pytest.raises(zs.SnapshotError):
         replica_apply_delta(rep, bad)
+
+
+CLIENTS = """
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: load, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  {name: loadgen, namespace: load, annotations: {ambit.dev/node: node-c, ambit.dev/netns: lg}}
+spec:
+  address: 10.2.0.5
+  serviceAccount: loadgen
+  locality: us/us-b
+  labels: {app: loadgen, version: v3, team: perf}
+"""
+
+
+def _bound_mesh() -> str:
+    return (
+        MESH.replace(
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, "
+            "istio.io/use-waypoint: wp}}",
+        )
+        + WAYPOINT
+        + CLIENTS
+    )
+
+
+def _index(text: str, version: int = 1) -> MeshIndex:
+    idx = MeshIndex(waypoint_clients=True)
+    idx.set_waypoint_address("shop", "wp", "10.1.0.99")
+    idx.load(resources(text), version)
+    return idx
+
+
+def test_waypoint_snapshot_holds_every_enrolled_client_in_compact_form() -> None:
+    snap = _index(_bound_mesh()).waypoint_snapshot("shop", "wp")
+    names = by_name(snap)
+    # served workloads in full, enrolled clients of any namespace, no one outside the mesh
+    assert set(names) == {"web-1", "web-2", "loadgen"}
+    assert names["web-1"].netns == "web1" and names["web-1"].locality.region == "eu"
+    lg = snap.workload_by_ip("10.2.0.5")
+    assert lg is not None and lg.uid == workload_uid("load", "loadgen")
+    assert (lg.name, lg.namespace, lg.node) == ("loadgen", "load", "node-c")
+    assert lg.identity == "spiffe://cluster.local/ns/load/sa/loadgen"
+    assert dict(lg.labels) == {"app": "loadgen", "version": "v3"}  # what telemetry reads
+    assert lg.netns is None and lg.locality == zs.Locality() and lg.waypoint is None
+    assert lg.canonical_name == "loadgen" and lg.enrolled
+    # the services and policies are still only the waypoint's
+    assert {s.name for s in snap.services} == {"web"}
+    # an index without waypoint_clients: only what is bound to the waypoint
+    plain = MeshIndex()
+    plain.set_waypoint_address("shop", "wp", "10.1.0.99")
+    plain.load(resources(_bound_mesh()), 1)
+    assert {w.name for w in plain.waypoint_snapshot("shop", "wp").workloads} == {
+        "web-1", "web-2"}
+    # a waypoint nothing is bound to gets no clients either
+    idle = _index(MESH + WAYPOINT + CLIENTS).waypoint_snapshot("shop", "wp")
+    assert idle.workloads == () and idle.services == ()
+
+
+def test_client_changes_reach_the_waypoint_snapshot_incrementally() -> None:
+    text = _bound_mesh()
+    idx = _index(text)
+    first = idx.waypoint_snapshot("shop", "wp")
+    shop_views = idx.client_views_in("shop")
+    more = yaml.safe_load(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+        "metadata: {name: loadgen-2, namespace: load, annotations: {ambit.dev/node: node-c}}\n"
+        "spec: {address: 10.2.0.6, serviceAccount: loadgen, labels: {app: loadgen}}\n"
+    )
+    r = parse_resource(more)
+    idx.apply(r.key, r, 2)
+    snap = idx.waypoint_snapshot("shop", "wp")
+    assert idx.client_views_in("shop") is shop_views  # untouched namespace: reused
+    added = snap.workload_by_ip("10.2.0.6")
+    assert added is not None and added.name == "loadgen-2"
+    assert snap.version == 2 and first.workload_by_ip("10.2.0.6") is None
+    # the same as computing everything from scratch
+    assert snap == _index(text + "---\n" + yaml.safe_dump(more), 2).waypoint_snapshot("shop", "wp")
+    idx.apply(r.key, None, 3)
+    assert idx.waypoint_snapshot("shop", "wp").workload_by_ip("10.2.0.6") is None
+    # opting the load namespace out of the mesh takes its clients away
+    ns = parse_resource(yaml.safe_load(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: load}\n"))
+    idx.apply(ns.key, ns, 4)
+    assert idx.waypoint_snapshot("shop", "wp").workload_by_ip("10.2.0.5") is None
+
+
+def test_clients_sharing_an_address_are_left_out() -> None:
+    twin = CLIENTS.replace("name: loadgen, namespace: load", "name: twin, namespace: load")
+    twin = twin.split("---\napiVersion: networking.istio.io/v1", 1)[1]
+    text = _bound_mesh() + "---\napiVersion: networking.istio.io/v1" + twin
+    snap = _index(text).waypoint_snapshot("shop", "wp")
+    # two workloads claim 10.2.0.5: naming either would be a guess
+    assert snap.workload_by_ip("10.2.0.5") is None
+    assert {w.name for w in snap.workloads} == {"web-1", "web-2"}
+    # a client may not shadow a served workload's address either
+    clash = _bound_mesh().replace("address: 10.2.0.5", "address: 10.1.0.11")
+    snap = _index(clash).waypoint_snapshot("shop", "wp")
+    w = snap.workload_by_ip("10.1.0.11")
+    assert w is not None and w.name == "web-1"
+
+
+def test_waypoint_snapshot_dicts_and_hashes_reuse_unchanged_items() -> None:
+    from config.snapshot import COLLECTIONS, content_hash, item_digest, scalars_digest, sorted_dict
+
+    def plain(snap: zs.Snapshot) -> tuple[dict[str, object], str]:
+        d = snap.to_dict()
+        for name, keyf in COLLECTIONS.items():
+            d[name] = sorted(d[name], key=keyf)
+        total = scalars_digest(d) + sum(item_digest(n, i) for n in COLLECTIONS for i in d[n])
+        return d, f"{total & (2**64 - 1):016x}"
+
+    idx = _index(_bound_mesh())
+    first = sorted_dict(idx.waypoint_snapshot("shop", "wp"))
+    assert (first, content_hash(first)) == plain(idx.waypoint_snapshot("shop", "wp"))
+    moved = parse_resource(yaml.safe_load(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+        "metadata: {name: loadgen, namespace: load, annotations: {ambit.dev/node: node-c}}\n"
+        "spec: {address: 10.2.0.7, serviceAccount: loadgen, labels: {app: loadgen}}\n"))
+    idx.apply(moved.key, moved, 2)
+    snap = idx.waypoint_snapshot("shop", "wp")
+    second = sorted_dict(snap)
+    assert (second, content_hash(second)) == plain(snap)
+    before = {w["uid"]: w for w in first["workloads"]}
+    after = {w["uid"]: w for w in second["workloads"]}
+    web1, lg = workload_uid("shop", "web-1"), workload_uid("load", "loadgen")
+    assert after[web1] is before[web1]  # unchanged: the same encoding
+    assert after[lg]["ip"] == "10.2.0.7"
