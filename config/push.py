@@ -362,7 +362,10 @@ class PushServer:
         self.service_accounts = service_accounts
         self.unauthenticated = 0  # connections counted against max_unauthenticated
         self.refused_busy = 0
-        self.index = MeshIndex(trust_domain=ca.trust_domain, root_namespace=root_namespace)
+        # waypoints also get a compact view of the mesh's clients: they name the source
+        # workload in telemetry and verify `forwarded: for=` against it
+        self.index = MeshIndex(trust_domain=ca.trust_domain, root_namespace=root_namespace,
+                               waypoint_clients=True)
         self.index.trust_bundle_pem = ca.trust_bundle().roots_pem.decode()
         version, items = store.snapshot()
         parsed = [r for r in (_parse_stored(i.key, i.body) for i in items) if r is not None]

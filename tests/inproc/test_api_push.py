@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,7 @@ class Plane:
     push: PushServer
     address: str
 
-    def client(self, subject: str, name: str = "", **kw: str) -> PushClient:
+    def client(self, subject: str, name: str = "", **kw: Any) -> PushClient:
         token = self.tokens.create(subject)
         return PushClient(
             self.address,
@@ -317,7 +318,8 @@ async def test_waypoint_registers_its_address_and_services_bind_to_it(tmp_path: 
             )
             wsnap = await wp_rec.wait_for(lambda s: s.services != ())
             assert [s.name for s in wsnap.services] == ["api"]
-            assert {w.name for w in wsnap.workloads} == {"api-1"}
+            # the workloads it serves, plus the mesh's clients (web-1) for telemetry
+            assert {w.name for w in wsnap.workloads} == {"api-1", "web-1"}
             st = await wait_state(p, "shop/wp", "synced")
             assert st["kind"] == "waypoint"
             assert manifests[-1] == ["Gateway/wp", "HTTPRoute/api-split", "Service/api"]
