@@ -517,6 +517,10 @@ class H2Response:
     def _dead(self) -> bool:
         return self._closed or self.error is not None
 
+    def body_complete(self) -> bool:
+        """Whether `chunks()` can be skipped: never decided early for HTTP/2."""
+        return False
+
     def take_ready(self) -> bytes:
         """Body bytes already received (the rest streams through `chunks()`)."""
         if not self._chunks:

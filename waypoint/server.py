@@ -133,6 +133,7 @@ class UpstreamResponse(Protocol):
     @property
     def trailers(self) -> Headers: ...
     def take_ready(self) -> bytes: ...
+    def body_complete(self) -> bool: ...
     def chunks(self) -> AsyncIterator[bytes]: ...
     def finish(self) -> None: ...
     def discard(self) -> None: ...
@@ -696,8 +697,9 @@ class Waypoint:
         try:
             await ex.responder.start(r.status, r.headers, length=resp.length, end=False,
                                      body=resp.take_ready())
-            async for chunk in resp.chunks():
-                await ex.responder.data(chunk)
+            if not resp.body_complete():  # no async generator for a body already here
+                async for chunk in resp.chunks():
+                    await ex.responder.data(chunk)
             trailers = resp.trailers
             for k, v in trailers:
                 if k == "grpc-status":

@@ -156,6 +156,15 @@ class H1Response:
         self.bytes_received += len(data)
         return data
 
+    def body_complete(self) -> bool:
+        """True when nothing is left for `chunks()` (the whole body came with the head
+        and was taken by `take_ready`): the caller can skip iterating."""
+        cb = self._cb
+        if self.head_only or self.status in (204, 304) or (cb.complete and not cb.chunks):
+            self._done = True
+            return True
+        return False
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body; ends at the message end (or, for close-delimited bodies, at EOF)."""
         cb = self._cb
