@@ -572,6 +572,8 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
             f"{results['waypoint']['rss_mib']:.0f} MiB, haproxy "
             f"{results['haproxy']['rss_mib']:.0f} MiB.",
             "",
+            "![vCPU per 1000 req/s](waypoint.png)",
+            "",
             "Reading the numbers: at a fixed rate every request wakes the proxy on its own, "
             "so the per-request cost includes the event-loop wakeup and shrinks as the rate "
             "grows (haproxy shows the same trend); the closed-loop `max` row is the cost "
@@ -581,6 +583,30 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
             f"about 20% (load average at start: {machine.get('load', '?')}).",
         ]
     return "\n".join(out) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """vCPU per 1000 req/s against the offered rate, waypoint and haproxy, with the goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("waypoint", "haproxy"):
+        runs = [r for r in results[name]["runs"] if r["mode"] == "rate"]
+        ax.plot([r["target_rps"] for r in runs], [r["vcpu_per_1000_rps"] for r in runs],
+                marker="o", label=name)
+    ax.axhline(GOAL_VCPU_PER_1000, color="grey", linestyle="--",
+               label=f"goal {GOAL_VCPU_PER_1000} vCPU per 1000 req/s")
+    ax.set_xlabel("offered load (requests/s, 1 KB responses)")
+    ax.set_ylabel("vCPU per 1000 requests/s")
+    ax.set_title("Waypoint vs haproxy: CPU per request rate (mTLS both sides)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -673,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.waypoint " + shlex.join(sys.argv[1:] if argv is None else argv)
     (out / "RESULTS-waypoint.md").write_text(render_markdown(results, command.strip(), machine))
     (out / "results-waypoint.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {out / 'RESULTS-waypoint.md'}")
+    plot(results, out / "waypoint.png")
+    print(f"wrote {out / 'RESULTS-waypoint.md'} and {out / 'waypoint.png'}")
     return 0
 
 
