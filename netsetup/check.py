@@ -13,15 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from netsetup.netns import iproute_in_netns, run_in_fresh_thread, socket_in_netns
+from netsetup.rules import CaptureSpec
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SO_MARK = 36
-PROXY_MARK = 0x539
-CAPTURE_MARK = 0x1
-ROUTE_TABLE = 100
+# the marks and table the capture rules use (CaptureSpec's defaults)
+PROXY_MARK = CaptureSpec.proxy_mark
+CAPTURE_MARK = CaptureSpec.capture_mark
+ROUTE_TABLE = CaptureSpec.route_table
 
 _GRANT = (
     "grant CAP_NET_ADMIN and CAP_SYS_ADMIN: run as root with full capabilities, or "
@@ -86,7 +88,8 @@ def _table(hook: str, kind: str, *rules: str) -> str:
 _NFT_CHECKS: tuple[tuple[str, str, str, str], ...] = (
     (
         "nftables",
-        _table("prerouting", "filter", "meta l4proto tcp meta mark set 0x1 counter accept"),
+        _table("prerouting", "filter",
+               f"meta l4proto tcp meta mark set {CAPTURE_MARK:#x} counter accept"),
         "CONFIG_NF_TABLES and CONFIG_NF_TABLES_INET",
         "nf_tables",
     ),
@@ -104,7 +107,7 @@ _NFT_CHECKS: tuple[tuple[str, str, str, str], ...] = (
     (
         "nft socket transparent",
         _table("prerouting", "filter",
-               "meta l4proto tcp socket transparent 1 meta mark set 0x1 accept"),
+               f"meta l4proto tcp socket transparent 1 meta mark set {CAPTURE_MARK:#x} accept"),
         "CONFIG_NFT_SOCKET (with CONFIG_NF_SOCKET_IPV4 and CONFIG_NF_SOCKET_IPV6)",
         "nft_socket",
     ),
