@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import aiohttp
 
-from tests.inproc.test_waypoint_e2e import Mesh, backend_ref, get, route, which
+from tests.inproc.test_waypoint_e2e import Mesh, backend_ref, count_backends, get, route, which
 
 BACKENDS = ["front", "a", "b", "c", "d", "e", "f", "g", "h"]
 
@@ -136,19 +135,6 @@ async def test_weights_50_50_within_5_points_over_2000_requests() -> None:
     mesh = Mesh({"front": 1, "a": 1, "b": 1}, [route([
         {"backendRefs": [backend_ref("a", 50), backend_ref("b", 50)]},
     ])], {}, access_log=False)
-    async with mesh.running(), mesh.forward("front") as url:
-        import asyncio
-
-        conn = aiohttp.TCPConnector(limit=16)
-        async with aiohttp.ClientSession(connector=conn) as s:
-            got: Counter[str] = Counter()
-
-            async def worker(n: int) -> None:
-                for _ in range(n):
-                    got[(await get(s, url + "/w"))[2].get("x-backend", "?")] += 1
-
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(16):
-                    tg.create_task(worker(125))
+    got = await count_backends(mesh)
     assert sum(got.values()) == 2000
     assert abs(got["a"] / 20 - 50) <= 5, got
