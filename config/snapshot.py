@@ -26,7 +26,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -57,6 +57,7 @@ log = structlog.get_logger("ambit.snapshot")
 
 #: node of a WorkloadEntry without the `ambit.dev/node` annotation: never any node's own
 UNKNOWN_NODE = "?"
+_T = TypeVar("_T")
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 
 
@@ -533,25 +534,27 @@ class MeshIndex:
         self._clients[ns] = (wls, views)
         return views
 
-    def policies_in(self, ns: str) -> tuple[zs.AuthorizationPolicy, ...]:
-        cached = self._pol.get(ns)
+    def _translated_in(
+        self,
+        kind: str,
+        ns: str,
+        cache: dict[str, tuple[_T, ...]],
+        translate: Callable[[Resource], _T],
+    ) -> tuple[_T, ...]:
+        """The `kind` resources of `ns` translated in name order, memoised in `cache`."""
+        cached = cache.get(ns)
         if cached is None:
-            cached = tuple(
-                translate_policy(r)
-                for r in sorted(self._items("AuthorizationPolicy", ns), key=lambda r: r.meta.name)
-            )
-            self._pol[ns] = cached
+            items = sorted(self._items(kind, ns), key=lambda r: r.meta.name)
+            cached = cache[ns] = tuple(translate(r) for r in items)
         return cached
 
+    def policies_in(self, ns: str) -> tuple[zs.AuthorizationPolicy, ...]:
+        return self._translated_in("AuthorizationPolicy", ns, self._pol, translate_policy)
+
     def peer_authentications_in(self, ns: str) -> tuple[zs.PeerAuthentication, ...]:
-        cached = self._pa.get(ns)
-        if cached is None:
-            cached = tuple(
-                translate_peer_authentication(r)
-                for r in sorted(self._items("PeerAuthentication", ns), key=lambda r: r.meta.name)
-            )
-            self._pa[ns] = cached
-        return cached
+        return self._translated_in(
+            "PeerAuthentication", ns, self._pa, translate_peer_authentication
+        )
 
     # -- per-node view ---------------------------------------------------------------
 
