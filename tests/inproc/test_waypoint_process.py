@@ -52,6 +52,32 @@ def to_yaml(docs: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(docs)
 
 
+async def wait_ready(s: aiohttp.ClientSession, ready: int) -> None:
+    """Poll the process's readiness port until it answers 200."""
+    while True:
+        try:
+            async with s.get(f"http://127.0.0.1:{ready}/healthz/ready") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+
+
+async def fetch(mesh: Mesh, hbone: int, path: str) -> bytes:
+    """GET `path` from "front" through the waypoint process on `hbone`, as the mesh client."""
+    stream = await mesh._pool.open_stream(
+        src_identity_cert=mesh.client_cert, trust=mesh.trust,
+        dst_identity=mesh.wp_cert.identity, src_ip=None,
+        dst=("127.0.0.1", hbone), authority=f"{mesh.vips['front']}:80",
+        forwarded_for=None)
+    stream.write(f"GET {path} HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while chunk := await stream.read():
+        data += chunk
+    return data
+
+
 async def test_config_from_the_control_plane_and_live_route_changes(tmp_path: Path) -> None:
     async with plane(tmp_path) as p:
         mesh = Mesh({"front": 1, "a": 1, "b": 1},
@@ -135,39 +161,12 @@ async def test_cli_local_config_serves_reports_ready_and_drains_on_sigterm(
         try:
             async with aiohttp.ClientSession() as s:
                 async with asyncio.timeout(15):
-                    while True:
-                        try:
-                            async with s.get(f"http://127.0.0.1:{ready}/healthz/ready") as r:
-                                if r.status == 200:
-                                    break
-                        except aiohttp.ClientError:
-                            pass
-                        await asyncio.sleep(0.1)
+                    await wait_ready(s, ready)
                 # a request through the process (HBONE in with the client's identity)
-                stream = await mesh._pool.open_stream(
-                    src_identity_cert=mesh.client_cert, trust=mesh.trust,
-                    dst_identity=mesh.wp_cert.identity, src_ip=None,
-                    dst=("127.0.0.1", hbone), authority=f"{mesh.vips['front']}:80",
-                    forwarded_for=None)
-                stream.write(b"GET /cli HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := await stream.read():
-                    data += chunk
+                data = await fetch(mesh, hbone, "/cli")
                 assert data.startswith(b"HTTP/1.1 200") and b'"/cli"' in data, data
                 async with s.get(f"http://127.0.0.1:{metrics}/metrics") as r:
                     assert 'response_code="200"' in await r.text()
-
-                async def fetch() -> bytes:
-                    st = await mesh._pool.open_stream(
-                        src_identity_cert=mesh.client_cert, trust=mesh.trust,
-                        dst_identity=mesh.wp_cert.identity, src_ip=None,
-                        dst=("127.0.0.1", hbone), authority=f"{mesh.vips['front']}:80",
-                        forwarded_for=None)
-                    st.write(b"GET /cli HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
-                    out = b""
-                    while part := await st.read():
-                        out += part
-                    return out
 
                 # the file changes: the process picks it up (a DENY on /cli now)
                 deny = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
@@ -178,7 +177,7 @@ async def test_cli_local_config_serves_reports_ready_and_drains_on_sigterm(
                                  "rules": [{"to": [{"operation": {"paths": ["/cli"]}}]}]}}
                 (tmp_path / "mesh.yaml").write_text(to_yaml([*mesh.manifests, deny]))
                 async with asyncio.timeout(10):
-                    while not (await fetch()).startswith(b"HTTP/1.1 403"):  # noqa: ASYNC110
+                    while not (await fetch(mesh, hbone, "/cli")).startswith(b"HTTP/1.1 403"):  # noqa: ASYNC110
                         await asyncio.sleep(0.1)
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(10):
@@ -221,23 +220,8 @@ async def test_cli_control_plane_mode_joins_with_a_token_file_and_serves(
                 stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
             try:
                 async with aiohttp.ClientSession() as s, asyncio.timeout(20):
-                    while True:
-                        try:
-                            async with s.get(f"http://127.0.0.1:{ready}/healthz/ready") as r:
-                                if r.status == 200:
-                                    break
-                        except aiohttp.ClientError:
-                            pass
-                        await asyncio.sleep(0.1)
-                stream = await mesh._pool.open_stream(
-                    src_identity_cert=mesh.client_cert, trust=mesh.trust,
-                    dst_identity=mesh.wp_cert.identity, src_ip=None,
-                    dst=("127.0.0.1", hbone), authority=f"{mesh.vips['front']}:80",
-                    forwarded_for=None)
-                stream.write(b"GET /cp HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := await stream.read():
-                    data += chunk
+                    await wait_ready(s, ready)
+                data = await fetch(mesh, hbone, "/cp")
                 assert data.startswith(b"HTTP/1.1 200"), data[:200]
                 # the control plane knows where this waypoint listens
                 st = next(s for s in p.push.status()["proxies"] if s["name"] == "app/wp")
