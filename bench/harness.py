@@ -170,17 +170,21 @@ def free_port() -> int:
 
 
 def wait_listening(
-    port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 10.0
+    port: int,
+    proc: subprocess.Popen[bytes],
+    name: str,
+    timeout: float = 10.0,
+    host: str = LOOPBACK,
 ) -> None:
-    """Poll until something accepts on 127.0.0.1:`port`; fail early if `proc` died."""
+    """Poll until something accepts on `host`:`port`; fail early if `proc` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=1):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
         time.sleep(0.02)
-    raise RuntimeError(f"{name} is not listening on 127.0.0.1:{port} after {timeout:.0f}s")
+    raise RuntimeError(f"{name} is not listening on {host}:{port} after {timeout:.0f}s")
 
 
 def _py(module: str, *args: str) -> list[str]:

@@ -406,7 +406,7 @@ def run(
         (workdir / "backends.cfg").write_text(backend_config(port, pki, workdir, tls_port))
         backends = procs.start([haproxy, "-f", str(workdir / "backends.cfg"), "-db"], "backends")
         for ip in BACKENDS.values():
-            _wait_tcp(ip, port, backends)
+            wait_listening(port, backends, "backend haproxy", host=ip)
 
         # the waypoint path
         term, tport = procs.start_announcing(
@@ -508,19 +508,6 @@ def run(
     ver = subprocess.run([haproxy, "-v"], capture_output=True, text=True, check=False)
     results["haproxy_version"] = ver.stdout.splitlines()[0] if ver.stdout else "?"
     return results
-
-
-def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"backend haproxy exited with {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"backend {host}:{port} never listened")
 
 
 # ----------------------------------------------------------------------------- report
