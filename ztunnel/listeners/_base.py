@@ -253,6 +253,17 @@ def record_denied(ctx: ProxyContext, rec: ConnectionRecord, reason: str) -> None
     log_connection(denied)
 
 
+def record_closed(
+    ctx: ProxyContext, rec: ConnectionRecord, start: float, *, sent: int, received: int,
+    error: str | None,
+) -> None:
+    """Count and log `rec` as finished: byte counts, error, and time since `start`."""
+    done = replace(rec, sent=sent, received=received, error=error,
+                   duration_ms=(time.monotonic() - start) * 1000)
+    ctx.metrics.connection_closed(done)
+    log_connection(done)
+
+
 def addr_str(addr: Any) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -21,6 +21,7 @@ from ztunnel.listeners._base import (
     listener_socket,
     log,
     onward_socket,
+    record_closed,
     record_denied,
     splice_with_idle_timeout,
 )
@@ -169,9 +170,6 @@ class InboundHboneListener:
                 error = str(exc)
             finally:
                 ctx.tracker.remove(key)
-            done = replace(rec, sent=sent, received=received, error=error,
-                           duration_ms=(time.monotonic() - start) * 1000)
-            ctx.metrics.connection_closed(done)
-            log_connection(done)
+            record_closed(ctx, rec, start, sent=sent, received=received, error=error)
 
         return Accept(serve=serve)

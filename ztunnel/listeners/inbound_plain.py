@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import replace
 from typing import Any
 
-from ztunnel.accesslog import ConnectionRecord, log_connection
+from ztunnel.accesslog import ConnectionRecord
 from ztunnel.authz import ConnectionInfo, evaluate
 from ztunnel.listeners._base import (
     WorkloadTcpListener,
     addr_str,
     connect,
     onward_socket,
+    record_closed,
     record_denied,
     reset_close,
 )
@@ -79,7 +79,4 @@ class InboundPlainListener(WorkloadTcpListener):
             finally:
                 ctx.tracker.remove(key)
             sent, received, error = result.sent, result.received, result.error
-        done = replace(rec, sent=sent, received=received, error=error,
-                       duration_ms=(time.monotonic() - start) * 1000)
-        ctx.metrics.connection_closed(done)
-        log_connection(done)
+        record_closed(ctx, rec, start, sent=sent, received=received, error=error)

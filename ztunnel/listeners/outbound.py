@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from ztunnel.accesslog import ConnectionRecord, log_connection
+from ztunnel.accesslog import ConnectionRecord
 from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.request import forwarded_for, new_traceparent
 from ztunnel.identity import IdentityUnavailable, SpiffeId
@@ -17,6 +17,7 @@ from ztunnel.listeners._base import (
     addr_str,
     connect,
     onward_socket,
+    record_closed,
     record_denied,
     reset_close,
     splice_with_idle_timeout,
@@ -76,7 +77,7 @@ class OutboundListener(WorkloadTcpListener):
             else:
                 result = await relay(client, up, idle_timeout=ctx.limits.idle_timeout)
                 sent, received, error = result.sent, result.received, result.error
-            self._finish(rec, start, sent, received, error)
+            record_closed(ctx, rec, start, sent=sent, received=received, error=error)
             return
         assert isinstance(plan, Hbone | HboneViaWaypoint)
         rec = replace(
@@ -117,12 +118,4 @@ class OutboundListener(WorkloadTcpListener):
                 )
             except HboneError as exc:
                 error = str(exc)
-        self._finish(rec, start, sent, received, error)
-
-    def _finish(
-        self, rec: ConnectionRecord, start: float, sent: int, received: int, error: str | None
-    ) -> None:
-        done = replace(rec, sent=sent, received=received, error=error,
-                       duration_ms=(time.monotonic() - start) * 1000)
-        self.ctx.metrics.connection_closed(done)
-        log_connection(done)
+        record_closed(ctx, rec, start, sent=sent, received=received, error=error)
