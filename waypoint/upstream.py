@@ -30,6 +30,7 @@ from waypoint.http1 import (
     Conn,
     TcpConn,
     close_conn,
+    connection_tokens,
     encode_chunk,
     encode_last_chunk,
     encode_request_head,
@@ -120,8 +121,7 @@ class H1Response:
         self._cb = cb
         self.status = parser.get_status_code()
         self.headers: Headers = tuple(cb.headers)
-        conn_tokens = {t.strip().lower() for k, v in cb.headers if k == "connection"
-                       for t in v.split(",")}
+        conn_tokens = connection_tokens(cb.headers)
         if parser.get_http_version() == "1.1":
             persistent = "close" not in conn_tokens
         else:
