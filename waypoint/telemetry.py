@@ -12,6 +12,10 @@ pure; `source_labels` names the client from the workload owning the source addre
 (the control plane gives waypoints every enrolled workload, in compact form) when the
 client's certificate is that workload's identity. `OtlpExporter.run()` is the one
 task (owned by the server's TaskGroup) that posts batches of spans as OTLP/HTTP JSON.
+
+The request metrics are plain numbers per label set (`RequestMetrics`), turned into
+Prometheus samples only when scraped; trace, span and request ids (`new_request_id`)
+are slices of one buffered os.urandom read. Both keep the per-request cost small.
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import metrics as _prom_metrics
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from ztunnel import snapshot as zs
 
@@ -37,6 +46,7 @@ __all__ = [
     "RequestRecord",
     "Telemetry",
     "TraceContext",
+    "new_request_id",
     "parse_trace",
     "source_labels",
 ]
@@ -76,8 +86,52 @@ def _hex(s: str, n: int) -> bool:
     return len(s) == n and set(s) <= _HEX and s.strip("0") != ""
 
 
+# Random ids (trace and span ids, x-request-id) come from one os.urandom read of
+# _RAND_BYTES, kept as hex and handed out in slices: one getrandom call per ~150
+# requests instead of three per request. Every draw takes bytes no other draw took.
+# A forked child drops what it inherited (os.register_at_fork), so parent and child
+# never hand out the same bytes.
+_RAND_BYTES = 4096
+_rand_buf = ""  # hex digits, two per random byte
+_rand_pos = 0  # the next unused digit of _rand_buf
+
+
+def _drop_random() -> None:
+    global _rand_buf, _rand_pos
+    _rand_buf, _rand_pos = "", 0
+
+
+os.register_at_fork(after_in_child=_drop_random)
+
+
 def _rand_hex(nbytes: int) -> str:
-    return os.urandom(nbytes).hex()
+    """`nbytes` random bytes from the OS, as 2 * `nbytes` lower-case hex digits."""
+    global _rand_buf, _rand_pos
+    pos = _rand_pos
+    end = pos + 2 * nbytes
+    if end > len(_rand_buf):
+        if nbytes > _RAND_BYTES:
+            return os.urandom(nbytes).hex()
+        _rand_buf, pos, end = os.urandom(_RAND_BYTES).hex(), 0, 2 * nbytes
+    _rand_pos = end
+    return _rand_buf[pos:end]
+
+
+#: the UUID variant digit (RFC 9562 `10xx`) that keeps a random digit's two low bits
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID in its text form, e.g. for `x-request-id`."""
+    h = _rand_hex(16)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+#: the trace headers `inject` replaces
+_PROPAGATED = frozenset(("traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+                         "x-b3-sampled", "x-b3-flags", "b3"))
+#: the request headers `parse_trace` reads
+_TRACE_HEADERS = frozenset(("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
+                            "x-b3-sampled"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +156,16 @@ class TraceContext:
 
     def headers(self) -> list[tuple[str, str]]:
         """The trace headers for the upstream request (W3C and B3)."""
-        out = [("traceparent", self.traceparent), ("x-b3-traceid", self.trace_id),
-               ("x-b3-spanid", self.span_id)]
+        tid, sid = self.trace_id, self.span_id
+        if self.sampled:
+            tp, smp = f"00-{tid}-{sid}-01", "1"
+        else:
+            tp, smp = f"00-{tid}-{sid}-00", "0"
         if self.parent_span_id:
-            out.append(("x-b3-parentspanid", self.parent_span_id))
-        out.append(("x-b3-sampled", "1" if self.sampled else "0"))
-        return out
+            return [("traceparent", tp), ("x-b3-traceid", tid), ("x-b3-spanid", sid),
+                    ("x-b3-parentspanid", self.parent_span_id), ("x-b3-sampled", smp)]
+        return [("traceparent", tp), ("x-b3-traceid", tid), ("x-b3-spanid", sid),
+                ("x-b3-sampled", smp)]
 
     def inject(self, headers: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
         """`headers` (lower-case names) with trace headers for the upstream request.
@@ -115,21 +173,20 @@ class TraceContext:
         W3C `traceparent` always (with `tracestate` kept), and B3 (`x-b3-*`) as well,
         so either kind of tracer downstream joins the same trace.
         """
-        drop = ("traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
-                "x-b3-sampled", "x-b3-flags", "b3")
-        out = [(k, v) for k, v in headers if k not in drop]
-        out.append(("traceparent", self.traceparent))
-        out.append(("x-b3-traceid", self.trace_id))
-        out.append(("x-b3-spanid", self.span_id))
-        if self.parent_span_id:
-            out.append(("x-b3-parentspanid", self.parent_span_id))
-        out.append(("x-b3-sampled", "1" if self.sampled else "0"))
+        out = [(k, v) for k, v in headers if k not in _PROPAGATED]
+        out += self.headers()
         return tuple(out)
 
 
 def parse_trace(headers: Sequence[tuple[str, str]]) -> TraceContext:
     """The caller's trace from W3C `traceparent`, else B3 (multi or single header);
     a new trace when there is none (or it is malformed). The waypoint's span id is new."""
+    for k, _ in headers:
+        if k in _TRACE_HEADERS:
+            break
+    else:  # the common case: no trace headers at all
+        ids = _rand_hex(24)
+        return TraceContext(ids[:32], ids[32:])
     tp = b3 = tid = sid = sampled = tracestate = None
     for k, v in headers:
         if k == "traceparent":
@@ -201,10 +258,6 @@ class RequestRecord:
     trace: TraceContext | None = None
 
 
-def _principal_label(p: str) -> str:
-    return p.removeprefix("spiffe://") if p else "unknown"
-
-
 #: labels that carry a workload's version, most specific first (Istio's order)
 VERSION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
 
@@ -237,6 +290,120 @@ def source_labels(rec: RequestRecord, workload: zs.Workload | None, principal: s
         rec.source_namespace = principal.split("/ns/", 1)[1].split("/", 1)[0]
 
 
+#: the series `RequestMetrics` keeps at most; see there
+MAX_SERIES = 10000
+#: the label value (all but `reporter`) of the series that counts requests beyond MAX_SERIES
+OVERFLOW = "overflow"
+
+# A series is one flat list: the request count, the three sums, the creation time,
+# then the (non-cumulative) bucket counts of each histogram, `+Inf` last.
+_COUNT, _DUR_SUM, _REQ_SUM, _RESP_SUM, _CREATED = range(5)
+_DUR0 = 5
+_REQ0 = _DUR0 + len(DURATION_BUCKETS) + 1
+_RESP0 = _REQ0 + len(BYTES_BUCKETS) + 1
+_SERIES_LEN = _RESP0 + len(BYTES_BUCKETS) + 1
+
+
+class RequestMetrics:
+    """The four Istio request metrics, kept as plain numbers per label set.
+
+    `observe` is the per-request path: a dict lookup, three `bisect`s and a few
+    additions (no locks: the waypoint records and is scraped on one event loop).
+    `collect` is a prometheus_client collector: registered in a registry, a scrape
+    shows what `Counter("istio_requests", ...)` and three `Histogram`s with the same
+    labels and buckets would (`_total`, cumulative `_bucket` up to `+Inf`, `_count`,
+    `_sum`, and `_created` unless prometheus_client's created series are disabled).
+
+    Series never go away (a counter that vanished would read as a reset). Beyond
+    `max_series` label sets, requests with a new label set are counted in one series
+    whose labels are all `overflow` (but `reporter`), with a warning logged once: the
+    series already shown keep counting and the totals over all series stay right.
+    """
+
+    def __init__(self, reporter: str, max_series: int = MAX_SERIES) -> None:
+        self.reporter = reporter
+        self.max_series = max_series
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        self._overflow = (reporter,) + (OVERFLOW,) * (len(LABELS) - 1)
+
+    def _new_series(self, values: tuple[str, ...]) -> list[float]:
+        if len(self.series) >= self.max_series:
+            values = self._overflow
+            s = self.series.get(values)
+            if s is not None:
+                return s
+            log.warning("metric_series_limit", limit=self.max_series,
+                        detail="requests with new label sets are counted with "
+                               f"labels {OVERFLOW!r}")
+        s = [0.0] * _SERIES_LEN
+        s[_CREATED] = time.time()
+        self.series[values] = s
+        return s
+
+    def observe(self, values: tuple[str, ...], duration_ms: float, request_bytes: int,
+                response_bytes: int) -> None:
+        """One request with label values `values` (in `LABELS` order)."""
+        s = self.series.get(values)
+        if s is None:
+            s = self._new_series(values)
+        s[_COUNT] += 1
+        s[_DUR_SUM] += duration_ms
+        s[_DUR0 + bisect_left(DURATION_BUCKETS, duration_ms)] += 1
+        s[_REQ_SUM] += request_bytes
+        s[_REQ0 + bisect_left(BYTES_BUCKETS, request_bytes)] += 1
+        s[_RESP_SUM] += response_bytes
+        s[_RESP0 + bisect_left(BYTES_BUCKETS, response_bytes)] += 1
+
+    def describe(self) -> Iterator[Metric]:
+        yield Metric("istio_requests", _REQUESTS_HELP, "counter")
+        for name, doc, _, _, _ in _HISTOGRAMS:
+            yield Metric(name, doc, "histogram")
+
+    def collect(self) -> Iterator[Metric]:
+        # prometheus_client's switch (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics)
+        created = bool(getattr(_prom_metrics, "_use_created", True))
+        series = [(dict(zip(LABELS, k, strict=True)), s) for k, s in list(self.series.items())]
+        m = Metric("istio_requests", _REQUESTS_HELP, "counter")
+        for labels, s in series:
+            m.samples.append(Sample("istio_requests_total", labels, s[_COUNT]))
+            if created:
+                m.samples.append(Sample("istio_requests_created", labels, s[_CREATED]))
+        yield m
+        for name, doc, bounds, first, sum_at in _HISTOGRAMS:
+            m = Metric(name, doc, "histogram")
+            bucket, count, total, made = name + "_bucket", name + "_count", name + "_sum", \
+                name + "_created"
+            for labels, s in series:
+                acc = 0.0
+                for i, le in enumerate(bounds):
+                    acc += s[first + i]
+                    m.samples.append(Sample(bucket, {**labels, "le": le}, acc))
+                m.samples.append(Sample(count, labels, acc))
+                m.samples.append(Sample(total, labels, s[sum_at]))
+                if created:
+                    m.samples.append(Sample(made, labels, s[_CREATED]))
+            yield m
+
+
+_REQUESTS_HELP = "Requests handled by the waypoint"
+
+
+def _le(bounds: Sequence[float]) -> tuple[str, ...]:
+    """The `le` label values of buckets with upper bounds `bounds`, then `+Inf`."""
+    go: Callable[[float], str] = floatToGoString  # as prometheus_client's Histogram
+    return (*(go(b) for b in bounds), "+Inf")
+
+
+#: name, help, `le` label values, first bucket index, sum index
+_HISTOGRAMS = (
+    ("istio_request_duration_milliseconds", "Request duration in milliseconds",
+     _le(DURATION_BUCKETS), _DUR0, _DUR_SUM),
+    ("istio_request_bytes", "Request body sizes in bytes", _le(BYTES_BUCKETS), _REQ0, _REQ_SUM),
+    ("istio_response_bytes", "Response body sizes in bytes", _le(BYTES_BUCKETS), _RESP0,
+     _RESP_SUM),
+)
+
+
 class Telemetry:
     """Istio request metrics in a registry, one access log line and one span per request."""
 
@@ -247,27 +414,14 @@ class Telemetry:
         exporter: OtlpExporter | None = None,
         access_log_enabled: bool = True,
         reporter: str = "waypoint",
+        max_series: int = MAX_SERIES,
     ) -> None:
         self.registry = registry
         self.exporter = exporter
         self.access_log_enabled = access_log_enabled
         self.reporter = reporter
-        self.requests = Counter(
-            "istio_requests", "Requests handled by the waypoint", LABELS, registry=registry
-        )
-        self.duration = Histogram(
-            "istio_request_duration_milliseconds", "Request duration in milliseconds",
-            LABELS, buckets=DURATION_BUCKETS, registry=registry,
-        )
-        self.request_bytes = Histogram(
-            "istio_request_bytes", "Request body sizes in bytes", LABELS,
-            buckets=BYTES_BUCKETS, registry=registry,
-        )
-        self.response_bytes = Histogram(
-            "istio_response_bytes", "Response body sizes in bytes", LABELS,
-            buckets=BYTES_BUCKETS, registry=registry,
-        )
-        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self.metrics = RequestMetrics(reporter, max_series)
+        registry.register(self.metrics)
         tcp_labels = tuple(k for k in LABELS if k not in (
             "request_protocol", "response_code", "grpc_response_status"))
         self._tcp_index = tuple(LABELS.index(k) for k in tcp_labels)
@@ -284,27 +438,17 @@ class Telemetry:
                                     "Bytes received from the client on TCP connections",
                                     tcp_labels, registry=registry)
 
-    def _series(self, values: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
-        c = self._children.get(values)
-        if c is None:
-            if len(self._children) > 10000:
-                self._children.clear()
-            c = (self.requests.labels(*values), self.duration.labels(*values),
-                 self.request_bytes.labels(*values), self.response_bytes.labels(*values))
-            self._children[values] = c
-        return c
-
     def label_values(self, rec: RequestRecord) -> tuple[str, ...]:
         """The metric label values of a record, in `LABELS` order."""
         return (
             self.reporter,
             rec.source_workload or "unknown",
             rec.source_namespace or "unknown",
-            _principal_label(rec.source_principal),
+            (rec.source_principal or "unknown").removeprefix("spiffe://"),
             rec.source_app or "unknown",
             rec.destination_workload or "unknown",
             rec.destination_namespace or "unknown",
-            _principal_label(rec.destination_principal),
+            (rec.destination_principal or "unknown").removeprefix("spiffe://"),
             rec.destination_app or "unknown",
             rec.destination_service or "unknown",
             rec.destination_service_name or "unknown",
@@ -342,11 +486,8 @@ class Telemetry:
 
     def record(self, rec: RequestRecord) -> None:
         """Count, time, log and (when exporting) trace one finished request."""
-        total, dur, qb, rb = self._series(self.label_values(rec))
-        total.inc()
-        dur.observe(rec.duration * 1000.0)
-        qb.observe(rec.request_bytes)
-        rb.observe(rec.response_bytes)
+        self.metrics.observe(self.label_values(rec), rec.duration * 1000.0, rec.request_bytes,
+                             rec.response_bytes)
         if self.access_log_enabled:
             access_log.info(
                 "request",
