@@ -100,7 +100,13 @@ from waypoint.resilience import (
     Timeouts,
     TokenBucket,
 )
-from waypoint.routes import CompiledMatch, RouteTable, build_route_table, match_route, pick_weighted
+from waypoint.routes import (
+    CompiledMatch,
+    RouteTable,
+    WeightedChoice,
+    build_route_table,
+    match_route,
+)
 from ztunnel import snapshot as zs
 
 __all__ = [
@@ -177,6 +183,8 @@ class Cluster:
         """An endpoint for a new attempt: not ejected, and not in `exclude` if possible."""
         if not self.endpoints:
             return None
+        if self.outlier is None and not exclude:
+            return self.balancer.pick(self.endpoints, now, rng)
         if self.outlier is not None:
             idx = self.outlier.healthy(self.keys, now)
             candidates = [self.endpoints[i] for i in idx]
@@ -278,16 +286,15 @@ class MirrorPlan:
     endpoint: UpstreamEndpoint
 
 
-@dataclass
-class _Lease:
-    in_flight: Attempt | None
-    retry_in_flight: bool = False
-    released: bool = False
-
-
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class RequestPlan:
-    """How to serve one request upstream (see the module docstring for the loop)."""
+    """How to serve one request upstream (see the module docstring for the loop).
+
+    Read-only for its users; its private fields hold the request's accounting (the
+    attempt in flight, a retry counted against the pool, released or not), which
+    `after_attempt` and `release` update. Not frozen: one is built per request and
+    a frozen dataclass of this size costs more to build than the rest of the plan.
+    """
 
     request: Request
     original: Request
@@ -304,7 +311,9 @@ class RequestPlan:
     mirrors: tuple[MirrorPlan, ...] = ()
     response_modifiers: tuple[HeaderModifier, ...] = ()
     policy: str | None = None  # the AuthorizationPolicy that allowed it, if any
-    _lease: _Lease = field(default_factory=lambda: _Lease(None), repr=False, compare=False)
+    _in_flight: Attempt | None = field(default=None, repr=False)
+    _retry_in_flight: bool = field(default=False, repr=False)
+    _released: bool = field(default=False, repr=False)
 
     def after_attempt(
         self,
@@ -316,15 +325,16 @@ class RequestPlan:
         rtt: float | None = None,
     ) -> Attempt | None:
         """Record how `attempt` ended; the next attempt (a retry) or None to stop."""
-        lease = self._lease
-        if lease.in_flight is attempt:
-            lease.in_flight = None
+        if self._in_flight is attempt:
+            self._in_flight = None
             self.cluster.finished(attempt.endpoint, now, result, rtt)
-            if lease.retry_in_flight:
+            if self._retry_in_flight:
                 self.cluster.pool.end_retry()
-                lease.retry_in_flight = False
-        if lease.released:
+                self._retry_in_flight = False
+        if self._released:
             return None
+        if type(result) is int and result not in self.retry.codes:
+            return None  # RetryPolicy.retriable says no: what decide() would answer
         d = self.retry.decide(
             attempt.number, result, now, self.timeouts.request_deadline(self.started), rng
         )
@@ -333,7 +343,7 @@ class RequestPlan:
         ep = self.cluster.pick(now + d.backoff, rng, exclude=(attempt.endpoint.key,))
         if ep is None or not self.cluster.pool.start_retry():
             return None
-        lease.retry_in_flight = True
+        self._retry_in_flight = True
         nxt = Attempt(
             attempt.number + 1,
             ep,
@@ -342,11 +352,13 @@ class RequestPlan:
             d.backoff,
         )
         self.cluster.started(ep, now + d.backoff)
-        lease.in_flight = nxt
+        self._in_flight = nxt
         return nxt
 
     def response(self, response: Response) -> Response:
         """The upstream response with ResponseHeaderModifier filters applied."""
+        if not self.response_modifiers:
+            return response  # nothing to change (Response is immutable)
         headers = response.headers
         for m in self.response_modifiers:
             headers = flt.modify_headers(headers, m)
@@ -371,16 +383,16 @@ class RequestPlan:
 
     def release(self, now: float) -> None:
         """End the request's accounting (idempotent); call it in a `finally`."""
-        lease = self._lease
-        if lease.released:
+        if self._released:
             return
-        lease.released = True
-        if lease.in_flight is not None:
-            self.cluster.finished(lease.in_flight.endpoint, now, None, None)
-            lease.in_flight = None
-        if lease.retry_in_flight:
+        self._released = True
+        in_flight = self._in_flight
+        if in_flight is not None:
+            self.cluster.finished(in_flight.endpoint, now, None, None)
+            self._in_flight = None
+        if self._retry_in_flight:
             self.cluster.pool.end_retry()
-            lease.retry_in_flight = False
+            self._retry_in_flight = False
         self.cluster.pool.end_request()
 
 
@@ -401,6 +413,10 @@ class _Guards:
     faults: tuple[FaultPolicy, ...] = ()
     rate_limits: tuple[_RateLimit, ...] = ()
 
+    @property
+    def active(self) -> bool:
+        return bool(self.faults or self.rate_limits)
+
 
 @dataclass(frozen=True, slots=True)
 class _RulePlan:
@@ -412,9 +428,17 @@ class _RulePlan:
     response_modifiers: tuple[HeaderModifier, ...]
     retry: RetryPolicy
     timeouts: Timeouts
+    #: `pick_weighted` over `refs`, prepared (its index points into `backends`)
+    choice: WeightedChoice = field(init=False, repr=False, compare=False)
+    #: route or rule faults / rate limits to run
+    guarded: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choice", WeightedChoice(self.refs))
+        object.__setattr__(self, "guarded", self.guards.active)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _ServiceChain:
     service: zs.Service
     port: int
@@ -423,6 +447,14 @@ class _ServiceChain:
     table: RouteTable
     rules: Mapping[tuple[str, int], _RulePlan]
     default: Cluster
+    #: service-level faults / rate limits to run
+    guarded: bool = field(init=False, repr=False, compare=False)
+    #: no HTTPRoute attaches
+    unrouted: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guarded", self.guards.active)
+        object.__setattr__(self, "unrouted", self.table.empty)
 
 
 @dataclass(frozen=True)
@@ -433,6 +465,11 @@ class Chain:
     state: ChainState
     services: Mapping[tuple[str, str, int], _ServiceChain]
     gateway_policies: tuple[Named[AuthorizationPolicySpec], ...]
+    #: (VIP, port) -> what `services` holds for the service owning that VIP, on that
+    #: port: the lookup `plan_request` would do from a request's original destination
+    by_destination: Mapping[tuple[str, int], _ServiceChain] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def version(self) -> int:
@@ -628,7 +665,18 @@ def build_chain(config: WaypointConfig, state: ChainState | None = None) -> Chai
     gateway_policies = l7authz.applicable_policies(
         config.policies, gateway=gw, service=None, root_namespace=root
     )
-    return Chain(config, state, services, gateway_policies)
+    by_destination: dict[tuple[str, int], _ServiceChain] = {}
+    snap = config.snapshot
+    for svc in snap.services:
+        for vip in svc.vips:
+            owner = snap.service_by_vip(vip)
+            if owner is None:
+                continue
+            for sp in owner.ports:
+                sc = services.get((owner.namespace, owner.name, sp.port))
+                if sc is not None:
+                    by_destination[(vip, sp.port)] = sc
+    return Chain(config, state, services, gateway_policies, by_destination)
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -732,21 +780,19 @@ def _workload_plan(
     ep = UpstreamEndpoint(w.uid, w.ip, request.dest_port, w.identity, w.enrolled, w.weight)
     target = BackendTarget(w.namespace, w.name, request.dest_port)
     cluster = chain.state.cluster(target, (ep,), "ROUND_ROBIN", None, PoolLimits())
-    return _start(chain, request, request, target, cluster=cluster, retry=RetryPolicy(),
-                  timeouts=Timeouts(), now=now, rng=rng, policy=dec.policy)
+    return _start(request, request, cluster, now, rng, retry=RetryPolicy(), timeouts=Timeouts(),
+                  policy=dec.policy)
 
 
 def _start(
-    chain: Chain,
     original: Request,
     request: Request,
-    target: BackendTarget,
-    *,
     cluster: Cluster,
-    retry: RetryPolicy,
-    timeouts: Timeouts,
     now: float,
     rng: Random,
+    *,
+    retry: RetryPolicy,
+    timeouts: Timeouts,
     route: str | None = None,
     rule_index: int | None = None,
     delay: float = 0.0,
@@ -754,35 +800,47 @@ def _start(
     response_modifiers: tuple[HeaderModifier, ...] = (),
     policy: str | None = None,
 ) -> RequestPlan | LocalResponse:
+    """Endpoint, pool admission and the first attempt (to `cluster.target`)."""
     ep = cluster.pick(now + delay, rng)
     if ep is None:
-        return _local(503, "UH", f"no healthy upstream for {target.key}",
+        return _local(503, "UH", f"no healthy upstream for {cluster.target.key}",
                       b"no healthy upstream")
     overflow = cluster.pool.start_request()
     if overflow is not None:
         return LocalResponse(overflow.status, overflow.body, overflow.headers, overflow.flags,
-                             f"{overflow.details} for {target.key}")
+                             f"{overflow.details} for {cluster.target.key}")
     begin = now + delay  # timeouts run from the end of a fault delay, as in Envoy
     first = Attempt(1, ep, begin, timeouts.attempt_deadline(begin, begin))
     cluster.started(ep, begin)
+    # positional: RequestPlan's fields in order (keywords cost more than the rest)
     return RequestPlan(
-        request=request,
-        original=original,
-        backend=target,
-        cluster=cluster,
-        first=first,
-        retry=retry,
-        timeouts=timeouts,
-        started=begin,
-        route=route,
-        rule_index=rule_index,
-        fault_delay=delay,
-        flags="DI" if delay > 0 else "",
-        mirrors=mirrors,
-        response_modifiers=response_modifiers,
-        policy=policy,
-        _lease=_Lease(first),
+        request, original, cluster.target, cluster, first, retry, timeouts, begin, route,
+        rule_index, delay, "DI" if delay > 0 else "", mirrors, response_modifiers, policy,
+        first,
     )
+
+
+def _service_chain(
+    chain: Chain, request: Request
+) -> tuple[_ServiceChain, Request] | LocalResponse | None:
+    """The service port a request is for (None: not a service), the request with its
+    port filled in when the client gave none and the service has one port."""
+    svc = chain.config.service_for(request)
+    if svc is None:
+        return None
+    port = request.dest_port
+    if svc.port(port) is None:
+        if len(svc.ports) == 1 and not port:
+            port = svc.ports[0].port
+        else:
+            return _local(
+                404, "NR", f"service {svc.key} has no port {request.dest_port}: "
+                f"it serves {', '.join(str(p.port) for p in svc.ports) or 'no ports'}"
+            )
+    sc = chain.services[(svc.namespace, svc.name, port)]
+    if request.dest_port != port:
+        request = request.with_(dest_port=port)
+    return sc, request
 
 
 def plan_request(
@@ -798,21 +856,15 @@ def plan_request(
         normalized = normalize_path(raw)
         if normalized != raw:
             request = request.with_(path=normalized)
-    svc = chain.config.service_for(request)
-    if svc is None:
-        return _workload_plan(chain, request, now, rng)
-    port = request.dest_port
-    if svc.port(port) is None:
-        if len(svc.ports) == 1 and not port:
-            port = svc.ports[0].port
-        else:
-            return _local(
-                404, "NR", f"service {svc.key} has no port {request.dest_port}: "
-                f"it serves {', '.join(str(p.port) for p in svc.ports) or 'no ports'}"
-            )
-    sc = chain.services[(svc.namespace, svc.name, port)]
-    if request.dest_port != port:
-        request = request.with_(dest_port=port)
+    # a service VIP and one of its ports (the usual case): straight to its chain
+    sc = chain.by_destination.get((request.dest_ip, request.dest_port)) if request.dest_ip else None
+    if sc is None:
+        found = _service_chain(chain, request)
+        if found is None:
+            return _workload_plan(chain, request, now, rng)
+        if isinstance(found, LocalResponse):
+            return found
+        sc, request = found
     original = request
 
     # 1. authorization
@@ -825,66 +877,67 @@ def plan_request(
 
     # 2. service-level rate limits and faults
     delay = 0.0
-    if sc.guards.faults or sc.guards.rate_limits:
+    if sc.guarded:
         answer, delay = _run_guards(sc.guards, now, rng)
         if answer is not None:
             return answer
 
     # 3. route match
-    if sc.table.empty:
-        return _start(chain, original, request, sc.default.target, cluster=sc.default,
-                      retry=_DEFAULT_RETRY, timeouts=_NO_TIMEOUTS, now=now, rng=rng,
-                      delay=delay, policy=policy)
+    if sc.unrouted:
+        return _start(original, request, sc.default, now, rng, retry=_DEFAULT_RETRY,
+                      timeouts=_NO_TIMEOUTS, delay=delay, policy=policy)
     m: CompiledMatch | None = match_route(sc.table, request)
     if m is None:
-        return _local(404, "NR", f"no HTTPRoute rule of {svc.key}:{port} matches "
+        return _local(404, "NR", f"no HTTPRoute rule of {sc.service.key}:{sc.port} matches "
                       f"{request.method} {request.path_only}")
-    rp = sc.rules[(m.route_key, m.rule_index)]
+    route_key = m.route_key
+    rp = sc.rules[(route_key, m.rule_index)]
 
     # 4. route/rule-level limits and faults, then filters in listed order
-    if rp.guards.faults or rp.guards.rate_limits:
+    if rp.guarded:
         answer, more = _run_guards(rp.guards, now, rng)
         delay += more
         if answer is not None:
             return answer
-    prefix = m.path_value if m.path_type == "PathPrefix" else None
-    for typ, payload in rp.filters:
-        if typ == "RequestHeaderModifier":
-            assert isinstance(payload, HeaderModifier)
-            request = request.with_(headers=flt.modify_headers(request.headers, payload))
-        elif typ == "RequestRedirect":
-            assert isinstance(payload, Mapping)
-            return flt.redirect(payload, request, prefix)
-        elif typ == "URLRewrite":
-            assert isinstance(payload, Mapping)
-            request = flt.rewrite(payload, request, prefix)
+    if rp.filters:
+        prefix = m.path_value if m.path_type == "PathPrefix" else None
+        for typ, payload in rp.filters:
+            if typ == "RequestHeaderModifier":
+                assert isinstance(payload, HeaderModifier)
+                request = request.with_(headers=flt.modify_headers(request.headers, payload))
+            elif typ == "RequestRedirect":
+                assert isinstance(payload, Mapping)
+                return flt.redirect(payload, request, prefix)
+            elif typ == "URLRewrite":
+                assert isinstance(payload, Mapping)
+                request = flt.rewrite(payload, request, prefix)
 
     # 5. weighted backend
     if not rp.backends:
-        return _local(500, "NR", f"HTTPRoute {m.route_key} rule {m.rule_index} has no "
+        return _local(500, "NR", f"HTTPRoute {route_key} rule {m.rule_index} has no "
                       "backendRefs: add one, or a RequestRedirect filter")
-    ref = pick_weighted(rp.refs, rng)
-    if ref is None:
-        return _local(500, "NR", f"HTTPRoute {m.route_key} rule {m.rule_index}: every "
+    i = rp.choice.pick(rng)  # routes.pick_weighted over rp.refs, prepared
+    if i < 0:
+        return _local(500, "NR", f"HTTPRoute {route_key} rule {m.rule_index}: every "
                       "backendRef has weight 0")
-    cluster = next(c for b, c in rp.backends if b is ref)
+    ref, cluster = rp.backends[i]
     if cluster is None:
-        return _local(500, "NR", f"HTTPRoute {m.route_key} backend {ref.namespace}/{ref.name} "
+        return _local(500, "NR", f"HTTPRoute {route_key} backend {ref.namespace}/{ref.name} "
                       "is not a known Service: check backendRefs")
-    mirrors: list[MirrorPlan] = []
-    for mc, pct in rp.mirrors:
-        if flt.mirror_wanted(pct, rng):
-            mep = mc.pick(now, rng)
-            if mep is not None:
-                mirrors.append(MirrorPlan(request, mc.target, mep))
+    mirrors: tuple[MirrorPlan, ...] = ()
+    if rp.mirrors:
+        wanted: list[MirrorPlan] = []
+        for mc, pct in rp.mirrors:
+            if flt.mirror_wanted(pct, rng):
+                mep = mc.pick(now, rng)
+                if mep is not None:
+                    wanted.append(MirrorPlan(request, mc.target, mep))
+        mirrors = tuple(wanted)
 
     # 6. retry/timeout and endpoint selection
-    return _start(
-        chain, original, request, cluster.target, cluster=cluster, retry=rp.retry,
-        timeouts=rp.timeouts, now=now, rng=rng, route=m.route_key, rule_index=m.rule_index,
-        delay=delay, mirrors=tuple(mirrors), response_modifiers=rp.response_modifiers,
-        policy=policy,
-    )
+    return _start(original, request, cluster, now, rng, retry=rp.retry, timeouts=rp.timeouts,
+                  route=route_key, rule_index=m.rule_index, delay=delay, mirrors=mirrors,
+                  response_modifiers=rp.response_modifiers, policy=policy)
 
 
 #: TCP: only connect failures are retried (a connection cannot be replayed)
@@ -920,8 +973,8 @@ def plan_tcp(
     dec = l7authz.authorize(sc.policies, request, tcp=True)
     if not dec.allowed:
         return l7authz.denied_response(dec)
-    return _start(chain, request, request, sc.default.target, cluster=sc.default,
-                  retry=_TCP_RETRY, timeouts=Timeouts(), now=now, rng=rng, policy=dec.policy)
+    return _start(request, request, sc.default, now, rng, retry=_TCP_RETRY, timeouts=Timeouts(),
+                  policy=dec.policy)
 
 
 # ----------------------------------------------------------------------------- source

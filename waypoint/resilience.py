@@ -92,6 +92,9 @@ class RetryDecision:
     reason: str = ""
 
 
+_NOT_RETRIABLE = RetryDecision(False, reason="not retriable")
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """When to retry an attempt.
@@ -143,7 +146,7 @@ class RetryPolicy:
     ) -> RetryDecision:
         """After `tries_done` tries (>= 1) ended with `result`: retry or stop."""
         if not self.retriable(result):
-            return RetryDecision(False, reason="not retriable")
+            return _NOT_RETRIABLE
         if tries_done > self.attempts:
             return RetryDecision(False, reason=f"{self.attempts} retries used")
         backoff = self.backoff_for(tries_done, rng)
@@ -171,10 +174,11 @@ class Timeouts:
 
     def attempt_deadline(self, started: float, now: float) -> float | None:
         """The deadline of an attempt starting at `now` for a request started at `started`."""
-        ends = [d for d in (self.request_deadline(started),) if d is not None]
-        if self.backend_request:
-            ends.append(now + self.backend_request)
-        return min(ends) if ends else None
+        whole = started + self.request if self.request else None
+        if not self.backend_request:
+            return whole
+        mine = now + self.backend_request
+        return whole if whole is not None and whole <= mine else mine
 
 
 # ----------------------------------------------------------------------------- faults

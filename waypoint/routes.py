@@ -27,8 +27,9 @@ expressions must match the whole value. Header names are case-insensitive; value
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from random import Random
 
 from config.resources import BackendRef, HTTPRouteSpec, RouteMatch, RouteRule, StringMatch
@@ -37,14 +38,23 @@ from waypoint.model import Named, Request, header_value
 __all__ = [
     "CompiledMatch",
     "RouteTable",
+    "WeightedChoice",
     "build_route_table",
     "match_route",
+    "match_route_general",
     "path_prefix_matches",
     "pick_weighted",
     "routes_for_service",
 ]
 
 _PATH_RANK = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}
+
+# How `match_route` tests a match (`CompiledMatch.shape`): the common shapes (a path
+# condition alone) are compared inline; anything else goes through `accepts`.
+_ANY = 0  # PathPrefix "/" and nothing else: every request
+_EXACT = 1  # Exact path and nothing else
+_PREFIX = 2  # PathPrefix (not "/") and nothing else
+_GENERAL = 3  # a regex path, or method / header / query conditions
 
 
 def path_prefix_matches(prefix: str, path: str) -> bool:
@@ -89,11 +99,26 @@ class CompiledMatch:
     headers: tuple[_ValueMatch, ...]
     query: tuple[_ValueMatch, ...]
     sort_key: tuple[int, int, int, int, int, int, str, int, int]
+    #: `namespace/name` of the route (derived)
+    route_key: str = field(init=False, compare=False)
+    #: how `match_route` tests it (`_ANY`, `_EXACT`, `_PREFIX`, `_GENERAL`; derived)
+    shape: int = field(init=False, compare=False, repr=False)
+    #: the PathPrefix value without its trailing `/`, and with one `/` (derived)
+    prefix: str = field(init=False, compare=False, repr=False)
+    prefix_slash: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def route_key(self) -> str:
-        """`namespace/name` of the route."""
-        return self.route.key
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "route_key", self.route.key)
+        prefix = self.path_value.rstrip("/") if self.path_type == "PathPrefix" else ""
+        object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "prefix_slash", prefix + "/")
+        shape = _GENERAL
+        if not self.method and not self.headers and not self.query:
+            if self.path_type == "Exact":
+                shape = _EXACT
+            elif self.path_type == "PathPrefix":
+                shape = _PREFIX if prefix else _ANY
+        object.__setattr__(self, "shape", shape)
 
     def accepts(self, request: Request, path: str, params: Sequence[tuple[str, str]]) -> bool:
         """Whether the request matches (path without query, decoded query params)."""
@@ -101,7 +126,8 @@ class CompiledMatch:
             if path != self.path_value:
                 return False
         elif self.path_type == "PathPrefix":
-            if not path_prefix_matches(self.path_value, path):
+            prefix = self.prefix  # path_prefix_matches, prepared
+            if prefix and path != prefix and not path.startswith(self.prefix_slash):
                 return False
         elif self.path_regex is not None and self.path_regex.fullmatch(path) is None:
             return False
@@ -235,13 +261,81 @@ def build_route_table(
 
 
 def match_route(table: RouteTable, request: Request) -> CompiledMatch | None:
-    """The highest-precedence match accepting `request`, None when none does."""
+    """The highest-precedence match accepting `request`, None when none does.
+
+    Same answer as `match_route_general`; matches that are only a path condition
+    (`CompiledMatch.shape`) are compared inline, and the client's namespace and the
+    query parameters are only worked out when something needs them.
+    """
+    ms = table.matches_for(request.source_namespace) if table.consumers else table.producer
+    target = request.path
+    q = target.find("?")
+    path = (target if q < 0 else target[:q]) or "/"
+    params: Sequence[tuple[str, str]] | None = None if q >= 0 else ()
+    for m in ms:
+        shape = m.shape
+        if shape == _ANY:
+            return m
+        if shape == _EXACT:
+            if path == m.path_value:
+                return m
+        elif shape == _PREFIX:
+            if path == m.prefix or path.startswith(m.prefix_slash):
+                return m
+        else:
+            if params is None:
+                params = request.query_params
+            if m.accepts(request, path, params):
+                return m
+    return None
+
+
+def match_route_general(table: RouteTable, request: Request) -> CompiledMatch | None:
+    """`match_route` without its shortcuts: every match runs `CompiledMatch.accepts`."""
     path = request.path_only
     params = request.query_params if "?" in request.path else ()
     for m in table.matches_for(request.source_namespace):
         if m.accepts(request, path, params):
             return m
     return None
+
+
+class WeightedChoice:
+    """`pick_weighted` over fixed backends, prepared once: cumulative weights + bisect.
+
+    `pick` answers exactly like `pick_weighted(refs, rng)` for the same `rng` state
+    (one `rng.random()` draw, none when the weights sum to 0), returning the index
+    of the chosen entry in `refs`, or -1 instead of None. Weights are integers
+    (below 2**53), so the running subtraction is exact and "x minus the first i
+    positive weights < 0" is "x < their sum", which bisect finds.
+    """
+
+    __slots__ = ("_cum", "_index", "_total", "last")
+
+    def __init__(self, refs: Sequence[BackendRef]) -> None:
+        cum: list[int] = []
+        index: list[int] = []
+        running = 0
+        for i, b in enumerate(refs):
+            if b.weight <= 0:
+                continue
+            running += b.weight
+            cum.append(running)
+            index.append(i)
+        self._cum = tuple(cum)
+        self._index = tuple(index)
+        self._total = sum(b.weight for b in refs)  # as pick_weighted draws against it
+        #: the index of the last entry with a positive weight (-1 when none)
+        self.last = index[-1] if index else -1
+
+    def pick(self, rng: Random) -> int:
+        """The index of the chosen entry, or -1 when every weight is 0."""
+        total = self._total
+        if total <= 0:
+            return -1
+        index = self._index
+        i = bisect_right(self._cum, rng.random() * total)
+        return index[i] if i < len(index) else self.last
 
 
 def pick_weighted(backends: Sequence[BackendRef], rng: Random) -> BackendRef | None:

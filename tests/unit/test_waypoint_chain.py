@@ -22,7 +22,7 @@ from waypoint.chain import (
     port_protocol,
 )
 from waypoint.lb import PeakEwma, RoundRobin
-from waypoint.model import LocalResponse, WaypointConfig
+from waypoint.model import LocalResponse, Response, WaypointConfig
 from waypoint.resilience import Outcome
 from ztunnel import snapshot as zs
 
@@ -515,3 +515,86 @@ def test_extension_ref_rate_limit_limits_its_rule_only() -> None:
         other = plan(c, "/web")
         assert isinstance(other, RequestPlan) and other.backend.name == "b"
         other.release(0.0)
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize(
+    "result",
+    [200, 204, 404, 429, 500, 502, 503, 504, Outcome.CONNECT_FAILURE, Outcome.RESET,
+     Outcome.TIMEOUT],
+)
+@pytest.mark.parametrize("codes", [None, [503], [502, 504], [500, 503, 504]])
+def test_after_attempt_retries_exactly_when_the_retry_policy_does(
+    result: int | Outcome, codes: list[int] | None
+) -> None:
+    """The shortcut for statuses the policy does not list answers like `decide`."""
+    spec: dict[str, Any] = {"backendRefs": [{"name": "front", "port": 80}]}
+    if codes is not None:
+        spec["retry"] = {"attempts": 2, "codes": codes, "backoff": "10ms"}
+    c = build([route([spec])])
+    p = plan_request(c, req("/"), 0.0, random.Random(1))
+    assert isinstance(p, RequestPlan)
+    want = p.retry.decide(1, result, 0.01, p.timeouts.request_deadline(p.started),
+                          random.Random(5))
+    rng = random.Random(5)
+    nxt = p.after_attempt(p.first, result, 0.01, rng)
+    assert (nxt is not None) == want.retry
+    if nxt is not None:
+        assert nxt.backoff == want.backoff
+    p.release(0.02)
+    assert p.cluster.pool.active == 0 and p.cluster.pool.retries == 0
+
+
+def test_response_without_modifiers_is_the_upstream_response_itself() -> None:
+    p = plan(build([route([rule("a")])]))
+    assert isinstance(p, RequestPlan)
+    up = Response(200, (("content-type", "text/plain"), ("x-up", "1")))
+    assert p.response(up) is up
+    p.release(0.0)
+
+
+def test_response_with_modifiers_is_a_new_response() -> None:
+    spec = {
+        "backendRefs": [{"name": "a", "port": 80}],
+        "filters": [
+            {"type": "ResponseHeaderModifier", "responseHeaderModifier": {"remove": ["x-up"]}}
+        ],
+    }
+    p = plan(build([route([spec])]))
+    assert isinstance(p, RequestPlan)
+    up = Response(200, (("content-type", "text/plain"), ("x-up", "1")))
+    assert p.response(up) == Response(200, (("content-type", "text/plain"),))
+    assert up.headers == (("content-type", "text/plain"), ("x-up", "1"))
+    p.release(0.0)
+
+
+def test_destination_index_agrees_with_the_service_lookup() -> None:
+    c = build([route([rule("a", prefix("/x")), rule("b")])])
+    snap = c.config.snapshot
+    seen = 0
+    for svc in snap.services:
+        for vip in svc.vips:
+            for sp in svc.ports:
+                owner = snap.service_by_vip(vip)
+                assert owner is not None
+                assert c.by_destination[(vip, sp.port)] is c.services[
+                    (owner.namespace, owner.name, sp.port)
+                ]
+                seen += 1
+    assert seen == len(c.by_destination) > 0
+
+
+@pytest.mark.parametrize("path", ["/", "/x", "/x/y", "/z"])
+def test_plan_by_vip_equals_plan_by_hostname(path: str) -> None:
+    """The (VIP, port) index gives the plan the lookup by Host gives (no dest IP)."""
+    c = build([route([rule("a", prefix("/x")), rule("b")])])
+    by_vip = plan_request(c, req(path), 0.0, random.Random(7))
+    by_host = plan_request(c, req(path, vip=""), 0.0, random.Random(7))
+    assert isinstance(by_vip, RequestPlan) and isinstance(by_host, RequestPlan)
+    assert (by_vip.backend, by_vip.route, by_vip.rule_index, by_vip.request.path) == (
+        by_host.backend, by_host.route, by_host.rule_index, by_host.request.path
+    )
+    by_vip.release(0.0)
+    by_host.release(0.0)

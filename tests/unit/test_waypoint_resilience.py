@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from config.resources import ConnectionPool, OutlierDetection, Retry
 from waypoint.resilience import (
     ConnVerdict,
@@ -225,3 +227,24 @@ def test_outlier_from_spec_defaults() -> None:
     od = OutlierDetector.from_spec(OutlierDetection(base_ejection_time=10.0))
     assert od is not None and od.consecutive_5xx == 5 and od.max_ejection_percent == 10
     assert OutlierDetector.from_spec(None) is None
+
+
+@pytest.mark.parametrize("request_timeout", [None, 0.0, 2.0, 10.0])
+@pytest.mark.parametrize("backend_timeout", [None, 0.0, 1.0, 3.0, 8.0])
+@pytest.mark.parametrize(("started", "now"), [(100.0, 100.0), (100.0, 107.0), (0.0, 9.5)])
+def test_attempt_deadline_table(
+    request_timeout: float | None, backend_timeout: float | None, started: float, now: float
+) -> None:
+    """The sooner of `started + request` and `now + backendRequest`, unset or 0 = none."""
+    t = Timeouts(request=request_timeout, backend_request=backend_timeout)
+    ends = []
+    if request_timeout:
+        ends.append(started + request_timeout)
+    if backend_timeout:
+        ends.append(now + backend_timeout)
+    assert t.attempt_deadline(started, now) == (min(ends) if ends else None)
+
+
+def test_not_retriable_decision() -> None:
+    d = RetryPolicy().decide(1, 500, 0.0, None, random.Random(1))
+    assert (d.retry, d.backoff, d.reason) == (False, 0.0, "not retriable")

@@ -12,11 +12,17 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config.resources import Resource, parse_resource
+from config.resources import BackendRef, Resource, parse_resource
 from config.snapshot import compute_snapshot
 from waypoint.chain import Chain, RequestPlan, build_chain, plan_request
 from waypoint.model import LocalResponse, Request, WaypointConfig
-from waypoint.routes import path_prefix_matches
+from waypoint.routes import (
+    WeightedChoice,
+    match_route,
+    match_route_general,
+    path_prefix_matches,
+    pick_weighted,
+)
 
 NODE = "node-1"
 CLIENT = "spiffe://cluster.local/ns/app/sa/client"
@@ -698,3 +704,131 @@ def test_host_header_match_uses_the_authority() -> None:
         ]
     )
     assert backend(c, req("/")) == "a"  # no host header (HTTP/2): the authority counts
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+_FAST_PATHS = [
+    "", "/", "//", "/a", "/a/", "/a/b", "/a/b/", "/a/b/c", "/ab", "/a.b", "/b",
+    "/a?q=1", "/a/b?r=2&q=1", "?q=1", "/ab?", "/a%2Fb",
+]
+_FAST_MATCH: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
+    {
+        "path": st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
+                "value": st.sampled_from(["/", "/a", "/a/", "/a/b", "/ab", "/a/.*", "/.*"]),
+            }
+        )
+    },
+    optional=_OPTIONAL,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    routes=st.lists(
+        st.tuples(
+            st.sampled_from(["app", "other"]),
+            st.lists(st.lists(_FAST_MATCH, max_size=2), min_size=1, max_size=3),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    method=st.sampled_from(["GET", "POST"]),
+    headers=st.dictionaries(st.sampled_from(["x", "y"]), st.sampled_from(["1", "2"])),
+)
+def test_match_route_shortcuts_answer_like_the_general_matcher(
+    routes: list[tuple[str, list[list[dict[str, Any]]]]],
+    method: str,
+    headers: dict[str, str],
+) -> None:
+    """`match_route` (inline path checks, lazy namespace and query) picks the very
+    match `match_route_general` (every match through `accepts`) picks."""
+    manifests = []
+    for i, (ns, rules) in enumerate(routes):
+        body = [
+            {"matches": ms, "backendRefs": [{"name": "a", "namespace": "app", "port": 80}]}
+            if ms
+            else {"backendRefs": [{"name": "a", "namespace": "app", "port": 80}]}
+            for ms in rules
+        ]
+        manifests.append(route(body, name=f"r{i}", ns=ns))
+    c = build(manifests, namespaces=("app", "other"))
+    principals = [CLIENT, "spiffe://cluster.local/ns/other/sa/x", None]
+    compared = 0
+    for sc in c.services.values():
+        for path in _FAST_PATHS:
+            for principal in principals:
+                r = req(path, method, list(headers.items()), principal=principal)
+                assert match_route(sc.table, r) is match_route_general(sc.table, r)
+                compared += 1
+    assert compared
+
+
+def test_match_shapes_of_the_common_matches() -> None:
+    c = build([route([rule("a", exact("/x")), rule("b", prefix("/api/")), rule("c"),
+                      rule("a", prefix("/m", method="POST")), rule("b", regex("/r.*"))])])
+    table = c.services[("app", "front", 80)].table
+    shapes = {(m.path_type, m.path_value, m.method): m.shape for m in table.producer}
+    assert shapes == {
+        ("Exact", "/x", ""): 1,
+        ("PathPrefix", "/api/", ""): 2,
+        ("PathPrefix", "/", ""): 0,
+        ("PathPrefix", "/m", "POST"): 3,
+        ("RegularExpression", "/r.*", ""): 3,
+    }
+    assert {m.route_key for m in table.producer} == {"app/r"}
+    assert next(m for m in table.producer if m.path_value == "/api/").prefix_slash == "/api/"
+
+
+def _refs(weights: Sequence[int]) -> list[BackendRef]:
+    return [BackendRef("", "Service", f"b{i}", "app", 80, w) for i, w in enumerate(weights)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=st.lists(
+        st.one_of(st.just(0), st.integers(1, 10), st.integers(1, 1_000_000)), max_size=6
+    ),
+    seed=st.integers(0, 2**32),
+)
+def test_weighted_choice_answers_like_pick_weighted(weights: list[int], seed: int) -> None:
+    refs = _refs(weights)
+    choice = WeightedChoice(refs)
+    fast, slow = random.Random(seed), random.Random(seed)
+    for _ in range(20):
+        i = choice.pick(fast)
+        want = pick_weighted(refs, slow)
+        assert (refs[i] if i >= 0 else None) is want
+        assert fast.getstate() == slow.getstate()  # the same draws, so later picks agree
+
+
+class _Fixed(random.Random):
+    """A Random whose `random()` returns the given values in turn."""
+
+    def __init__(self, values: Sequence[float]) -> None:
+        super().__init__(0)
+        self.values = list(values)
+
+    def random(self) -> float:
+        return self.values.pop(0)
+
+
+@pytest.mark.parametrize(
+    "weights", [[90, 10], [1, 0, 1], [0, 3, 0, 1, 0], [5], [0, 7], [1_000_000, 1, 999_999]]
+)
+def test_weighted_choice_at_the_boundaries(weights: list[int]) -> None:
+    """Draws landing exactly on a cumulative weight, just below it, and the largest draw."""
+    refs = _refs(weights)
+    total = sum(weights)
+    draws = [0.0, 1.0 - 2.0**-53]
+    acc = 0
+    for w in weights:
+        acc += w
+        draws += [acc / total, acc / total - 2.0**-53, acc / total + 2.0**-53]
+    draws = [d for d in draws if 0.0 <= d < 1.0]
+    choice = WeightedChoice(refs)
+    for d in draws:
+        i = choice.pick(_Fixed([d]))
+        assert refs[i] is pick_weighted(refs, _Fixed([d])), d
