@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -275,6 +276,10 @@ async def _run(args: argparse.Namespace) -> int:
             side = [tg.create_task(reload_local())] if args.local_config else [
                 tg.create_task(follow_control_plane(client, wp)), tg.create_task(renew())]
             await wp.started()
+            # what startup built (modules, classes, the first configuration) lives as
+            # long as the process: keep it out of the cyclic collector's full passes,
+            # which would otherwise rescan it while requests wait
+            gc.freeze()
             log.info("waypoint serving", gateway="/".join(args.gateway),
                      hbone=f"{wp.address[0]}:{wp.address[1]}")
             waiter = tg.create_task(stop.wait())

@@ -500,10 +500,15 @@ class _ParserCallbacks:
         r.keep_alive = p.should_keep_alive()
         r.upgrade = p.should_upgrade()
         length: int | None = None
+        chunked = False
         for k, v in r.headers:
-            if k == "content-length" and v.strip().isdigit():
-                length = int(v.strip())
-        if not any(k == "transfer-encoding" for k, _ in r.headers) and length is None:
+            if k == "content-length":
+                n = v.strip()
+                if n.isdigit():
+                    length = int(n)
+            elif k == "transfer-encoding":
+                chunked = True
+        if not chunked and length is None:
             length = 0
         r.body = Body(length)
         self.ready.append(r)
@@ -668,40 +673,56 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
                 # the body is still arriving: read it beside the handler from now on
                 reader_task = tg.create_task(reader())
             target = r.url.decode("latin-1")
-            authority = next((v for k, v in r.headers if k == "host"), "")
-            upgrade = ""
-            if r.upgrade and r.method != "CONNECT":
-                upgrade = next((v for k, v in r.headers if k == "upgrade"), "")
-            headers = strip_hop_by_hop(r.headers)
+            # one pass over the head: Host, Upgrade, Expect, and the end-to-end headers
+            # (hop-by-hop ones and those the Connection header names are dropped)
+            authority = upgrade_token = ""
+            expect_continue = False
+            named = connection_tokens(r.headers)
+            headers: list[tuple[str, str]] = []
+            for h in r.headers:
+                k = h[0]
+                if k == "host":
+                    if not authority:
+                        authority = h[1]
+                elif k in HOP_BY_HOP or k in named:
+                    if k == "upgrade":
+                        if not upgrade_token:
+                            upgrade_token = h[1]
+                    elif k == "expect":
+                        expect_continue |= h[1].lower() == "100-continue"
+                else:
+                    headers.append(h)
+            upgrade = upgrade_token if r.upgrade and r.method != "CONNECT" else ""
             if upgrade:
-                headers = (*headers, ("connection", "upgrade"), ("upgrade", upgrade))
+                headers += (("connection", "upgrade"), ("upgrade", upgrade))
             req = Request(
                 method=r.method, path=target or "/", authority=authority,
-                headers=tuple(h for h in headers if h[0] != "host"), scheme=scheme,
+                headers=tuple(headers), scheme=scheme,
                 dest_ip=info.dest_ip, dest_port=info.dest_port, source_ip=info.source_ip,
                 source_principal=info.source_principal,
             )
             keep = r.keep_alive and not upgrade and not (draining is not None and draining.on)
             resp = _H1Responder(conn, r.version, r.method, keep)
             spliced = False
+            splice: Callable[[Conn, bytes], Awaitable[tuple[int, int]]] | None = None
+            if upgrade:
 
-            async def splice(upstream: Conn, leftover: bytes) -> tuple[int, int]:
-                nonlocal spliced
-                spliced = True
-                while state["upgrade_rest"] is None and not state["eof"]:
-                    new_request.clear()
-                    await new_request.wait()
-                rest = state["upgrade_rest"]
-                first = rest if isinstance(rest, bytes) else b""
-                return await pipe(conn, upstream, first, leftover)
+                async def splice(upstream: Conn, leftover: bytes) -> tuple[int, int]:
+                    nonlocal spliced
+                    spliced = True
+                    while state["upgrade_rest"] is None and not state["eof"]:
+                        new_request.clear()
+                        await new_request.wait()
+                    rest = state["upgrade_rest"]
+                    first = rest if isinstance(rest, bytes) else b""
+                    return await pipe(conn, upstream, first, leftover)
 
-            if not r.body.done and any(k == "expect" and v.lower() == "100-continue"
-                                       for k, v in r.headers):
+            if expect_continue and not r.body.done:
                 # the client waits for this before sending its body (answered here, as
                 # Envoy does; the upstream gets the body without the expectation)
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             ex = Exchange(req, r.body, resp, r.version, upgrade=upgrade,
-                          splice=splice if upgrade else None, started_at=loop.time())
+                          splice=splice, started_at=loop.time())
             await handler(ex)
             if spliced or ex.aborted:
                 return

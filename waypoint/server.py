@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import random
 import re
 import socket
@@ -63,10 +62,12 @@ from waypoint.chain import (
     port_protocol,
 )
 from waypoint.http1 import (
+    HOP_BY_HOP,
     Conn,
     ConnInfo,
     Draining,
     Exchange,
+    connection_tokens,
     pipe,
     serve_http1,
     strip_hop_by_hop,
@@ -78,6 +79,7 @@ from waypoint.telemetry import (
     RequestRecord,
     Telemetry,
     TraceContext,
+    new_request_id,
     parse_trace,
     source_labels,
     workload_label,
@@ -109,6 +111,8 @@ log = structlog.get_logger("waypoint")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HTTP1_START = re.compile(rb"^[A-Z]{3,10} ")
 #: Envoy's mapping of HTTP statuses to gRPC codes for local answers
+#: bound of each per-configuration memo (addresses, label sets)
+_MEMO_MAX = 4096
 _GRPC_CODE = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 #: request headers the waypoint sets itself on the way upstream
 _REPLACED = frozenset({"host", "connection", "upgrade", "traceparent", "x-b3-traceid",
@@ -193,6 +197,13 @@ class Waypoint:
         self.readiness = Readiness("config", "listeners")
         self._state = ChainState()
         self._chain: Chain | None = None
+        # per-configuration memos of what every request on a connection would
+        # recompute: declared port protocols, source and destination label values
+        self._memo_chain: Chain | None = None
+        self._proto_memo: dict[tuple[str, int], str | None] = {}
+        self._src_memo: dict[tuple[str, str | None], tuple[str, str, str, str, str]] = {}
+        self._dst_memo: dict[tuple[str, str, str], tuple[str, ...]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         # the whole snapshot (clients too): who owns a source address
         self._sources: zs.Snapshot | None = None
         self._config_event = asyncio.Event()
@@ -246,6 +257,7 @@ class Waypoint:
     async def run(self) -> None:
         """Serve until `drain()` / `close()`; every task lives in this TaskGroup."""
         opts = self.options
+        self._loop = asyncio.get_running_loop()
         sock = self._hbone_sock or bind_tcp(*opts.hbone_address)
         self._hbone = HboneServer(sock, self._listening_context(), self._identity()[1],
                                   self._on_connect,
@@ -399,7 +411,7 @@ class Waypoint:
                         source_ip=self._source_ip(chain, creq),
                         source_principal=str(creq.peer_identity),
                         peer_address=f"{creq.peer_addr[0]}:{creq.peer_addr[1]}")
-        proto = port_protocol(chain, creq.host, creq.port)
+        proto = self._declared_protocol(chain, creq.host, creq.port)
         if proto == "tcp":
             await self._serve_tcp(stream, info, b"")
             return
@@ -479,28 +491,69 @@ class Waypoint:
 
     # ------------------------------------------------------------------ HTTP
 
+    def _memos_for(self, chain: Chain) -> bool:
+        """Whether the memos may serve `chain` (they are emptied when the current chain
+        changes; a request still holding an older chain computes afresh)."""
+        if self._memo_chain is not chain:
+            if chain is not self._chain:
+                return False
+            self._memo_chain = chain
+            self._proto_memo.clear()
+            self._src_memo.clear()
+            self._dst_memo.clear()
+        return True
+
+    def _declared_protocol(self, chain: Chain, ip: str, port: int) -> str | None:
+        """`port_protocol`, memoized per configuration."""
+        if not self._memos_for(chain):
+            return port_protocol(chain, ip, port)
+        memo = self._proto_memo
+        key = (ip, port)
+        if key in memo:
+            return memo[key]
+        proto = port_protocol(chain, ip, port)
+        if len(memo) < _MEMO_MAX:
+            memo[key] = proto
+        return proto
+
     def _source_labels(self, chain: Chain, rec: RequestRecord, ip: str,
                        principal: str | None) -> None:
-        snap = self._sources or chain.config.snapshot
-        source_labels(rec, snap.workload_by_ip(ip) if ip else None, principal)
+        key = (ip, principal)
+        memo = self._src_memo if self._memos_for(chain) else None
+        got = memo.get(key) if memo is not None else None
+        if got is None:
+            snap = self._sources or chain.config.snapshot
+            source_labels(rec, snap.workload_by_ip(ip) if ip else None, principal)
+            got = (rec.source_principal, rec.source_workload, rec.source_namespace,
+                   rec.source_app, rec.source_version)
+            if memo is not None and len(memo) < _MEMO_MAX:
+                memo[key] = got
+            return
+        (rec.source_principal, rec.source_workload, rec.source_namespace, rec.source_app,
+         rec.source_version) = got
 
     def _dest_labels(self, chain: Chain, rec: RequestRecord, plan: RequestPlan,
                      ep: UpstreamEndpoint) -> None:
         b = plan.backend
-        snap = chain.config.snapshot
-        svc = chain.config.service(b.namespace, b.name)
-        rec.destination_service = (
-            svc.hostname if svc is not None and svc.hostname
-            else b.hostname or f"{b.name}.{b.namespace}.svc.{snap.dns_domain or 'cluster.local'}")
-        rec.destination_service_name = b.name
-        rec.destination_service_namespace = b.namespace
-        rec.upstream_host = ep.key
-        rec.destination_principal = ep.identity
-        w = chain.config.snapshot.workload_by_uid(ep.workload_uid)
-        if w is not None:
-            rec.destination_workload = workload_label(w)
-            rec.destination_namespace = w.namespace
-            rec.destination_app = w.labels.get("app", "")
+        key = (b.namespace, b.name, ep.key)
+        memo = self._dst_memo if self._memos_for(chain) else None
+        got = memo.get(key) if memo is not None else None
+        if got is None:
+            snap = chain.config.snapshot
+            svc = chain.config.service(b.namespace, b.name)
+            dest_service = (
+                svc.hostname if svc is not None and svc.hostname
+                else b.hostname
+                or f"{b.name}.{b.namespace}.svc.{snap.dns_domain or 'cluster.local'}")
+            w = snap.workload_by_uid(ep.workload_uid)
+            got = (dest_service, b.name, b.namespace, ep.key, ep.identity,
+                   *((workload_label(w), w.namespace, w.labels.get("app", ""))
+                     if w is not None else ("", "", "")))
+            if memo is not None and len(memo) < _MEMO_MAX:
+                memo[key] = got
+        (rec.destination_service, rec.destination_service_name,
+         rec.destination_service_namespace, rec.upstream_host, rec.destination_principal,
+         rec.destination_workload, rec.destination_namespace, rec.destination_app) = got
         if plan.route:
             rec.route = plan.route
         if plan.policy:
@@ -508,29 +561,27 @@ class Waypoint:
 
     async def handle(self, ex: Exchange) -> None:
         """Serve one HTTP request: plan, send upstream (with retries), answer, record."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         chain = self._chain
         assert chain is not None
         req = ex.request
         t0 = ex.started_at or loop.time()
-        grpc = any(k == "content-type" and v.startswith("application/grpc")
-                   for k, v in req.headers)
-        if grpc:
-            ex.protocol = "grpc"
+        user_agent = request_id = ""
+        for k, v in req.headers:
+            if k == "content-type":
+                if v.startswith("application/grpc"):
+                    ex.protocol = "grpc"
+            elif k == "user-agent":
+                user_agent = v
+            elif k == "x-request-id":
+                request_id = v
         trace = parse_trace(req.headers)
         rec = RequestRecord(
             start_time=time.time() - (loop.time() - t0), duration=0.0, method=req.method,
             path=req.path, authority=req.authority, protocol=ex.protocol, status=0,
             source_address=req.source_ip, source_principal=req.source_principal or "",
-            trace=trace,
+            trace=trace, user_agent=user_agent, request_id=request_id or new_request_id(),
         )
-        for k, v in req.headers:
-            if k == "user-agent":
-                rec.user_agent = v
-            elif k == "x-request-id":
-                rec.request_id = v
-        if not rec.request_id:
-            rec.request_id = _uuid4()
         self._source_labels(chain, rec, req.source_ip, req.source_principal)
         try:
             plan = plan_request(chain, req, loop.time(), self.rng)
@@ -575,7 +626,7 @@ class Waypoint:
         await ex.responder.end()
 
     def _upstream_h2(self, chain: Chain, ex: Exchange) -> bool:
-        declared = port_protocol(chain, ex.request.dest_ip, ex.request.dest_port)
+        declared = self._declared_protocol(chain, ex.request.dest_ip, ex.request.dest_port)
         if declared in ("http2", "grpc"):
             return True
         if declared == "http":
@@ -628,7 +679,7 @@ class Waypoint:
                         body: bytes | None, h2: bool, spawn: Spawn,
                         spawned: list[asyncio.Task[None]]) -> None:
         """Attempts (with retries) until a response or a final failure, then answer."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         req = plan.request
         attempt = plan.first
         resp: UpstreamResponse | None = None
@@ -676,20 +727,26 @@ class Waypoint:
 
     async def _relay_response(self, ex: Exchange, plan: RequestPlan, resp: UpstreamResponse,
                               rec: RequestRecord) -> None:
-        rec.status = resp.status
-        up_headers = strip_hop_by_hop(resp.headers, keep=("upgrade",)
-                                      if resp.status == 101 else ())
-        up_headers = tuple((k, v) for k, v in up_headers if k != "content-length")
-        r = plan.response(Response(resp.status, up_headers))
+        rec.status = status = resp.status
+        # one pass: hop-by-hop headers (and those Connection names) and content-length
+        # go (the downstream side frames the body itself); grpc-status is noted
+        named = connection_tokens(resp.headers)
+        kept: list[tuple[str, str]] = []
+        for h in resp.headers:
+            k = h[0]
+            if k in HOP_BY_HOP or k in named or k == "content-length":
+                if not (k == "upgrade" and status == 101):
+                    continue
+            elif k == "grpc-status":
+                rec.grpc_status = h[1]
+            kept.append(h)
+        r = plan.response(Response(status, tuple(kept)))
         if resp.status == 101 and ex.splice is not None:
             await ex.responder.start(101, r.headers, length=None, end=False)
             _, received = await ex.splice(resp.conn, resp.upgraded or b"")
             ex.responder.bytes_sent += received
             rec.response_bytes = received
             return
-        for k, v in resp.headers:
-            if k == "grpc-status":
-                rec.grpc_status = v
         if resp.ended_at_head:  # headers only (a gRPC trailers-only answer): one frame
             await ex.responder.start(r.status, r.headers, length=None, end=True)
             resp.finish()
@@ -760,14 +817,6 @@ class Waypoint:
 def _no_spawn(coro: Coroutine[Any, Any, None]) -> None:
     coro.close()
     raise RuntimeError("no task may start here: the request body is buffered")
-
-
-def _uuid4() -> str:
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ----------------------------------------------------------------------------- config

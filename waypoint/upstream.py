@@ -30,7 +30,6 @@ from waypoint.http1 import (
     Conn,
     TcpConn,
     close_conn,
-    connection_tokens,
     encode_chunk,
     encode_last_chunk,
     encode_request_head,
@@ -121,7 +120,19 @@ class H1Response:
         self._cb = cb
         self.status = parser.get_status_code()
         self.headers: Headers = tuple(cb.headers)
-        conn_tokens = connection_tokens(cb.headers)
+        # one pass over the head: Connection tokens, content-length, transfer-encoding
+        length: int | None = None
+        chunked = False
+        conn_tokens: set[str] = set()
+        for k, v in cb.headers:
+            if k == "content-length":
+                n = v.strip()
+                if n.isdigit():
+                    length = int(n)
+            elif k == "transfer-encoding":
+                chunked = True
+            elif k == "connection":
+                conn_tokens.update(t.strip().lower() for t in v.split(",") if t.strip())
         if parser.get_http_version() == "1.1":
             persistent = "close" not in conn_tokens
         else:
@@ -129,12 +140,8 @@ class H1Response:
         self.keep_alive = persistent and not head_only and upgraded is None
         self.head_only = head_only
         self.upgraded = upgraded  # bytes after a 101 head (the tunnel's first bytes)
-        self.length: int | None = None
-        for k, v in cb.headers:
-            if k == "content-length" and v.strip().isdigit():
-                self.length = int(v.strip())
-        if any(k == "transfer-encoding" for k, _ in cb.headers):
-            self.length = None
+        self.length: int | None = None if chunked else length
+        self._chunked = chunked
         if upgraded is not None:
             ups._disown(conn)  # a tunnel now (WebSocket): no longer a pooled connection
         self.bytes_received = 0
@@ -184,8 +191,7 @@ class H1Response:
             except (HboneError, OSError) as e:
                 raise ConnectionError(f"upstream {self._ep.key} reset mid-response: {e}") from e
             if not data:
-                if self.length is None and not any(k == "transfer-encoding"
-                                                   for k, _ in self.headers):
+                if self.length is None and not self._chunked:
                     self._done = True
                     self.keep_alive = False
                     return
@@ -401,7 +407,6 @@ class Upstreams:
         loop time). `headers` are end-to-end headers (no host, no hop-by-hop); a
         streamed body (async iterator) is sent by a task started with `spawn`.
         Raises UpstreamError."""
-        loop = asyncio.get_running_loop()
         out = [("host", request.authority or ep.key)]
         out += [(k, v) for k, v in headers if k != "content-length"]
         streamed = not isinstance(body, bytes)
@@ -420,7 +425,8 @@ class Upstreams:
             if idle is not None:
                 conn, served = idle.conn, idle.served
             else:
-                remaining = None if deadline is None else deadline - loop.time()
+                remaining = (None if deadline is None
+                             else deadline - asyncio.get_running_loop().time())
                 if remaining is not None and remaining <= 0:
                     raise UpstreamError(Outcome.TIMEOUT, f"no time left to reach {ep.key}")
                 if pool is not None:
@@ -464,7 +470,6 @@ class Upstreams:
 
     async def _read_head(self, ep: UpstreamEndpoint, conn: Conn, served: int, method: str,
                          deadline: float | None) -> H1Response:
-        loop = asyncio.get_running_loop()
         cb = _RespParser()
         parser = httptools.HttpResponseParser(cb)
         got = 0
@@ -473,7 +478,7 @@ class Upstreams:
                 if deadline is None:
                     data = await conn.read(READ_SIZE)
                 else:
-                    remaining = deadline - loop.time()
+                    remaining = deadline - asyncio.get_running_loop().time()
                     if remaining <= 0:
                         raise TimeoutError
                     async with asyncio.timeout(remaining):

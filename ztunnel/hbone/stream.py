@@ -235,7 +235,9 @@ class HboneStream:
                 raise self._reset_error()
             if self._eof:
                 return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
+            # the connection's loop (asyncio.get_running_loop() costs a getpid() per
+            # call on Python 3.11)
+            self._read_waiter = self._conn._loop.create_future()
             try:
                 await self._read_waiter
             finally:
@@ -294,7 +296,7 @@ class HboneStream:
                 raise self._reset_error()
             if conn.core.pending(self.stream_id) <= LOW_WATER and not conn.write_paused:
                 return
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = conn._loop.create_future()
             try:
                 await self._drain_waiter
             finally:
@@ -791,8 +793,10 @@ class HboneConnection(asyncio.BufferedProtocol):
                     t.writelines(out)
 
     def _acknowledge(self, stream_id: int, n: int) -> None:
-        self.core.acknowledge(stream_id, n)
-        self._flush()
+        core = self.core
+        core.acknowledge(stream_id, n)
+        if core.has_output:  # a WINDOW_UPDATE is due (acks are batched)
+            self._flush()
 
     def _forget(self, stream_id: int) -> None:
         if self.streams.pop(stream_id, None) is not None:
