@@ -246,6 +246,9 @@ class Body:
             return self.buffered
         if self.length is not None and self.length > limit:
             return None
+        if self.done and not self._chunks and not self._prefix and self.error is None:
+            self.buffered = b""  # no body (a GET): nothing to wait for
+            return self.buffered
         size = sum(len(p) for p in self._prefix)
         while True:
             if size > limit:
@@ -447,7 +450,7 @@ class _H1Responder:
         self.finished = True
         if self._chunked:
             self.conn.write(encode_last_chunk(trailers))
-        await self.conn.drain()
+            await self.conn.drain()
 
 
 class _H1Request:

@@ -532,8 +532,8 @@ class Upstreams:
 
 
 def _alive(conn: Conn) -> bool:
-    if isinstance(conn, HboneStream):
-        return conn.reset_code is None and not conn.at_eof and not conn.connection.is_closed
+    if type(conn) is HboneStream:
+        return conn.reusable
     if isinstance(conn, TcpConn):
         return not conn.writer.is_closing() and not conn.reader.at_eof()
     return False

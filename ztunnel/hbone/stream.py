@@ -226,6 +226,13 @@ class HboneStream:
     def at_eof(self) -> bool:
         return self._eof and not self._buf
 
+    @property
+    def reusable(self) -> bool:
+        """Open both ways with nothing unread pending an end: a keep-alive stream that
+        may carry another exchange (not reset, no END_STREAM seen, connection open)."""
+        return (self._reset_code is None and not self._eof
+                and not self._conn.closed.done())
+
     # ------------------------------------------------------------------ user API
 
     async def read(self, n: int = -1) -> bytes:
@@ -732,7 +739,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             for sink in self._batched:
                 sink.flush_batch()
             self._batched.clear()
-        self._flush()
+        if self.core.has_output:
+            self._flush()
         if self.core.terminated and self.transport is not None:
             self.transport.close()
 
