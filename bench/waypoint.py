@@ -12,8 +12,11 @@ The backends answer 1 KB (`http-request return` in an haproxy of their own). For
 fixed request rate the load generator (open loop: latency counts from when a request
 was due, so a stalled proxy cannot hide its queue) reports p50/p99; the proxy's own
 CPU time (/proc/PID/stat) over the run gives vCPU per 1000 requests/s. A closed-loop
-run with 32 connections gives the maximum requests/s. Writes RESULTS-waypoint.md and
-results-waypoint.json (default: bench/).
+run with 32 connections gives the maximum requests/s. A third process, `floor` (a
+minimal uvloop server answering the same 1 KB without TLS, routing or proxying), is
+driven the same way: its CPU per request at each rate is what one event-loop wakeup per
+request costs on the machine, and shows how much of the low-rate cost is the machine's.
+Writes RESULTS-waypoint.md and results-waypoint.json (default: bench/).
 """
 
 from __future__ import annotations
@@ -208,6 +211,31 @@ async def _terminator(ca: Path, cert: Path, key: Path) -> None:
         tg.create_task(server.run())
         await server.started()
         print(f"READY {server.address[1]}", flush=True)
+
+
+# ----------------------------------------------------------------------------- floor
+
+
+async def _floor() -> None:
+    """The calibration server: answers every request head with the backends' 1 KB."""
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % BODY_SIZE) + b"f" * BODY_SIZE
+
+    class Responder(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport  # uvloop's TCPTransport is no asyncio.Transport
+            self.pending = b""
+
+        def data_received(self, data: bytes) -> None:
+            data = self.pending + data
+            heads = data.count(b"\r\n\r\n")
+            self.pending = data[data.rfind(b"\r\n\r\n") + 4:] if heads else data
+            if heads:
+                self.transport.write(answer * heads)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Responder, LOOPBACK, 0, backlog=1024)
+    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+    await server.serve_forever()
 
 
 # ----------------------------------------------------------------------------- setups
@@ -505,6 +533,21 @@ def run(
                 log=log,
             )
         )
+
+        # the calibration: the same load against a server that does nothing but answer
+        fl, fport = procs.start_announcing(_py("bench.waypoint", "floor"), "floor")
+        results["floor"] = asdict(
+            measure_proxy(
+                "floor",
+                fl.pid,
+                fport,
+                None,
+                rates=rates,
+                seconds=seconds,
+                connections=connections,
+                log=log,
+            )
+        )
     ver = subprocess.run([haproxy, "-v"], capture_output=True, text=True, check=False)
     results["haproxy_version"] = ver.stdout.splitlines()[0] if ver.stdout else "?"
     return results
@@ -529,12 +572,16 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
         "out (to a terminator standing in for the destination ztunnel); haproxy "
         "terminates and originates TLS 1.3 with client certificates. CPU is the "
         "proxy process's own (user+system) time; the load generator, relays and "
-        "backends run on the same machine.",
+        "backends run on the same machine. `floor` is no proxy: a minimal uvloop "
+        "server answering the same 1 KB (no TLS, no routing), driven the same way, "
+        "for what one event-loop wakeup per request costs on this machine.",
         "",
         "| proxy | load | req/s | p50 ms | p99 ms | vCPU | vCPU per 1000 req/s | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("waypoint", "haproxy"):
+    for name in ("waypoint", "haproxy", "floor"):
+        if name not in results:
+            continue
         r = results[name]
         for run in r["runs"]:
             load = "max (32 conns)" if run["mode"] == "max" else f"{run['target_rps']:.0f}/s"
@@ -546,17 +593,25 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
     w = [r for r in results["waypoint"]["runs"] if r["mode"] == "rate"]
     h = [r for r in results["haproxy"]["runs"] if r["mode"] == "rate"]
     if w and h:
-        wbest = w[-1]["vcpu_per_1000_rps"]
-        hbest = h[-1]["vcpu_per_1000_rps"]
         wmax = next(r for r in results["waypoint"]["runs"] if r["mode"] == "max")
-        verdict = "meets" if wbest <= GOAL_VCPU_PER_1000 else "misses"
+        hmax = next(r for r in results["haproxy"]["runs"] if r["mode"] == "max")
+        # the goal is Istio's figure for its waypoint at 1000 requests/s of 1 KB
+        # requests: judged at that rate when it was run, else at the highest fixed one
+        at = next((r for r in w if r["target_rps"] == 1000), w[-1])
+        hat = next((r for r in h if r["target_rps"] == at["target_rps"]), h[-1])
+        wv, hv = at["vcpu_per_1000_rps"], hat["vcpu_per_1000_rps"]
+        verdict = "meets" if wv <= GOAL_VCPU_PER_1000 else "misses"
+        met = [f"{r['target_rps']:.0f}/s" for r in w
+               if r["vcpu_per_1000_rps"] <= GOAL_VCPU_PER_1000]
         out += [
             "",
-            f"At the highest fixed rate ({w[-1]['target_rps']:.0f}/s) the waypoint used "
-            f"{wbest:.3f} vCPU per 1000 req/s ({verdict} the {GOAL_VCPU_PER_1000} goal), "
-            f"haproxy {hbest:.3f} ({wbest / hbest if hbest else float('inf'):.1f}x); under "
-            f"saturation the waypoint needed {wmax['vcpu_per_1000_rps']:.3f}. RSS: waypoint "
-            f"{results['waypoint']['rss_mib']:.0f} MiB, haproxy "
+            f"At {at['target_rps']:.0f} requests/s the waypoint used {wv:.3f} vCPU per 1000 "
+            f"req/s: it {verdict} the {GOAL_VCPU_PER_1000} goal (Istio's figure for its "
+            f"waypoint at 1000 requests/s of 1 KB); haproxy {hv:.3f} "
+            f"({wv / hv if hv else float('inf'):.1f}x). Fixed rates at or under the goal: "
+            f"{', '.join(met) or 'none'}. Under saturation the waypoint needed "
+            f"{wmax['vcpu_per_1000_rps']:.3f}, haproxy {hmax['vcpu_per_1000_rps']:.3f}. "
+            f"RSS: waypoint {results['waypoint']['rss_mib']:.0f} MiB, haproxy "
             f"{results['haproxy']['rss_mib']:.0f} MiB.",
             "",
             "![vCPU per 1000 req/s](waypoint.png)",
@@ -569,6 +624,24 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
             "the waypoint (see its vCPU). Other load on the machine moves these figures by "
             f"about 20% (load average at start: {machine.get('load', '?')}).",
         ]
+        fl = [r for r in results.get("floor", {}).get("runs", []) if r["mode"] == "rate"]
+        flmax = next((r for r in results.get("floor", {}).get("runs", [])
+                      if r["mode"] == "max"), None)
+        fat = next((r for r in fl if r["target_rps"] == at["target_rps"]), None)
+        if fat is not None and flmax is not None and flmax["vcpu_per_1000_rps"] > 0:
+            def ratio(rate_run: dict[str, Any], max_run: dict[str, Any]) -> float:
+                m = max_run["vcpu_per_1000_rps"]
+                return rate_run["vcpu_per_1000_rps"] / m if m else float("inf")
+
+            out += [
+                "",
+                f"The machine's share: a request costs the `floor` server "
+                f"{ratio(fat, flmax):.1f}x more CPU at {at['target_rps']:.0f}/s than under "
+                f"saturation, haproxy {ratio(hat, hmax):.1f}x, the waypoint "
+                f"{ratio(at, wmax):.1f}x: work done right after an idle wakeup runs with "
+                "cold caches here, whatever the program, so the low-rate figures scale the "
+                "warm per-request cost (the `max` rows) by about that factor.",
+            ]
     return "\n".join(out) + "\n"
 
 
@@ -580,7 +653,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in ("waypoint", "haproxy"):
+    for name in ("waypoint", "haproxy", "floor"):
+        if name not in results:
+            continue
         runs = [r for r in results[name]["runs"] if r["mode"] == "rate"]
         ax.plot([r["target_rps"] for r in runs], [r["vcpu_per_1000_rps"] for r in runs],
                 marker="o", label=name)
@@ -601,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.waypoint", description="Waypoint vs haproxy: req/s, p50/p99, CPU."
     )
     sub = p.add_subparsers(dest="command")
+    sub.add_parser("floor", help="(internal) the calibration server (uvloop, answers 1 KB)")
     t = sub.add_parser("terminator", help="(internal) the HBONE destination side")
     t.add_argument("--ca", type=Path, required=True)
     t.add_argument("--cert", type=Path, required=True)
@@ -653,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
             prof.runcall(waypoint_main, args.args)
         finally:
             prof.dump_stats(str(args.stats))
+        return 0
+    if args.command == "floor":
+        uvloop.run(_floor())
         return 0
     if args.command == "terminator":
         uvloop.run(_terminator(args.ca, args.cert, args.key))

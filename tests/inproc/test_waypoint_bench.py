@@ -12,7 +12,7 @@ def test_waypoint_benchmark_smoke(tmp_path: Path) -> None:
     assert shutil.which("haproxy"), "haproxy is required (apt-get install haproxy)"
     lines: list[str] = []
     results = run(tmp_path, rates=[50.0], seconds=0.5, connections=2, log=lines.append)
-    for name in ("waypoint", "haproxy"):
+    for name in ("waypoint", "haproxy", "floor"):
         runs = results[name]["runs"]
         assert [r["mode"] for r in runs] == ["rate", "max"]
         for r in runs:
@@ -22,4 +22,5 @@ def test_waypoint_benchmark_smoke(tmp_path: Path) -> None:
     text = render_markdown(results, "python -m bench.waypoint --quick",
                            {"cpus": 2, "platform": "test", "python": "3", "when": "now"})
     assert "| waypoint | 50/s |" in text and "| haproxy | max (32 conns) |" in text
-    assert len(lines) == 4
+    assert "| floor | 50/s |" in text and "The machine's share" in text
+    assert len(lines) == 6
