@@ -784,17 +784,19 @@ def _parse_target_refs(spec: _R, ns: str, kinds: tuple[str, ...]) -> tuple[Polic
     return tuple(out)
 
 
-_SOURCE_FIELDS = {
-    "principals": "principals",
-    "notPrincipals": "not_principals",
-    "requestPrincipals": "request_principals",
-    "notRequestPrincipals": "not_request_principals",
-    "namespaces": "namespaces",
-    "notNamespaces": "not_namespaces",
-    "ipBlocks": "ip_blocks",
-    "notIpBlocks": "not_ip_blocks",
-    "remoteIpBlocks": "remote_ip_blocks",
-    "notRemoteIpBlocks": "not_remote_ip_blocks",
+# Each `from.source` field: manifest key -> (Source attribute, check of each value).
+# Every field is listed explicitly, so a new field needs a deliberate choice of check.
+_SOURCE_FIELDS: dict[str, tuple[str, Callable[[str, str], None] | None]] = {
+    "principals": ("principals", check_wildcard),
+    "notPrincipals": ("not_principals", check_wildcard),
+    "requestPrincipals": ("request_principals", check_wildcard),
+    "notRequestPrincipals": ("not_request_principals", check_wildcard),
+    "namespaces": ("namespaces", check_wildcard),
+    "notNamespaces": ("not_namespaces", check_wildcard),
+    "ipBlocks": ("ip_blocks", check_cidr),
+    "notIpBlocks": ("not_ip_blocks", check_cidr),
+    "remoteIpBlocks": ("remote_ip_blocks", check_cidr),
+    "notRemoteIpBlocks": ("not_remote_ip_blocks", check_cidr),
 }
 _OPERATION_FIELDS = {
     "hosts": "hosts",
@@ -814,15 +816,8 @@ _CONDITION_KEY = re.compile(
 
 
 def _parse_source(r: _R) -> Source:
-    kw: dict[str, tuple[str, ...]] = {}
-    for yk, pk in _SOURCE_FIELDS.items():
-        if "IpBlocks" in yk or "ipBlocks" in yk:
-            kw[pk] = r.strs(yk, check_cidr)
-        elif "rincipals" in yk or "amespaces" in yk:
-            kw[pk] = r.strs(yk, check_wildcard)
-        else:
-            kw[pk] = r.strs(yk)
-    return Source(**kw)
+    """`r` has only keys of `_SOURCE_FIELDS` (checked when it was read)."""
+    return Source(**{attr: r.strs(key, check) for key, (attr, check) in _SOURCE_FIELDS.items()})
 
 
 def _auth_ports(r: _R, key: str) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from config.resources import (
     PeerAuthenticationSpec,
     RateLimitSpec,
     ServiceSpec,
+    Source,
     WorkloadEntrySpec,
     parse_duration,
     parse_resource,
@@ -113,6 +115,68 @@ spec:
     assert rule.operations[0].ports == (8080, 9090)
     assert rule.operations[0].not_paths == ("/admin*",)
     assert [c.key for c in rule.when] == ["request.headers[x-env]", "source.ip"]
+
+
+# Every `from.source` field, a value it accepts, a value it rejects and the error.
+_WILDCARD_ERROR = "'a*b': '*' is only allowed as a whole value, a prefix or a suffix"
+_CIDR_ERROR = "expected an IP address or CIDR like 10.0.0.0/8, got '10.1.2.0/33'"
+SOURCE_FIELDS = [
+    ("principals", "principals", "cluster.local/ns/a/sa/*", "a*b", _WILDCARD_ERROR),
+    ("notPrincipals", "not_principals", "*/sa/admin", "a*b", _WILDCARD_ERROR),
+    ("requestPrincipals", "request_principals", "*", "a*b", _WILDCARD_ERROR),
+    ("notRequestPrincipals", "not_request_principals", "issuer/*", "a*b", _WILDCARD_ERROR),
+    ("namespaces", "namespaces", "shop", "a*b", _WILDCARD_ERROR),
+    ("notNamespaces", "not_namespaces", "kube-*", "a*b", _WILDCARD_ERROR),
+    ("ipBlocks", "ip_blocks", "10.0.0.0/8", "10.1.2.0/33", _CIDR_ERROR),
+    ("notIpBlocks", "not_ip_blocks", "192.168.1.7", "10.1.2.0/33", _CIDR_ERROR),
+    ("remoteIpBlocks", "remote_ip_blocks", "fd00::/8", "10.1.2.0/33", _CIDR_ERROR),
+    ("notRemoteIpBlocks", "not_remote_ip_blocks", "::1", "10.1.2.0/33", _CIDR_ERROR),
+]
+
+
+def _source_policy(source: dict[str, Any]) -> Any:
+    return parse_resource(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"rules": [{"from": [{"source": source}]}]},
+        }
+    )
+
+
+def test_source_field_table_covers_every_source_attribute() -> None:
+    assert {f.name for f in dataclasses.fields(Source)} == {a for _, a, *_ in SOURCE_FIELDS}
+
+
+@pytest.mark.parametrize(
+    ("key", "attr", "good", "bad", "error"), SOURCE_FIELDS, ids=[f[0] for f in SOURCE_FIELDS]
+)
+def test_each_source_field_is_read_and_checked(
+    key: str, attr: str, good: str, bad: str, error: str
+) -> None:
+    spec = _source_policy({key: [good]}).spec
+    assert isinstance(spec, AuthorizationPolicySpec)
+    (source,) = spec.rules[0].sources
+    assert source == Source(**{attr: (good,)})
+    with pytest.raises(FieldError) as info:
+        _source_policy({key: [good, bad]})
+    assert str(info.value) == f"spec.rules[0].from[0].source.{key}[1]: {error}"
+    with pytest.raises(FieldError) as info:
+        _source_policy({key: [7]})
+    assert str(info.value) == (
+        f"spec.rules[0].from[0].source.{key}[0]: expected a string, got an integer"
+    )
+
+
+@pytest.mark.parametrize("key", ["sourceIpBlocks", "principal", "serviceAccounts", "notIPBlocks"])
+def test_unknown_source_field_is_rejected_with_the_known_ones(key: str) -> None:
+    with pytest.raises(FieldError) as info:
+        _source_policy({key: ["10.0.0.0/8"]})
+    known = ", ".join(sorted(k for k, *_ in SOURCE_FIELDS))
+    assert str(info.value) == (
+        f"spec.rules[0].from[0].source.{key}: unknown field (expected one of: {known})"
+    )
 
 
 def test_empty_authorization_policy_is_allow_nothing() -> None:
