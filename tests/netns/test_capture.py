@@ -15,6 +15,7 @@ import pytest
 
 from netsetup.capture import Workload, enroll, inspect, is_enrolled, unenroll
 from netsetup.netns import run_in_netns, socket_in_netns
+from netsetup.rules import CaptureSpec
 from netsetup.sandbox import Sandbox, SandboxWorkload, unique_prefix
 from tests.conftest import require_root_and_tools
 from tests.netns.fixtures import sandbox, sandbox6, sandbox_factory  # noqa: F401
@@ -23,8 +24,10 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
-PROXY_MARK = 0x539
 TIMEOUT = 5.0
+# The mark the capture rules let through uncaptured (the proxy's own sockets): enroll()
+# installs the rules of `Workload.spec()`, which keeps CaptureSpec's default.
+PROXY_MARK = CaptureSpec.proxy_mark
 
 
 @pytest.fixture(autouse=True)
@@ -220,7 +223,7 @@ def test_proxy_marked_socket_is_not_captured(sandbox: Sandbox) -> None:  # noqa:
         with connect_from(a.netns, d.ip, 80, mark=PROXY_MARK):
             got = accept_one(proxy, app_d)
             assert got is not None
-            assert got[0] is app_d, "a socket with SO_MARK 0x539 was captured"
+            assert got[0] is app_d, f"a socket with SO_MARK {PROXY_MARK:#x} was captured"
             got[1].close()
         # and an unmarked one from the same netns is captured
         with connect_from(a.netns, d.ip, 80):
