@@ -239,6 +239,25 @@ class Body:
             r.set_result(None)
         return data
 
+    def complete(self) -> bytes | None:
+        """The whole body when it has arrived already and nothing was taken from it
+        (then replayable, as after `read_all`), else None: no waiting."""
+        if self.buffered is not None:
+            return self.buffered
+        if not self.done or self.error is not None or self._prefix:
+            return None
+        chunks = self._chunks
+        data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        chunks.clear()
+        if self._pending and self._on_consumed is not None:
+            self._on_consumed(self._pending)
+        self._pending = 0
+        r = self._room
+        if r is not None and not r.done():
+            r.set_result(None)
+        self.buffered = data
+        return data
+
     async def read_all(self, limit: int) -> bytes | None:
         """The whole body if it ends within `limit` bytes (then replayable), else None
         (what was read is kept and `chunks()` still yields everything)."""
@@ -246,9 +265,8 @@ class Body:
             return self.buffered
         if self.length is not None and self.length > limit:
             return None
-        if self.done and not self._chunks and not self._prefix and self.error is None:
-            self.buffered = b""  # no body (a GET): nothing to wait for
-            return self.buffered
+        if self.done and self.received <= limit and not self._prefix:
+            return self.complete()
         size = sum(len(p) for p in self._prefix)
         while True:
             if size > limit:

@@ -641,7 +641,11 @@ class Waypoint:
             await asyncio.sleep(plan.fault_delay)
         body: bytes | None = b""
         if not ex.upgrade:
-            body = await ex.body.read_all(self.options.max_buffered_body)
+            # a body that arrived with its head is taken without waiting
+            body = (ex.body.complete() if ex.body.done
+                    and ex.body.received <= self.options.max_buffered_body else None)
+            if body is None:
+                body = await ex.body.read_all(self.options.max_buffered_body)
         h2 = self._upstream_h2(chain, ex)
         req = plan.request
         # HTTP/1.1 requests had their hop-by-hop headers removed when parsed
@@ -691,11 +695,16 @@ class Waypoint:
                 body if body is not None else ex.body.chunks())
             resp = None
             try:
-                resp = await self._send(attempt.endpoint, req, headers, payload,
-                                        deadline=attempt.deadline, spawn=spawn, h2=h2,
-                                        source=req.source_ip, upgrade=bool(ex.upgrade),
-                                        traceparent=trace.traceparent,
-                                        pool=plan.cluster.pool)
+                if h2:
+                    resp = await self._send(attempt.endpoint, req, headers, payload,
+                                            deadline=attempt.deadline, spawn=spawn, h2=h2,
+                                            source=req.source_ip, upgrade=bool(ex.upgrade),
+                                            traceparent=trace.traceparent)
+                else:  # HTTP/1.1 upstream (the common case): no dispatch in between
+                    resp = await self.upstreams.h1_request(
+                        attempt.endpoint, req, headers, payload, deadline=attempt.deadline,
+                        spawn=spawn, source=req.source_ip, traceparent=trace.traceparent,
+                        upgrade=bool(ex.upgrade), pool=plan.cluster.pool)
                 result = resp.status
             except UpstreamError as e:
                 result = e.outcome
