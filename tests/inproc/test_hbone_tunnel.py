@@ -609,21 +609,32 @@ async def test_serve_handler_gets_the_stream() -> None:
         conn.close()
 
 
-async def test_asyncio_streams_splice() -> None:
+async def test_splice_totals_are_the_stream_counts() -> None:
+    """A serve() handler splicing its stream itself gets (sent, received) as counted by
+    the stream, over several windows of data both ways."""
+    totals: list[tuple[int, int]] = []
+
     async def handler(req: ConnectRequest) -> Decision:
         async def serve(stream: HboneStream) -> None:
-            reader, writer = await asyncio.open_connection(req.host, req.port)
-            await stream.splice(reader, writer)
+            sent, received = await stream.splice_socket(await open_upstream(req.host, req.port))
+            totals.append((sent, received))
+            totals.append((stream.bytes_sent, stream.bytes_received))
 
         return Accept(serve=serve)
 
     async with echo_server() as port, hbone_env(handler) as env:
         conn = await env.connect()
         s = await env.stream(conn, port)
-        data = pattern(3 * MiB, 7)
+        data = pattern(9 * MiB, 7)
         s.write(data)
         s.write_eof()
         assert await read_all(s) == data
+        assert (s.bytes_sent, s.bytes_received) == (len(data), len(data))
+        for _ in range(100):
+            if totals:
+                break
+            await asyncio.sleep(0.01)
+        assert totals == [(len(data), len(data))] * 2
         conn.close()
 
 

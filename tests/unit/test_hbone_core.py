@@ -382,6 +382,68 @@ def test_padded_data_is_unpadded_and_credited() -> None:
     assert [(bytes(d.data), d.end_stream) for d in data] == [(b"abc", True)]
 
 
+def _padded(payload: bytes, pad: int, flags: int = 0) -> bytes:
+    return frame(DATA, FLAG_PADDED | flags, 1, bytes([pad]) + payload + b"\0" * pad)
+
+
+def _server_with_stream(**kw: int) -> H2Connection:
+    server = H2Connection(client=False, **kw)
+    server.initiate()
+    server.receive(
+        PREFACE
+        + frame(SETTINGS, 0, 0)
+        + frame(HEADERS, FLAG_END_HEADERS, 1, hpack.Encoder().encode(CONNECT))
+    )
+    server.respond(1, [(":status", "200")])
+    server.data_to_send()
+    return server
+
+
+def _stream_credit(out: bytes) -> int:
+    return sum(
+        struct.unpack(">I", payload)[0]
+        for ftype, _, sid, payload in parse_frames(out)
+        if ftype == WINDOW_UPDATE and sid == 1
+    )
+
+
+def test_data_events_carry_application_bytes_and_padding_is_credited_by_the_core() -> None:
+    """flow_len is the payload without padding; the padding needs no acknowledge(), and
+    the window is re-opened by exactly what the frames used (payload + padding)."""
+    server = _server_with_stream(stream_window=4096)
+    frames = [_padded(b"abc", 200), frame(DATA, 0, 1, b"defg"), _padded(b"", 255)]
+    frames += [_padded(b"hi", 0), frame(DATA, 0, 1, b"j" * 500)]
+    events = server.receive(b"".join(frames))
+    data = [e for e in events if isinstance(e, DataReceived)]
+    assert [bytes(e.data) for e in data] == [b"abc", b"defg", b"", b"hi", b"j" * 500]
+    assert [e.flow_len for e in data] == [3, 4, 0, 2, 500]
+    for e in data:  # the application acknowledges what it consumed, as told
+        server.acknowledge(1, e.flow_len)
+    used = sum(len(f) - 9 for f in frames)  # 967 bytes of window, padding included
+    credit = _stream_credit(server.data_to_send())
+    for _ in range(8):  # padding alone, until half the window (2048) is due
+        if credit:
+            break
+        server.receive(_padded(b"", 255))
+        used += 256
+        credit = _stream_credit(server.data_to_send())
+    assert credit == used
+
+
+def test_frames_of_padding_alone_reopen_the_stream_window() -> None:
+    """A peer that pads heavily (traffic shaping) never stalls: padding needs no reader."""
+    server = _server_with_stream(stream_window=4096)
+    sent = credit = 0
+    for _ in range(64):  # 16 KiB of padding through a 4 KiB window
+        assert sent + 256 <= 4096 + credit, "the peer would be blocked by its window"
+        server.receive(_padded(b"", 255))
+        sent += 256
+        out = server.data_to_send()
+        assert not rst_codes(out)
+        credit += _stream_credit(out)
+    assert credit >= sent - 2048
+
+
 @pytest.mark.parametrize(
     ("frames", "code"),
     [

@@ -135,7 +135,9 @@ class DataReceived:
     """Payload of a DATA frame (a view into received bytes: no copy); `end_stream` = FIN.
 
     Also emitted with empty data and end_stream=True for trailers ending a stream.
-    Call `acknowledge(stream_id, flow_len)` once the bytes are consumed.
+    Call `acknowledge(stream_id, flow_len)` once the bytes are consumed. `flow_len` is
+    always `len(data)`: the application bytes, never padding (the core credits a padded
+    frame's padding itself, as it arrives).
     """
 
     stream_id: int
@@ -876,8 +878,10 @@ class H2Connection:
         if s is None:
             return
         data = payload[1 : length - payload[0]]
-        # Padding is consumed right away: only the payload waits for the application.
-        s.recv_unacked += length - len(data)
+        # Padding (and its length byte) is consumed right away: only the payload waits
+        # for the application. Acknowledged like consumed bytes, so frames of padding
+        # alone re-open the window too (the application has nothing to acknowledge).
+        self.acknowledge(sid, length - len(data))
         end = bool(flags & FLAG_END_STREAM)
         if end:
             s.remote_closed = True

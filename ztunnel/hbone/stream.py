@@ -12,7 +12,6 @@ keepalive runs on `loop.call_later` and streams are driven by callbacks.
     stream.write_eof()                # END_STREAM: our half-close
     stream.reset(ErrorCode.CANCEL)    # RST_STREAM: a TCP reset
     sent, received = await stream.splice_socket(sock)   # fast protocol-level splice
-    sent, received = await stream.splice(reader, writer) # asyncio streams
 
 `read` raises `HboneError` when the stream was reset. Memory is bounded: a stream never
 buffers more than its receive window (4 MiB) of unread data, and `splice_socket`
@@ -369,43 +368,6 @@ class HboneStream:
             if not sink.lost:
                 transport.abort() if self._reset_code is not None else transport.close()
 
-    async def splice(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[int, int]:
-        """Like `splice_socket` but over asyncio streams (slower; any transport)."""
-        sent = received = 0
-
-        async def upstream() -> None:
-            nonlocal sent
-            try:
-                while data := await reader.read(256 * 1024):
-                    sent += len(data)
-                    self.write(data)
-                    await self.drain()
-                self.write_eof()
-            except (ConnectionError, OSError):
-                self.reset(ErrorCode.CONNECT_ERROR)
-
-        async def downstream() -> None:
-            nonlocal received
-            try:
-                while data := await self.read():
-                    received += len(data)
-                    writer.write(data)
-                    await writer.drain()
-                if writer.can_write_eof():
-                    writer.write_eof()
-            except HboneError:
-                _reset_transport(writer.transport)
-            except (ConnectionError, OSError):
-                self.reset(ErrorCode.CONNECT_ERROR)
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(upstream())
-            tg.create_task(downstream())
-        writer.close()
-        return sent, received
-
     # ------------------------------------------------------------------ internals
 
     def _reset_error(self) -> HboneError:
@@ -685,8 +647,9 @@ class HboneConnection(asyncio.BufferedProtocol):
                 st = streams.get(ev.stream_id)
                 sink = st._sink if st is not None else None
                 if st is not None and sink is not None and not sink.batch:
-                    st.bytes_received += ev.flow_len
-                    sink.deliver(ev.data, ev.flow_len)
+                    n = len(ev.data)  # counted as in `_on_data`: no padding
+                    st.bytes_received += n
+                    sink.deliver(ev.data, n)
                     if self.core.has_output:
                         self._flush()
                     return
