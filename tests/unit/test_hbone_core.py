@@ -569,3 +569,34 @@ def test_take_output_keeps_large_payloads_apart_and_order_intact() -> None:
     events = p.server.receive(b"".join(out))
     assert received(events, sid) == (b"B" * 100_000 + b"tail", True)
     assert p.client.take_output() == []
+
+
+def test_small_write_fast_path_frames_like_send_data_and_charges_the_windows() -> None:
+    p = Pair()
+    sid = p.open()
+    window = p.client.send_window(sid)
+    frame_bytes = p.client.data_frame_now(sid, b"GET / HTTP/1.1\r\n\r\n")
+    assert frame_bytes == frame(DATA, 0, sid, b"GET / HTTP/1.1\r\n\r\n")
+    assert p.client.send_window(sid) == window - 18
+    # the peer takes it like any DATA frame
+    events = p.server.receive(frame_bytes)
+    assert received(events, sid) == (b"GET / HTTP/1.1\r\n\r\n", False)
+
+
+def test_small_write_fast_path_steps_aside_when_anything_is_queued_or_too_big() -> None:
+    p = Pair()
+    sid = p.open()
+    p.client.ping()  # a frame queued on the connection: order must be kept
+    assert p.client.data_frame_now(sid, b"x") is None
+    p.pump()
+    assert p.client.data_frame_now(sid, b"") is None
+    assert p.client.data_frame_now(sid, b"y" * 16384) is None  # large: send_data
+    assert p.client.data_frame_now(sid + 2, b"x") is None  # no such stream
+    p.client.end_stream(sid)
+    assert p.client.data_frame_now(sid, b"x") is None  # half-closed
+    # a stream whose window is spent queues instead
+    q = Pair(stream_window=8)
+    sid = q.open()
+    assert q.client.data_frame_now(sid, b"123456789") is None
+    assert q.client.data_frame_now(sid, b"12345678") is not None
+    assert q.client.send_window(sid) == 0

@@ -511,6 +511,23 @@ class H2Connection:
         `frame[:9 + n]` to the wire itself, right away. Otherwise nothing happens and
         False is returned: use `send_data`.
         """
+        if not self._charge_now(stream_id, n):
+            return False
+        _HDR.pack_into(frame, 0, n << 8 | DATA, 0, stream_id)
+        return True
+
+    def data_frame_now(self, stream_id: int, data: bytes | memoryview) -> bytes | None:
+        """Small-write fast path: when nothing is queued (on the connection or the
+        stream) and the windows take all of `data` in one frame, charge the windows and
+        return the whole DATA frame for the caller to write right away. Otherwise None
+        and nothing happens: use `send_data`."""
+        n = len(data)
+        if n >= LARGE or not self._charge_now(stream_id, n):
+            return None
+        return _pack_hdr(n << 8 | DATA, 0, stream_id) + data
+
+    def _charge_now(self, stream_id: int, n: int) -> bool:
+        """Charge n bytes to the windows if they can go out as one frame right now."""
         s = self._streams.get(stream_id)
         if (
             self._out
@@ -524,7 +541,6 @@ class H2Connection:
             or n <= 0
         ):
             return False
-        _HDR.pack_into(frame, 0, n << 8 | DATA, 0, stream_id)
         s.send_window -= n
         self._conn_send_window -= n
         return True

@@ -291,6 +291,12 @@ class HboneStream:
             return
         self.bytes_sent += len(data)
         conn = self._conn
+        frame = conn.core.data_frame_now(self.stream_id, data)
+        if frame is not None:  # a small write with nothing queued: one frame, one write
+            t = conn.transport
+            if t is not None and not t.is_closing():
+                t.write(frame)
+            return
         conn.core.send_data(self.stream_id, data)
         conn._flush()
 
