@@ -360,22 +360,21 @@ class Exchange:
 Handler = Callable[[Exchange], Awaitable[None]]
 
 
+def _encode_head(start_line: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    # "name: value" lines joined in C (no Python loop per header)
+    if not headers:
+        return f"{start_line}\r\n\r\n".encode("latin-1")
+    lines = "\r\n".join(map(": ".join, headers))
+    return f"{start_line}\r\n{lines}\r\n\r\n".encode("latin-1")
+
+
 def encode_response_head(status: int, headers: Sequence[tuple[str, str]],
                          version: str = "1.1") -> bytes:
-    reason = REASONS.get(status, "Unknown")
-    parts = [f"HTTP/{version} {status} {reason}\r\n"]
-    for k, v in headers:
-        parts.append(f"{k}: {v}\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("latin-1")
+    return _encode_head(f"HTTP/{version} {status} {REASONS.get(status, 'Unknown')}", headers)
 
 
 def encode_request_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
-    parts = [f"{method} {target} HTTP/1.1\r\n"]
-    for k, v in headers:
-        parts.append(f"{k}: {v}\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("latin-1")
+    return _encode_head(f"{method} {target} HTTP/1.1", headers)
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -561,15 +560,16 @@ class Draining:
 
     def __init__(self) -> None:
         self.on = False
-        self._idle: dict[int, Conn] = {}
+        self._conns: dict[int, _Tracked] = {}
         self._callbacks: dict[int, Callable[[], None]] = {}
 
     def start(self) -> None:
         self.on = True
-        for conn in list(self._idle.values()):
-            with contextlib.suppress(Exception):
-                conn.write_eof()
-        self._idle.clear()
+        for t in list(self._conns.values()):
+            if t.idle:
+                with contextlib.suppress(Exception):
+                    t.conn.write_eof()
+        self._conns.clear()
         callbacks, self._callbacks = list(self._callbacks.values()), {}
         for cb in callbacks:
             try:
@@ -587,11 +587,24 @@ class Draining:
     def forget(self, owner: object) -> None:
         self._callbacks.pop(id(owner), None)
 
-    def idle(self, conn: Conn, idle: bool) -> None:
-        if idle:
-            self._idle[id(conn)] = conn
-        else:
-            self._idle.pop(id(conn), None)
+    def track(self, conn: Conn) -> _Tracked:
+        """Follow an HTTP/1.1 connection; its `idle` flag says whether it waits for a
+        request (then draining closes it). `untrack` when it ends."""
+        t = self._conns[id(conn)] = _Tracked(conn)
+        return t
+
+    def untrack(self, conn: Conn) -> None:
+        self._conns.pop(id(conn), None)
+
+
+class _Tracked:
+    """A connection `Draining` follows (a flag, set without a call per request)."""
+
+    __slots__ = ("conn", "idle")
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.idle = False
 
 
 async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
@@ -674,15 +687,15 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
                 if state["eof"]:
                     return
                 if reader_task is None and not stopped:
-                    if draining is not None:
-                        if draining.on and not cb.current:
+                    if tracked is not None:
+                        if draining is not None and draining.on and not cb.current:
                             return  # idle while draining: close
-                        draining.idle(conn, cb.current is None)
+                        tracked.idle = cb.current is None
                     try:
                         await read_once()  # idle connection: read in this task
                     finally:
-                        if draining is not None:
-                            draining.idle(conn, False)
+                        if tracked is not None:
+                            tracked.idle = False
                     continue
                 if stopped and reader_task is None:
                     return
@@ -759,10 +772,13 @@ async def serve_http1(conn: Conn, handler: Handler, *, info: ConnInfo,
             if not r.body.done and not await r.body.drain_all(BODY_HIGH_WATER):
                 return
 
+    tracked = draining.track(conn) if draining is not None else None
     async with asyncio.TaskGroup() as tg:
         try:
             await handle_all(tg)
         finally:
+            if draining is not None:
+                draining.untrack(conn)
             if reader_task is not None:
                 reader_task.cancel()
     with contextlib.suppress(Exception):
