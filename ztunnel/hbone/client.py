@@ -5,11 +5,16 @@
 
 `connect` raises `HboneError` with an actionable message (timeout, refused, TLS
 failure, wrong server identity). `ssl_ctx` comes from `ztunnel.tls.client_context`.
+
+`sock_connect(sock, (ip, port))` is the TCP connect every onward and HBONE socket uses:
+`loop.sock_connect` of uvloop resolves even a literal IP with getaddrinfo on a worker
+thread (a thread hop and ~100 us per connection); an IP literal does not need that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -19,6 +24,52 @@ from ztunnel.hbone.request import format_authority
 from ztunnel.hbone.stream import HboneConnection
 from ztunnel.identity import SpiffeId, TrustBundle
 from ztunnel.tls import PeerIdentityError, describe_handshake_error, peer_identity
+
+
+def _is_ip_literal(family: int, host: str) -> bool:
+    try:
+        socket.inet_pton(family, host)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def sock_connect(sock: socket.socket, address: tuple[str, int]) -> None:
+    """Connect the non-blocking `sock` to `address` without a name lookup.
+
+    An IP literal (IPv4 or IPv6, the only form ztunnel dials) is connected directly:
+    a non-blocking connect(), then one wait for the socket to become writable, and its
+    SO_ERROR. Anything else goes through `loop.sock_connect` (which resolves it).
+    Raises OSError (ConnectionRefusedError and the like) as `loop.sock_connect` does.
+    """
+    loop = asyncio.get_running_loop()
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not _is_ip_literal(
+        sock.family, address[0]
+    ):
+        await loop.sock_connect(sock, address)
+        return
+    try:
+        sock.connect(address)
+    except (BlockingIOError, InterruptedError):
+        pass
+    else:
+        return  # connected at once (loopback can)
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _wake, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        # OSError(errno, ...) is ConnectionRefusedError, TimeoutError... as the errno says
+        raise OSError(err, os.strerror(err))
 
 
 async def connect(

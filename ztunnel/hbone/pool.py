@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from ztunnel.hbone.client import connect
+from ztunnel.hbone.client import connect, sock_connect
 from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.request import format_authority, request_headers
 from ztunnel.hbone.stream import HboneConnection, HboneStream
@@ -49,14 +49,13 @@ ConnectSocket = Callable[[PoolKey], Awaitable[socket.socket]]
 
 async def default_connect_socket(key: PoolKey) -> socket.socket:
     """Plain non-blocking TCP connect to key.dst (bound to key.src_ip when given)."""
-    loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in key.dst[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if key.src_ip:
             sock.bind((key.src_ip, 0))
-        await loop.sock_connect(sock, key.dst)
+        await sock_connect(sock, key.dst)
     except BaseException:
         sock.close()
         raise
@@ -125,7 +124,9 @@ class HboneConnectionPool:
             authority, forwarded=forwarded_for, traceparent=traceparent, extra=extra_headers
         )
         for attempt in range(2):
-            conn = await self._get(key, src_identity_cert, trust, fresh=attempt > 0)
+            conn = (self._reusable(key) if attempt == 0 else None) or await self._get(
+                key, src_identity_cert, trust, fresh=attempt > 0
+            )
             try:
                 return await conn.open_stream(headers, response_timeout=self.response_timeout)
             except HboneError as e:
@@ -169,6 +170,17 @@ class HboneConnectionPool:
                 self._contexts.clear()
             ctx = self._contexts[(cert, trust)] = client_context(cert, trust)
         return ctx
+
+    def _reusable(self, key: PoolKey) -> HboneConnection | None:
+        """A pooled connection of `key` with room for one more stream, found without a
+        lock or a task switch (the common case: the connection is there)."""
+        conns = self._conns.get(key)
+        if conns:
+            limit = self.max_streams_per_conn
+            for c in conns:
+                if not c.is_closed and c.can_open(limit):
+                    return c
+        return None
 
     async def _get(
         self, key: PoolKey, cert: Certificate, trust: TrustBundle, *, fresh: bool

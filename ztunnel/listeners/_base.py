@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 import structlog
 
 from netsetup.netns import socket_in_netns
+from netsetup.rules import CaptureSpec
 from ztunnel.accesslog import ConnectionRecord, log_connection
 from ztunnel.authz import ConnectionInfo, Decision, denied_connections
+from ztunnel.hbone.client import sock_connect
 from ztunnel.hbone.pool import HboneConnectionPool
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.identity import IdentityManager, TrustBundle
@@ -26,11 +28,14 @@ from ztunnel.snapshot import Snapshot, Workload
 
 log = structlog.get_logger("ztunnel")
 
-PROXY_MARK = 0x539
+# SO_MARK of ztunnel's own sockets: the capture rules let packets with it through.
+PROXY_MARK = CaptureSpec.proxy_mark
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75  # linux/in6.h
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+# bind() only the address; connect() picks the port against the full 4-tuple
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 IP_ORIGDSTADDR = IP_RECVORIGDSTADDR
 IPV6_RECVORIGDSTADDR = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
 IPV6_ORIGDSTADDR = IPV6_RECVORIGDSTADDR
@@ -179,7 +184,12 @@ def onward_socket(
     """A socket for ztunnel's own onward connection, created inside `netns`, mark 0x539.
 
     With `source_ip` it is bound (IP_TRANSPARENT) to that address, which need not be
-    local: inbound delivery keeps the original client's IP this way.
+    local: inbound delivery keeps the original client's IP this way. The bind leaves the
+    port to connect() (IP_BIND_ADDRESS_NO_PORT): bind(ip, 0) searches the ephemeral
+    range for a port no socket of that IP holds, and every delivered connection leaves
+    one in TIME_WAIT for a minute, so that search grows with the recent connections
+    (after a few thousand it was the largest single cost of an inbound connection);
+    connect() only needs a port free towards this destination.
     """
     family = _family(dest_host)
     sock = socket_in_netns(netns, family, kind)
@@ -190,6 +200,8 @@ def onward_socket(
         if source_ip is not None:
             set_transparent(sock, family)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # IPv6 sockets honour the IPv4-level option too (kernel applies it to both)
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         sock.setblocking(False)
     except BaseException:
@@ -199,11 +211,13 @@ def onward_socket(
 
 
 async def connect(sock: socket.socket, address: tuple[str, int], timeout: float) -> None:  # noqa: ASYNC109
-    """Connect `sock`, closing it on failure; the error says where and what to check."""
-    loop = asyncio.get_running_loop()
+    """Connect `sock`, closing it on failure; the error says where and what to check.
+
+    No name lookup: `address` is an IP literal (see `ztunnel.hbone.client.sock_connect`).
+    """
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, address)
+            await sock_connect(sock, address)
     except TimeoutError:
         sock.close()
         raise ConnectionError(
@@ -220,23 +234,37 @@ async def connect(sock: socket.socket, address: tuple[str, int], timeout: float)
 async def splice_with_idle_timeout(
     stream: HboneStream, sock: socket.socket, idle_timeout: float
 ) -> tuple[int, int]:
-    """`stream.splice_socket(sock)`, reset when no byte moved either way for `idle_timeout`."""
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(stream.splice_socket(sock))
-        last = (stream.bytes_sent, stream.bytes_received)
-        last_change = time.monotonic()
-        step = max(0.05, min(idle_timeout / 4, 5.0))
-        while not task.done():
-            await asyncio.wait({task}, timeout=step)
-            now_counts = (stream.bytes_sent, stream.bytes_received)
-            now = time.monotonic()
-            if now_counts != last:
-                last, last_change = now_counts, now
-            elif now - last_change >= idle_timeout and not task.done():
-                log.info("closing idle connection", idle_seconds=round(now - last_change, 1))
-                stream.reset()
-                break
-    return task.result()
+    """`stream.splice_socket(sock)`, reset when no byte moved either way for `idle_timeout`.
+
+    The splice runs in the caller's task; a timer (every idle_timeout/4, 50 ms to 5 s)
+    compares the byte counters, so a connection costs no extra task and no wait-with-
+    timeout, and a short one never sees the timer fire.
+    """
+    loop = asyncio.get_running_loop()
+    step = max(0.05, min(idle_timeout / 4, 5.0))
+    last = (stream.bytes_sent, stream.bytes_received)
+    last_change = time.monotonic()
+    timer: asyncio.TimerHandle | None = None
+
+    def check() -> None:
+        nonlocal last, last_change, timer
+        timer = None
+        counts = (stream.bytes_sent, stream.bytes_received)
+        now = time.monotonic()
+        if counts != last:
+            last, last_change = counts, now
+        elif now - last_change >= idle_timeout:
+            log.info("closing idle connection", idle_seconds=round(now - last_change, 1))
+            stream.reset()
+            return
+        timer = loop.call_later(step, check)
+
+    timer = loop.call_later(step, check)
+    try:
+        return await stream.splice_socket(sock)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def reset_close(sock: socket.socket) -> None:

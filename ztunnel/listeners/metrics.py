@@ -71,6 +71,11 @@ class ZtunnelMetrics:
             "ambit_ztunnel_accept_errors", "accept() failures (EMFILE and the like)", ["errno"],
             registry=self.registry,
         )
+        # label values (LABELS order) -> the series, per connection counter: `labels()`
+        # validates and locks on every call, a dict lookup does not
+        self._series: dict[Counter, dict[tuple[str, ...], Counter]] = {
+            self.opened: {}, self.closed: {}, self.sent: {}, self.received: {},
+        }
 
     @staticmethod
     def labels_for(rec: ConnectionRecord, response_flags: str = "-") -> dict[str, str]:
@@ -88,23 +93,49 @@ class ZtunnelMetrics:
             "connection_security_policy": rec.security,
         }
 
+    @staticmethod
+    def _label_values(rec: ConnectionRecord, response_flags: str = "-") -> tuple[str, ...]:
+        """`labels_for` as a tuple in LABELS order."""
+        return (
+            "source" if rec.direction == "outbound" else "destination",
+            rec.src_workload,
+            rec.src_namespace,
+            _principal(rec.src_identity),
+            rec.dst_workload,
+            rec.dst_namespace,
+            _principal(rec.dst_identity),
+            rec.dst_service,
+            "tcp",
+            response_flags,
+            rec.security,
+        )
+
+    def _child(self, metric: Counter, values: tuple[str, ...]) -> Counter:
+        series = self._series[metric]
+        child = series.get(values)
+        if child is None:
+            child = series[values] = metric.labels(*values)
+        return child
+
     def connection_opened(self, rec: ConnectionRecord) -> None:
-        self.opened.labels(**self.labels_for(rec)).inc()
+        self._child(self.opened, self._label_values(rec)).inc()
         self.active.inc()
 
     def connection_closed(self, rec: ConnectionRecord) -> None:
-        flags = "-" if rec.error is None else "CONNECTION_ERROR"
-        labels = self.labels_for(rec)
-        self.closed.labels(**self.labels_for(rec, flags)).inc()
-        self.sent.labels(**labels).inc(rec.sent)
-        self.received.labels(**labels).inc(rec.received)
+        values = self._label_values(rec)
+        if rec.error is None:
+            self._child(self.closed, values).inc()
+        else:
+            self._child(self.closed, self._label_values(rec, "CONNECTION_ERROR")).inc()
+        self._child(self.sent, values).inc(rec.sent)
+        self._child(self.received, values).inc(rec.received)
         self.active.dec()
 
     def connection_denied(self, rec: ConnectionRecord) -> None:
         """A connection refused by policy: counted opened and closed with flag DENY."""
-        labels = self.labels_for(rec, "DENY")
-        self.opened.labels(**labels).inc()
-        self.closed.labels(**labels).inc()
+        values = self._label_values(rec, "DENY")
+        self._child(self.opened, values).inc()
+        self._child(self.closed, values).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
