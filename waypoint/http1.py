@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import httptools
@@ -337,7 +337,7 @@ class ConnInfo:
     peer_address: str = ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Exchange:
     """One request in flight: what the handler reads and how it answers."""
 
@@ -354,7 +354,6 @@ class Exchange:
     #: set by the handler when the exchange broke mid-way: the protocol layer then
     #: closes the connection (HTTP/1.1) or resets the stream (HTTP/2)
     aborted: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 Handler = Callable[[Exchange], Awaitable[None]]
