@@ -30,6 +30,7 @@ import httptools
 import structlog
 
 from waypoint.model import Headers, Request
+from ztunnel.hbone.stream import HboneStream
 
 __all__ = [
     "HOP_BY_HOP",
@@ -105,6 +106,11 @@ class TcpConn:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def drained(conn: Conn) -> bool:
+    """Whether `conn.drain()` would return at once (known for HBONE streams only)."""
+    return type(conn) is HboneStream and conn.drained
 
 
 def close_conn(conn: Conn) -> None:
@@ -451,7 +457,8 @@ class _H1Responder:
         self.conn.write(head)
         if end and status != 101:
             self.finished = True
-        await self.conn.drain()
+        if not drained(self.conn):
+            await self.conn.drain()
 
     async def data(self, chunk: bytes) -> None:
         if not chunk or self._no_body:

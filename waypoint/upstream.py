@@ -30,6 +30,7 @@ from waypoint.http1 import (
     Conn,
     TcpConn,
     close_conn,
+    drained,
     encode_chunk,
     encode_last_chunk,
     encode_request_head,
@@ -450,7 +451,8 @@ class Upstreams:
                     conn.write(head + body if len(body) < 65536 else head)
                     if len(body) >= 65536:
                         conn.write(body)
-                    await conn.drain()
+                    if not drained(conn):
+                        await conn.drain()
                 else:
                     conn.write(head)
                     spawn(_send_chunked(conn, body))

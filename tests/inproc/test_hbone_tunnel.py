@@ -187,6 +187,7 @@ async def test_echo_64mib_byte_exact_both_ways() -> None:
         conn = await env.connect()
         stream = await env.stream(conn, port)
         assert stream.response_headers[0] == (":status", "200")
+        assert stream.drained  # an open stream with nothing queued: no need to wait
 
         async def writer() -> None:
             view = memoryview(payload)
@@ -261,6 +262,7 @@ async def test_slow_reader_bounds_memory_on_both_sides() -> None:
         assert sink is not None and sink.transport is not None
         upstream_buffered = sink.transport.get_write_buffer_size()
         client_queued = conn.core.pending(stream.stream_id)
+        assert not stream.drained  # what drain() waits on: the sender must hold off
         # Python-side buffering is bounded by the 4 MiB stream window (+ one high-water
         # mark), whatever the sender tries; kernel socket buffers hold the rest.
         assert upstream_buffered <= 4 * MiB + MiB

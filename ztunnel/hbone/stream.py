@@ -300,6 +300,14 @@ class HboneStream:
         conn.core.send_data(self.stream_id, data)
         conn._flush()
 
+    @property
+    def drained(self) -> bool:
+        """Whether `drain()` would return at once (room to write, no reset): callers on a
+        hot path check this before paying for the call."""
+        conn = self._conn
+        return (self._reset_code is None and not conn.write_paused
+                and conn.core.pending(self.stream_id) <= LOW_WATER)
+
     async def drain(self) -> None:
         """Wait until queued data is below the low-water mark and TLS has room."""
         conn = self._conn
