@@ -515,6 +515,11 @@ class MeshBench:
 
     # -- measuring ---------------------------------------------------------------------
 
+    def conn_rate(self, count: int) -> float:
+        """New connections per second, `count` of them one after another, client to s."""
+        r = self.worker("conn", self.sb.workload("s").ip, str(ECHO_PORT), "--count", str(count))
+        return float(json.loads(r.stdout)["conn_per_s"])
+
     def worker(
         self, *args: str, check: bool = True, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
@@ -595,10 +600,7 @@ class MeshBench:
             "rtt", self.sb.workload("s").ip, str(ECHO_PORT), "--count", str(s.rtt_count)
         )
         rtt = json.loads(r.stdout)
-        r = self.worker(
-            "conn", self.sb.workload("s").ip, str(ECHO_PORT), "--count", str(s.conn_count)
-        )
-        conn_per_s = float(json.loads(r.stdout)["conn_per_s"])
+        conn_per_s = self.conn_rate(s.conn_count)
         cpu_a = measure.cpu_seconds(zt)
         w0 = time.monotonic()
         r = self.worker(
@@ -697,14 +699,7 @@ def run_connections(
             order = PATHS if i % 2 == 0 else tuple(reversed(PATHS))
             for path in order:
                 mb.set_enrolled(path == "mesh")
-                r = mb.worker(
-                    "conn",
-                    mb.sb.workload("s").ip,
-                    str(ECHO_PORT),
-                    "--count",
-                    str(settings.conn_count),
-                )
-                rate = float(json.loads(r.stdout)["conn_per_s"])
+                rate = mb.conn_rate(settings.conn_count)
                 rates[path].append(rate)
                 log(f"repeat {i + 1}/{settings.repeat} {path}: {rate:.0f} conn/s")
     return rates

@@ -390,6 +390,24 @@ def encode_last_chunk(trailers: Sequence[tuple[str, str]] = ()) -> bytes:
     return b"0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in trailers).encode("latin-1") + b"\r\n"
 
 
+def head_framing(headers: Sequence[tuple[str, str]]) -> tuple[int | None, bool, set[str]]:
+    """One pass over a head: the content-length (None when absent or malformed), whether
+    a transfer-encoding is present, and the Connection header's tokens."""
+    length: int | None = None
+    chunked = False
+    tokens: set[str] = set()
+    for k, v in headers:
+        if k == "content-length":
+            n = v.strip()
+            if n.isdigit():
+                length = int(n)
+        elif k == "transfer-encoding":
+            chunked = True
+        elif k == "connection":
+            tokens.update(t.strip().lower() for t in v.split(",") if t.strip())
+    return length, chunked, tokens
+
+
 def connection_tokens(headers: Sequence[tuple[str, str]]) -> set[str]:
     out: set[str] = set()
     for k, v in headers:
@@ -525,15 +543,7 @@ class _ParserCallbacks:
         r.version = p.get_http_version()
         r.keep_alive = p.should_keep_alive()
         r.upgrade = p.should_upgrade()
-        length: int | None = None
-        chunked = False
-        for k, v in r.headers:
-            if k == "content-length":
-                n = v.strip()
-                if n.isdigit():
-                    length = int(n)
-            elif k == "transfer-encoding":
-                chunked = True
+        length, chunked, _ = head_framing(r.headers)
         if not chunked and length is None:
             length = 0
         r.body = Body(length)

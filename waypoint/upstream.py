@@ -34,6 +34,7 @@ from waypoint.http1 import (
     encode_chunk,
     encode_last_chunk,
     encode_request_head,
+    head_framing,
 )
 from waypoint.model import Headers, LocalResponse, Request, UpstreamEndpoint
 from waypoint.resilience import ConnVerdict, Outcome, PoolLimits, overflow_response
@@ -121,19 +122,7 @@ class H1Response:
         self._cb = cb
         self.status = parser.get_status_code()
         self.headers: Headers = tuple(cb.headers)
-        # one pass over the head: Connection tokens, content-length, transfer-encoding
-        length: int | None = None
-        chunked = False
-        conn_tokens: set[str] = set()
-        for k, v in cb.headers:
-            if k == "content-length":
-                n = v.strip()
-                if n.isdigit():
-                    length = int(n)
-            elif k == "transfer-encoding":
-                chunked = True
-            elif k == "connection":
-                conn_tokens.update(t.strip().lower() for t in v.split(",") if t.strip())
+        length, chunked, conn_tokens = head_framing(cb.headers)
         if parser.get_http_version() == "1.1":
             persistent = "close" not in conn_tokens
         else:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.inproc.test_hbone_tunnel import tcp_pair
 from ztunnel.hbone.h2core import (
     DATA,
     FLAG_END_STREAM,
@@ -75,17 +76,6 @@ class RecordingTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self.closing = True
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        far = socket.create_connection(listener.getsockname())
-        near, _ = listener.accept()
-    near.setblocking(False)
-    far.setblocking(False)
-    return near, far
 
 
 def stream_credit(out: bytes | bytearray, sid: int) -> int:
