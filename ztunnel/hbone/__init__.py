@@ -8,8 +8,8 @@ Modules (import from them directly):
   `parse_authority`, `format_authority`; the server's decision types `ConnectRequest`,
   `Accept(sock=... | serve=...)`, `Refuse(status, reason)`, `Decision`, `Handler`.
 - `stream`: `HboneConnection` (asyncio BufferedProtocol) and `HboneStream`
-  (`read`, `readexactly`, `write`, `drain`, `write_eof`, `reset`, `splice_socket`,
-  `splice`).
+  (`read`, `readexactly`, `write`, `drain`, `drained`, `write_eof`, `reset`,
+  `splice_socket`).
 - `client`: `connect(addr | sock, ssl_ctx, trust, expected_identity) -> HboneConnection`.
 - `server`: `HboneServer(sock, ssl_ctx, trust, handler)` with `run()`, `started()`,
   `drain(timeout)`, `close()`, `address`.
