@@ -749,19 +749,22 @@ class Waypoint:
             elif k == "grpc-status":
                 rec.grpc_status = h[1]
             kept.append(h)
-        r = plan.response(Response(status, tuple(kept)))
+        out: Headers = tuple(kept)
+        if plan.response_modifiers:  # ResponseHeaderModifier filters
+            r = plan.response(Response(status, out))
+            status, out = r.status, r.headers
         if resp.status == 101 and ex.splice is not None:
-            await ex.responder.start(101, r.headers, length=None, end=False)
+            await ex.responder.start(101, out, length=None, end=False)
             _, received = await ex.splice(resp.conn, resp.upgraded or b"")
             ex.responder.bytes_sent += received
             rec.response_bytes = received
             return
         if resp.ended_at_head:  # headers only (a gRPC trailers-only answer): one frame
-            await ex.responder.start(r.status, r.headers, length=None, end=True)
+            await ex.responder.start(status, out, length=None, end=True)
             resp.finish()
             return
         try:
-            await ex.responder.start(r.status, r.headers, length=resp.length, end=False,
+            await ex.responder.start(status, out, length=resp.length, end=False,
                                      body=resp.take_ready())
             if not resp.body_complete():  # no async generator for a body already here
                 async for chunk in resp.chunks():

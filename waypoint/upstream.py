@@ -398,7 +398,7 @@ class Upstreams:
         streamed body (async iterator) is sent by a task started with `spawn`.
         Raises UpstreamError."""
         out = [("host", request.authority or ep.key)]
-        out += [(k, v) for k, v in headers if k != "content-length"]
+        out += [h for h in headers if h[0] != "content-length"]
         streamed = not isinstance(body, bytes)
         if isinstance(body, bytes):
             if body or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"):
