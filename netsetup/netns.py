@@ -65,46 +65,209 @@ def current_netns_inode() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-def run_in_netns(netns: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-    """Call `fn` with the calling thread switched into `netns`; always switch back.
+class _NsFd:
+    """An open fd of one namespace; `users` pins it while threads are inside it."""
 
-    Safe from any thread: the thread's own namespace (not the process's) is saved from
-    /proc/thread-self/ns/net and restored even when `fn` raises.
+    __slots__ = ("dropped", "fd", "key", "users")
+
+    def __init__(self, fd: int, key: tuple[int, int]) -> None:
+        self.fd = fd
+        self.key = key  # (st_dev, st_ino) of the namespace the fd holds
+        self.users = 1
+        self.dropped = False
+
+
+# path -> the fd of the namespace found there. Shared by all threads (setns accepts an
+# fd opened by any thread); an fd is closed once it is out of the cache and no thread
+# is inside it, so a thread never setns()es into an fd number closed and reused.
+_NS_CACHE_MAX = 256
+_ns_cache: dict[str, _NsFd] = {}
+_ns_lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # a fork while another thread held the lock must not leave the child stuck on it
+    global _ns_lock
+    _ns_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+def _release(entry: _NsFd) -> None:
+    """Drop one user (lock held); a dropped entry's fd closes with its last user."""
+    entry.users -= 1
+    if entry.dropped and entry.users == 0:
+        os.close(entry.fd)
+
+
+def _drop(path: str, entry: _NsFd) -> None:
+    """Take `entry` out of the cache (lock held): closed now, or by its last user."""
+    if _ns_cache.get(path) is entry:
+        del _ns_cache[path]
+    if not entry.dropped:
+        entry.dropped = True
+        if entry.users == 0:
+            os.close(entry.fd)
+
+
+def _cache_path(netns: str) -> str:
+    return netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
+
+
+def forget_netns(netns: str) -> None:
+    """Close the cached fd of `netns` (a name or a path), e.g. once its workload left.
+
+    Not needed for correctness: a namespace deleted, or replaced at the same path, is
+    noticed on the next use. This keeps the cache from holding a gone namespace alive.
     """
-    path = netns_path(netns)
+    path = _cache_path(netns)
+    with _ns_lock:
+        entry = _ns_cache.get(path)
+        if entry is not None:
+            _drop(path, entry)
+
+
+def clear_netns_cache() -> None:
+    """Close every cached namespace fd (one in use: when its last thread leaves it)."""
+    with _ns_lock:
+        for path, entry in list(_ns_cache.items()):
+            _drop(path, entry)
+
+
+def _enter(netns: str) -> tuple[str, _NsFd, bool]:
+    """(path, pinned fd of the namespace at the path now, whether it was just opened).
+
+    The path is stat'ed on every call (the stat that checking that it exists cost
+    anyway) and the cached fd is used only if it holds the namespace found there:
+    equal (st_dev, st_ino). Namespace inode numbers are reused once a namespace is
+    freed, but the cached fd keeps its namespace alive, so no other namespace can have
+    that number while it is cached: a name deleted and re-created, or a /proc/PID path
+    whose PID now is another process, shows another inode and is opened afresh (and a
+    deleted one fails the stat: the cached fd is dropped, the usual error raised).
+    Re-opening only on a failing setns would not do: setns into a deleted-but-held
+    namespace succeeds.
+    """
+    if not netns:
+        netns_path(netns)  # raises: empty name
+    path = _cache_path(netns)
     try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
+    except OSError:
+        forget_netns(netns)
+        netns_path(netns)  # raises the error that says what to check
+        try:
+            st = os.stat(path)  # created in between
+        except OSError:
+            netns_path(netns)  # and gone again
+            raise
+    key = (st.st_dev, st.st_ino)
+    with _ns_lock:
+        entry = _ns_cache.get(path)
+        if entry is not None:
+            if entry.key == key:
+                entry.users += 1
+                return path, entry, False
+            _drop(path, entry)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise NetnsError(
             f"cannot open network namespace {netns!r}: {exc.strerror}: "
             "check `ip netns list` or that the process still runs"
         ) from None
     try:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            try:
-                _setns(target)
-            except NetnsError as exc:
-                if "Invalid argument" in str(exc):
-                    raise NetnsError(
-                        f"{path} is not a network namespace: give a name from "
-                        "`ip netns list` or a path such as /proc/PID/ns/net"
-                    ) from None
-                raise
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                # Failing to get back would leave this thread in the wrong namespace:
-                # nothing sane can continue on it.
-                try:
-                    _setns(own)
-                except NetnsError as exc:  # pragma: no cover - kernel refused a restore
-                    os.write(2, f"fatal: cannot restore network namespace: {exc}\n".encode())
-                    os._exit(70)
-        finally:
-            os.close(own)
+        fst = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return path, _NsFd(fd, (fst.st_dev, fst.st_ino)), True
+
+
+def _keep(path: str, entry: _NsFd) -> None:
+    """Cache a just-opened `entry` that setns accepted (lock held)."""
+    if path in _ns_cache:
+        entry.dropped = True  # another thread cached this path meanwhile: keep theirs
+        return
+    if len(_ns_cache) >= _NS_CACHE_MAX:  # oldest quarter out (reopened when used again)
+        for old_path, old in list(_ns_cache.items())[: _NS_CACHE_MAX // 4]:
+            _drop(old_path, old)
+    _ns_cache[path] = entry
+
+
+class _Home:
+    """A thread's own namespace fd; closed when the thread's local data goes."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+class _ThreadNs(threading.local):
+    home: _Home | None = None
+    inside: list[_NsFd]  # the namespaces run_in_netns entered on this thread, in order
+
+    def __init__(self) -> None:
+        self.inside = []
+
+
+_thread_ns = _ThreadNs()
+
+
+def run_in_netns(netns: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call `fn` with the calling thread switched into `netns`; always switch back.
+
+    Safe from any thread: setns changes the calling thread only, and the thread goes
+    back to the namespace it was in (its own, or the one an enclosing `run_in_netns`
+    entered), even when `fn` raises.
+
+    Per call: one stat and two setns. The namespace's fd is cached per path and checked
+    against the path on every call (see `_enter`); the thread's own namespace fd is
+    opened from /proc/thread-self/ns/net on the thread's first call and closed with the
+    thread. A thread's namespace must therefore change only through this module: one
+    moved by a direct setns()/unshare() elsewhere would be brought back to where it
+    was before that, not to where that left it (nothing in this code base does so).
+    """
+    tls = _thread_ns
+    home = tls.home
+    if home is None:
+        home = tls.home = _Home()
+    inside = tls.inside
+    back = inside[-1].fd if inside else home.fd
+    path, entry, fresh = _enter(netns)
+    try:
+        _setns(entry.fd)
+    except BaseException as exc:
+        with _ns_lock:
+            _drop(path, entry)
+            _release(entry)
+        if isinstance(exc, NetnsError) and "Invalid argument" in str(exc):
+            raise NetnsError(
+                f"{path} is not a network namespace: give a name from "
+                "`ip netns list` or a path such as /proc/PID/ns/net"
+            ) from None
+        raise
+    if fresh:
+        with _ns_lock:
+            _keep(path, entry)
+    inside.append(entry)
+    try:
+        return fn(*args, **kwargs)
     finally:
-        os.close(target)
+        inside.pop()
+        # Failing to get back would leave this thread in the wrong namespace:
+        # nothing sane can continue on it.
+        try:
+            _setns(back)
+        except NetnsError as exc:  # pragma: no cover - kernel refused a restore
+            os.write(2, f"fatal: cannot restore network namespace: {exc}\n".encode())
+            os._exit(70)
+        with _ns_lock:
+            _release(entry)
 
 
 def socket_in_netns(
