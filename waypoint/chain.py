@@ -428,7 +428,7 @@ class _RulePlan:
     response_modifiers: tuple[HeaderModifier, ...]
     retry: RetryPolicy
     timeouts: Timeouts
-    #: `pick_weighted` over `refs`, prepared (its index points into `backends`)
+    #: the weighted pick over `refs`, prepared (its index points into `backends`)
     choice: WeightedChoice = field(init=False, repr=False, compare=False)
     #: route or rule faults / rate limits to run
     guarded: bool = field(init=False, repr=False, compare=False)
@@ -916,7 +916,7 @@ def plan_request(
     if not rp.backends:
         return _local(500, "NR", f"HTTPRoute {route_key} rule {m.rule_index} has no "
                       "backendRefs: add one, or a RequestRedirect filter")
-    i = rp.choice.pick(rng)  # routes.pick_weighted over rp.refs, prepared
+    i = rp.choice.pick(rng)
     if i < 0:
         return _local(500, "NR", f"HTTPRoute {route_key} rule {m.rule_index}: every "
                       "backendRef has weight 0")

@@ -41,9 +41,7 @@ __all__ = [
     "WeightedChoice",
     "build_route_table",
     "match_route",
-    "match_route_general",
     "path_prefix_matches",
-    "pick_weighted",
     "routes_for_service",
 ]
 
@@ -263,9 +261,10 @@ def build_route_table(
 def match_route(table: RouteTable, request: Request) -> CompiledMatch | None:
     """The highest-precedence match accepting `request`, None when none does.
 
-    Same answer as `match_route_general`; matches that are only a path condition
-    (`CompiledMatch.shape`) are compared inline, and the client's namespace and the
-    query parameters are only worked out when something needs them.
+    Same answer as running `CompiledMatch.accepts` on each match in order; matches
+    that are only a path condition (`CompiledMatch.shape`) are compared inline, and
+    the client's namespace and the query parameters are only worked out when
+    something needs them.
     """
     ms = table.matches_for(request.source_namespace) if table.consumers else table.producer
     target = request.path
@@ -290,64 +289,34 @@ def match_route(table: RouteTable, request: Request) -> CompiledMatch | None:
     return None
 
 
-def match_route_general(table: RouteTable, request: Request) -> CompiledMatch | None:
-    """`match_route` without its shortcuts: every match runs `CompiledMatch.accepts`."""
-    path = request.path_only
-    params = request.query_params if "?" in request.path else ()
-    for m in table.matches_for(request.source_namespace):
-        if m.accepts(request, path, params):
-            return m
-    return None
-
-
 class WeightedChoice:
-    """`pick_weighted` over fixed backends, prepared once: cumulative weights + bisect.
+    """A backend chosen with probability weight / total, prepared once for fixed `refs`.
 
-    `pick` answers exactly like `pick_weighted(refs, rng)` for the same `rng` state
-    (one `rng.random()` draw, none when the weights sum to 0), returning the index
-    of the chosen entry in `refs`, or -1 instead of None. Weights are integers
-    (below 2**53), so the running subtraction is exact and "x minus the first i
-    positive weights < 0" is "x < their sum", which bisect finds.
+    `pick` takes one `rng.random()` draw (none when every weight is 0) and returns the
+    index of the chosen entry in `refs`, or -1 when every weight is 0. Cumulative sums
+    of the positive weights + bisect: the entry whose running range holds the draw
+    (weights are non-negative integers below 2**53, so the sums are exact).
     """
 
-    __slots__ = ("_cum", "_index", "_total", "last")
+    __slots__ = ("_cum", "_index")
 
     def __init__(self, refs: Sequence[BackendRef]) -> None:
         cum: list[int] = []
         index: list[int] = []
         running = 0
         for i, b in enumerate(refs):
-            if b.weight <= 0:
-                continue
-            running += b.weight
-            cum.append(running)
-            index.append(i)
+            if b.weight > 0:
+                running += b.weight
+                cum.append(running)
+                index.append(i)
         self._cum = tuple(cum)
         self._index = tuple(index)
-        self._total = sum(b.weight for b in refs)  # as pick_weighted draws against it
-        #: the index of the last entry with a positive weight (-1 when none)
-        self.last = index[-1] if index else -1
 
     def pick(self, rng: Random) -> int:
         """The index of the chosen entry, or -1 when every weight is 0."""
-        total = self._total
-        if total <= 0:
+        cum = self._cum
+        if not cum:
             return -1
         index = self._index
-        i = bisect_right(self._cum, rng.random() * total)
-        return index[i] if i < len(index) else self.last
-
-
-def pick_weighted(backends: Sequence[BackendRef], rng: Random) -> BackendRef | None:
-    """A backend chosen with probability weight / total; None when all weights are 0."""
-    total = sum(b.weight for b in backends)
-    if total <= 0:
-        return None
-    x = rng.random() * total
-    for b in backends:
-        if b.weight <= 0:
-            continue
-        x -= b.weight
-        if x < 0:
-            return b
-    return next(b for b in reversed(backends) if b.weight > 0)
+        i = bisect_right(cum, rng.random() * cum[-1])
+        return index[i] if i < len(index) else index[-1]

@@ -17,14 +17,43 @@ from config.snapshot import compute_snapshot
 from waypoint.chain import Chain, RequestPlan, build_chain, plan_request
 from waypoint.model import LocalResponse, Request, WaypointConfig
 from waypoint.routes import (
+    CompiledMatch,
+    RouteTable,
     WeightedChoice,
     match_route,
-    match_route_general,
     path_prefix_matches,
-    pick_weighted,
 )
 
 NODE = "node-1"
+
+
+# Reference implementations the fast paths in waypoint.routes are checked against.
+
+
+def match_route_general(table: RouteTable, request: Request) -> CompiledMatch | None:
+    """`match_route` without its shortcuts: every match runs `CompiledMatch.accepts`."""
+    path = request.path_only
+    params = request.query_params if "?" in request.path else ()
+    for m in table.matches_for(request.source_namespace):
+        if m.accepts(request, path, params):
+            return m
+    return None
+
+
+def pick_weighted(backends: Sequence[BackendRef], rng: random.Random) -> BackendRef | None:
+    """A backend chosen with probability weight / total; None when all weights are 0."""
+    total = sum(b.weight for b in backends)
+    if total <= 0:
+        return None
+    x = rng.random() * total
+    for b in backends:
+        if b.weight <= 0:
+            continue
+        x -= b.weight
+        if x < 0:
+            return b
+    return next(b for b in reversed(backends) if b.weight > 0)
+
 CLIENT = "spiffe://cluster.local/ns/app/sa/client"
 
 
