@@ -30,7 +30,6 @@ import httptools
 import structlog
 
 from waypoint.model import Headers, Request
-from ztunnel.hbone.stream import HboneStream
 
 __all__ = [
     "HOP_BY_HOP",
@@ -82,6 +81,11 @@ class Conn(Protocol):
     async def drain(self) -> None: ...
     def write_eof(self) -> None: ...
 
+    @property
+    def drained(self) -> bool:
+        """Whether `drain()` would return at once: callers skip the await then."""
+        ...
+
 
 class TcpConn:
     """A plain TCP connection with the `Conn` interface (asyncio streams)."""
@@ -99,6 +103,11 @@ class TcpConn:
     async def drain(self) -> None:
         await self.writer.drain()
 
+    @property
+    def drained(self) -> bool:
+        w = self.writer
+        return not w.is_closing() and w.transport.get_write_buffer_size() == 0
+
     def write_eof(self) -> None:
         if not self.writer.is_closing() and self.writer.can_write_eof():
             with contextlib.suppress(OSError, RuntimeError):
@@ -106,11 +115,6 @@ class TcpConn:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def drained(conn: Conn) -> bool:
-    """Whether `conn.drain()` would return at once (known for HBONE streams only)."""
-    return type(conn) is HboneStream and conn.drained
 
 
 def close_conn(conn: Conn) -> None:
@@ -474,7 +478,7 @@ class _H1Responder:
         self.conn.write(head)
         if end and status != 101:
             self.finished = True
-        if not drained(self.conn):
+        if not self.conn.drained:
             await self.conn.drain()
 
     async def data(self, chunk: bytes) -> None:

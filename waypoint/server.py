@@ -39,7 +39,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -695,16 +695,11 @@ class Waypoint:
                 body if body is not None else ex.body.chunks())
             resp = None
             try:
-                if h2:
-                    resp = await self._send(attempt.endpoint, req, headers, payload,
-                                            deadline=attempt.deadline, spawn=spawn, h2=h2,
-                                            source=req.source_ip, upgrade=bool(ex.upgrade),
-                                            traceparent=trace.traceparent)
-                else:  # HTTP/1.1 upstream (the common case): no dispatch in between
-                    resp = await self.upstreams.h1_request(
-                        attempt.endpoint, req, headers, payload, deadline=attempt.deadline,
-                        spawn=spawn, source=req.source_ip, traceparent=trace.traceparent,
-                        upgrade=bool(ex.upgrade), pool=plan.cluster.pool)
+                resp = await self._send(attempt.endpoint, req, headers, payload,
+                                        deadline=attempt.deadline, spawn=spawn, h2=h2,
+                                        source=req.source_ip, upgrade=bool(ex.upgrade),
+                                        traceparent=trace.traceparent,
+                                        pool=plan.cluster.pool)
                 result = resp.status
             except UpstreamError as e:
                 result = e.outcome
@@ -783,21 +778,21 @@ class Waypoint:
             raise
         resp.finish()
 
-    async def _send(self, ep: Any, req: Any, headers: Headers,
-                    payload: bytes | AsyncIterator[bytes], *, deadline: float | None,
-                    spawn: Spawn, h2: bool, source: str, upgrade: bool,
-                    traceparent: str | None, pool: PoolLimits | None = None
-                    ) -> UpstreamResponse:
+    def _send(self, ep: Any, req: Any, headers: Headers,
+              payload: bytes | AsyncIterator[bytes], *, deadline: float | None,
+              spawn: Spawn, h2: bool, source: str, upgrade: bool,
+              traceparent: str | None, pool: PoolLimits | None = None
+              ) -> Awaitable[UpstreamResponse]:
+        """One attempt upstream, HTTP/2 or HTTP/1.1: the client's own awaitable, with no
+        coroutine of this dispatch in between."""
         if h2:
             from waypoint.http2 import h2_request
-            resp: UpstreamResponse = await h2_request(
+            return h2_request(
                 self.upstreams, ep, req, headers, payload, deadline=deadline, spawn=spawn,
                 source=source, traceparent=traceparent, pool=self.h2_pool)
-            return resp
-        return await self.upstreams.h1_request(ep, req, headers, payload, deadline=deadline,
-                                               spawn=spawn, source=source,
-                                               traceparent=traceparent, upgrade=upgrade,
-                                               pool=pool)
+        return self.upstreams.h1_request(ep, req, headers, payload, deadline=deadline,
+                                         spawn=spawn, source=source, traceparent=traceparent,
+                                         upgrade=upgrade, pool=pool)
 
     async def _mirror(self, m: MirrorPlan, headers: Headers, body: bytes, h2: bool) -> None:
         """Send a copy to a RequestMirror backend; its answer (or failure) is dropped."""

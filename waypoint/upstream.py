@@ -30,7 +30,6 @@ from waypoint.http1 import (
     Conn,
     TcpConn,
     close_conn,
-    drained,
     encode_chunk,
     encode_last_chunk,
     encode_request_head,
@@ -440,7 +439,7 @@ class Upstreams:
                     conn.write(head + body if len(body) < 65536 else head)
                     if len(body) >= 65536:
                         conn.write(body)
-                    if not drained(conn):
+                    if not conn.drained:
                         await conn.drain()
                 else:
                     conn.write(head)
