@@ -333,8 +333,8 @@ class RequestPlan:
                 self._retry_in_flight = False
         if self._released:
             return None
-        if type(result) is int and result not in self.retry.codes:
-            return None  # RetryPolicy.retriable says no: what decide() would answer
+        if not self.retry.retriable(result):
+            return None  # what decide() would answer, without working out the deadline
         d = self.retry.decide(
             attempt.number, result, now, self.timeouts.request_deadline(self.started), rng
         )
