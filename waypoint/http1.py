@@ -58,6 +58,7 @@ HOP_BY_HOP = frozenset({
 
 MAX_HEAD = 64 * 1024
 BODY_HIGH_WATER = 1 << 20
+#: bytes asked for per read, downstream and upstream (HBONE streams hand over what they hold)
 READ_SIZE = 256 * 1024
 
 REASONS = {

@@ -33,6 +33,7 @@ from hyperframe.frame import GoAwayFrame
 
 from waypoint.http1 import (
     HOP_BY_HOP,
+    READ_SIZE,
     Body,
     Conn,
     ConnInfo,
@@ -50,7 +51,6 @@ __all__ = ["H2Pool", "H2Response", "H2Upstream", "h2_request", "serve_http2"]
 
 log = structlog.get_logger("waypoint")
 
-READ_SIZE = 256 * 1024
 WINDOW = 4 << 20  # receive window per stream and (x4) per connection
 #: after a drained connection's last stream ended and the waypoint half-closed it, how
 #: long the client gets to close its side before the stream is reset

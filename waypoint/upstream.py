@@ -27,6 +27,7 @@ import httptools
 import structlog
 
 from waypoint.http1 import (
+    READ_SIZE,
     Conn,
     TcpConn,
     close_conn,
@@ -50,7 +51,6 @@ log = structlog.get_logger("waypoint")
 #: starts a task owned by the caller's TaskGroup (request body senders, readers)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
-READ_SIZE = 256 * 1024
 MAX_IDLE_PER_ENDPOINT = 64
 
 
