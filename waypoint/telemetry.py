@@ -386,6 +386,11 @@ class RequestMetrics:
 
 
 _REQUESTS_HELP = "Requests handled by the waypoint"
+#: the labels of Istio's TCP metrics (the request ones but protocol, code and gRPC
+#: status), and their positions in `LABELS`
+_TCP_LABELS = tuple(k for k in LABELS if k not in (
+    "request_protocol", "response_code", "grpc_response_status"))
+_TCP_INDEX = tuple(LABELS.index(k) for k in _TCP_LABELS)
 
 
 def _le(bounds: Sequence[float]) -> tuple[str, ...]:
@@ -422,21 +427,17 @@ class Telemetry:
         self.reporter = reporter
         self.metrics = RequestMetrics(reporter, max_series)
         registry.register(self.metrics)
-        tcp_labels = tuple(k for k in LABELS if k not in (
-            "request_protocol", "response_code", "grpc_response_status"))
-        self._tcp_index = tuple(LABELS.index(k) for k in tcp_labels)
-        self.tcp_opened = Counter("istio_tcp_connections_opened",
-                                  "TCP connections through the waypoint", tcp_labels,
-                                  registry=registry)
-        self.tcp_closed = Counter("istio_tcp_connections_closed",
-                                  "TCP connections through the waypoint that ended",
-                                  tcp_labels, registry=registry)
-        self.tcp_sent = Counter("istio_tcp_sent_bytes",
-                                "Bytes sent to the client on TCP connections", tcp_labels,
-                                registry=registry)
-        self.tcp_received = Counter("istio_tcp_received_bytes",
-                                    "Bytes received from the client on TCP connections",
-                                    tcp_labels, registry=registry)
+        def tcp_counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, _TCP_LABELS, registry=registry)
+
+        self.tcp_opened = tcp_counter("istio_tcp_connections_opened",
+                                      "TCP connections through the waypoint")
+        self.tcp_closed = tcp_counter("istio_tcp_connections_closed",
+                                      "TCP connections through the waypoint that ended")
+        self.tcp_sent = tcp_counter("istio_tcp_sent_bytes",
+                                    "Bytes sent to the client on TCP connections")
+        self.tcp_received = tcp_counter("istio_tcp_received_bytes",
+                                        "Bytes received from the client on TCP connections")
 
     def label_values(self, rec: RequestRecord) -> tuple[str, ...]:
         """The metric label values of a record, in `LABELS` order."""
@@ -464,7 +465,7 @@ class Telemetry:
         """A finished TCP connection (a port that is not HTTP): Istio's TCP metrics and
         an access log line (`request_bytes` from the client, `response_bytes` to it)."""
         values = self.label_values(rec)
-        labels = tuple(values[i] for i in self._tcp_index)
+        labels = tuple(values[i] for i in _TCP_INDEX)
         self.tcp_opened.labels(*labels).inc()
         self.tcp_closed.labels(*labels).inc()
         self.tcp_received.labels(*labels).inc(rec.request_bytes)
