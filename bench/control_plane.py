@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import measure
+from bench.harness import stop_async
 
 HERE = Path(__file__).resolve().parent
 GOAL_MS = 100.0
@@ -543,14 +544,7 @@ async def measure_streams(
             other = measure.other_load(cpu0, measure.cpu_snapshot([proc.pid]))
             log(f"{scale.changes} changes timed")
         finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(10):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await stop_async(proc)
             follower.cancel()
             server.close()
             for s in list(push.sessions.values()):

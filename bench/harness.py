@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -159,6 +160,19 @@ class Processes:
             if proc.stdout is not None:
                 proc.stdout.close()
         self.children.clear()
+
+
+async def stop_async(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    """SIGTERM a still-running asyncio child, SIGKILL it after `grace` seconds, reap it."""
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -56,14 +57,15 @@ def test_secrets_for_token_files_are_owner_only(tmp_path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def push_server(tmp_path: Path, cert: ServerCertificate | None = None,
-                      **limits: float) -> AsyncIterator[tuple[PushServer, str, int]]:
+                      **options: Any) -> AsyncIterator[tuple[PushServer, str, int]]:
+    """A push server on a loopback port over a fresh store; `options` go to `PushServer`."""
     data = tmp_path / "cp"
     data.mkdir(exist_ok=True)
     ca = CertificateAuthority.load_or_create(data, "cluster.local")
     with Store(str(data)) as store:
         tokens = TokenStore(data / "tokens.db")
         try:
-            push = PushServer(store, ca, tokens, **limits)  # type: ignore[arg-type]
+            push = PushServer(store, ca, tokens, **options)
             cert = cert or ServerCertificate(ca, data)
             server = await push.start("127.0.0.1", 0, cert.ctx)
             host, port = server.sockets[0].getsockname()[:2]

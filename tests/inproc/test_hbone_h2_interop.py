@@ -193,6 +193,15 @@ class H2Client:
         self.flush()
         return list(events)
 
+    async def response_status(self) -> str:
+        """Read until the response HEADERS arrive: their `:status`."""
+        status = None
+        while status is None:
+            for ev in await self.events():
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = hdict(ev.headers)[":status"]
+        return status
+
 
 async def test_h2_client_against_our_server() -> None:
     async with echo_server() as port, hbone_env() as env:
@@ -210,12 +219,7 @@ async def test_h2_client_against_our_server() -> None:
             ],
         )
         client.flush()
-        status = None
-        while status is None:
-            for ev in await client.events():
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = hdict(ev.headers)[":status"]
-        assert status == "200"
+        assert await client.response_status() == "200"
         payload = pattern(6 * MiB + 7, 9)
         sent = 0
         echoed = hashlib.sha256()
@@ -296,12 +300,7 @@ async def test_h2_client_padding_priority_and_trailers() -> None:
         )
         client.h2.prioritize(sid, weight=16)
         client.flush()
-        status = None
-        while status is None:
-            for ev in await client.events():
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = hdict(ev.headers)[":status"]
-        assert status == "200"
+        assert await client.response_status() == "200"
         client.h2.send_data(sid, b"padded hello", pad_length=40)
         client.h2.send_headers(sid, [("x-trailer", "done")], end_stream=True)  # trailers = FIN
         client.flush()

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import Configuration
 
-from config.ca import CertificateAuthority
 from config.kube_source import (
     ENDPOINTS_LABEL,
     OWNER_ANNOTATION,
@@ -34,12 +33,13 @@ from config.kube_source import (
     trim,
 )
 from config.kube_waypoint import WaypointDeployer, WaypointSettings
-from config.push import PushClient, PushError, PushServer, ServerCertificate
+from config.push import PushClient, PushError
 from config.resources import ResourceKey
 from config.snapshot import compute_snapshot
 from config.store import Store
 from config.tokens import TokenStore
 from config.validate import Document
+from tests.inproc.test_api_push_hardening import push_server
 from tests.kubeapi import KubeApiServer
 
 NS = "/api/v1/namespaces"
@@ -772,22 +772,9 @@ async def test_control_plane_process_without_kubernetes_credentials_says_so(
 @contextlib.asynccontextmanager
 async def push_with_service_accounts(tmp_path: Path, api: KubeApiServer
                                      ) -> AsyncIterator[tuple[str, Store, TokenStore]]:
-    data = tmp_path / "cp"
-    data.mkdir(exist_ok=True)
-    ca = CertificateAuthority.load_or_create(data, "cluster.local")
-    with Store(str(data)) as store:
-        tokens = TokenStore(data / "tokens.db")
-        try:
-            push = PushServer(store, ca, tokens, service_accounts=ServiceAccountAuthenticator(
-                config_for(api)).authenticate)
-            server = await push.start("127.0.0.1", 0, ServerCertificate(ca, data).ctx)
-            host, port = server.sockets[0].getsockname()[:2]
-            try:
-                yield f"{host}:{port}", store, tokens
-            finally:
-                server.close()
-        finally:
-            tokens.close()
+    authenticate = ServiceAccountAuthenticator(config_for(api)).authenticate
+    async with push_server(tmp_path, service_accounts=authenticate) as (push, host, port):
+        yield f"{host}:{port}", push.store, push.tokens
 
 
 async def join(tmp_path: Path, address: str, subject: str, token: str) -> Any:

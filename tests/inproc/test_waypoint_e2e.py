@@ -84,13 +84,9 @@ class Backend:
                                  headers={"x-backend": self.service})
 
 
-def base_manifests(services: dict[str, list[str]], ports: dict[str, int],
-                   appproto: dict[str, str], *, client_enrolled: bool = False
-                   ) -> list[dict[str, Any]]:
-    client_labels = {"app": "client"}
-    if not client_enrolled:  # outside the mesh: the waypoint cannot name it
-        client_labels["istio.io/dataplane-mode"] = "none"
-    docs: list[dict[str, Any]] = [
+def waypoint_namespace() -> list[dict[str, Any]]:
+    """The ambient namespace `app` using the waypoint `wp`, and that waypoint's Gateway."""
+    return [
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": "app", "labels": {"istio.io/dataplane-mode": "ambient",
                                                 "istio.io/use-waypoint": "wp"}}},
@@ -98,6 +94,17 @@ def base_manifests(services: dict[str, list[str]], ports: dict[str, int],
          "metadata": {"name": "wp", "namespace": "app"},
          "spec": {"gatewayClassName": "istio-waypoint",
                   "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}},
+    ]
+
+
+def base_manifests(services: dict[str, list[str]], ports: dict[str, int],
+                   appproto: dict[str, str], *, client_enrolled: bool = False
+                   ) -> list[dict[str, Any]]:
+    client_labels = {"app": "client"}
+    if not client_enrolled:  # outside the mesh: the waypoint cannot name it
+        client_labels["istio.io/dataplane-mode"] = "none"
+    docs: list[dict[str, Any]] = [
+        *waypoint_namespace(),
         {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
          "metadata": {"name": "client", "namespace": "app",
                       "annotations": {"ambit.dev/node": "node-1"}},
@@ -216,20 +223,14 @@ class Mesh:
                             gs.add_insecure_port(f"{b.ip}:{self.ports[svc]}")
                             await gs.start()
                             grpc_servers.append(gs)
-                            cert = self.pki.issue("app", svc)
-                            hs = HboneServer(bound(b.ip, self.hbone_port),
-                                             server_context(cert, self.trust), self.trust,
-                                             self._terminator(b))
-                            hbones.append(hs)
-                            tg.create_task(hs.run())
-                            continue
-                        app = web.Application(client_max_size=64 << 20)
-                        app.router.add_route("*", "/{tail:.*}", b.handle)
-                        runner = web.AppRunner(app, access_log=None)
-                        await runner.setup()
-                        site = web.TCPSite(runner, b.ip, self.ports[svc])
-                        await site.start()
-                        runners.append(runner)
+                        else:
+                            app = web.Application(client_max_size=64 << 20)
+                            app.router.add_route("*", "/{tail:.*}", b.handle)
+                            runner = web.AppRunner(app, access_log=None)
+                            await runner.setup()
+                            site = web.TCPSite(runner, b.ip, self.ports[svc])
+                            await site.start()
+                            runners.append(runner)
                         cert = self.pki.issue("app", svc)
                         hs = HboneServer(bound(b.ip, self.hbone_port),
                                          server_context(cert, self.trust), self.trust,

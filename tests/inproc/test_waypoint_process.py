@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from bench.harness import stop_async
 from config.ca import CertificateAuthority
 from config.push import NODE_CERT, NODE_KEY, TRUST
 from config.validate import load_text
@@ -227,12 +228,5 @@ async def test_cli_control_plane_mode_joins_with_a_token_file_and_serves(
                 st = next(s for s in p.push.status()["proxies"] if s["name"] == "app/wp")
                 assert st["kind"] == "waypoint"
             finally:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        async with asyncio.timeout(10):
-                            await proc.wait()
-                    except TimeoutError:
-                        proc.kill()
-                        await proc.wait()
+                await stop_async(proc)
         assert (tmp_path / "wp-data" / NODE_CERT).exists()

@@ -29,13 +29,19 @@ def _write(path: Path, version: int, node: str = "n1") -> None:
     os.replace(tmp, path)
 
 
+def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    """A non-blocking datagram socket standing in for systemd's NOTIFY_SOCKET, and its path."""
+    path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(path)
+    notify.setblocking(False)
+    return notify, path
+
+
 async def test_ready_notify_reload_and_quit(tmp_path: Path) -> None:
     cfg = tmp_path / "snap.json"
     _write(cfg, 1)
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.setblocking(False)
+    notify, notify_path = _notify_socket(tmp_path)
     os.environ["NOTIFY_SOCKET"] = notify_path
     try:
         zt = Ztunnel(
@@ -112,10 +118,7 @@ async def test_watchdog_is_pinged_through_a_long_drain(tmp_path: Path) -> None:
     pki = TestPKI()
     cfg = tmp_path / "snap.json"
     _write(cfg, 1)
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.setblocking(False)
+    notify, notify_path = _notify_socket(tmp_path)
     env = {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000",
            "WATCHDOG_PID": str(os.getpid())}
     os.environ.update(env)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from netsetup.sandbox import unique_prefix
 from tests.conftest import require_root_and_tools
+from tests.netns.test_capture import bare_netns
 
 pytestmark = pytest.mark.netns
 
@@ -74,13 +74,8 @@ def _unit_caps() -> list[str]:
 @pytest.fixture
 def workload_netns() -> Iterator[str]:
     require_root_and_tools("ip", "setpriv")
-    name = unique_prefix("unitcap")
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with bare_netns("unitcap") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from config.resources import parse_resource
+from tests.inproc.test_waypoint_e2e import waypoint_namespace
 from waypoint.chain import SourcePlan, forwarded_ip, plan_source
 from waypoint.server import config_from_resources
 from ztunnel import snapshot as zs
@@ -28,13 +29,7 @@ def _entry(name: str, ip: str, sa: str) -> dict[str, Any]:
 
 def _snapshot() -> zs.Snapshot:
     docs = [
-        {"apiVersion": "v1", "kind": "Namespace",
-         "metadata": {"name": "app", "labels": {"istio.io/dataplane-mode": "ambient",
-                                                "istio.io/use-waypoint": "wp"}}},
-        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-         "metadata": {"name": "wp", "namespace": "app"},
-         "spec": {"gatewayClassName": "istio-waypoint",
-                  "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}},
+        *waypoint_namespace(),
         _entry("client", "10.1.0.5", "client"),
         _entry("client", "fd00::5", "client"),
         _entry("other", "10.1.0.9", "other"),
