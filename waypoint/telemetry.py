@@ -15,7 +15,8 @@ task (owned by the server's TaskGroup) that posts batches of spans as OTLP/HTTP 
 
 The request metrics are plain numbers per label set (`RequestMetrics`), turned into
 Prometheus samples only when scraped; trace, span and request ids (`new_request_id`)
-are slices of one buffered os.urandom read. Both keep the per-request cost small.
+are slices of one buffered os.urandom read (`ztunnel.randomid`). Both keep the
+per-request cost small.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +39,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from ztunnel import snapshot as zs
+from ztunnel.randomid import random_hex
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -86,44 +87,13 @@ def _hex(s: str, n: int) -> bool:
     return len(s) == n and set(s) <= _HEX and s.strip("0") != ""
 
 
-# Random ids (trace and span ids, x-request-id) come from one os.urandom read of
-# _RAND_BYTES, kept as hex and handed out in slices: one getrandom call per ~150
-# requests instead of three per request. Every draw takes bytes no other draw took.
-# A forked child drops what it inherited (os.register_at_fork), so parent and child
-# never hand out the same bytes.
-_RAND_BYTES = 4096
-_rand_buf = ""  # hex digits, two per random byte
-_rand_pos = 0  # the next unused digit of _rand_buf
-
-
-def _drop_random() -> None:
-    global _rand_buf, _rand_pos
-    _rand_buf, _rand_pos = "", 0
-
-
-os.register_at_fork(after_in_child=_drop_random)
-
-
-def _rand_hex(nbytes: int) -> str:
-    """`nbytes` random bytes from the OS, as 2 * `nbytes` lower-case hex digits."""
-    global _rand_buf, _rand_pos
-    pos = _rand_pos
-    end = pos + 2 * nbytes
-    if end > len(_rand_buf):
-        if nbytes > _RAND_BYTES:
-            return os.urandom(nbytes).hex()
-        _rand_buf, pos, end = os.urandom(_RAND_BYTES).hex(), 0, 2 * nbytes
-    _rand_pos = end
-    return _rand_buf[pos:end]
-
-
 #: the UUID variant digit (RFC 9562 `10xx`) that keeps a random digit's two low bits
 _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 def new_request_id() -> str:
     """A random (version 4) UUID in its text form, e.g. for `x-request-id`."""
-    h = _rand_hex(16)
+    h = random_hex(16)
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 #: the trace headers `inject` replaces
@@ -185,7 +155,7 @@ def parse_trace(headers: Sequence[tuple[str, str]]) -> TraceContext:
         if k in _TRACE_HEADERS:
             break
     else:  # the common case: no trace headers at all
-        ids = _rand_hex(24)
+        ids = random_hex(24)
         return TraceContext(ids[:32], ids[32:])
     tp = b3 = tid = sid = sampled = tracestate = None
     for k, v in headers:
@@ -201,7 +171,7 @@ def parse_trace(headers: Sequence[tuple[str, str]]) -> TraceContext:
             sid = v.lower()
         elif k == "x-b3-sampled":
             sampled = v
-    span = _rand_hex(8)
+    span = random_hex(8)
     if tp is not None:
         parts = tp.strip().lower().split("-")
         if (len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff"
@@ -217,7 +187,7 @@ def parse_trace(headers: Sequence[tuple[str, str]]) -> TraceContext:
             return TraceContext(parts[0].rjust(32, "0"), span, parts[1], smp, b3=True)
     if tid is not None and sid is not None and _hex(tid.rjust(32, "0"), 32) and _hex(sid, 16):
         return TraceContext(tid.rjust(32, "0"), span, sid, sampled != "0", b3=True)
-    return TraceContext(_rand_hex(16), span)
+    return TraceContext(random_hex(16), span)
 
 
 @dataclass(slots=True)

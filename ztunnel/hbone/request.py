@@ -9,10 +9,11 @@ header list (`:method CONNECT`, `:authority ip:port`, `forwarded: for="ip:port"`
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from ztunnel.randomid import random_hex
 
 if TYPE_CHECKING:
     import socket
@@ -120,7 +121,7 @@ def forwarded_for(ip: str, port: int | None = None) -> str:
 
 def new_traceparent() -> str:
     """A fresh W3C trace context: version 00, random trace and span ids, sampled."""
-    ids = os.urandom(24).hex()  # one read: 16 bytes of trace id, 8 of span id
+    ids = random_hex(24)  # 16 bytes of trace id, 8 of span id
     return f"00-{ids[:32]}-{ids[32:]}-01"
 
 
