@@ -347,6 +347,25 @@ async def test_upstream_reset_becomes_rst_stream() -> None:
         conn.close()
 
 
+async def test_reset_right_after_the_200_reaches_the_client() -> None:
+    # the server accepts, then resets at once: 200 and RST_STREAM arrive in one read
+    async def reset_at_once(stream: HboneStream) -> None:
+        stream.reset(ErrorCode.CANCEL)
+
+    async def handler(req: ConnectRequest) -> Decision:
+        return Accept(serve=reset_at_once)
+
+    async with hbone_env(handler) as env:
+        conn = await env.connect()
+        stream = await env.stream(conn, 9)
+        async with asyncio.timeout(5):  # before the fix: the stream waited forever
+            with pytest.raises(HboneError, match="reset by the peer with CANCEL"):
+                await read_all(stream)
+        assert stream.reset_code == ErrorCode.CANCEL
+        assert not conn.streams
+        conn.close()
+
+
 async def test_client_reset_becomes_tcp_reset_upstream() -> None:
     outcome = asyncio.get_running_loop().create_future()
 

@@ -667,20 +667,24 @@ class HboneConnection(asyncio.BufferedProtocol):
                     if self.core.has_output:
                         self._flush()
                     return
+        # streams that may have ended, forgotten after the whole batch: the core has
+        # already applied every frame of it, so a stream a later RST_STREAM closed
+        # must stay findable until that event reaches it
+        ended: list[HboneStream] = []
         for ev in events:
             if type(ev) is DataReceived:
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st._on_data(ev.data, ev.end_stream)
                     if ev.end_stream:
-                        self._maybe_forget(st)
+                        ended.append(st)
                 else:
                     self.core.acknowledge(ev.stream_id, ev.flow_len)
             elif type(ev) is StreamWritable:
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st._on_writable()
-                    self._maybe_forget(st)
+                    ended.append(st)
             elif type(ev) is StreamReset:
                 st = streams.pop(ev.stream_id, None)
                 if st is not None:
@@ -701,7 +705,7 @@ class HboneConnection(asyncio.BufferedProtocol):
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st._on_response(ev.headers, ev.end_stream)
-                    self._maybe_forget(st)
+                    ended.append(st)
             elif type(ev) is GoAwayReceived:
                 if ev.code != ErrorCode.NO_ERROR:
                     self.error = (
@@ -712,6 +716,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             elif type(ev) is ConnectionTerminated:
                 self.error = f"HTTP/2 error with {self._peer()}: {ev.reason}"
                 log.warning("hbone_protocol_error", peer=self._peer(), reason=ev.reason)
+        for st in ended:
+            self._maybe_forget(st)
         if self._batched:
             for sink in self._batched:
                 sink.flush_batch()
