@@ -43,7 +43,7 @@ from waypoint.http1 import (
     close_conn,
 )
 from waypoint.model import Headers, Request, UpstreamEndpoint
-from waypoint.resilience import Outcome
+from waypoint.resilience import Outcome, PoolLimits
 from waypoint.upstream import Spawn, UpstreamError, Upstreams
 from ztunnel.hbone.errors import HboneError
 
@@ -375,10 +375,14 @@ class H2Upstream:
     """One h2c connection to an endpoint (inside an HBONE stream or TCP), shared by the
     requests of many clients; its reader task dispatches frames to their streams."""
 
-    def __init__(self, conn: Conn, ep: UpstreamEndpoint, *, single_use: bool) -> None:
+    def __init__(self, conn: Conn, ep: UpstreamEndpoint, ups: Upstreams, *, single_use: bool,
+                 limits: PoolLimits | None = None) -> None:
         self.conn = conn
         self.ep = ep
+        self.ups = ups
         self.single_use = single_use  # close once its one stream is done
+        self.limits = limits  # the backend's connection pool this connection counts in
+        self.opened = 0  # streams opened (DestinationRule maxRequestsPerConnection)
         h2c = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding="utf-8", validate_inbound_headers=False))
         h2c.local_settings = h2.settings.Settings(client=True, initial_values={
@@ -402,24 +406,31 @@ class H2Upstream:
                 self.conn.write(data)
 
     def can_open(self) -> bool:
-        if self.closed or self.goaway:
+        if self.closed or self.goaway or self._spent():
             return False
         limit = min(self.h2c.remote_settings.max_concurrent_streams, 1000)
         return self.h2c.open_outbound_streams < limit
+
+    def _spent(self) -> bool:
+        """Served its pool's requests per connection: no new streams."""
+        return self.limits is not None and not self.limits.may_reuse(self.opened)
 
     def open(self, headers: list[tuple[str, str]], *, end_stream: bool) -> H2Response:
         sid = self.h2c.get_next_available_stream_id()
         self.h2c.send_headers(sid, headers, end_stream=end_stream)
         resp = H2Response(self, sid)
         self.streams[sid] = resp
+        self.opened += 1
         self.flush()
         return resp
 
     def forget(self, resp: H2Response) -> None:
         if self.streams.pop(resp.sid, None) is not None and not self.streams:
             self.idle_since = asyncio.get_running_loop().time()
-        if self.single_use and not self.streams:
+        if not self.streams and (self.single_use or self._spent()):
             self.close()
+        elif self.limits is not None:
+            self.ups.wake(self.limits)  # a stream slot came free
 
     def close(self) -> None:
         if self.closed:
@@ -432,6 +443,7 @@ class H2Upstream:
         with contextlib.suppress(Exception):
             self.conn.write_eof()
         close_conn(self.conn)
+        self.ups.disown(self.conn)
 
     def _fail_all(self, why: str) -> None:
         for st in list(self.streams.values()):
@@ -482,6 +494,7 @@ class H2Upstream:
             self.closed = True
             self._fail_all("connection closed")
             close_conn(self.conn)
+            self.ups.disown(self.conn)
 
 
 class H2Response:
@@ -626,7 +639,9 @@ class H2Response:
 
 class H2Pool:
     """Shared h2c connections per endpoint; reader tasks run in the owner's TaskGroup
-    (`spawn`, set while the waypoint runs)."""
+    (`spawn`, set while the waypoint runs). New connections count against the
+    backend's `PoolLimits` like HTTP/1.1 ones (a connection that served its
+    requests per connection closes once its streams are done)."""
 
     def __init__(self, ups: Upstreams, *, idle_timeout: float = 60.0) -> None:
         self.ups = ups
@@ -635,27 +650,61 @@ class H2Pool:
         self._conns: dict[str, list[H2Upstream]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.connections_opened = 0
+        ups.idle_closers.append(self._close_idle)
 
-    async def get(self, ep: UpstreamEndpoint, *, source: str,
-                  traceparent: str | None) -> H2Upstream:
-        lst = self._conns.setdefault(ep.key, [])
-        lst[:] = [c for c in lst if not c.closed]
+    def _usable(self, key: str) -> H2Upstream | None:
+        lst = self._conns.get(key)
+        if not lst:
+            return None
         for c in lst:
             if c.can_open():
                 return c
-        lock = self._locks.setdefault(ep.key, asyncio.Lock())
-        async with lock:
-            lst[:] = [c for c in lst if not c.closed]
+        lst[:] = [c for c in lst if not c.closed]
+        return None
+
+    def _close_idle(self, limits: PoolLimits) -> bool:
+        """Close one connection without streams counted against `limits`."""
+        for lst in self._conns.values():
             for c in lst:
-                if c.can_open():
-                    return c
-            conn = await self.ups.connect(ep, source=source, traceparent=traceparent)
-            up = H2Upstream(conn, ep, single_use=False)
-            assert self.spawn is not None
-            self.spawn(up.reader(self.idle_timeout))
-            lst.append(up)
-            self.connections_opened += 1
+                if c.limits is limits and not c.streams and not c.closed:
+                    c.close()
+                    return True
+        return False
+
+    async def get(self, ep: UpstreamEndpoint, *, source: str, traceparent: str | None,
+                  limits: PoolLimits | None = None, deadline: float | None = None
+                  ) -> H2Upstream:
+        """A connection to `ep` that can take a stream: a shared one, or a new one when
+        `limits` leave room (raises PoolOverflow / UpstreamError like `Upstreams`)."""
+        up = self._usable(ep.key)
+        if up is not None:
             return up
+        if limits is not None:
+            up = await self.ups.reserve(ep, limits, deadline, lambda: self._usable(ep.key))
+            if up is not None:
+                return up
+        slot = limits  # reserved: given back unless a new connection takes it
+        try:
+            async with self._locks.setdefault(ep.key, asyncio.Lock()):
+                up = self._usable(ep.key)  # opened while this request waited
+                if up is None:
+                    slot = None  # open_reserved gives it back if the connect fails
+                    conn = await self.ups.open_reserved(ep, limits, deadline=deadline,
+                                                        source=source, traceparent=traceparent)
+                    up = H2Upstream(conn, ep, self.ups, single_use=False, limits=limits)
+                    assert self.spawn is not None
+                    self.spawn(up.reader(self.idle_timeout))
+                    self._conns.setdefault(ep.key, []).append(up)
+                    self.connections_opened += 1
+                    if limits is not None:
+                        self.ups.wake(limits)  # requests queued for this endpoint use it
+        except BaseException:
+            if slot is not None:
+                self.ups.unreserve(slot)
+            raise
+        if slot is not None:
+            self.ups.unreserve(slot)
+        return up
 
     def close(self) -> None:
         for lst in self._conns.values():
@@ -676,6 +725,7 @@ async def h2_request(
     source: str = "",
     traceparent: str | None = None,
     pool: H2Pool | None = None,
+    limits: PoolLimits | None = None,
 ) -> H2Response:
     """Send `request` over HTTP/2 to `ep` (a pooled connection when `pool` runs, else a
     connection of its own); the response head before `deadline` (loop time). Raises
@@ -693,10 +743,14 @@ async def h2_request(
     try:
         async with asyncio.timeout(remaining):
             if pool is not None and pool.spawn is not None:
-                up = await pool.get(ep, source=source, traceparent=traceparent)
+                up = await pool.get(ep, source=source, traceparent=traceparent,
+                                    limits=limits, deadline=deadline)
             else:
-                conn = await ups.connect(ep, source=source, traceparent=traceparent)
-                up = H2Upstream(conn, ep, single_use=True)
+                if limits is not None:
+                    await ups.reserve(ep, limits, deadline)
+                conn = await ups.open_reserved(ep, limits, deadline=deadline, source=source,
+                                               traceparent=traceparent)
+                up = H2Upstream(conn, ep, ups, single_use=True, limits=limits)
                 spawn(up.reader())
     except TimeoutError:
         raise UpstreamError(Outcome.TIMEOUT,

@@ -463,14 +463,23 @@ class Waypoint:
             rec.duration = loop.time() - t0
             self.telemetry.record_tcp(rec)
             return
+        ups, limits = self.upstreams, plan.cluster.pool
         try:
             attempt = plan.first
             while True:
+                ep = attempt.endpoint
+                deadline = loop.time() + ups.connect_timeout  # queued for a slot, too
                 try:
-                    up = await self.upstreams.connect(attempt.endpoint, source=info.source_ip)
+                    await ups.reserve(ep, limits, deadline)
+                    up = await ups.open_reserved(ep, limits, deadline=deadline,
+                                                 source=info.source_ip)
                     result: int | Outcome = 200
                 except UpstreamError as e:
                     up, result, rec.details = None, e.outcome, str(e)
+                except PoolOverflow as e:
+                    rec.status, rec.flags, rec.details = 503, "UO", e.response.details
+                    stream.reset()
+                    return
                 nxt = plan.after_attempt(attempt, result, loop.time(), self.rng)
                 if up is not None or nxt is None:
                     break
@@ -482,7 +491,10 @@ class Waypoint:
                 stream.reset()
                 return
             rec.status = 200
-            sent, received = await pipe(stream, up, first, b"")
+            try:
+                sent, received = await pipe(stream, up, first, b"")
+            finally:
+                ups.disown(up)  # both ways ended (or it was closed): its pool slot is free
             rec.request_bytes, rec.response_bytes = sent, received
         finally:
             plan.release(loop.time())
@@ -789,7 +801,7 @@ class Waypoint:
             from waypoint.http2 import h2_request
             return h2_request(
                 self.upstreams, ep, req, headers, payload, deadline=deadline, spawn=spawn,
-                source=source, traceparent=traceparent, pool=self.h2_pool)
+                source=source, traceparent=traceparent, pool=self.h2_pool, limits=pool)
         return self.upstreams.h1_request(ep, req, headers, payload, deadline=deadline,
                                          spawn=spawn, source=source, traceparent=traceparent,
                                          upgrade=upgrade, pool=pool)

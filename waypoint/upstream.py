@@ -21,7 +21,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httptools
 import structlog
@@ -52,6 +52,8 @@ log = structlog.get_logger("waypoint")
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 MAX_IDLE_PER_ENDPOINT = 64
+
+_T = TypeVar("_T")
 
 
 class PoolOverflow(Exception):
@@ -132,7 +134,7 @@ class H1Response:
         self.length: int | None = None if chunked else length
         self._chunked = chunked
         if upgraded is not None:
-            ups._disown(conn)  # a tunnel now (WebSocket): no longer a pooled connection
+            ups.disown(conn)  # a tunnel now (WebSocket): no longer a pooled connection
         self.bytes_received = 0
         self.ended_at_head = False
         self._done = head_only or (cb.complete and not cb.chunks)
@@ -224,6 +226,9 @@ class Upstreams:
         self._idle: dict[str, list[_Idle]] = {}
         self._owner: dict[int, PoolLimits] = {}  # connection -> its backend's pool limits
         self._freed: dict[int, asyncio.Event] = {}  # pool -> a connection came back/closed
+        #: other holders of idle connections (HTTP/2): each closes one counted against a
+        #: pool, to make room for a new one (True when it did)
+        self.idle_closers: list[Callable[[PoolLimits], bool]] = []
         self.connections_opened = 0
         self._presenting: Certificate | None = None  # the certificate of pooled connections
 
@@ -287,28 +292,22 @@ class Upstreams:
         return TcpConn(reader, writer)
 
     # -- connection accounting (DestinationRule connectionPool) ----------------------
+    #
+    # Every new connection to a backend's endpoint (HTTP/1.1, HTTP/2, TCP) takes a slot
+    # of that backend's `PoolLimits`: `reserve` (which may queue or overflow), then
+    # `open_reserved` (the connection owns the slot until it closes: `disown`) or
+    # `unreserve` (not needed after all).
 
-    def _close(self, conn: Conn) -> None:
-        close_conn(conn)
-        self._disown(conn)
-
-    def _disown(self, conn: Conn) -> None:
-        pool = self._owner.pop(id(conn), None)
-        if pool is not None:
-            pool.connection_closed()
-            self._wake(pool)
-
-    def _wake(self, pool: PoolLimits) -> None:
-        ev = self._freed.get(id(pool))
-        if ev is not None:
-            ev.set()
-
-    async def _admit(self, ep: UpstreamEndpoint, pool: PoolLimits,
-                     deadline: float | None) -> _Idle | None:
-        """Room for a new connection to `ep` (None) or an idle one that came back; raises
-        PoolOverflow when the pending queue is full, UpstreamError(UT) at the deadline."""
+    async def reserve(self, ep: UpstreamEndpoint, pool: PoolLimits, deadline: float | None,
+                      reuse: Callable[[], _T | None] = lambda: None) -> _T | None:
+        """A slot for a new connection to `ep` (None: reserved, counted as open), or what
+        `reuse` finds while queued (a connection that came free). Raises PoolOverflow
+        when the pending queue is full, UpstreamError(UT) at the deadline (loop time)."""
+        if pool.connections >= pool.max_connections:
+            self._make_room(pool)  # an idle connection to another endpoint gives way
         verdict = pool.connection_verdict()
         if verdict is ConnVerdict.OPEN:
+            pool.connection_opened()
             return None
         if verdict is ConnVerdict.OVERFLOW:
             raise PoolOverflow(overflow_response(
@@ -326,19 +325,69 @@ class Upstreams:
                 except TimeoutError:
                     raise UpstreamError(Outcome.TIMEOUT, f"no connection to {ep.key} came "
                                         "free before the deadline") from None
-                idle = self._take_idle(ep, pool)
-                if idle is not None:
-                    return idle
-                if pool.connections < pool.max_connections:
+                found = reuse()
+                if found is not None:
+                    return found
+                if pool.connections < pool.max_connections or self._make_room(pool):
+                    pool.connection_opened()
                     return None
-                for lst in self._idle.values():  # an idle one to another endpoint: make room
-                    for other in lst:
-                        if self._owner.get(id(other.conn)) is pool:
-                            lst.remove(other)
-                            self._close(other.conn)
-                            return None
         finally:
             pool.dequeued()
+
+    def unreserve(self, pool: PoolLimits) -> None:
+        """Give back a slot `reserve` gave that no connection took."""
+        pool.connection_closed()
+        self.wake(pool)
+
+    async def open_reserved(self, ep: UpstreamEndpoint, pool: PoolLimits | None, *,
+                            deadline: float | None, source: str = "",
+                            traceparent: str | None = None) -> Conn:
+        """`connect` before `deadline`, into the slot reserved in `pool` (given back when
+        the connect fails). Raises UpstreamError."""
+        try:
+            remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if remaining is not None and remaining <= 0:
+                raise UpstreamError(Outcome.TIMEOUT, f"no time left to reach {ep.key}")
+            try:
+                async with asyncio.timeout(remaining):
+                    conn = await self.connect(ep, source=source, traceparent=traceparent)
+            except TimeoutError:
+                raise UpstreamError(Outcome.TIMEOUT,
+                                    f"connecting to {ep.key} took past the deadline") from None
+        except BaseException:
+            if pool is not None:
+                self.unreserve(pool)
+            raise
+        if pool is not None:
+            self._owner[id(conn)] = pool
+        return conn
+
+    def disown(self, conn: Conn) -> None:
+        """`conn` closed: its slot (if it held one) is free."""
+        pool = self._owner.pop(id(conn), None)
+        if pool is not None:
+            pool.connection_closed()
+            self.wake(pool)
+
+    def wake(self, pool: PoolLimits) -> None:
+        """A connection counted against `pool` came free or closed: queued requests look."""
+        ev = self._freed.get(id(pool))
+        if ev is not None:
+            ev.set()
+
+    def _close(self, conn: Conn) -> None:
+        close_conn(conn)
+        self.disown(conn)
+
+    def _make_room(self, pool: PoolLimits) -> bool:
+        """Close one idle connection counted against `pool` (to another endpoint)."""
+        for lst in self._idle.values():
+            for other in lst:
+                if self._owner.get(id(other.conn)) is pool:
+                    lst.remove(other)
+                    self._close(other.conn)
+                    return True
+        return any(close_one(pool) for close_one in self.idle_closers)
 
     def _take_idle(self, ep: UpstreamEndpoint, pool: PoolLimits | None = None) -> _Idle | None:
         lst = self._idle.get(ep.key)
@@ -360,7 +409,7 @@ class Upstreams:
             return
         lst.append(_Idle(conn, served))
         if pool is not None:
-            self._wake(pool)
+            self.wake(pool)
 
     def close_idle(self, keep: set[str] | None = None) -> int:
         """Close idle HTTP/1.1 connections (all, or those to endpoints not in `keep`)."""
@@ -410,29 +459,12 @@ class Upstreams:
         for attempt in range(2):
             idle = self._take_idle(ep, pool) if attempt == 0 and not streamed else None
             if idle is None and pool is not None:
-                idle = await self._admit(ep, pool, deadline)
+                idle = await self.reserve(ep, pool, deadline, lambda: self._take_idle(ep, pool))
             if idle is not None:
                 conn, served = idle.conn, idle.served
             else:
-                remaining = (None if deadline is None
-                             else deadline - asyncio.get_running_loop().time())
-                if remaining is not None and remaining <= 0:
-                    raise UpstreamError(Outcome.TIMEOUT, f"no time left to reach {ep.key}")
-                if pool is not None:
-                    pool.connection_opened()  # counted while connecting, too
-                try:
-                    async with asyncio.timeout(remaining):
-                        conn = await self.connect(ep, source=source, traceparent=traceparent)
-                except BaseException as e:
-                    if pool is not None:
-                        pool.connection_closed()
-                        self._wake(pool)
-                    if isinstance(e, TimeoutError):
-                        raise UpstreamError(Outcome.TIMEOUT, f"connecting to {ep.key} took "
-                                            "past the deadline") from None
-                    raise
-                if pool is not None:
-                    self._owner[id(conn)] = pool
+                conn = await self.open_reserved(ep, pool, deadline=deadline, source=source,
+                                                traceparent=traceparent)
                 served = 0
             try:
                 if isinstance(body, bytes):

@@ -1,0 +1,148 @@
+"""DestinationRule connection-pool limits on HTTP/2 (gRPC) upstreams and TCP ports."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from tests.inproc.test_waypoint_e2e import Mesh
+from tests.inproc.test_waypoint_resilience import dr
+from ztunnel.hbone.errors import HboneError
+
+
+def _gated_echo(gate: asyncio.Event, held: list[bytes]) -> Any:
+    """`test.Echo/Hello`: answers at once, except `hold`, which waits for `gate`."""
+
+    async def hello(request: bytes, context: Any) -> bytes:
+        if request == b"hold":
+            held.append(request)
+            await gate.wait()
+        return b"re: " + request
+
+    return grpc.method_handlers_generic_handler(
+        "test.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(hello)})
+
+
+def _flags(mesh: Mesh, metric: str) -> dict[tuple[str, ...], float]:
+    assert mesh.waypoint is not None
+    return {(s.labels.get("response_code", ""), s.labels["response_flags"]): s.value
+            for m in mesh.waypoint.registry.collect() for s in m.samples
+            if s.name == metric}
+
+
+async def test_grpc_upstream_requests_per_connection() -> None:
+    mesh = Mesh({"echo": 1}, [
+        dr("echo", {"connectionPool": {"http": {"maxRequestsPerConnection": 2}}}),
+    ], {"echo": "grpc"}, grpc_handlers={"echo": _gated_echo(asyncio.Event(), [])})
+    async with (mesh.running(), mesh.forward("echo") as url,
+                grpc.aio.insecure_channel(url.removeprefix("http://")) as ch):
+        hello = ch.unary_unary("/test.Echo/Hello")
+        for i in range(6):
+            assert await hello(str(i).encode(), timeout=10) == f"re: {i}".encode()
+        assert mesh.waypoint is not None
+        # two calls per connection: six calls took three HTTP/2 connections, each its
+        # own HBONE CONNECT to the endpoint
+        assert mesh.waypoint.h2_pool.connections_opened == 3
+    assert len(mesh.backends["echo"][0].peers) == 3
+
+
+async def test_grpc_upstream_max_connections_queue_and_overflow() -> None:
+    gate = asyncio.Event()
+    held: list[bytes] = []
+    mesh = Mesh({"echo": 2}, [
+        dr("echo", {"loadBalancer": {"simple": "ROUND_ROBIN"},
+                    "connectionPool": {"tcp": {"maxConnections": 1},
+                                       "http": {"http1MaxPendingRequests": 1}}}),
+    ], {"echo": "grpc"}, grpc_handlers={"echo": _gated_echo(gate, held)})
+    async with (mesh.running(), mesh.forward("echo") as url,
+                grpc.aio.insecure_channel(url.removeprefix("http://")) as ch):
+        hello = ch.unary_unary("/test.Echo/Hello")
+        a, b = mesh.backends["echo"]
+        # round robin alternates endpoints; with one connection allowed for the whole
+        # backend, each switch closes the idle connection to the other endpoint
+        for i in range(4):
+            assert await hello(str(i).encode(), timeout=10) == f"re: {i}".encode()
+        assert (len(a.peers), len(b.peers)) == (2, 2), (a.peers, b.peers)
+        assert mesh.waypoint is not None
+        assert mesh.waypoint.h2_pool.connections_opened == 4
+
+        # the one connection is busy with a held call to endpoint X ...
+        first = asyncio.ensure_future(hello(b"hold", timeout=10))
+        async with asyncio.timeout(5):
+            while not held:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        # ... a call for endpoint Y needs a connection of its own: it waits (pending) ...
+        second = asyncio.ensure_future(hello(b"second", timeout=10))
+        await asyncio.sleep(0.3)
+        assert not second.done()
+        # ... a call for X shares X's connection (HTTP/2 multiplexing) ...
+        assert await hello(b"third", timeout=5) == b"re: third"
+        # ... and another call for Y finds the pending queue full: 503 UO, at once
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            await hello(b"fourth", timeout=5)
+            raise AssertionError("expected UNAVAILABLE: the pending queue is full")
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+        assert loop.time() - t0 < 1.0
+        assert not second.done()
+        gate.set()  # X's call ends: its connection gives way to Y's
+        assert await first == b"re: hold"
+        assert await asyncio.wait_for(second, 5) == b"re: second"
+    assert _flags(mesh, "istio_requests_total").get(("503", "UO")) == 1.0
+    assert mesh.waypoint.h2_pool.connections_opened == 6
+
+
+async def test_tcp_port_max_connections_queue_and_overflow() -> None:
+    mesh = Mesh({"db": 1}, [
+        dr("db", {"connectionPool": {"tcp": {"maxConnections": 1},
+                                     "http": {"http1MaxPendingRequests": 1}}}),
+    ], {"db": "tcp"})
+    request = b"GET /x HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n"
+
+    async def read_all(stream: Any) -> bytes:
+        data = b""
+        while chunk := await stream.read():
+            data += chunk
+        return data
+
+    async with mesh.running():
+        # the first connection holds the backend's only connection: half a request
+        one = await mesh.tunnel("db")
+        one.write(request[:20])
+        await one.drain()
+        await asyncio.sleep(0.2)
+        # the second waits for it (pending); its bytes are kept, not lost
+        two = await mesh.tunnel("db")
+        two.write(request)
+        await two.drain()
+        two_reply = asyncio.ensure_future(read_all(two))
+        await asyncio.sleep(0.3)
+        assert not two_reply.done()
+        # the third finds the pending queue full: reset at once
+        three = await mesh.tunnel("db")
+        try:
+            async with asyncio.timeout(2):
+                three.write(request)
+                await three.drain()
+                got = await read_all(three)
+            raise AssertionError(f"the third connection was served: {got[:40]!r}")
+        except (HboneError, ConnectionError):
+            pass
+        # the first one finishes: the second gets the connection and its answer
+        one.write(request[20:])
+        await one.drain()
+        async with asyncio.timeout(5):
+            assert (await read_all(one)).startswith(b"HTTP/1.1 200")
+        one.write_eof()
+        async with asyncio.timeout(5):
+            assert (await two_reply).startswith(b"HTTP/1.1 200")
+        two.write_eof()
+        await asyncio.sleep(0.1)  # connections are counted when they end
+    assert mesh.waypoint is not None
+    opened = {flags: n for (_, flags), n in
+              _flags(mesh, "istio_tcp_connections_opened_total").items()}
+    assert opened == {"-": 2.0, "UO": 1.0}, opened
