@@ -90,6 +90,7 @@ from waypoint.model import (
     UpstreamEndpoint,
     WaypointConfig,
     normalize_path,
+    value,
 )
 from waypoint.resilience import (
     FaultPolicy,
@@ -266,7 +267,7 @@ class ChainState:
 # ----------------------------------------------------------------------------- plans
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Attempt:
     """One try of a request: where, when it started and its deadline (absolute)."""
 

@@ -280,6 +280,11 @@ async def _run(args: argparse.Namespace) -> int:
             # long as the process: keep it out of the cyclic collector's full passes,
             # which would otherwise rescan it while requests wait
             gc.freeze()
+            # young-generation passes every 20 000 allocations instead of 700: a pass
+            # scans only what is alive at that moment (the requests in flight), so
+            # fewer passes cost less in all (the collector took ~2% of a saturated
+            # waypoint's samples, none after); the request path makes few cycles
+            gc.set_threshold(20_000, 10, 10)
             log.info("waypoint serving", gateway="/".join(args.gateway),
                      hbone=f"{wp.address[0]}:{wp.address[1]}")
             waiter = tg.create_task(stop.wait())

@@ -38,6 +38,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from waypoint.model import value
 from ztunnel import snapshot as zs
 from ztunnel.randomid import random_hex
 
@@ -104,7 +105,7 @@ _TRACE_HEADERS = frozenset(("traceparent", "tracestate", "b3", "x-b3-traceid", "
                             "x-b3-sampled"))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TraceContext:
     """The trace a request belongs to and the waypoint's own span in it.
 

@@ -371,9 +371,10 @@ class Upstreams:
 
     def wake(self, pool: PoolLimits) -> None:
         """A connection counted against `pool` came free or closed: queued requests look."""
-        ev = self._freed.get(id(pool))
-        if ev is not None:
-            ev.set()
+        if pool.pending:  # someone waits in `reserve`
+            ev = self._freed.get(id(pool))
+            if ev is not None:
+                ev.set()
 
     def _close(self, conn: Conn) -> None:
         close_conn(conn)
