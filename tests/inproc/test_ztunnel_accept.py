@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 from typing import Any
 
@@ -95,5 +97,44 @@ async def test_connections_cancelled_before_their_handler_ran_leave_the_count() 
         except ConnectionRefusedError:
             refused = True
     assert refused
+    for c in clients:
+        c.close()
+
+
+class _AbortingListener(socket.socket):
+    """A real listening socket whose first accept() reports ECONNABORTED, as accept(2)
+    does for a client that reset before it was accepted (which the kernel cannot be
+    made to do on demand)."""
+
+    aborted = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not self.aborted:
+            self.aborted = True
+            raise ConnectionAbortedError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
+        return super().accept()
+
+
+async def test_a_connection_aborted_before_accept_does_not_end_the_listener() -> None:
+    ctx = make_ctx(Limits(max_connections=100))
+
+    async def handle(conn: socket.socket, peer: Any) -> None:
+        await asyncio.get_running_loop().sock_sendall(conn, b"hi")
+        conn.close()
+
+    sock = _AbortingListener(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    acceptor = TcpAcceptor(sock, ctx, handle, "aborting")
+    clients = _queued_clients(acceptor.address, 2)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(acceptor.run())
+        outcomes = await asyncio.gather(*(_outcome(c) for c in clients))
+        assert outcomes == [b"hi", b"hi"]
+        assert sock.aborted
+        assert 'ambit_ztunnel_accept_errors_total{errno="ECONNABORTED"} 1.0' in \
+            ctx.metrics.render().decode()
+        await acceptor.drain(1.0)
     for c in clients:
         c.close()

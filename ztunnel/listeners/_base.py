@@ -41,6 +41,13 @@ IPV6_RECVORIGDSTADDR = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
 IPV6_ORIGDSTADDR = IPV6_RECVORIGDSTADDR
 # Accept errors that mean "out of resources right now": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: errors of one connection that accept(2) reports (the client went away before the
+#: accept, or a network error already pending on it): that connection is lost, the
+#: listener goes on (accept(2): "treat them like EAGAIN by retrying")
+_CONNECTION_ERRNOS = {
+    errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM,
+}
 
 
 @dataclass(frozen=True)
@@ -298,7 +305,8 @@ def addr_str(addr: Any) -> str:
 
 
 class TcpAcceptor:
-    """Accept loop shared by the TCP listeners: bounded, EMFILE backoff, drainable.
+    """Accept loop shared by the TCP listeners: bounded, EMFILE backoff, drainable;
+    a connection that accept() reports lost (ECONNABORTED and the like) is skipped.
 
     Accepts from a reader callback on the listening socket, registered once (not a
     task, a wait and an epoll registration per connection). A wake-up accepts one
@@ -396,6 +404,9 @@ class TcpAcceptor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in _CONNECTION_ERRNOS:
+                    self._count_accept_error(exc)
+                    continue
                 self._accept_failed(exc)
                 return
             self._backoff = 0.01
@@ -417,12 +428,15 @@ class TcpAcceptor:
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
+    def _count_accept_error(self, exc: OSError) -> None:
+        self.ctx.metrics.accept_errors.labels(
+            errno=errno.errorcode.get(exc.errno or 0, "?")
+        ).inc()
+
     def _accept_failed(self, exc: OSError) -> None:
         self._stop_reading()
         if exc.errno in _RESOURCE_ERRNOS:
-            self.ctx.metrics.accept_errors.labels(
-                errno=errno.errorcode.get(exc.errno or 0, "?")
-            ).inc()
+            self._count_accept_error(exc)
             log.warning("accept failed, backing off", listener=self.name,
                         error=str(exc), backoff=self._backoff)
             assert self._loop is not None
