@@ -315,6 +315,7 @@ class RequestPlan:
     _in_flight: Attempt | None = field(default=None, repr=False)
     _retry_in_flight: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)
+    _counted: bool = field(default=True, repr=False)  # holds one of the pool's max requests
 
     def after_attempt(
         self,
@@ -394,7 +395,8 @@ class RequestPlan:
         if self._retry_in_flight:
             self.cluster.pool.end_retry()
             self._retry_in_flight = False
-        self.cluster.pool.end_request()
+        if self._counted:
+            self.cluster.pool.end_request()
 
 
 # ----------------------------------------------------------------------------- chain
@@ -800,13 +802,15 @@ def _start(
     mirrors: tuple[MirrorPlan, ...] = (),
     response_modifiers: tuple[HeaderModifier, ...] = (),
     policy: str | None = None,
+    tcp: bool = False,
 ) -> RequestPlan | LocalResponse:
-    """Endpoint, pool admission and the first attempt (to `cluster.target`)."""
+    """Endpoint, pool admission and the first attempt (to `cluster.target`). A TCP
+    connection is not a request: `http2MaxRequests` does not count it (as in Istio)."""
     ep = cluster.pick(now + delay, rng)
     if ep is None:
         return _local(503, "UH", f"no healthy upstream for {cluster.target.key}",
                       b"no healthy upstream")
-    overflow = cluster.pool.start_request()
+    overflow = None if tcp else cluster.pool.start_request()
     if overflow is not None:
         return LocalResponse(overflow.status, overflow.body, overflow.headers, overflow.flags,
                              f"{overflow.details} for {cluster.target.key}")
@@ -817,7 +821,7 @@ def _start(
     return RequestPlan(
         request, original, cluster.target, cluster, first, retry, timeouts, begin, route,
         rule_index, delay, "DI" if delay > 0 else "", mirrors, response_modifiers, policy,
-        first,
+        first, False, False, not tcp,
     )
 
 
@@ -961,8 +965,9 @@ def plan_tcp(
     routes, faults or rate limits apply; the endpoint comes from the service's
     balancer, outlier detector and pool like HTTP traffic. A `LocalResponse` means:
     close the connection (its status says why: 403 denied, 404 unknown
-    destination, 503 no endpoint or pool overflow). Retry (`after_attempt`) only
-    connect failures. Release the plan when the connection ends.
+    destination, 503 no endpoint). The pool's connection limits apply when the
+    connection to the endpoint opens (`Upstreams.reserve`). Retry (`after_attempt`)
+    only connect failures. Release the plan when the connection ends.
     """
     request = Request("", "", "", (), "tcp", dest_ip, dest_port, source_ip, source_principal)
     svc = chain.config.snapshot.service_by_vip(dest_ip)
@@ -975,7 +980,7 @@ def plan_tcp(
     if not dec.allowed:
         return l7authz.denied_response(dec)
     return _start(request, request, sc.default, now, rng, retry=_TCP_RETRY, timeouts=Timeouts(),
-                  policy=dec.policy)
+                  policy=dec.policy, tcp=True)
 
 
 # ----------------------------------------------------------------------------- source

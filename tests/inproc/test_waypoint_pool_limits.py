@@ -146,3 +146,26 @@ async def test_tcp_port_max_connections_queue_and_overflow() -> None:
     opened = {flags: n for (_, flags), n in
               _flags(mesh, "istio_tcp_connections_opened_total").items()}
     assert opened == {"-": 2.0, "UO": 1.0}, opened
+
+
+async def test_tcp_connections_are_not_requests_for_http2_max_requests() -> None:
+    # as in Istio: http2MaxRequests bounds HTTP requests, not TCP connections
+    mesh = Mesh({"db": 1}, [
+        dr("db", {"connectionPool": {"http": {"http2MaxRequests": 1}}}),
+    ], {"db": "tcp"})
+    request = b"GET /x HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n"
+    async with mesh.running():
+        one = await mesh.tunnel("db")
+        one.write(request[:20])  # held open, mid-request
+        await one.drain()
+        await asyncio.sleep(0.2)
+        two = await mesh.tunnel("db")
+        two.write(request)
+        await two.drain()
+        async with asyncio.timeout(5):
+            data = b""
+            while chunk := await two.read():
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        two.write_eof()
+        one.reset()
