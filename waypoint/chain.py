@@ -184,10 +184,13 @@ class Cluster:
         """An endpoint for a new attempt: not ejected, and not in `exclude` if possible."""
         if not self.endpoints:
             return None
-        if self.outlier is None and not exclude:
+        od = self.outlier
+        if od is not None and now >= od.clear_from:
+            od = None  # nobody is ejected: no healthy list to build
+        if od is None and not exclude:
             return self.balancer.pick(self.endpoints, now, rng)
-        if self.outlier is not None:
-            idx = self.outlier.healthy(self.keys, now)
+        if od is not None:
+            idx = od.healthy(self.keys, now)
             candidates = [self.endpoints[i] for i in idx]
         else:
             candidates = list(self.endpoints)

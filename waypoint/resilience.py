@@ -415,6 +415,8 @@ class OutlierDetector:
     min_health_percent: int = 0
     hosts: dict[str, _HostState] = field(default_factory=dict)
     ejections: int = 0  # total ejections, for metrics
+    #: no endpoint is ejected from this time on (loop time): balance over all of them
+    clear_from: float = 0.0
 
     @classmethod
     def from_spec(cls, od: OutlierDetection | None) -> OutlierDetector | None:
@@ -475,7 +477,8 @@ class OutlierDetector:
         if (ejected + 1) * 100 > self.max_ejection_percent * total:
             return False
         h.times_ejected += 1
-        h.ejected_until = now + self.base_ejection_time * h.times_ejected
+        h.ejected_until = until = now + self.base_ejection_time * h.times_ejected
+        self.clear_from = max(self.clear_from, until)
         h.consecutive_5xx = 0
         h.consecutive_gateway = 0
         self.ejections += 1
