@@ -32,6 +32,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -379,40 +380,69 @@ def _py(*args: str) -> list[str]:
 class ProxyResult:
     name: str
     runs: list[dict[str, Any]] = field(default_factory=list)
+    #: more runs at the judged rate, interleaved with the other proxies' (see `run`)
+    repeats: list[dict[str, Any]] = field(default_factory=list)
     rss_mib: float = 0.0
 
 
+@dataclass(frozen=True)
+class Target:
+    """A running proxy under test: its process and where the load generator sends."""
+
+    name: str
+    pid: int
+    port: int
+    tls: ssl.SSLContext | None
+
+
+def measure_once(t: Target, rate: float, *, seconds: float, connections: int,
+                 log: Any) -> dict[str, Any]:
+    """One load run against `t` (`rate` 0: closed loop with 32 connections)."""
+    conns = connections if rate > 0 else 32
+    lr = asyncio.run(
+        loadgen(t.port, rate=rate, seconds=seconds, connections=conns,
+                paths=["/", "/api/items", "/api/users", "/static/x"], tls=t.tls, pid=t.pid)
+    )
+    vcpu = lr.cpu_seconds / lr.seconds
+    per_1000 = vcpu / (lr.rps / 1000) if lr.rps else 0.0
+    log(
+        f"{t.name:9s} {'max' if rate == 0 else f'{rate:.0f}/s':>7s}: {lr.rps:8.1f} req/s "
+        f"p50 {lr.p50_ms:6.2f} ms p99 {lr.p99_ms:7.2f} ms  {vcpu:5.3f} vCPU "
+        f"({per_1000:5.3f} per 1000 req/s) errors {lr.errors} {lr.statuses}"
+    )
+    return {**asdict(lr), "vcpu": round(vcpu, 4), "vcpu_per_1000_rps": round(per_1000, 4)}
+
+
 def measure_proxy(
-    name: str,
-    pid: int,
-    port: int,
-    tls: ssl.SSLContext | None,
+    t: Target,
     *,
     rates: Sequence[float],
     seconds: float,
     connections: int,
     log: Any,
 ) -> ProxyResult:
-    res = ProxyResult(name)
-    paths = ["/", "/api/items", "/api/users", "/static/x"]
+    res = ProxyResult(t.name)
     for rate in [*rates, 0.0]:
-        conns = connections if rate > 0 else 32
-        lr = asyncio.run(
-            loadgen(
-                port, rate=rate, seconds=seconds, connections=conns, paths=paths, tls=tls, pid=pid
-            )
-        )
-        vcpu = lr.cpu_seconds / lr.seconds
-        per_1000 = vcpu / (lr.rps / 1000) if lr.rps else 0.0
-        run = {**asdict(lr), "vcpu": round(vcpu, 4), "vcpu_per_1000_rps": round(per_1000, 4)}
-        res.runs.append(run)
-        log(
-            f"{name:9s} {'max' if rate == 0 else f'{rate:.0f}/s':>7s}: {lr.rps:8.1f} req/s "
-            f"p50 {lr.p50_ms:6.2f} ms p99 {lr.p99_ms:7.2f} ms  {vcpu:5.3f} vCPU "
-            f"({per_1000:5.3f} per 1000 req/s) errors {lr.errors} {lr.statuses}"
-        )
-    res.rss_mib = rss_bytes(pid) / 2**20
+        res.runs.append(measure_once(t, rate, seconds=seconds, connections=connections, log=log))
+    res.rss_mib = rss_bytes(t.pid) / 2**20
     return res
+
+
+def judged_rate(rates: Sequence[float]) -> float:
+    """The rate the goal is judged at: 1000 requests/s (Istio's figure) when it is run,
+    else the highest fixed rate."""
+    return 1000.0 if 1000.0 in rates else max(rates)
+
+
+def judged_runs(result: dict[str, Any], rate: float) -> list[dict[str, Any]]:
+    """A proxy's runs at `rate`: the sweep's and the interleaved repeats."""
+    return [r for r in result["runs"] if r["mode"] == "rate" and r["target_rps"] == rate] + [
+        r for r in result.get("repeats", []) if r["target_rps"] == rate
+    ]
+
+
+def median_per_1000(runs: Sequence[dict[str, Any]]) -> float:
+    return float(statistics.median(r["vcpu_per_1000_rps"] for r in runs))
 
 
 def run(
@@ -423,7 +453,11 @@ def run(
     connections: int,
     log: Any,
     profile: Path | None = None,
+    repeats: int = 0,
 ) -> dict[str, Any]:
+    """Sweep `rates` (then a closed loop) through the waypoint, haproxy and the floor
+    server in turn; then `repeats` rounds of one run each at the judged rate, the three
+    interleaved, so that load elsewhere on the machine weighs on them alike."""
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         raise RuntimeError("haproxy is not installed: apt-get install haproxy")
@@ -503,51 +537,28 @@ def run(
             "hbone-client",
         )
         del term, relay
-        results["waypoint"] = asdict(
-            measure_proxy(
-                "waypoint",
-                wp.pid,
-                rport,
-                None,
-                rates=rates,
-                seconds=seconds,
-                connections=connections,
-                log=log,
-            )
-        )
+        sweep = {"rates": rates, "seconds": seconds, "connections": connections, "log": log}
+        targets = [Target("waypoint", wp.pid, rport, None)]
+        results["waypoint"] = asdict(measure_proxy(targets[-1], **sweep))
 
         # the haproxy path
         hport = free_port()
         (workdir / "haproxy.cfg").write_text(haproxy_l7_config(hport, tls_port, pki, workdir))
         hp = procs.start([haproxy, "-f", str(workdir / "haproxy.cfg"), "-db"], "haproxy")
         wait_listening(hport, hp, "haproxy")
-        results["haproxy"] = asdict(
-            measure_proxy(
-                "haproxy",
-                hp.pid,
-                hport,
-                _client_tls(pki),
-                rates=rates,
-                seconds=seconds,
-                connections=connections,
-                log=log,
-            )
-        )
+        targets.append(Target("haproxy", hp.pid, hport, _client_tls(pki)))
+        results["haproxy"] = asdict(measure_proxy(targets[-1], **sweep))
 
         # the calibration: the same load against a server that does nothing but answer
         fl, fport = procs.start_announcing(_py("bench.waypoint", "floor"), "floor")
-        results["floor"] = asdict(
-            measure_proxy(
-                "floor",
-                fl.pid,
-                fport,
-                None,
-                rates=rates,
-                seconds=seconds,
-                connections=connections,
-                log=log,
-            )
-        )
+        targets.append(Target("floor", fl.pid, fport, None))
+        results["floor"] = asdict(measure_proxy(targets[-1], **sweep))
+
+        judge = judged_rate(rates)
+        for _ in range(repeats):
+            for t in targets:
+                results[t.name]["repeats"].append(
+                    measure_once(t, judge, seconds=seconds, connections=connections, log=log))
     ver = subprocess.run([haproxy, "-v"], capture_output=True, text=True, check=False)
     results["haproxy_version"] = ver.stdout.splitlines()[0] if ver.stdout else "?"
     return results
@@ -583,8 +594,11 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
         if name not in results:
             continue
         r = results[name]
-        for run in r["runs"]:
-            load = "max (32 conns)" if run["mode"] == "max" else f"{run['target_rps']:.0f}/s"
+        rows = [("max (32 conns)" if run["mode"] == "max" else f"{run['target_rps']:.0f}/s",
+                 run) for run in r["runs"]]
+        rows += [(f"{run['target_rps']:.0f}/s, repeat {i}", run)
+                 for i, run in enumerate(r.get("repeats", []), 1)]
+        for load, run in rows:
             out.append(
                 f"| {name} | {load} | {run['rps']:.0f} | {run['p50_ms']:.2f} | "
                 f"{run['p99_ms']:.2f} | {run['vcpu']:.3f} | "
@@ -596,17 +610,22 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
         wmax = next(r for r in results["waypoint"]["runs"] if r["mode"] == "max")
         hmax = next(r for r in results["haproxy"]["runs"] if r["mode"] == "max")
         # the goal is Istio's figure for its waypoint at 1000 requests/s of 1 KB
-        # requests: judged at that rate when it was run, else at the highest fixed one
-        at = next((r for r in w if r["target_rps"] == 1000), w[-1])
-        hat = next((r for r in h if r["target_rps"] == at["target_rps"]), h[-1])
-        wv, hv = at["vcpu_per_1000_rps"], hat["vcpu_per_1000_rps"]
+        # requests: judged at that rate when it was run, else at the highest fixed one,
+        # on the median of the sweep's run and the interleaved repeats
+        rate = judged_rate([r["target_rps"] for r in w])
+        wj = judged_runs(results["waypoint"], rate)
+        hj = judged_runs(results["haproxy"], rate)
+        wv, hv = median_per_1000(wj), median_per_1000(hj)
         verdict = "meets" if wv <= GOAL_VCPU_PER_1000 else "misses"
         met = [f"{r['target_rps']:.0f}/s" for r in w
                if r["vcpu_per_1000_rps"] <= GOAL_VCPU_PER_1000]
+        each = ", ".join(f"{r['vcpu_per_1000_rps']:.3f}" for r in wj)
+        how = (f"median of {len(wj)} runs, {each}; the repeats interleaved with haproxy's "
+               "and floor's" if len(wj) > 1 else "one run")
         out += [
             "",
-            f"At {at['target_rps']:.0f} requests/s the waypoint used {wv:.3f} vCPU per 1000 "
-            f"req/s: it {verdict} the {GOAL_VCPU_PER_1000} goal (Istio's figure for its "
+            f"At {rate:.0f} requests/s the waypoint used {wv:.3f} vCPU per 1000 req/s "
+            f"({how}): it {verdict} the {GOAL_VCPU_PER_1000} goal (Istio's figure for its "
             f"waypoint at 1000 requests/s of 1 KB); haproxy {hv:.3f} "
             f"({wv / hv if hv else float('inf'):.1f}x). Fixed rates at or under the goal: "
             f"{', '.join(met) or 'none'}. Under saturation the waypoint needed "
@@ -624,21 +643,20 @@ def render_markdown(results: dict[str, Any], command: str, machine: dict[str, An
             "the waypoint (see its vCPU). Other load on the machine moves these figures by "
             f"about 20% (load average at start: {machine.get('load', '?')}).",
         ]
-        fl = [r for r in results.get("floor", {}).get("runs", []) if r["mode"] == "rate"]
-        flmax = next((r for r in results.get("floor", {}).get("runs", [])
-                      if r["mode"] == "max"), None)
-        fat = next((r for r in fl if r["target_rps"] == at["target_rps"]), None)
-        if fat is not None and flmax is not None and flmax["vcpu_per_1000_rps"] > 0:
-            def ratio(rate_run: dict[str, Any], max_run: dict[str, Any]) -> float:
+        floor = results.get("floor", {"runs": []})
+        fj = judged_runs(floor, rate)
+        flmax = next((r for r in floor["runs"] if r["mode"] == "max"), None)
+        if fj and flmax is not None and flmax["vcpu_per_1000_rps"] > 0:
+            def ratio(at_rate: float, max_run: dict[str, Any]) -> float:
                 m = max_run["vcpu_per_1000_rps"]
-                return rate_run["vcpu_per_1000_rps"] / m if m else float("inf")
+                return at_rate / m if m else float("inf")
 
             out += [
                 "",
                 f"The machine's share: a request costs the `floor` server "
-                f"{ratio(fat, flmax):.1f}x more CPU at {at['target_rps']:.0f}/s than under "
-                f"saturation, haproxy {ratio(hat, hmax):.1f}x, the waypoint "
-                f"{ratio(at, wmax):.1f}x: work done right after an idle wakeup runs with "
+                f"{ratio(median_per_1000(fj), flmax):.1f}x more CPU at {rate:.0f}/s than "
+                f"under saturation, haproxy {ratio(hv, hmax):.1f}x, the waypoint "
+                f"{ratio(wv, wmax):.1f}x: work done right after an idle wakeup runs with "
                 "cold caches here, whatever the program, so the low-rate figures scale the "
                 "warm per-request cost (the `max` rows) by about that factor.",
             ]
@@ -693,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed request rates, comma separated (default 250,500,1000,2000; quick 200)",
     )
     p.add_argument("--seconds", type=float, help="seconds per load (default 10, quick 2)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="more runs of each proxy at the judged rate (1000/s), interleaved "
+        "(default 4, quick 0)",
+    )
     p.add_argument(
         "--connections",
         type=int,
@@ -758,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             connections=args.connections,
             log=log_progress,
             profile=args.profile,
+            repeats=args.repeats if args.repeats is not None else (0 if args.quick else 4),
         )
     results["machine"] = machine
     out: Path = args.out
