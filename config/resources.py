@@ -798,16 +798,10 @@ _SOURCE_FIELDS: dict[str, tuple[str, Callable[[str, str], None] | None]] = {
     "remoteIpBlocks": ("remote_ip_blocks", check_cidr),
     "notRemoteIpBlocks": ("not_remote_ip_blocks", check_cidr),
 }
-_OPERATION_FIELDS = {
-    "hosts": "hosts",
-    "notHosts": "not_hosts",
-    "ports": "ports",
-    "notPorts": "not_ports",
-    "methods": "methods",
-    "notMethods": "not_methods",
-    "paths": "paths",
-    "notPaths": "not_paths",
-}
+#: the fields of `to[].operation` (`_parse_operation` reads each)
+_OPERATION_FIELDS = (
+    "hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths",
+)
 _CONDITION_KEY = re.compile(
     r"^(source\.(ip|namespace|principal)|destination\.(ip|port)|remote\.ip|connection\.sni"
     r"|request\.headers\[[^\]]+\]|request\.auth\.(principal|audiences|presenter|claims\[.+\])"
