@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import grpc
+import pytest
 
 from tests.inproc.test_waypoint_e2e import Mesh
 from tests.inproc.test_waypoint_resilience import dr
@@ -169,3 +170,40 @@ async def test_tcp_connections_are_not_requests_for_http2_max_requests() -> None
         assert data.startswith(b"HTTP/1.1 200")
         two.write_eof()
         one.reset()
+
+
+@pytest.mark.parametrize("max_connections", [2, 50])
+async def test_grpc_pool_accounting_balances_under_concurrent_load(max_connections: int) -> None:
+    # connections turn over all the time (5 calls each): with 2 allowed for 3 endpoints
+    # calls queue for slots, a slot lost on any path would soon leave every call
+    # waiting; with 50, bursts reserve slots they give back when a connection to their
+    # endpoint opened meanwhile
+    async def hello(request: bytes, context: Any) -> bytes:
+        await asyncio.sleep(0.002 * (request[-1] % 5))
+        return b"re: " + request
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(hello)})
+    mesh = Mesh({"echo": 3}, [
+        dr("echo", {"loadBalancer": {"simple": "ROUND_ROBIN"},
+                    "connectionPool": {"tcp": {"maxConnections": max_connections},
+                                       "http": {"http1MaxPendingRequests": 100,
+                                                "maxRequestsPerConnection": 5}}}),
+    ], {"echo": "grpc"}, grpc_handlers={"echo": handler}, access_log=False)
+    async with (mesh.running(), mesh.forward("echo") as url,
+                grpc.aio.insecure_channel(url.removeprefix("http://")) as ch):
+        call = ch.unary_unary("/test.Echo/Hello")
+        for wave in range(4):
+            got = await asyncio.gather(*(call(f"{wave}-{i}".encode(), timeout=20)
+                                         for i in range(30)))
+            assert got == [f"re: {wave}-{i}".encode() for i in range(30)]
+        assert mesh.waypoint is not None
+        wp = mesh.waypoint
+        assert wp.h2_pool.connections_opened >= 120 // 5
+        assert wp.chain is not None
+        (cluster,) = [c for c in wp.chain.state.clusters.values()
+                      if c.target.key == "app/echo:80"]
+        live = sum(1 for lst in wp.h2_pool._conns.values() for c in lst if not c.closed)
+        pool = cluster.pool
+        assert (pool.connections, pool.pending, pool.active) == (live, 0, 0)
+        assert live <= max_connections
