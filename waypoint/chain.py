@@ -283,11 +283,14 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class MirrorPlan:
-    """A copy of the request for a RequestMirror backend (its response is dropped)."""
+    """A copy of the request for a RequestMirror backend (its response is dropped). It
+    counts against the mirror backend's `pool` like any request to it (as in Envoy):
+    copies beyond its limits are dropped."""
 
     request: Request
     backend: BackendTarget
     endpoint: UpstreamEndpoint
+    pool: PoolLimits
 
 
 @dataclass(slots=True, eq=False)
@@ -939,7 +942,7 @@ def plan_request(
             if flt.mirror_wanted(pct, rng):
                 mep = mc.pick(now, rng)
                 if mep is not None:
-                    wanted.append(MirrorPlan(request, mc.target, mep))
+                    wanted.append(MirrorPlan(request, mc.target, mep, mc.pool))
         mirrors = tuple(wanted)
 
     # 6. retry/timeout and endpoint selection

@@ -814,6 +814,10 @@ class Waypoint:
             name, sep, port = host.rpartition(":")
             host = f"{name}-shadow:{port}" if sep and port.isdigit() else f"{host}-shadow"
         req = req.with_(authority=host)
+        overflow = m.pool.start_request()  # the mirror backend's http2MaxRequests
+        if overflow is not None:
+            log.info("mirror_dropped", backend=m.backend.key, reason=overflow.details)
+            return
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.options.mirror_timeout), asyncio.TaskGroup() as tg:
@@ -824,13 +828,15 @@ class Waypoint:
                 resp = await self._send(m.endpoint, req, headers, body,
                                         deadline=loop.time() + self.options.mirror_timeout,
                                         spawn=spawn, h2=h2, source=req.source_ip, upgrade=False,
-                                        traceparent=None)
+                                        traceparent=None, pool=m.pool)
                 async for _ in resp.chunks():
                     pass
                 resp.finish()
         except Exception as e:
             log.info("mirror_failed", backend=m.backend.key, endpoint=m.endpoint.key,
                      reason=str(e) or type(e).__name__)
+        finally:
+            m.pool.end_request()
 
 
 def _no_spawn(coro: Coroutine[Any, Any, None]) -> None:

@@ -1,14 +1,15 @@
-"""DestinationRule connection-pool limits on HTTP/2 (gRPC) upstreams and TCP ports."""
+"""DestinationRule connection-pool limits on HTTP/2 (gRPC) upstreams, TCP ports and mirrors."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 
-from tests.inproc.test_waypoint_e2e import Mesh
+from tests.inproc.test_waypoint_e2e import Mesh, backend_ref, get, route, which
 from tests.inproc.test_waypoint_resilience import dr
 from ztunnel.hbone.errors import HboneError
 
@@ -207,3 +208,22 @@ async def test_grpc_pool_accounting_balances_under_concurrent_load(max_connectio
         pool = cluster.pool
         assert (pool.connections, pool.pending, pool.active) == (live, 0, 0)
         assert live <= max_connections
+
+
+async def test_mirror_copies_count_against_the_mirror_backends_pool() -> None:
+    mesh = Mesh({"front": 1, "a": 1, "shadow": 1}, [
+        route([{"backendRefs": [backend_ref("a")],
+                "filters": [{"type": "RequestMirror",
+                             "requestMirror": {"backendRef": backend_ref("shadow")}}]}]),
+        dr("shadow", {"connectionPool": {"http": {"http2MaxRequests": 1}}}),
+    ], {})
+    shadow = mesh.backends["shadow"][0]
+    shadow.delay = 0.5  # the first copy holds the mirror backend's one request
+    async with mesh.running(), mesh.forward("front") as url:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8)) as s:
+            results = await asyncio.gather(*(get(s, url + f"/m{i}") for i in range(3)))
+        # the clients' answers do not wait for, or depend on, the mirror
+        assert [(status, which(text)) for status, text, _ in results] == [(200, "a")] * 3
+        await asyncio.sleep(0.8)
+    # the copies beyond the mirror backend's limit were dropped, not queued or sent
+    assert len(shadow.requests) == 1, shadow.requests
