@@ -2,7 +2,8 @@
 
     ups = Upstreams(identity=lambda: (cert, bundle))
     conn = await ups.connect(endpoint, source="10.0.1.5:40000")   # Conn; UpstreamError
-    resp = await ups.h1_request(endpoint, request, headers, body, deadline=..., tg=tg)
+    resp = await ups.h1_request(endpoint, request, headers, body, deadline=..., spawn=...,
+                                pool=backend_pool_limits)         # PoolOverflow: 503 UO
     async for chunk in resp.chunks(): ...
     resp.finish()                                # back to the idle pool (or closed)
 
@@ -11,7 +12,9 @@ stream to `endpoint.address:15008` with `:authority address:port`, the waypoint'
 certificate, the endpoint's SPIFFE identity checked, streams pooled over shared
 connections (`ztunnel.hbone.pool`). Other endpoints get plain TCP. HTTP/1.1
 connections to an endpoint are kept alive and reused; one that the server closed
-while idle is replaced transparently (the request never reached it).
+while idle is replaced transparently (the request never reached it). Every new
+connection (HTTP/1.1 here, HTTP/2 in `waypoint.http2`, TCP in the server) takes a
+slot of its backend's DestinationRule pool: `reserve`, `open_reserved`, `disown`.
 """
 
 from __future__ import annotations
