@@ -227,3 +227,26 @@ async def test_mirror_copies_count_against_the_mirror_backends_pool() -> None:
         await asyncio.sleep(0.8)
     # the copies beyond the mirror backend's limit were dropped, not queued or sent
     assert len(shadow.requests) == 1, shadow.requests
+
+
+@pytest.mark.parametrize("max_connections", [2, 50])
+async def test_http1_pool_accounting_balances_under_concurrent_load(max_connections: int) -> None:
+    mesh = Mesh({"front": 1, "a": 3}, [
+        route([{"backendRefs": [backend_ref("a")]}]),
+        dr("a", {"loadBalancer": {"simple": "ROUND_ROBIN"},
+                 "connectionPool": {"tcp": {"maxConnections": max_connections},
+                                    "http": {"http1MaxPendingRequests": 100,
+                                             "maxRequestsPerConnection": 5}}}),
+    ], {}, access_log=False)
+    async with mesh.running(), mesh.forward("front") as url:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=30)) as s:
+            for wave in range(4):
+                got = await asyncio.gather(*(get(s, url + f"/{wave}/{i}") for i in range(30)))
+                assert [(status, which(text)) for status, text, _ in got] == [(200, "a")] * 30
+        assert mesh.waypoint is not None and mesh.waypoint.chain is not None
+        (cluster,) = [c for c in mesh.waypoint.chain.state.clusters.values()
+                      if c.target.key == "app/a:80"]
+        pool = cluster.pool
+        idle = mesh.waypoint.upstreams.idle_count()
+        assert (pool.connections, pool.pending, pool.active) == (idle, 0, 0)
+        assert idle <= max_connections
