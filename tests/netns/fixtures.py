@@ -7,10 +7,12 @@ Import the fixtures you use into your test module (or conftest):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from netsetup.netns import current_netns_inode, netns_inode, run_in_netns
 from netsetup.sandbox import DEFAULT_WORKLOAD_CIDR, Sandbox, unique_prefix
 
 SandboxFactory = Callable[..., Sandbox]
@@ -60,3 +62,31 @@ def sandbox(sandbox_factory: SandboxFactory) -> Sandbox:
 def sandbox6(sandbox_factory: SandboxFactory) -> Sandbox:
     """Like `sandbox`, dual-stack (workloads also get fd00:244:i::/64 addresses)."""
     return sandbox_factory(ipv6=True)
+
+
+def visit_netns_from_threads(names: Sequence[str], threads: int, rounds: int,
+                             pick: Callable[[int, int], str]) -> list[str]:
+    """`threads` threads, started together, each run code in `rounds` namespaces
+    (`pick(thread, round)` names the next): what went wrong, empty when each saw the
+    namespace it asked for and was back in its own after each visit."""
+    expected = {n: netns_inode(n) for n in names}
+    home = current_netns_inode()
+    errors: list[str] = []
+    start = threading.Barrier(threads)
+
+    def worker(i: int) -> None:
+        start.wait()
+        for k in range(rounds):
+            n = pick(i, k)
+            seen = run_in_netns(n, current_netns_inode)
+            if seen != expected[n]:
+                errors.append(f"thread {i}: in {n} saw inode {seen}")
+            if current_netns_inode() != home:
+                errors.append(f"thread {i}: not back home after {n}")
+
+    running = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+    return errors

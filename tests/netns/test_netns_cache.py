@@ -20,6 +20,7 @@ from netsetup.netns import (
 )
 from netsetup.sandbox import unique_prefix
 from tests.conftest import require_root_and_tools
+from tests.netns.fixtures import visit_netns_from_threads
 
 
 def _ip(*args: str) -> None:
@@ -86,26 +87,7 @@ def test_fds_are_kept_once_per_namespace_and_closed_on_forget(names: list[str]) 
 def test_threads_share_the_cache_and_close_their_own_fd_on_exit(names: list[str]) -> None:
     run_in_netns(names[0], current_netns_inode)
     before = _fds()
-    home = current_netns_inode()
-    expected = {n: netns_inode(n) for n in names}
-    errors: list[str] = []
-    start = threading.Barrier(6)
-
-    def worker(i: int) -> None:
-        start.wait()
-        for k in range(200):
-            n = names[(i + k) % len(names)]
-            seen = run_in_netns(n, current_netns_inode)
-            if seen != expected[n]:
-                errors.append(f"{n}: saw {seen}")
-        if current_netns_inode() != home:
-            errors.append(f"thread {i} not home")
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = visit_netns_from_threads(names, 6, 200, lambda i, k: names[(i + k) % len(names)])
     assert errors == []
     # one fd per namespace stays cached; each thread's own-namespace fd went with it
     assert _fds() == before + len(names) - 1

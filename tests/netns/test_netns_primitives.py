@@ -7,7 +7,6 @@ import errno
 import random
 import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from netsetup.netns import (
     socket_in_netns,
 )
 from netsetup.sandbox import Sandbox
-from tests.netns.fixtures import SandboxFactory, sandbox_factory
+from tests.netns.fixtures import SandboxFactory, sandbox_factory, visit_netns_from_threads
 
 __all__ = ["sandbox_factory"]
 
@@ -36,28 +35,10 @@ def one_node(sandbox_factory: SandboxFactory) -> Sandbox:
 
 def test_threads_switch_concurrently_and_each_returns_home(one_node: Sandbox) -> None:
     names = [w.netns for w in one_node.workloads]
-    expected = {n: netns_inode(n) for n in names}
     home = current_netns_inode()
-    assert home not in expected.values()
-    errors: list[str] = []
-    start = threading.Barrier(8)
-
-    def worker(seed: int) -> None:
-        rng = random.Random(seed)
-        start.wait()
-        for _ in range(100):
-            ns = rng.choice(names)
-            seen = run_in_netns(ns, current_netns_inode)
-            if seen != expected[ns]:
-                errors.append(f"thread {seed}: in {ns} saw inode {seen}")
-            if current_netns_inode() != home:
-                errors.append(f"thread {seed}: not back home after {ns}")
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert home not in {netns_inode(n) for n in names}
+    rngs = [random.Random(seed) for seed in range(8)]
+    errors = visit_netns_from_threads(names, 8, 100, lambda i, _: rngs[i].choice(names))
     assert errors == []
     assert current_netns_inode() == home
 
