@@ -335,34 +335,30 @@ class TcpAcceptor:
         self.name = name
         host, port = sock.getsockname()[:2]
         self.address: tuple[str, int] = (host, port)
-        self._stop = asyncio.Event()
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
         self._resume: asyncio.TimerHandle | None = None
         self._backoff = 0.01
-        self._failed: asyncio.Future[None] | None = None
+        # what run() waits for: done by stop_accepting, failed by an accept error
+        self._ended: asyncio.Future[None] | None = None
         self._last_accept = 0.0
 
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        self._failed = loop.create_future()
+        ended = self._ended = loop.create_future()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             try:
-                if not self._stop.is_set():
+                if not self._stopping:
                     self._start_reading()
-                    stop_task: asyncio.Future[Any] = tg.create_task(self._stop.wait())
                     try:
-                        await asyncio.wait({stop_task, self._failed},
-                                           return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        stop_task.cancel()
-                    if self._failed.done():
-                        exc = self._failed.exception()  # an accept error: run() raises it
-                        if exc is not None and not self._stop.is_set():
-                            raise exc
+                        await ended
+                    except OSError:  # an accept error: run() raises it, unless stopping
+                        if not self._stopping:
+                            raise
             finally:
                 self._stop_reading()
                 if self._resume is not None:
@@ -384,7 +380,7 @@ class TcpAcceptor:
 
     def _after_backoff(self) -> None:
         self._resume = None
-        if not self._stop.is_set() and self._failed is not None and not self._failed.done():
+        if not self._stopping and self._ended is not None and not self._ended.done():
             self._start_reading()
 
     def _accept_ready(self) -> None:
@@ -396,7 +392,7 @@ class TcpAcceptor:
         burst = now - self._last_accept < self.BURST_GAP
         self._last_accept = now
         for _ in range(self.ACCEPT_BATCH if burst else 1):
-            if self._stop.is_set():
+            if self._stopping:
                 self._stop_reading()
                 return
             try:
@@ -443,8 +439,8 @@ class TcpAcceptor:
             self._resume = self._loop.call_later(self._backoff, self._after_backoff)
             self._backoff = min(self._backoff * 2, self.ctx.limits.accept_backoff_max)
             return
-        if self._failed is not None and not self._failed.done():
-            self._failed.set_exception(exc)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_exception(exc)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         # Here, not in the handler's finally: a task cancelled before it first ran
@@ -466,8 +462,10 @@ class TcpAcceptor:
 
     def stop_accepting(self) -> None:
         """Stop accepting; `run()` closes the listening socket and waits for open ones."""
-        self._stop.set()
+        self._stopping = True
         self._stop_reading()
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - listener contract
         """Stop accepting; let open connections finish for up to `timeout`, then cancel them."""
