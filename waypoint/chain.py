@@ -790,7 +790,7 @@ def _workload_plan(
     target = BackendTarget(w.namespace, w.name, request.dest_port)
     cluster = chain.state.cluster(target, (ep,), "ROUND_ROBIN", None, PoolLimits())
     return _start(request, request, cluster, now, rng, retry=RetryPolicy(), timeouts=Timeouts(),
-                  policy=dec.policy)
+                  policy=dec.policy, tcp=tcp)
 
 
 def _start(
