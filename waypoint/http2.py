@@ -746,10 +746,8 @@ async def h2_request(
                 up = await pool.get(ep, source=source, traceparent=traceparent,
                                     limits=limits, deadline=deadline)
             else:
-                if limits is not None:
-                    await ups.reserve(ep, limits, deadline)
-                conn = await ups.open_reserved(ep, limits, deadline=deadline, source=source,
-                                               traceparent=traceparent)
+                conn = await ups.open_new(ep, limits, deadline=deadline, source=source,
+                                          traceparent=traceparent)
                 up = H2Upstream(conn, ep, ups, single_use=True, limits=limits)
                 spawn(up.reader())
     except TimeoutError:

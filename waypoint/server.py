@@ -470,9 +470,8 @@ class Waypoint:
                 ep = attempt.endpoint
                 deadline = loop.time() + ups.connect_timeout  # queued for a slot, too
                 try:
-                    await ups.reserve(ep, limits, deadline)
-                    up = await ups.open_reserved(ep, limits, deadline=deadline,
-                                                 source=info.source_ip)
+                    up = await ups.open_new(ep, limits, deadline=deadline,
+                                            source=info.source_ip)
                     result: int | Outcome = 200
                 except UpstreamError as e:
                     up, result, rec.details = None, e.outcome, str(e)

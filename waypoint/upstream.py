@@ -299,7 +299,8 @@ class Upstreams:
     # Every new connection to a backend's endpoint (HTTP/1.1, HTTP/2, TCP) takes a slot
     # of that backend's `PoolLimits`: `reserve` (which may queue or overflow), then
     # `open_reserved` (the connection owns the slot until it closes: `disown`) or
-    # `unreserve` (not needed after all).
+    # `unreserve` (not needed after all); `open_new` is the first two in one, for
+    # callers with no pooled connection to reuse while they wait.
 
     async def reserve(self, ep: UpstreamEndpoint, pool: PoolLimits, deadline: float | None,
                       reuse: Callable[[], _T | None] = lambda: None) -> _T | None:
@@ -364,6 +365,17 @@ class Upstreams:
         if pool is not None:
             self._owner[id(conn)] = pool
         return conn
+
+    async def open_new(self, ep: UpstreamEndpoint, pool: PoolLimits | None, *,
+                       deadline: float | None, source: str = "",
+                       traceparent: str | None = None) -> Conn:
+        """A new connection to `ep`, counted against `pool` (None: not counted) from
+        `reserve` (which may queue or overflow) until it closes. Raises UpstreamError,
+        PoolOverflow."""
+        if pool is not None:
+            await self.reserve(ep, pool, deadline)
+        return await self.open_reserved(ep, pool, deadline=deadline, source=source,
+                                        traceparent=traceparent)
 
     def disown(self, conn: Conn) -> None:
         """`conn` closed: its slot (if it held one) is free."""
